@@ -1,0 +1,98 @@
+"""Token stage, forward: per-token log p(label) and the row's log-sum-exp in one read.
+
+One program handles one logits row ``(b, t)`` of a ``[B, T, V]`` view (any strides).
+With ``SHIFT`` the row's label is ``labels[b, t + 1]`` and the result is written at
+position ``t + 1`` (outputs are aligned with the labels); the last row has no label.
+
+Online log-sum-exp over vocabulary blocks of ``BLOCK_V`` (running max ``m``):
+
+    s ← s·e^{m_old − m} + Σ e^{z − m}                 lse = m + log s
+    a ← a·e^{m_old − m} + Σ e^{z − m}·z               entropy  H = lse − a / s
+    q ← q·e^{2(m_old − m)} + Σ e^{2(z − m)}           log Σ p² = log q − 2 log s
+    Σ z                                               mean_logit = Σ z / V
+
+Each extra is computed only when its constexpr flag is set.  Rows whose label is
+``ignore_index`` are never read and produce 0 everywhere.
+"""
+import triton
+import triton.language as tl
+
+from .tl_utils import transform
+
+
+@triton.jit
+def token_forward_kernel(
+    x_ptr, stride_xb, stride_xt, stride_xv,
+    y_ptr, stride_yb, stride_yt,
+    logp_ptr, lse_ptr, ent_ptr, lsq_ptr, mean_ptr, top1_ptr,
+    T, V, ignore_index,
+    scale, inv_temp, softcap,
+    SHIFT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    WANT_LSQ: tl.constexpr,
+    WANT_MEAN: tl.constexpr,
+    WANT_TOP1: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    # Outputs are [B, T] contiguous fp32, aligned with the labels.
+    out = b * T + t + SHIFT
+    has_label = t + SHIFT < T
+    y = tl.load(y_ptr + b * stride_yb + (t + SHIFT) * stride_yt, mask=has_label, other=ignore_index)
+    y = y.to(tl.int64)
+    if y != ignore_index:
+        x_row = x_ptr + b * stride_xb + t * stride_xt
+        cols = tl.arange(0, BLOCK_V)
+        m = -float("inf")
+        s = 0.0
+        a = 0.0
+        q = 0.0
+        zsum = 0.0
+        for start in range(0, V, BLOCK_V):
+            idx = start + cols
+            inside = idx < V
+            x = tl.load(x_row + idx * stride_xv, mask=inside, other=0.0)
+            z = transform(x, scale, inv_temp, softcap, HAS_SOFTCAP)
+            z = tl.where(inside, z, -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            # A block (or row prefix) of -inf logits keeps m = -inf; exponentiate
+            # against 0 then so that e^{-inf − -inf} never produces NaN.
+            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)
+            e = tl.exp(z - m_ref)
+            s = s * alpha + tl.sum(e, axis=0)
+            if WANT_ENTROPY:
+                # e·z is 0·(−inf) at −inf logits: count those entries as 0.
+                a = a * alpha + tl.sum(e * tl.where(z > -float("inf"), z, 0.0), axis=0)
+            if WANT_LSQ:
+                q = q * (alpha * alpha) + tl.sum(e * e, axis=0)
+            if WANT_MEAN:
+                zsum += tl.sum(tl.where(inside, z, 0.0), axis=0)
+            m = m_new
+        lse = tl.where(m == -float("inf"), 0.0, m) + tl.log(s)
+        z_y = transform(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
+        tl.store(logp_ptr + out, z_y - lse)
+        tl.store(lse_ptr + row, lse)
+        if WANT_ENTROPY:
+            tl.store(ent_ptr + out, lse - a / s)
+        if WANT_LSQ:
+            tl.store(lsq_ptr + out, tl.log(q) - 2.0 * tl.log(s))
+        if WANT_MEAN:
+            tl.store(mean_ptr + out, zsum / V)
+        if WANT_TOP1:
+            tl.store(top1_ptr + out, (z_y >= m).to(tl.float32))
+    else:
+        tl.store(lse_ptr + row, 0.0)
+        if has_label:
+            tl.store(logp_ptr + out, 0.0)
+            if WANT_ENTROPY:
+                tl.store(ent_ptr + out, 0.0)
+            if WANT_LSQ:
+                tl.store(lsq_ptr + out, 0.0)
+            if WANT_MEAN:
+                tl.store(mean_ptr + out, 0.0)
+            if WANT_TOP1:
+                tl.store(top1_ptr + out, 0.0)

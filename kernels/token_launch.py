@@ -1,0 +1,100 @@
+"""Launchers for the token-stage kernels: shapes in, tensors out, no autograd.
+
+Both launchers take a ``[B, T, V]`` logits view (any strides) and ``[B, T]``
+integer labels, and return / fill ``[B, T]`` fp32 tensors aligned with the labels.
+"""
+import os
+
+import torch
+import triton
+
+from .token_backward import token_backward_kernel
+from .token_forward import token_forward_kernel
+
+EXTRA_NAMES = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch_config(V: int, block_v: int | None = None) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary of ``V``.
+
+    The row loop is bandwidth-bound: 4096-wide blocks give each of 8 warps
+    16 elements per thread per iteration, enough loads in flight to cover HBM
+    latency without spilling the fp32 accumulators.  Under the interpreter small
+    blocks keep the CPU tests fast and exercise the multi-block path.
+    """
+    if block_v is None:
+        cap = 128 if _interpreting() else 4096
+        block_v = min(cap, triton.next_power_of_2(V))
+    num_warps = 4 if block_v <= 1024 else 8
+    return block_v, num_warps
+
+
+def _softcap_args(softcap):
+    return (0.0 if softcap is None else float(softcap)), softcap is not None
+
+
+def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_scale, softcap,
+                  extras=(), block_v=None):
+    """Returns ``(logp, lse, {extra: tensor})``; ``lse`` is per logits row."""
+    B, T, V = logits.shape
+    dev = logits.device
+    logp = torch.zeros(B, T, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, T, device=dev, dtype=torch.float32)
+    outs = {name: torch.zeros(B, T, device=dev, dtype=torch.float32) for name in extras}
+    dummy = logp
+    cap, has_cap = _softcap_args(softcap)
+    block, warps = launch_config(V, block_v)
+    if B * T == 0:
+        return logp, lse, outs
+    token_forward_kernel[(B * T,)](
+        logits, *logits.stride(),
+        labels, *labels.stride(),
+        logp, lse,
+        outs.get("entropy", dummy), outs.get("log_sum_sq_probs", dummy),
+        outs.get("mean_logit", dummy), outs.get("is_top1", dummy),
+        T, V, ignore_index,
+        float(logit_scale), 1.0 / float(temperature), cap,
+        SHIFT=int(shift), HAS_SOFTCAP=has_cap,
+        WANT_ENTROPY="entropy" in outs, WANT_LSQ="log_sum_sq_probs" in outs,
+        WANT_MEAN="mean_logit" in outs, WANT_TOP1="is_top1" in outs,
+        BLOCK_V=block, num_warps=warps,
+    )
+    return logp, lse, outs
+
+
+def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temperature,
+                   logit_scale, softcap, grad_logp=None, entropy=None, grad_entropy=None,
+                   log_sum_sq_probs=None, grad_log_sum_sq_probs=None, grad_mean_logit=None,
+                   block_v=None):
+    """Writes ∂loss/∂logits into ``grad_out`` (``[B, T, V]``, may be ``logits`` itself)."""
+    B, T, V = logits.shape
+    if B * T == 0:
+        return grad_out
+    dummy = lse
+    cap, has_cap = _softcap_args(softcap)
+    block, warps = launch_config(V, block_v)
+    token_backward_kernel[(B * T,)](
+        logits, *logits.stride(),
+        grad_out, *grad_out.stride(),
+        labels, *labels.stride(),
+        lse,
+        dummy if grad_logp is None else grad_logp,
+        dummy if entropy is None else entropy,
+        dummy if grad_entropy is None else grad_entropy,
+        dummy if log_sum_sq_probs is None else log_sum_sq_probs,
+        dummy if grad_log_sum_sq_probs is None else grad_log_sum_sq_probs,
+        dummy if grad_mean_logit is None else grad_mean_logit,
+        T, V, ignore_index,
+        float(logit_scale), 1.0 / float(temperature), cap,
+        SHIFT=int(shift), HAS_SOFTCAP=has_cap,
+        HAS_G=grad_logp is not None,
+        GRAD_ENTROPY=grad_entropy is not None,
+        GRAD_LSQ=grad_log_sum_sq_probs is not None,
+        GRAD_MEAN=grad_mean_logit is not None,
+        BLOCK_V=block, num_warps=warps,
+    )
+    return grad_out

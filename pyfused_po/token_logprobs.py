@@ -1,0 +1,198 @@
+"""Token stage, logits path: ``token_logprobs`` and its autograd Function."""
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _backend
+from .validation import (
+    check_finite_nonzero,
+    check_label_range,
+    check_positive,
+    check_same_device,
+    check_tensor,
+)
+
+EXTRA_NAMES = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+_DIFFERENTIABLE_EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit")
+
+
+class TokenLogprobs(NamedTuple):
+    """Per-token results shaped like ``labels``; extras not asked for are ``None``.
+
+    * ``logps`` — log p(label) under the transformed logits (0 where ignored);
+    * ``entropy`` — −Σ_v p_v log p_v;
+    * ``log_sum_sq_probs`` — log Σ_v p_v² (WPO's weights);
+    * ``mean_logit`` — mean over the vocabulary of the transformed logits;
+    * ``is_top1`` — 1.0 where the label has the largest logit (ties count), else 0.0.
+    """
+
+    logps: torch.Tensor
+    entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    mean_logit: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """Everything about the token stage that is not a tensor."""
+
+    ignore_index: int = -100
+    shift: bool = False
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+    extras: tuple = ()
+    block_v: Optional[int] = None
+
+    def kernel_kwargs(self):
+        return dict(ignore_index=self.ignore_index, shift=self.shift, temperature=self.temperature,
+                    logit_scale=self.logit_scale, softcap=self.softcap, block_v=self.block_v)
+
+
+def _rows_view(labels):
+    """(B, T) such that labels are ``[B, T]`` rows of sequences (last dim is the sequence)."""
+    return math.prod(labels.shape[:-1]), labels.shape[-1]
+
+
+def logits_view(logits, B, T, *, inplace=False):
+    """``[B, T, V]`` view of ``logits`` without copying where strides allow it."""
+    V = logits.shape[-1]
+    try:
+        return logits.view(B, T, V)
+    except RuntimeError:
+        if inplace:
+            raise ValueError(
+                "inplace_backward=True needs logits whose leading dimensions can be viewed as "
+                f"[batch, seq] without a copy; got shape {tuple(logits.shape)} with strides "
+                f"{logits.stride()}. Pass a contiguous tensor or inplace_backward=False."
+            ) from None
+        return logits.reshape(B, T, V)
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Per-token log-probs (and extras) with the hand-written backward of the token stage.
+
+    ``forward(logits, labels, config, backend, inplace_backward)`` returns
+    ``(logps, *extras)`` in the order of ``config.extras``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, config: TokenConfig, backend: str, inplace_backward: bool):
+        ops = _backend.token_ops(backend)
+        B, T = _rows_view(labels)
+        x3 = logits_view(logits, B, T, inplace=inplace_backward)
+        y2 = labels.reshape(B, T)
+        logp, lse, outs = ops.token_forward(x3, y2, extras=config.extras, **config.kernel_kwargs())
+        results = [logp] + [outs[name] for name in config.extras]
+        results = [r.view(labels.shape) for r in results]
+        ctx.config, ctx.backend, ctx.inplace = config, backend, inplace_backward
+        ctx.rows = (B, T)
+        saved = [outs.get(n) for n in ("entropy", "log_sum_sq_probs")]
+        ctx.save_for_backward(logits, y2, lse, *[s for s in saved if s is not None])
+        ctx.saved_names = [n for n, s in zip(("entropy", "log_sum_sq_probs"), saved) if s is not None]
+        if "is_top1" in config.extras:
+            ctx.mark_non_differentiable(results[1 + config.extras.index("is_top1")])
+        ctx.set_materialize_grads(False)
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, grad_logp, *grad_extras):
+        logits, y2, lse, *saved = ctx.saved_tensors
+        config = ctx.config
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        B, T = ctx.rows
+        named_grads = dict(zip(config.extras, grad_extras))
+        saved = dict(zip(ctx.saved_names, saved))
+
+        def flat(g):  # upstream gradients as [B, T] contiguous in the compute dtype
+            return None if g is None else g.reshape(B, T).to(lse.dtype).contiguous()
+
+        grads = {
+            "grad_logp": flat(grad_logp),
+            "grad_entropy": flat(named_grads.get("entropy")),
+            "grad_log_sum_sq_probs": flat(named_grads.get("log_sum_sq_probs")),
+            "grad_mean_logit": flat(named_grads.get("mean_logit")),
+        }
+        if all(g is None for g in grads.values()):
+            return None, None, None, None, None
+        grad_logits = logits if ctx.inplace else torch.empty_like(logits)
+        ops = _backend.token_ops(ctx.backend)
+        ops.token_backward(
+            logits_view(logits, B, T), y2, lse, logits_view(grad_logits, B, T, inplace=True),
+            entropy=saved.get("entropy"), log_sum_sq_probs=saved.get("log_sum_sq_probs"),
+            **grads, **config.kernel_kwargs(),
+        )
+        return grad_logits, None, None, None, None
+
+
+def validate_token_inputs(logits, labels, config: TokenConfig, backend: str):
+    """Checks shared by every token-stage entry point; returns the resolved backend."""
+    check_tensor("logits", logits, floating=True, min_dim=2)
+    check_tensor("labels", labels, floating=False, min_dim=1)
+    check_same_device(logits=logits, labels=labels)
+    if tuple(logits.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"logits must have shape labels.shape + (vocab,) = {tuple(labels.shape)} + (V,), "
+            f"got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a vocabulary dimension of size >= 1, got 0")
+    check_positive("temperature", config.temperature)
+    check_finite_nonzero("logit_scale", config.logit_scale)
+    check_positive("softcap", config.softcap, allow_none=True)
+    unknown = [e for e in config.extras if e not in EXTRA_NAMES]
+    if unknown:
+        raise ValueError(f"unknown extras {unknown}; valid extras are {list(EXTRA_NAMES)}")
+    if len(set(config.extras)) != len(config.extras):
+        raise ValueError(f"extras must not repeat a name, got {list(config.extras)}")
+    if isinstance(config.ignore_index, bool) or not isinstance(config.ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {config.ignore_index!r}")
+    resolved = _backend.resolve(backend, logits)
+    if backend == "auto" and logits.dtype == torch.float64:
+        resolved = "torch"  # the kernels compute in fp32; keep float64 inputs exact
+    if resolved == "triton" and logits.dtype == torch.float64:
+        raise TypeError("backend='triton' computes in float32 and takes float16/bfloat16/float32 "
+                        "logits, got float64; use backend='torch' for float64")
+    check_label_range(labels, logits.shape[-1], config.ignore_index)
+    return resolved
+
+
+def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperature=1.0,
+                   logit_scale=1.0, softcap=None, extras=(), inplace_backward=False,
+                   backend="auto"):
+    """Per-token ``log softmax(z)[label]`` of logits ``[..., V]``, fused, without an fp32 copy.
+
+    ``z = softcap(logits · logit_scale) / temperature`` with ``softcap(u) = c·tanh(u/c)``
+    (Gemma-style, off when ``softcap=None``).  Tokens whose label is ``ignore_index``
+    give 0 and their logits are never read.  With ``shift=True`` the logits at
+    position ``t`` predict the label at ``t + 1`` (Hugging Face causal-LM layout) and
+    the result is aligned with ``labels``: position 0 has no prediction and gives 0.
+
+    Args:
+        logits: ``[..., T, V]`` float16/bfloat16/float32 (float64 on the torch backend),
+            any strides.
+        labels: ``[..., T]`` integer token ids.
+        extras: names from ``("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")``
+            computed in the same pass; each is differentiable except ``is_top1``.
+        inplace_backward: write the logits' gradient into the logits' own storage
+            (no ``[N, V]`` allocation in the backward).  Only safe when nothing else
+            needs the logits' values after this call's backward starts.
+        backend: ``"auto"`` (Triton for CUDA tensors or under ``TRITON_INTERPRET=1``),
+            ``"triton"`` or ``"torch"`` (chunked PyTorch).
+
+    Returns:
+        float32 log-probs shaped like ``labels`` (float64 for float64 logits on the torch
+        backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
+    """
+    extras = tuple(extras) if not isinstance(extras, str) else (extras,)
+    config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
+                         logit_scale=logit_scale, softcap=softcap, extras=extras)
+    resolved = validate_token_inputs(logits, labels, config, backend)
+    results = TokenLogprobsFunction.apply(logits, labels, config, resolved, bool(inplace_backward))
+    if not extras:
+        return results[0]
+    return TokenLogprobs(results[0], **dict(zip(extras, results[1:])))

@@ -1,0 +1,119 @@
+"""Chunked pure-PyTorch token stage: the same contract as ``pyfused_po.kernels``.
+
+Used on CPU tensors (and as the float64 reference in tests).  Rows are processed
+in chunks of at most ``CHUNK_ELEMENTS`` logits, so the fp32 working set is bounded
+whatever the sequence length; only the rows that carry a label are ever read.
+Math runs in float32, or float64 for float64 inputs.
+"""
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # 4M logits: 16 MB per fp32 temporary
+
+
+def _transform(x, logit_scale, temperature, softcap):
+    z = x * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def _transform_grad(x, logit_scale, temperature, softcap):
+    if softcap is None:
+        return logit_scale / temperature
+    t = torch.tanh(x * logit_scale / softcap)
+    return (logit_scale / temperature) * (1.0 - t * t)
+
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(logits, labels, ignore_index, shift):
+    """Yields ``(b, rows, label_pos, targets)`` for labelled logits rows, in chunks."""
+    B, T, V = logits.shape
+    step = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for b in range(B):
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            pos = torch.arange(t0, t1, device=labels.device) + int(shift)
+            pos = pos[pos < T]
+            if pos.numel() == 0:
+                continue
+            targets = labels[b, pos]
+            keep = targets != ignore_index
+            if not bool(keep.any()):
+                continue
+            pos, targets = pos[keep], targets[keep]
+            yield b, pos - int(shift), pos, targets
+
+
+def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_scale, softcap,
+                  extras=(), block_v=None):
+    """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does."""
+    del block_v  # Triton-only tuning knob
+    B, T, V = logits.shape
+    cdt = _compute_dtype(logits)
+    dev = logits.device
+    logp = torch.zeros(B, T, device=dev, dtype=cdt)
+    lse = torch.zeros(B, T, device=dev, dtype=cdt)
+    outs = {name: torch.zeros(B, T, device=dev, dtype=cdt) for name in extras}
+    for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
+        z = _transform(logits[b, rows].to(cdt), logit_scale, temperature, softcap)
+        row_lse = torch.logsumexp(z, dim=-1)
+        z_y = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+        logp[b, pos] = z_y - row_lse
+        lse[b, rows] = row_lse
+        if "entropy" in outs or "log_sum_sq_probs" in outs:
+            logq = z - row_lse.unsqueeze(-1)
+            p = logq.exp()
+            if "entropy" in outs:
+                # p·log p is 0·(−inf) for −inf logits: count those entries as 0.
+                outs["entropy"][b, pos] = -torch.where(p > 0, p * logq, 0.0).sum(-1)
+            if "log_sum_sq_probs" in outs:
+                outs["log_sum_sq_probs"][b, pos] = torch.logsumexp(2.0 * logq, dim=-1)
+        if "mean_logit" in outs:
+            outs["mean_logit"][b, pos] = z.mean(-1)
+        if "is_top1" in outs:
+            outs["is_top1"][b, pos] = (z_y >= z.max(-1).values).to(cdt)
+    return logp, lse, outs
+
+
+def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temperature,
+                   logit_scale, softcap, grad_logp=None, entropy=None, grad_entropy=None,
+                   log_sum_sq_probs=None, grad_log_sum_sq_probs=None, grad_mean_logit=None,
+                   block_v=None):
+    """Writes ∂loss/∂logits into ``grad_out`` (may be ``logits`` itself)."""
+    del block_v
+    B, T, V = logits.shape
+    cdt = _compute_dtype(logits)
+    # Rows without a label (ignored, or the last row under shift) get zero gradient.
+    # They are disjoint from the labelled rows, so zeroing them last is safe also
+    # when grad_out aliases the logits.
+    labelled = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
+    chunks = list(_row_chunks(logits, labels, ignore_index, shift))
+    for b, rows, _, _ in chunks:
+        labelled[b, rows] = True
+    for b, rows, pos, targets in chunks:
+        x = logits[b, rows].to(cdt)
+        z = _transform(x, logit_scale, temperature, softcap)
+        logq = z - lse[b, rows].to(cdt).unsqueeze(-1)
+        p = logq.exp()
+        dz = torch.zeros_like(z)
+        if grad_logp is not None:
+            g = grad_logp[b, pos].to(cdt).unsqueeze(-1)
+            dz -= g * p
+            dz.scatter_add_(-1, targets.long().unsqueeze(-1), g)
+        if grad_entropy is not None:
+            h = entropy[b, pos].to(cdt).unsqueeze(-1)
+            g_h = grad_entropy[b, pos].to(cdt).unsqueeze(-1)
+            dz -= g_h * torch.where(p > 0, p * (logq + h), 0.0)
+        if grad_log_sum_sq_probs is not None:
+            inv_s2 = torch.exp(-log_sum_sq_probs[b, pos].to(cdt)).unsqueeze(-1)
+            g_q = grad_log_sum_sq_probs[b, pos].to(cdt).unsqueeze(-1)
+            dz += 2.0 * g_q * p * (p * inv_s2 - 1.0)
+        if grad_mean_logit is not None:
+            dz += grad_mean_logit[b, pos].to(cdt).unsqueeze(-1) / V
+        grad_out[b, rows] = (dz * _transform_grad(x, logit_scale, temperature, softcap)).to(grad_out.dtype)
+    unlabelled = (~labelled).nonzero(as_tuple=True)
+    grad_out[unlabelled] = 0
+    return grad_out
