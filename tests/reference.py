@@ -29,7 +29,9 @@ def token_logprobs_ref(logits, labels, *, ignore_index=-100, shift=False, temper
     z_y = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     out = {
         "logps": logq.gather(-1, safe.unsqueeze(-1)).squeeze(-1),
-        "entropy": -(p * logq).sum(-1),
+        # p·log p → 0 as p → 0 (−inf logits of a padded vocabulary); log q is made finite
+        # there so that autograd does not form 0·(−inf) either.
+        "entropy": -(p * torch.where(p > 0, logq, torch.zeros_like(logq))).sum(-1),
         "log_sum_sq_probs": torch.log((p * p).sum(-1)),
         "mean_logit": z.mean(-1),
         "is_top1": (z_y >= z.max(-1).values).double(),
