@@ -59,7 +59,26 @@ def token_cases():
         yield token_backward_kernel, types, {**flags, "BLOCK_V": 4096}
 
 
-CASE_SOURCES = [token_cases]
+def linear_cases():
+    from kernels.linear_backward import linear_backward_kernel
+    from kernels.linear_forward import linear_forward_kernel
+
+    fwd_flags = ("HAS_BIAS", "HAS_SOFTCAP", "WANT_ENTROPY", "WANT_LSQ", "WANT_MEAN")
+    bwd_flags = ("HAS_BIAS", "HAS_SOFTCAP", "HAS_G", "GRAD_ENTROPY", "GRAD_LSQ", "GRAD_MEAN",
+                 "NEED_DH", "NEED_DW", "NEED_DB")
+    tiles = dict(BLOCK_M=128, BLOCK_V=128, DOT_FP32=0)
+    for dtype in ("bf16", "fp16", "fp32"):
+        types = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
+                 "rows_ptr": "*i64", "y_ptr": "*i64", **SCALARS}
+        precision = dict(INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                         BLOCK_D=32 if dtype == "fp32" else 64)
+        for flags in flag_variants(fwd_flags):
+            yield linear_forward_kernel, types, {**flags, **tiles, **precision}
+        for flags in flag_variants(bwd_flags):
+            yield linear_backward_kernel, types, {**flags, **tiles, **precision}
+
+
+CASE_SOURCES = [token_cases, linear_cases]
 
 
 def main():

@@ -1,0 +1,119 @@
+"""Fused-linear backward: recompute each logits tile, form its gradient on-chip, feed dH and dW.
+
+Grid ``(token blocks, vocabulary tiles)``.  A program rebuilds its ``[BLOCK_M, BLOCK_V]``
+tile ``x = H[rows]·Wᵀ (+ b)`` (``tl.dot`` over ``D``, fp32), then with ``p = e^{z − lse}``
+
+    G = dz/dx · ( g·(onehot(y) − p)  −  g_H·p·(z − lse + H)
+                  + 2·g_Q·p·(p / Σp² − 1)  +  g_M / V )
+
+(each extra's term only under its constexpr flag; out-of-range rows and columns are 0)
+and accumulates, with fp32 atomics,
+
+    dH[rows] += G·W[tile]      dW[tile] += Gᵀ·H[rows]      db[tile] += Σ_rows G
+
+looping over ``D`` in ``BLOCK_D`` slices.  ``G`` is rounded to the input dtype before
+the two GEMMs (tensor-core operands), as the logits path stores its gradient.  Atomics
+make the result independent of the launch order up to fp32 rounding, not bitwise.
+"""
+import triton
+import triton.language as tl
+
+from .tl_utils import transform, transform_grad
+
+
+@triton.jit
+def linear_backward_kernel(
+    h_ptr, stride_hn, stride_hd,
+    w_ptr, stride_wv, stride_wd,
+    b_ptr, rows_ptr, y_ptr,
+    lse_ptr, g_ptr, ent_ptr, g_ent_ptr, lsq_ptr, g_lsq_ptr, g_mean_ptr,
+    dh_ptr, stride_dhn, stride_dhd,
+    dw_ptr, stride_dwv, stride_dwd,
+    db_ptr,
+    M, V, D,
+    scale, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_G: tl.constexpr,
+    GRAD_ENTROPY: tl.constexpr,
+    GRAD_LSQ: tl.constexpr,
+    GRAD_MEAN: tl.constexpr,
+    NEED_DH: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    in_m = offs_m < M
+    in_v = offs_v < V
+    rows = tl.load(rows_ptr + offs_m, mask=in_m, other=0).to(tl.int64)
+    y = tl.load(y_ptr + offs_m, mask=in_m, other=-1).to(tl.int64)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        in_d = dd < D
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
+                    mask=in_m[:, None] & in_d[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_v[None, :] * stride_wv + dd[:, None] * stride_wd,
+                    mask=in_v[None, :] & in_d[:, None], other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc += tl.dot(h, w, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=in_v, other=0.0).to(tl.float32)[None, :]
+    z = transform(acc, scale, inv_temp, softcap, HAS_SOFTCAP)
+    lse = tl.load(lse_ptr + offs_m, mask=in_m, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    dz = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    if HAS_G:
+        g = tl.load(g_ptr + offs_m, mask=in_m, other=0.0)
+        dz += tl.where(offs_v[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
+    if GRAD_ENTROPY:
+        g_h = tl.load(g_ent_ptr + offs_m, mask=in_m, other=0.0)
+        ent = tl.load(ent_ptr + offs_m, mask=in_m, other=0.0)
+        dz -= g_h[:, None] * p * (z - lse[:, None] + ent[:, None])
+    if GRAD_LSQ:
+        g_q = tl.load(g_lsq_ptr + offs_m, mask=in_m, other=0.0)
+        inv_sum_p2 = tl.exp(-tl.load(lsq_ptr + offs_m, mask=in_m, other=0.0))
+        dz += 2.0 * g_q[:, None] * p * (p * inv_sum_p2[:, None] - 1.0)
+    if GRAD_MEAN:
+        g_m = tl.load(g_mean_ptr + offs_m, mask=in_m, other=0.0) / V
+        dz += g_m[:, None]
+    G = dz * transform_grad(acc, scale, inv_temp, softcap, HAS_SOFTCAP)
+    G = tl.where(in_m[:, None] & in_v[None, :], G, 0.0)
+    if NEED_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(G, axis=0), mask=in_v)
+    if DOT_FP32:
+        # Round like the compiled path does, then compute the dots in fp32.
+        G = G.to(h_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        G = G.to(h_ptr.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        in_d = dd < D
+        if NEED_DH:
+            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + dd[None, :] * stride_wd,
+                        mask=in_v[:, None] & in_d[None, :], other=0.0)
+            if DOT_FP32:
+                w = w.to(tl.float32)
+            dh = tl.dot(G, w, input_precision=INPUT_PRECISION)
+            tl.atomic_add(dh_ptr + rows[:, None] * stride_dhn + dd[None, :] * stride_dhd,
+                          dh, mask=in_m[:, None] & in_d[None, :])
+        if NEED_DW:
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
+                        mask=in_m[:, None] & in_d[None, :], other=0.0)
+            if DOT_FP32:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(G), h, input_precision=INPUT_PRECISION)
+            tl.atomic_add(dw_ptr + offs_v[:, None] * stride_dwv + dd[None, :] * stride_dwd,
+                          dw, mask=in_v[:, None] & in_d[None, :])

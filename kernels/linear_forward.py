@@ -1,0 +1,105 @@
+"""Fused-linear forward: per-token softmax statistics of ``x = H·Wᵀ (+ b)`` tile by tile.
+
+Grid ``(token blocks, vocabulary splits)``.  A program takes ``BLOCK_M`` labelled tokens
+(``rows[m]`` is the hidden row, ``y[m]`` the label: ignored tokens were compacted away
+and cost nothing, ``hidden`` is read in place) and loops over the vocabulary tiles of
+its split.  Each ``[BLOCK_M, BLOCK_V]`` logits tile is built on-chip by a ``tl.dot``
+loop over ``D`` in fp32, transformed (``z = softcap(x·scale)/T``) and folded into
+running per-row statistics against the running max ``m``:
+
+    s = Σ e^{z−m}     a = Σ e^{z−m}·z     q = Σ e^{2(z−m)}     Σ z     z_y (target logit)
+
+The split's statistics go to ``part[stat, split, m]``; the launcher combines splits
+(``lse = M + log Σ_k s_k e^{m_k−M}`` and the like), O(tokens · splits) work.  Splitting
+the vocabulary keeps the GPU busy when there are few token blocks.
+"""
+import triton
+import triton.language as tl
+
+from .tl_utils import transform
+
+
+@triton.jit
+def linear_forward_kernel(
+    h_ptr, stride_hn, stride_hd,
+    w_ptr, stride_wv, stride_wd,
+    b_ptr, rows_ptr, y_ptr, part_ptr,
+    M, V, D, tiles_per_split,
+    scale, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    WANT_LSQ: tl.constexpr,
+    WANT_MEAN: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    n_splits = tl.num_programs(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    in_m = offs_m < M
+    rows = tl.load(rows_ptr + offs_m, mask=in_m, other=0).to(tl.int64)
+    y = tl.load(y_ptr + offs_m, mask=in_m, other=-1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V).to(tl.int64)
+
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    zsum_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    zy_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + cols
+        in_v = offs_v < V
+        acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            in_d = dd < D
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
+                        mask=in_m[:, None] & in_d[None, :], other=0.0)
+            # Wᵀ tile [BLOCK_D, BLOCK_V] read straight from W [V, D] by strides.
+            w = tl.load(w_ptr + offs_v[None, :] * stride_wv + dd[:, None] * stride_wd,
+                        mask=in_v[None, :] & in_d[:, None], other=0.0)
+            if DOT_FP32:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc += tl.dot(h, w, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_v, mask=in_v, other=0.0).to(tl.float32)[None, :]
+        z = transform(acc, scale, inv_temp, softcap, HAS_SOFTCAP)
+        if WANT_MEAN:
+            zsum_i += tl.sum(tl.where(in_v[None, :], z, 0.0), axis=1)
+        zy_i += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        z = tl.where(in_v[None, :], z, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        # Rows still at −inf (nothing seen yet) exponentiate against 0: no inf − inf.
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_ref)
+        e = tl.exp(z - m_ref[:, None])
+        s_i = s_i * alpha + tl.sum(e, axis=1)
+        if WANT_ENTROPY:
+            a_i = a_i * alpha + tl.sum(e * tl.where(in_v[None, :], z, 0.0), axis=1)
+        if WANT_LSQ:
+            q_i = q_i * (alpha * alpha) + tl.sum(e * e, axis=1)
+        m_i = m_new
+
+    # part is [6, n_splits, M] fp32: m, s, z_y, a, q, Σz.
+    stat = n_splits * M
+    base = part_ptr + split * M + offs_m
+    tl.store(base, m_i, mask=in_m)
+    tl.store(base + stat, s_i, mask=in_m)
+    tl.store(base + 2 * stat, zy_i, mask=in_m)
+    if WANT_ENTROPY:
+        tl.store(base + 3 * stat, a_i, mask=in_m)
+    if WANT_LSQ:
+        tl.store(base + 4 * stat, q_i, mask=in_m)
+    if WANT_MEAN:
+        tl.store(base + 5 * stat, zsum_i, mask=in_m)

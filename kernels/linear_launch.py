@@ -1,0 +1,157 @@
+"""Launchers for the fused-linear kernels: the contract of ``torch_backend.linear``.
+
+Both take ``hidden2d [N, D]`` (any strides, read in place), ``weight [V, D]``, optional
+``bias [V]`` and the compacted labelled tokens ``rows``/``targets`` (int64 ``[M]``).
+``linear_forward`` returns per-token fp32 ``(logp, lse, {extra: [M]})``;
+``linear_backward`` returns ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``
+as fp32 accumulators (``None`` where not needed).
+"""
+import os
+
+import torch
+import triton
+
+from .linear_backward import linear_backward_kernel
+from .linear_forward import linear_forward_kernel
+
+N_STATS = 6  # m, s, z_y, a, q, Σz — rows of the forward's partial-statistics buffer
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def linear_config(V, D, dtype, block_v=None):
+    """``dict(BLOCK_M, BLOCK_V, BLOCK_D, num_warps)`` for the device in use.
+
+    GPU: 128×128 output tiles with 64-deep K slices are the usual sweet spot for
+    bf16 tensor-core dots (a 128×128 fp32 accumulator in 8 warps).  Interpreter: the
+    smallest legal dot tiles keep CPU tests quick and cover the multi-tile paths.
+    """
+    if _interpreting():
+        cfg = dict(BLOCK_M=16, BLOCK_V=64, BLOCK_D=16, num_warps=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=64 if dtype != torch.float32 else 32, num_warps=8)
+    if block_v is not None:
+        cfg["BLOCK_V"] = block_v
+    return cfg
+
+
+def _dot_flags(dtype):
+    # The 3.9 interpreter's bf16 dot is wrong: upcast operands to fp32 there.  fp32
+    # inputs use exact ("ieee") dots so they match torch.matmul without TF32.
+    return dict(DOT_FP32=_interpreting(),
+                INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _softcap_args(softcap):
+    return (0.0 if softcap is None else float(softcap)), softcap is not None
+
+
+def _num_splits(m_blocks, n_tiles, device, splits):
+    """Vocabulary splits: enough programs to fill the GPU (≈4 per SM) when tokens are few."""
+    if splits is not None:
+        return max(1, min(int(splits), n_tiles))
+    if _interpreting():
+        return min(2, n_tiles)  # exercise the split combine in CPU tests
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_tiles, triton.cdiv(4 * sms, max(m_blocks, 1))))
+
+
+def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, temperature,
+                   logit_scale, softcap, extras=(), splits=None, block_v=None):
+    """Per labelled token: fp32 ``(logp [M], lse [M], {extra: [M]})``."""
+    del ignore_index  # the tokens were compacted: every target is a real label
+    M = rows.numel()
+    V, D = weight.shape
+    dev = hidden2d.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    if M == 0:
+        return (torch.zeros(0, **f32), torch.zeros(0, **f32),
+                {name: torch.zeros(0, **f32) for name in extras})
+    cfg = linear_config(V, D, hidden2d.dtype, block_v)
+    m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
+    n_splits = _num_splits(m_blocks, n_tiles, dev, splits)
+    tiles_per_split = triton.cdiv(n_tiles, n_splits)
+    n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
+    part = torch.zeros(N_STATS, n_splits, M, **f32)
+    cap, has_cap = _softcap_args(softcap)
+    want = set(extras)
+    linear_forward_kernel[(m_blocks, n_splits)](
+        hidden2d, *hidden2d.stride(), weight, *weight.stride(),
+        weight if bias is None else bias, rows, targets, part,
+        M, V, D, tiles_per_split,
+        float(logit_scale), 1.0 / float(temperature), cap,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap,
+        WANT_ENTROPY="entropy" in want, WANT_LSQ="log_sum_sq_probs" in want,
+        WANT_MEAN="mean_logit" in want, **_dot_flags(hidden2d.dtype), **cfg,
+    )
+    return combine_splits(part, V, extras)
+
+
+def combine_splits(part, V, extras):
+    """Merges per-split statistics: with ``M = max_k m_k`` and ``w_k = e^{m_k − M}``,
+    ``s = Σ w_k s_k``, ``lse = M + log s``, ``H = lse − Σ w_k a_k / s``,
+    ``log Σp² = log Σ w_k² q_k − 2 log s``, ``mean = Σ_k Σz_k / V``, top-1 iff ``z_y ≥ M``."""
+    m, s, zy, a, q, zsum = part.unbind(0)
+    mx = m.max(0).values
+    mx_ref = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    w = torch.exp(m - mx_ref)
+    s_tot = (w * s).sum(0)
+    lse = mx_ref + torch.log(s_tot)
+    zy = zy.sum(0)
+    outs = {}
+    if "entropy" in extras:
+        outs["entropy"] = lse - (w * a).sum(0) / s_tot
+    if "log_sum_sq_probs" in extras:
+        outs["log_sum_sq_probs"] = torch.log((w * w * q).sum(0)) - 2.0 * torch.log(s_tot)
+    if "mean_logit" in extras:
+        outs["mean_logit"] = zsum.sum(0) / V
+    if "is_top1" in extras:
+        outs["is_top1"] = (zy >= mx).to(torch.float32)
+    return zy - lse, lse, outs
+
+
+def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=None, entropy=None,
+                    grad_entropy=None, log_sum_sq_probs=None, grad_log_sum_sq_probs=None,
+                    grad_mean_logit=None, need_hidden=True, need_weight=True, need_bias=True,
+                    ignore_index, temperature, logit_scale, softcap, block_v=None):
+    """fp32 ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``, ``None`` where not needed."""
+    del ignore_index
+    M = rows.numel()
+    V, D = weight.shape
+    dev = hidden2d.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    need_bias = need_bias and bias is not None
+    gh = torch.zeros(hidden2d.shape, **f32) if need_hidden else None
+    gw = torch.zeros(V, D, **f32) if need_weight else None
+    gb = torch.zeros(V, **f32) if need_bias else None
+    if M == 0 or not (need_hidden or need_weight or need_bias):
+        return gh, gw, gb
+    cfg = linear_config(V, D, hidden2d.dtype, block_v)
+    dummy = lse
+    cap, has_cap = _softcap_args(softcap)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    linear_backward_kernel[grid](
+        hidden2d, *hidden2d.stride(), weight, *weight.stride(),
+        weight if bias is None else bias, rows, targets,
+        lse,
+        dummy if grad_logp is None else grad_logp,
+        dummy if entropy is None else entropy,
+        dummy if grad_entropy is None else grad_entropy,
+        dummy if log_sum_sq_probs is None else log_sum_sq_probs,
+        dummy if grad_log_sum_sq_probs is None else grad_log_sum_sq_probs,
+        dummy if grad_mean_logit is None else grad_mean_logit,
+        dummy if gh is None else gh, *((0, 0) if gh is None else gh.stride()),
+        dummy if gw is None else gw, *((0, 0) if gw is None else gw.stride()),
+        dummy if gb is None else gb,
+        M, V, D,
+        float(logit_scale), 1.0 / float(temperature), cap,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap,
+        HAS_G=grad_logp is not None, GRAD_ENTROPY=grad_entropy is not None,
+        GRAD_LSQ=grad_log_sum_sq_probs is not None, GRAD_MEAN=grad_mean_logit is not None,
+        NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
+        **_dot_flags(hidden2d.dtype), **cfg,
+    )
+    return gh, gw, gb

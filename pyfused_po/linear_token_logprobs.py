@@ -1,0 +1,230 @@
+"""Token stage, fused-linear path: log-probs of ``hidden @ weight.T (+ bias)`` without logits.
+
+``linear_token_logprobs`` has the semantics, extras and result type of
+:func:`pyfused_po.token_logprobs` applied to ``logits = hidden @ weight.T + bias``, but
+the ``[tokens, vocab]`` logits never exist.  Two implementations share one contract
+(``linear_forward`` / ``linear_backward`` over the compacted labelled tokens):
+
+* ``impl="chunked"`` (:mod:`pyfused_po.torch_backend.linear`): cuBLAS GEMMs over chunks
+  of tokens, each chunk folded by the token kernels (Triton) or by the PyTorch token
+  backend (``backend="torch"``, which is the CPU path and the float64 reference).
+  Peak extra memory: one ``[C, V]`` chunk.  It is the default because cuBLAS reaches
+  the GEMM peak on every shape and the fold reads each chunk once; the extra cost is
+  writing and re-reading ``C·V`` logits per pass.
+* ``impl="fused"`` (:mod:`pyfused_po.kernels.linear_launch`): Triton kernels that tile
+  ``H·Wᵀ`` on-chip with an online log-sum-exp (Cut-Cross-Entropy style); the backward
+  recomputes each tile and accumulates ``dH`` and ``dW`` with fp32 atomics.  No
+  ``[C, V]`` buffer at all.  Gradients are not bitwise deterministic (atomic order).
+
+Which of the two is faster on a GPU depends on the shape; the benchmark decides the
+default (``impl="auto"`` is "chunked" until it does).
+
+The backward is hand-written: ``grad_hidden`` (input dtype; each row's reduction over
+the vocabulary runs in fp32 inside the GEMM or kernel), ``grad_weight`` and ``grad_bias``
+accumulated in fp32 across chunks / tiles and cast to the parameter dtype at the end.
+``grad_weight`` is skipped entirely when ``weight`` does not require grad (frozen LM
+head under LoRA): one GEMM less per chunk.
+"""
+import torch
+
+from . import _backend
+from .token_logprobs import EXTRA_NAMES, TokenConfig, TokenLogprobs
+from .torch_backend import linear as _chunked
+from .torch_backend import token as _torch_fold
+from .validation import (
+    check_finite_nonzero,
+    check_label_range,
+    check_positive,
+    check_same_device,
+    check_tensor,
+)
+
+IMPLS = ("auto", "chunked", "fused")
+
+
+class _Chunked:
+    """The chunked algorithm with a given token-stage fold (Triton kernels or PyTorch)."""
+
+    def __init__(self, fold, chunk_tokens):
+        self.fold, self.chunk_tokens = fold, chunk_tokens
+
+    def linear_forward(self, *args, **kw):
+        return _chunked.linear_forward(*args, fold=self.fold, chunk_tokens=self.chunk_tokens, **kw)
+
+    def linear_backward(self, *args, **kw):
+        return _chunked.linear_backward(*args, fold=self.fold, chunk_tokens=self.chunk_tokens, **kw)
+
+
+def _ops(backend, impl, chunk_tokens):
+    """The object providing ``linear_forward`` / ``linear_backward`` for a resolved choice."""
+    if backend == "torch":
+        return _Chunked(_torch_fold, chunk_tokens)
+    try:
+        from . import kernels
+        from .kernels import linear_launch
+    except ImportError as err:  # triton missing (e.g. macOS) or broken
+        raise ImportError("backend='triton' needs the triton package (pip install triton); "
+                          "use backend='torch' without it") from err
+    return linear_launch if impl == "fused" else _Chunked(kernels, chunk_tokens)
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    """``forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens)``
+    returns ``(logps, *extras)`` shaped like ``labels``, extras in ``config.extras`` order."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens):
+        ops = _ops(backend, impl, chunk_tokens)
+        D = hidden.shape[-1]
+        T = labels.shape[-1]
+        labels2d = labels.reshape(-1, T)
+        hidden2d = hidden.reshape(-1, D)
+        rows, pos, targets = _chunked.labelled_tokens(labels2d, config.ignore_index, config.shift)
+        kw = dict(ignore_index=config.ignore_index, temperature=config.temperature,
+                  logit_scale=config.logit_scale, softcap=config.softcap)
+        logp_m, lse_m, outs_m = ops.linear_forward(hidden2d, weight, bias, rows, targets,
+                                                   extras=config.extras, **kw)
+        cdt = lse_m.dtype
+
+        def scatter(v):  # [M] per labelled token → zeros shaped like labels
+            full = torch.zeros(labels.numel(), device=labels.device, dtype=cdt)
+            full[pos] = v
+            return full.view(labels.shape)
+
+        results = [scatter(logp_m)] + [scatter(outs_m[name]) for name in config.extras]
+        ctx.config, ctx.ops, ctx.kw = config, ops, kw
+        ctx.hidden_shape = hidden.shape
+        saved_names = [n for n in ("entropy", "log_sum_sq_probs") if n in outs_m]
+        ctx.saved_names = saved_names
+        ctx.save_for_backward(hidden, weight, bias, rows, pos, targets, lse_m,
+                              *[outs_m[n] for n in saved_names])
+        if "is_top1" in config.extras:
+            ctx.mark_non_differentiable(results[1 + config.extras.index("is_top1")])
+        ctx.set_materialize_grads(False)
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, grad_logp, *grad_extras):
+        hidden, weight, bias, rows, pos, targets, lse_m, *saved = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        none = (None,) * 8
+        if not (need_h or need_w or need_b):
+            return none
+        named = dict(zip(ctx.config.extras, grad_extras))
+
+        def gather(g):  # upstream gradient at the labelled positions, [M] compute dtype
+            return None if g is None else g.reshape(-1).index_select(0, pos).to(lse_m.dtype).contiguous()
+
+        grads = dict(grad_logp=gather(grad_logp), grad_entropy=gather(named.get("entropy")),
+                     grad_log_sum_sq_probs=gather(named.get("log_sum_sq_probs")),
+                     grad_mean_logit=gather(named.get("mean_logit")))
+        if all(g is None for g in grads.values()):
+            return none
+        saved = dict(zip(ctx.saved_names, saved))
+        D = hidden.shape[-1]
+        gh, gw, gb = ctx.ops.linear_backward(
+            hidden.reshape(-1, D), weight, bias, rows, targets, lse_m,
+            entropy=saved.get("entropy"), log_sum_sq_probs=saved.get("log_sum_sq_probs"),
+            need_hidden=need_h, need_weight=need_w, need_bias=need_b, **grads, **ctx.kw,
+        )
+        gh = None if gh is None else gh.to(hidden.dtype).view(ctx.hidden_shape)
+        gw = None if gw is None else gw.to(weight.dtype)
+        gb = None if gb is None else gb.to(bias.dtype)
+        return gh, gw, gb, None, None, None, None, None
+
+
+def validate_linear_inputs(hidden, weight, bias, labels, config: TokenConfig, backend, impl,
+                           chunk_tokens):
+    """Checks before any kernel launches; returns ``(resolved_backend, resolved_impl)``."""
+    check_tensor("hidden", hidden, floating=True, min_dim=2)
+    check_tensor("weight", weight, floating=True)
+    check_tensor("labels", labels, floating=False, min_dim=1)
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [vocab, hidden_dim] (2-D), got shape {tuple(weight.shape)}")
+    V, D = weight.shape
+    if hidden.shape[-1] != D:
+        raise ValueError(
+            f"hidden's last dimension must equal weight.shape[1] (hidden_dim): got hidden "
+            f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
+    if V == 0:
+        raise ValueError("weight must have a vocabulary dimension of size >= 1, "
+                         f"got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"bias must have shape ({V},) (weight.shape[0]), got {tuple(bias.shape)}")
+    if tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"hidden must have shape labels.shape + (hidden_dim,) = {tuple(labels.shape)} + ({D},), "
+            f"got hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
+    check_positive("temperature", config.temperature)
+    check_finite_nonzero("logit_scale", config.logit_scale)
+    check_positive("softcap", config.softcap, allow_none=True)
+    unknown = [e for e in config.extras if e not in EXTRA_NAMES]
+    if unknown:
+        raise ValueError(f"unknown extras {unknown}; valid extras are {list(EXTRA_NAMES)}")
+    if len(set(config.extras)) != len(config.extras):
+        raise ValueError(f"extras must not repeat a name, got {list(config.extras)}")
+    if isinstance(config.ignore_index, bool) or not isinstance(config.ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {config.ignore_index!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be None or an int >= 1, got {chunk_tokens!r}")
+    resolved = _backend.resolve(backend, hidden)
+    if backend == "auto" and hidden.dtype == torch.float64:
+        resolved = "torch"  # the kernels compute in fp32; keep float64 inputs exact
+    if resolved == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("backend='triton' computes in float32 and takes float16/bfloat16/float32 "
+                        "hidden states, got float64; use backend='torch' for float64")
+    if resolved == "torch" and impl == "fused":
+        raise ValueError("impl='fused' runs Triton kernels; it needs backend='triton' or 'auto' "
+                         f"on CUDA (or TRITON_INTERPRET=1), got backend={backend!r} resolving to 'torch'")
+    check_label_range(labels, V, config.ignore_index)
+    return resolved, ("chunked" if impl == "auto" else impl)
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=False,
+                          temperature=1.0, logit_scale=1.0, softcap=None, extras=(),
+                          backend="auto", impl="auto", chunk_tokens=None):
+    """Per-token log-probs of ``logits = hidden @ weight.T (+ bias)``, logits never materialized.
+
+    Same results as ``token_logprobs(hidden @ weight.T + bias, labels, ...)``: the logit
+    transform ``z = softcap(x · logit_scale) / temperature``, ``ignore_index``, ``shift``
+    (hidden row ``t`` predicts label ``t + 1``, results aligned with ``labels``) and the
+    extras are the same.
+
+    Args:
+        hidden: ``[..., T, D]`` float16/bfloat16/float32 (float64 on the torch backend).
+        weight: ``[V, D]`` LM head, same dtype and device.  A weight with
+            ``requires_grad=False`` gets no gradient and costs no ``dW`` GEMM.
+        labels: ``[..., T]`` integer token ids, ``hidden.shape[:-1] == labels.shape``.
+        bias: optional ``[V]`` LM-head bias.
+        extras: names from ``("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` as in ``token_logprobs``.
+        impl: ``"chunked"`` (cuBLAS GEMM per chunk of tokens + token fold), ``"fused"``
+            (Triton tiles, Triton backend only) or ``"auto"`` (currently "chunked").
+        chunk_tokens: tokens per chunk for ``"chunked"`` (default: a ``[C, V]`` chunk of
+            about 128M elements on CUDA, 4M on the CPU).
+
+    Returns:
+        float32 log-probs shaped like ``labels`` (float64 for float64 inputs on the torch
+        backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
+    """
+    extras = tuple(extras) if not isinstance(extras, str) else (extras,)
+    config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
+                         logit_scale=logit_scale, softcap=softcap, extras=extras)
+    resolved, impl = validate_linear_inputs(hidden, weight, bias, labels, config, backend, impl,
+                                            chunk_tokens)
+    results = LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels, config, resolved,
+                                                impl, chunk_tokens)
+    if not extras:
+        return results[0]
+    return TokenLogprobs(results[0], **dict(zip(extras, results[1:])))
