@@ -5,25 +5,38 @@ Three stages (see ARCHITECTURE in the repository): the token stage
 the objective stage (:func:`preference_loss` over a registry of losses), chained by
 the drop-in :class:`FusedPreferenceLoss`.
 """
+from .kto import FusedKTOLoss, KTOLossOutput, kto_loss
+from .linear_token_logprobs import linear_token_logprobs
 from .module import FusedPreferenceLoss
-from .objectives import ObjectiveOutput, PairBatch, loss_types, register_objective
+from .objectives import F_DIVERGENCE_TYPES, ObjectiveOutput, PairBatch, loss_types, register_objective
+from .objectives.expo import expo_from_logits, expo_loss
 from .preference_loss import PreferenceLossOutput, preference_loss
 from .sequence import SequenceSums, sequence_sums
+from .token_kl import TokenKL, token_kl
 from .token_logprobs import TokenLogprobs, token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "F_DIVERGENCE_TYPES",
+    "FusedKTOLoss",
     "FusedPreferenceLoss",
+    "KTOLossOutput",
     "ObjectiveOutput",
     "PairBatch",
     "PreferenceLossOutput",
     "SequenceSums",
+    "TokenKL",
     "TokenLogprobs",
+    "expo_from_logits",
+    "expo_loss",
+    "kto_loss",
+    "linear_token_logprobs",
     "loss_types",
     "preference_loss",
     "register_objective",
     "sequence_sums",
+    "token_kl",
     "token_logprobs",
     "__version__",
 ]

@@ -28,16 +28,10 @@ head under LoRA): one GEMM less per chunk.
 import torch
 
 from . import _backend
-from .token_logprobs import EXTRA_NAMES, TokenConfig, TokenLogprobs
+from .token_logprobs import TokenConfig, TokenLogprobs, resolve_backend, validate_token_config
 from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold
-from .validation import (
-    check_finite_nonzero,
-    check_label_range,
-    check_positive,
-    check_same_device,
-    check_tensor,
-)
+from .validation import check_label_range, check_same_device, check_tensor
 
 IMPLS = ("auto", "chunked", "fused")
 
@@ -163,27 +157,13 @@ def validate_linear_inputs(hidden, weight, bias, labels, config: TokenConfig, ba
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != hidden.dtype:
             raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
-    check_positive("temperature", config.temperature)
-    check_finite_nonzero("logit_scale", config.logit_scale)
-    check_positive("softcap", config.softcap, allow_none=True)
-    unknown = [e for e in config.extras if e not in EXTRA_NAMES]
-    if unknown:
-        raise ValueError(f"unknown extras {unknown}; valid extras are {list(EXTRA_NAMES)}")
-    if len(set(config.extras)) != len(config.extras):
-        raise ValueError(f"extras must not repeat a name, got {list(config.extras)}")
-    if isinstance(config.ignore_index, bool) or not isinstance(config.ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {config.ignore_index!r}")
+    validate_token_config(config)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be None or an int >= 1, got {chunk_tokens!r}")
-    resolved = _backend.resolve(backend, hidden)
-    if backend == "auto" and hidden.dtype == torch.float64:
-        resolved = "torch"  # the kernels compute in fp32; keep float64 inputs exact
-    if resolved == "triton" and hidden.dtype == torch.float64:
-        raise TypeError("backend='triton' computes in float32 and takes float16/bfloat16/float32 "
-                        "hidden states, got float64; use backend='torch' for float64")
+    resolved = resolve_backend(backend, hidden, "hidden states")
     if resolved == "torch" and impl == "fused":
         raise ValueError("impl='fused' runs Triton kernels; it needs backend='triton' or 'auto' "
                          f"on CUDA (or TRITON_INTERPRET=1), got backend={backend!r} resolving to 'torch'")

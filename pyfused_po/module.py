@@ -2,10 +2,26 @@
 import torch
 from torch import nn
 
-from .preference_loss import REDUCTIONS, PreferenceLossOutput, preference_loss, resolve_hyperparameters
-from .sequence import label_mask, masked_mean, sequence_sums, split_pairs
-from .token_logprobs import token_logprobs
-from .validation import check_tensor
+from .objectives.checks import check_range
+from .objectives.transforms import f_divergence_scores
+from .preference_loss import (
+    REDUCTIONS,
+    PreferenceLossOutput,
+    preference_loss,
+    resolve_hyperparameters,
+    resolve_loss_weights,
+)
+from .sequence import (
+    label_mask,
+    ld_token_weights,
+    masked_mean,
+    merge_labels,
+    sequence_sums,
+    split_pairs,
+    wpo_log_weights,
+)
+from .token_logprobs import TokenLogprobs, token_logprobs
+from .validation import check_same_device, check_shape, check_tensor
 
 
 class FusedPreferenceLoss(nn.Module):
@@ -13,47 +29,80 @@ class FusedPreferenceLoss(nn.Module):
 
     One forward pass and one backward pass over the logits per step; the only
     ``[tokens, vocab]`` allocation in loss + backward is the logits' gradient (none with
-    ``inplace_backward=True``).  Reference log-probs are either given per sequence
-    (``ref_chosen_logps`` / ``ref_rejected_logps``, as TRL precomputes them) or computed
-    from ``ref_logits`` in the same call, forward only.
+    ``inplace_backward=True``).  Reference log-probs are given per sequence
+    (``ref_chosen_logps`` / ``ref_rejected_logps``, as TRL precomputes them), per token
+    (``ref_token_logps``), or computed from ``ref_logits`` in the same call, forward only.
 
     Args:
-        loss_type, beta, reduction, **hyperparameters: as :func:`pyfused_po.preference_loss`.
+        loss_type, beta, reduction, loss_weights, f_divergence_type, f_alpha_divergence_coef,
+        **hyperparameters: as :func:`pyfused_po.preference_loss`.
         ignore_index, shift, temperature, logit_scale, softcap, backend, inplace_backward:
             as :func:`pyfused_po.token_logprobs`.
         logit_metrics: also log TRL's ``logits/chosen`` and ``logits/rejected`` (mean of the
             transformed logits over labelled tokens), computed in the same kernel pass.
+        ld_alpha: LD-DPO; response tokens past the pair's shared length min(n_w, n_l) weigh
+            ``ld_alpha`` in the summed log-probs (``None``: off).
+        ld_alpha_reference: apply ``ld_alpha`` to the reference sums too (as TRL does) when
+            they come from ``ref_logits`` or ``ref_token_logps``.
+        use_weighting: WPO; the per-sequence weights come from the kernel's
+            ``log_sum_sq_probs`` extra in the same pass.
+        bco_running_mean: for ``bco_pair``, keep δ as the running mean of every reward β·s
+            seen in training mode (TRL 0.x); off, δ is the ``bco_delta`` hyper-parameter
+            (default 0, TRL v1).  The mean lives in buffers and is saved with the state dict.
     """
 
     def __init__(self, loss_type="sigmoid", beta=0.1, *, ignore_index=-100, shift=False,
                  temperature=1.0, logit_scale=1.0, softcap=None, backend="auto",
-                 inplace_backward=False, reduction="mean", logit_metrics=True, **hyperparameters):
+                 inplace_backward=False, reduction="mean", logit_metrics=True, loss_weights=None,
+                 f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, ld_alpha=None,
+                 ld_alpha_reference=True, use_weighting=False, bco_running_mean=False,
+                 **hyperparameters):
         super().__init__()
-        resolve_hyperparameters(loss_type, beta, hyperparameters)  # fail at construction
+        # Fail at construction rather than at the first step.
+        resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
+                                f_alpha_divergence_coef=f_alpha_divergence_coef)
+        resolve_loss_weights(loss_type, loss_weights)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if ld_alpha is not None:
+            check_range("ld_alpha", ld_alpha, 0.0, 1.0)
+        types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        if bco_running_mean and "bco_pair" not in types:
+            raise ValueError(f"bco_running_mean=True needs 'bco_pair' among the loss types, got {types}")
+        if bco_running_mean and "bco_delta" in hyperparameters:
+            raise ValueError("pass either bco_running_mean=True or bco_delta, not both")
         self.loss_type, self.beta, self.reduction = loss_type, beta, reduction
         self.hyperparameters = dict(hyperparameters)
+        self.objective_kwargs = dict(loss_weights=loss_weights, f_divergence_type=f_divergence_type,
+                                     f_alpha_divergence_coef=f_alpha_divergence_coef)
         self.token_kwargs = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
                                  logit_scale=logit_scale, softcap=softcap, backend=backend)
         self.inplace_backward = inplace_backward
         self.logit_metrics = logit_metrics
+        self.ld_alpha, self.ld_alpha_reference = ld_alpha, bool(ld_alpha_reference)
+        self.use_weighting = bool(use_weighting)
+        self.bco_running_mean = bool(bco_running_mean)
+        if self.bco_running_mean:
+            self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
 
     def extra_repr(self):
         return f"loss_type={self.loss_type!r}, beta={self.beta}, {self.token_kwargs}"
 
-    def _sequence_logps(self, logits, labels, *, inplace, with_mean_logit):
-        extras = ("mean_logit",) if with_mean_logit else ()
-        out = token_logprobs(logits, labels, extras=extras, inplace_backward=inplace, **self.token_kwargs)
-        logps = out.logps if extras else out
-        sums = sequence_sums(logps, labels, ignore_index=self.token_kwargs["ignore_index"],
-                             shift=self.token_kwargs["shift"])
-        return sums, (out.mean_logit if extras else None)
+    def _token_stage(self, logits, labels, *, extras=(), inplace=False) -> TokenLogprobs:
+        """The one call into the token stage (per-token log-probs and extras)."""
+        out = token_logprobs(logits, labels, extras=tuple(extras), inplace_backward=inplace, **self.token_kwargs)
+        return out if extras else TokenLogprobs(out)
 
-    def forward(self, logits=None, labels=None, ref_chosen_logps=None, ref_rejected_logps=None,
-                ref_logits=None) -> PreferenceLossOutput:
-        """``logits``: ``[2P, T, V]``; ``labels``: ``[2P, T]`` (``ignore_index`` marks prompt and
-        padding); reference log-probs ``[P]`` each, or ``ref_logits`` like ``logits``."""
+    def _mask(self, labels):
+        return label_mask(labels, ignore_index=self.token_kwargs["ignore_index"], shift=self.token_kwargs["shift"])
+
+    def _sums(self, token_logps, labels, token_weights):
+        return sequence_sums(token_logps, labels, ignore_index=self.token_kwargs["ignore_index"],
+                             shift=self.token_kwargs["shift"], token_weights=token_weights)
+
+    def _check_forward_inputs(self, logits, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
+                              ref_token_logps, token_weights, nll_labels):
         if logits is None or labels is None:
             raise ValueError("FusedPreferenceLoss.forward needs logits= and labels=")
         check_tensor("labels", labels, floating=False)
@@ -61,29 +110,115 @@ class FusedPreferenceLoss(nn.Module):
             raise ValueError(f"labels must be [batch, seq] with the batch laid out [chosen; rejected], "
                              f"got shape {tuple(labels.shape)}")
         split_pairs(labels)  # raises on an odd batch
-        if ref_logits is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
-            raise ValueError("pass either ref_logits or ref_chosen_logps/ref_rejected_logps, not both")
-        policy, mean_logit = self._sequence_logps(logits, labels, inplace=self.inplace_backward,
-                                                  with_mean_logit=self.logit_metrics)
+        given = [n for n, v in (("ref_logits", ref_logits), ("ref_token_logps", ref_token_logps),
+                                ("ref_chosen_logps/ref_rejected_logps", ref_chosen_logps
+                                 if ref_chosen_logps is not None else ref_rejected_logps)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass one reference source, not both: got {' and '.join(given)}")
+        if ref_logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
+            raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
+                             f"got {tuple(ref_logits.shape)}")
+        for name, value in (("ref_token_logps", ref_token_logps), ("token_weights", token_weights)):
+            if value is not None:
+                check_tensor(name, value, floating=True)
+                check_shape(name, value, labels.shape, "one value per token, like labels")
+                check_same_device(**{name: value, "labels": labels})
+        if nll_labels is not None:
+            check_tensor("nll_labels", nll_labels, floating=False)
+            half = labels.shape[0] // 2
+            if nll_labels.dim() != 2 or nll_labels.shape[1] != labels.shape[1] or \
+                    nll_labels.shape[0] not in (half, labels.shape[0]):
+                raise ValueError(f"nll_labels must be [{half}, {labels.shape[1]}] (the chosen rows) or "
+                                 f"{list(labels.shape)} like labels, got {tuple(nll_labels.shape)}")
+            check_same_device(nll_labels=nll_labels, labels=labels)
+
+    def _bco_delta(self, policy_sums, ref_chosen_logps, ref_rejected_logps):
+        """δ = running mean of the rewards β·s (updated with this batch first, as TRL 0.x did)."""
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError("loss_type 'bco_pair' needs reference log-probs")
+        chosen, rejected = split_pairs(policy_sums.detach())
+        kind = self.objective_kwargs["f_divergence_type"]
+        coef = self.objective_kwargs["f_alpha_divergence_coef"]
+        rewards = self.beta * torch.cat([
+            f_divergence_scores((chosen - ref_chosen_logps.detach()).double(), kind, coef),
+            f_divergence_scores((rejected - ref_rejected_logps.detach()).double(), kind, coef)])
+        if self.training:
+            self.bco_reward_sum += rewards.sum().to(self.bco_reward_sum.device)
+            self.bco_reward_count += rewards.numel()
+        return (self.bco_reward_sum / self.bco_reward_count.clamp(min=1.0)).to(rewards.device)
+
+    def forward(self, logits=None, labels=None, ref_chosen_logps=None, ref_rejected_logps=None,
+                ref_logits=None, *, ref_token_logps=None, token_weights=None, nll_labels=None,
+                weights=None, label_smoothing=None) -> PreferenceLossOutput:
+        """``logits``: ``[2P, T, V]``; ``labels``: ``[2P, T]`` (``ignore_index`` marks prompt and
+        padding).  Reference: ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]`` each,
+        ``ref_token_logps`` ``[2P, T]``, or ``ref_logits`` like ``logits``.
+
+        ``token_weights``: ``[2P, T]`` per-token weights of the policy and reference sums
+        (TGDPO-style shaping).  ``nll_labels``: ``[P, T]`` (or ``[2P, T]``, first half used)
+        labels of the NLL term of ``sft``/``cpo``/``simpo``/``alphapo``/``orpo`` when it covers
+        other tokens than ``labels`` (e.g. the prompt); default the chosen rows of ``labels``.
+        ``weights``: ``[P]`` per-pair loss weights; ``label_smoothing``: overrides the module's
+        (a number or a ``[P]`` tensor of soft labels).
+        """
+        self._check_forward_inputs(logits, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
+                                   ref_token_logps, token_weights, nll_labels)
+        ignore_index = self.token_kwargs["ignore_index"]
+        mask = self._mask(labels)
+        half = labels.shape[0] // 2
+        token_labels = labels
+        if nll_labels is not None:
+            nll_chosen = nll_labels[:half]
+            padded = torch.cat([nll_chosen, torch.full_like(nll_chosen, ignore_index)], dim=0)
+            token_labels = merge_labels(labels, padded, ignore_index=ignore_index)
+        extras = (("mean_logit",) if self.logit_metrics else ()) + (("log_sum_sq_probs",) if self.use_weighting else ())
+        policy = self._token_stage(logits, token_labels, extras=extras, inplace=self.inplace_backward)
+
+        ld = ld_token_weights(mask, self.ld_alpha, dtype=policy.logps.dtype) if self.ld_alpha is not None else None
+        policy_weights = _product(token_weights, ld)
+        ref_weights = _product(token_weights, ld if self.ld_alpha_reference else None)
+        sums = self._sums(policy.logps, labels, policy_weights)
         if ref_logits is not None:
-            if tuple(ref_logits.shape) != tuple(logits.shape):
-                raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
-                                 f"got {tuple(ref_logits.shape)}")
             with torch.no_grad():
-                ref, _ = self._sequence_logps(ref_logits.detach(), labels, inplace=False, with_mean_logit=False)
+                ref_tokens = self._token_stage(ref_logits.detach(), labels).logps
+            ref_chosen_logps, ref_rejected_logps = split_pairs(self._sums(ref_tokens, labels, ref_weights).logps)
+        elif ref_token_logps is not None:
+            ref = self._sums(ref_token_logps.detach(), labels, ref_weights)
             ref_chosen_logps, ref_rejected_logps = split_pairs(ref.logps)
-        chosen_logps, rejected_logps = split_pairs(policy.logps)
-        chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
+
+        # NLL term: plain sums (no token weights, no LD) of the chosen rows over the NLL mask.
+        nll_mask = self._mask(nll_labels[:half]) if nll_labels is not None else mask[:half]
+        nll_tokens = torch.where(nll_mask, policy.logps[:half], torch.zeros((), dtype=policy.logps.dtype,
+                                                                             device=policy.logps.device))
+        kwargs = dict(self.hyperparameters)
+        if label_smoothing is not None:
+            kwargs["label_smoothing"] = label_smoothing
+        if self.bco_running_mean:
+            kwargs["bco_delta"] = self._bco_delta(sums.logps, ref_chosen_logps, ref_rejected_logps)
+        if self.use_weighting:
+            wpo = wpo_log_weights(policy.logps, policy.log_sum_sq_probs, mask)
+            kwargs["chosen_wpo_logps"], kwargs["rejected_wpo_logps"] = split_pairs(wpo)
+        chosen_logps, rejected_logps = split_pairs(sums.logps)
+        chosen_lengths, rejected_lengths = split_pairs(sums.lengths)
         result = preference_loss(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             loss_type=self.loss_type, beta=self.beta, chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths, reduction=self.reduction, **self.hyperparameters,
+            rejected_lengths=rejected_lengths, reduction=self.reduction, weights=weights,
+            use_weighting=self.use_weighting, nll_logps=nll_tokens.sum(-1),
+            nll_lengths=nll_mask.sum(-1).to(torch.float32), **self.objective_kwargs, **kwargs,
         )
-        if mean_logit is not None:
-            mask = label_mask(labels, ignore_index=self.token_kwargs["ignore_index"],
-                              shift=self.token_kwargs["shift"])
+        if policy.mean_logit is not None:
             chosen_mask, rejected_mask = split_pairs(mask)
-            chosen_mean, rejected_mean = split_pairs(mean_logit.detach())
+            chosen_mean, rejected_mean = split_pairs(policy.mean_logit.detach())
             result.metrics["logits/chosen"] = masked_mean(chosen_mean, chosen_mask)
             result.metrics["logits/rejected"] = masked_mean(rejected_mean, rejected_mask)
         return result
+
+
+def _product(a, b):
+    """Elementwise product of optional per-token weights (None = all ones)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a * b

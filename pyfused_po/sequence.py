@@ -49,3 +49,37 @@ def split_pairs(x):
         )
     half = x.shape[0] // 2
     return x[:half], x[half:]
+
+
+def ld_token_weights(mask, ld_alpha, dtype=torch.float32):
+    """LD-DPO (Liu et al., 2024) per-token weights for a ``[chosen; rejected]`` batch.
+
+    With ``n_w``, ``n_l`` the pair's response lengths, the first ``min(n_w, n_l)`` response
+    tokens of each side (counted over ``mask``) weigh 1 and the rest weigh ``ld_alpha``;
+    tokens outside ``mask`` weigh 0.  Shaped like ``mask``, in ``dtype``.
+    """
+    position = mask.to(torch.int64).cumsum(-1)  # 1-based index among the response tokens
+    chosen_len, rejected_len = split_pairs(mask.sum(-1))
+    shared = torch.minimum(chosen_len, rejected_len)
+    shared = torch.cat([shared, shared], dim=0).unsqueeze(-1)
+    tail = torch.full(mask.shape, float(ld_alpha), dtype=dtype, device=mask.device)
+    weights = torch.where(position <= shared, torch.ones_like(tail), tail)
+    return torch.where(mask, weights, torch.zeros_like(weights))
+
+
+def merge_labels(labels, extra_labels, *, ignore_index=-100, name="nll_labels"):
+    """Labels for one token pass that serves two masks: ``labels`` where set, else
+    ``extra_labels``.  Where both are set they must agree (they name the same token)."""
+    both = (labels != ignore_index) & (extra_labels != ignore_index)
+    if not labels.is_cuda and bool((both & (labels != extra_labels)).any()):
+        raise ValueError(f"{name} must equal labels wherever both are not ignore_index={ignore_index}")
+    return torch.where(labels != ignore_index, labels, extra_labels)
+
+
+def wpo_log_weights(token_logps, log_sum_sq_probs, mask):
+    """WPO's per-sequence log-weight mean_t(log p_t − log Σ_v p_v²) over ``mask`` (length
+    clamped to ≥ 1), detached: its exp is the sequence's weight under the policy's own
+    sharpened distribution (Zhou et al., 2024, Eq. 2)."""
+    values = (token_logps - log_sum_sq_probs).detach()
+    values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return values.sum(-1) / mask.sum(-1).clamp(min=1).to(values.dtype)

@@ -129,6 +129,31 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad_logits, None, None, None, None
 
 
+def validate_token_config(config: TokenConfig):
+    """Checks of the token stage's options, shared by the logits and fused-linear paths."""
+    check_positive("temperature", config.temperature)
+    check_finite_nonzero("logit_scale", config.logit_scale)
+    check_positive("softcap", config.softcap, allow_none=True)
+    unknown = [e for e in config.extras if e not in EXTRA_NAMES]
+    if unknown:
+        raise ValueError(f"unknown extras {unknown}; valid extras are {list(EXTRA_NAMES)}")
+    if len(set(config.extras)) != len(config.extras):
+        raise ValueError(f"extras must not repeat a name, got {list(config.extras)}")
+    if isinstance(config.ignore_index, bool) or not isinstance(config.ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {config.ignore_index!r}")
+
+
+def resolve_backend(backend: str, x: torch.Tensor, name: str) -> str:
+    """``backend`` resolved for input ``x``; float64 inputs go to the exact torch backend."""
+    resolved = _backend.resolve(backend, x)
+    if backend == "auto" and x.dtype == torch.float64:
+        resolved = "torch"  # the kernels compute in fp32; keep float64 inputs exact
+    if resolved == "triton" and x.dtype == torch.float64:
+        raise TypeError(f"backend='triton' computes in float32 and takes float16/bfloat16/float32 "
+                        f"{name}, got float64; use backend='torch' for float64")
+    return resolved
+
+
 def validate_token_inputs(logits, labels, config: TokenConfig, backend: str):
     """Checks shared by every token-stage entry point; returns the resolved backend."""
     check_tensor("logits", logits, floating=True, min_dim=2)
@@ -141,22 +166,8 @@ def validate_token_inputs(logits, labels, config: TokenConfig, backend: str):
         )
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a vocabulary dimension of size >= 1, got 0")
-    check_positive("temperature", config.temperature)
-    check_finite_nonzero("logit_scale", config.logit_scale)
-    check_positive("softcap", config.softcap, allow_none=True)
-    unknown = [e for e in config.extras if e not in EXTRA_NAMES]
-    if unknown:
-        raise ValueError(f"unknown extras {unknown}; valid extras are {list(EXTRA_NAMES)}")
-    if len(set(config.extras)) != len(config.extras):
-        raise ValueError(f"extras must not repeat a name, got {list(config.extras)}")
-    if isinstance(config.ignore_index, bool) or not isinstance(config.ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {config.ignore_index!r}")
-    resolved = _backend.resolve(backend, logits)
-    if backend == "auto" and logits.dtype == torch.float64:
-        resolved = "torch"  # the kernels compute in fp32; keep float64 inputs exact
-    if resolved == "triton" and logits.dtype == torch.float64:
-        raise TypeError("backend='triton' computes in float32 and takes float16/bfloat16/float32 "
-                        "logits, got float64; use backend='torch' for float64")
+    validate_token_config(config)
+    resolved = resolve_backend(backend, logits, "logits")
     check_label_range(labels, logits.shape[-1], config.ignore_index)
     return resolved
 

@@ -78,7 +78,20 @@ def linear_cases():
             yield linear_backward_kernel, types, {**flags, **tiles, **precision}
 
 
-CASE_SOURCES = [token_cases, linear_cases]
+def token_kl_cases():
+    from kernels.token_kl_backward import token_kl_backward_kernel
+    from kernels.token_kl_forward import token_kl_forward_kernel
+
+    for dtype in ("bf16", "fp16", "fp32"):
+        types = {"x_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "y_ptr": "*i64",
+                 **SCALARS}
+        for flags in flag_variants(("SHIFT", "HAS_SOFTCAP", "WANT_LOGP")):
+            yield token_kl_forward_kernel, types, {**flags, "BLOCK_V": 4096}
+        for flags in flag_variants(("SHIFT", "HAS_SOFTCAP", "HAS_G_KL", "HAS_G_LOGP")):
+            yield token_kl_backward_kernel, types, {**flags, "BLOCK_V": 4096}
+
+
+CASE_SOURCES = [token_cases, linear_cases, token_kl_cases]
 
 
 def main():

@@ -1,5 +1,6 @@
 """The objective registry; importing this package registers every built-in loss."""
-from . import dpo  # noqa: F401  (registers its losses)
+from . import apo, aot, dpo, orpo, pairwise, reference_free, sft  # noqa: F401  (register their losses)
+from . import expo  # noqa: F401
 from .registry import (
     ObjectiveOutput,
     PairBatch,
@@ -7,5 +8,7 @@ from .registry import (
     loss_types,
     register_objective,
 )
+from .transforms import F_DIVERGENCE_TYPES, f_divergence_scores
 
-__all__ = ["ObjectiveOutput", "PairBatch", "get_objective", "loss_types", "register_objective"]
+__all__ = ["F_DIVERGENCE_TYPES", "ObjectiveOutput", "PairBatch", "f_divergence_scores", "get_objective",
+           "loss_types", "register_objective"]

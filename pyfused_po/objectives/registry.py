@@ -15,10 +15,19 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from .transforms import f_divergence_scores
+
 
 @dataclass
 class PairBatch:
-    """Per-pair inputs of an objective, each ``[P]`` (P = number of pairs)."""
+    """Per-pair inputs of an objective, each ``[P]`` (P = number of pairs).
+
+    ``nll_logps`` / ``nll_lengths`` are the summed log-probs and token counts of the
+    chosen responses over the NLL mask (losses with an SFT term: ``sft``, ``cpo``,
+    ``simpo``, ``alphapo``, ``orpo``); they default to ``chosen_logps`` /
+    ``chosen_lengths``.  ``f_divergence_type`` selects TRL's score transform of the
+    log-ratios (see :func:`~pyfused_po.objectives.transforms.f_divergence_scores`).
+    """
 
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
@@ -26,6 +35,13 @@ class PairBatch:
     ref_rejected_logps: Optional[torch.Tensor] = None
     chosen_lengths: Optional[torch.Tensor] = None
     rejected_lengths: Optional[torch.Tensor] = None
+    nll_logps: Optional[torch.Tensor] = None
+    nll_lengths: Optional[torch.Tensor] = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 1.0
+    # Per-sequence full-vocabulary KL(π_ref ‖ π_θ) summed over each response (EXPO).
+    chosen_kl: Optional[torch.Tensor] = None
+    rejected_kl: Optional[torch.Tensor] = None
 
     def lengths(self, who: str):
         """Lengths of ``"chosen"`` or ``"rejected"``; raises if the caller did not pass them."""
@@ -33,6 +49,30 @@ class PairBatch:
         if value is None:
             raise ValueError(f"this loss averages over tokens and needs {who}_lengths")
         return value
+
+    def average(self, who: str):
+        """ℓ/n: the length-averaged policy log-prob (n clamped to ≥ 1 so empty responses give 0)."""
+        return getattr(self, f"{who}_logps") / self.lengths(who).clamp(min=1.0)
+
+    def logratios(self):
+        """(ℓ_w − ℓʳ_w, ℓ_l − ℓʳ_l)."""
+        return (self.chosen_logps - self.ref_chosen_logps,
+                self.rejected_logps - self.ref_rejected_logps)
+
+    def scores(self):
+        """The log-ratios after the ``f_divergence_type`` transform (identity for reverse KL)."""
+        chosen, rejected = self.logratios()
+        return (f_divergence_scores(chosen, self.f_divergence_type, self.f_alpha_divergence_coef),
+                f_divergence_scores(rejected, self.f_divergence_type, self.f_alpha_divergence_coef))
+
+    def nll(self):
+        """Token-mean NLL of the chosen responses over the whole batch (a scalar), as
+        ``cross_entropy`` over all chosen tokens computes it; 0 when there are none."""
+        logps = self.chosen_logps if self.nll_logps is None else self.nll_logps
+        lengths = self.nll_lengths if self.nll_logps is not None else self.chosen_lengths
+        if lengths is None:
+            raise ValueError("this loss has an NLL term and needs chosen_lengths (or nll_lengths)")
+        return -logps.sum() / lengths.sum().clamp(min=1.0)
 
 
 @dataclass
@@ -53,23 +93,27 @@ class Objective:
     needs_reference: bool
     hyperparameters: Dict[str, object]
     check: Optional[Callable[..., None]] = None
+    uses_f_divergence: bool = False
 
 
 _REGISTRY: Dict[str, Objective] = {}
 
 
-def register_objective(name, *, needs_reference=True, hyperparameters=None, check=None):
+def register_objective(name, *, needs_reference=True, hyperparameters=None, check=None,
+                       uses_f_divergence=False):
     """Decorator adding ``fn`` to the registry under ``name``.
 
     ``hyperparameters`` maps each keyword the loss takes (besides ``beta``) to its
     default; ``check(beta=..., **hyperparameters)`` raises ``ValueError`` for values
-    outside the loss's domain.
+    outside the loss's domain.  ``uses_f_divergence``: the loss reads
+    :meth:`PairBatch.scores`, so ``f_divergence_type`` applies to it.
     """
 
     def decorate(fn):
         if name in _REGISTRY:
             raise ValueError(f"loss_type {name!r} is registered twice")
-        _REGISTRY[name] = Objective(name, fn, needs_reference, dict(hyperparameters or {}), check)
+        _REGISTRY[name] = Objective(name, fn, needs_reference, dict(hyperparameters or {}), check,
+                                    uses_f_divergence)
         return fn
 
     return decorate

@@ -1,0 +1,194 @@
+"""KTO (Ethayarajh et al., 2024): unpaired preference loss, in TRL's KTOTrainer form.
+
+Per example with r = ℓ − ℓʳ and the detached reference point z₀ = max(0, KL estimate):
+
+* desirable:   λ_D·(1 − σ(β(r − z₀)))
+* undesirable: λ_U·(1 − σ(β(z₀ − r)))
+
+``loss_type="apo_zero_unpaired"`` uses 1 − σ(βr) and σ(βr) instead (no z₀).
+The KL estimate comes from *mismatched* pairs (a completion scored under another
+example's prompt); computing those log-probs is the caller's (e.g. with
+:func:`pyfused_po.token_logprobs` under ``torch.no_grad()``): pass them, or the scalar.
+"""
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .objectives.checks import check_number
+from .sequence import sequence_sums
+from .token_logprobs import token_logprobs
+from .validation import check_positive, check_same_device, check_shape, check_tensor
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass
+class KTOLossOutput:
+    """``loss`` reduced over examples; ``losses`` per example (input order); ``rewards`` β·r
+    per example (detached); ``metrics`` under TRL's names."""
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    rewards: torch.Tensor
+    metrics: Dict[str, torch.Tensor]
+
+
+def _kl_estimate(kl, policy_kl_logps, ref_kl_logps, like, wide):
+    if kl is not None and (policy_kl_logps is not None or ref_kl_logps is not None):
+        raise ValueError("pass either kl or policy_kl_logps/ref_kl_logps, not both")
+    if kl is not None:
+        if isinstance(kl, torch.Tensor):
+            if kl.numel() != 1:
+                raise ValueError(f"kl must be a number or a one-element tensor, got shape {tuple(kl.shape)}")
+            value = kl.detach().reshape(()).to(device=like.device, dtype=wide)
+        else:
+            check_number("kl", kl)
+            value = torch.tensor(float(kl), dtype=wide, device=like.device)
+    elif policy_kl_logps is not None or ref_kl_logps is not None:
+        if policy_kl_logps is None or ref_kl_logps is None:
+            raise ValueError("pass policy_kl_logps and ref_kl_logps together")
+        check_tensor("policy_kl_logps", policy_kl_logps, floating=True)
+        check_tensor("ref_kl_logps", ref_kl_logps, floating=True)
+        check_shape("ref_kl_logps", ref_kl_logps, policy_kl_logps.shape, "like policy_kl_logps")
+        check_same_device(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps, policy_logps=like)
+        diff = (policy_kl_logps.detach().to(wide) - ref_kl_logps.detach().to(wide))
+        value = diff.mean() if diff.numel() else torch.zeros((), dtype=wide, device=like.device)
+    else:
+        value = torch.zeros((), dtype=wide, device=like.device)
+    return value.clamp(min=0.0)
+
+
+def kto_loss(policy_logps, ref_logps, is_desirable, *, beta=0.1, kl=None, policy_kl_logps=None,
+             ref_kl_logps=None, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
+             reduction="mean") -> KTOLossOutput:
+    """KTO from summed per-sequence log-probs.
+
+    Args:
+        policy_logps, ref_logps: ``[B]`` summed log-probs of each completion.
+        is_desirable: ``[B]`` bool, True for desirable (thumbs-up) completions.
+        kl: the KL estimate (number or one-element tensor), or ``policy_kl_logps`` and
+            ``ref_kl_logps`` (``[M]`` summed log-probs of mismatched completions) from which
+            z₀ = max(0, mean(policy_kl_logps − ref_kl_logps)) is taken; neither: z₀ = 0.
+            z₀ is always detached.
+        desirable_weight, undesirable_weight: λ_D, λ_U.
+        loss_type: ``"kto"`` or ``"apo_zero_unpaired"``.
+        reduction: ``"mean"`` over examples (TRL), ``"sum"`` or ``"none"``.
+
+    Returns:
+        :class:`KTOLossOutput`; metrics ``kl``, ``rewards/chosen``, ``rewards/rejected``
+        (means over each group, 0 when empty), ``rewards/chosen_sum``, ``rewards/rejected_sum``,
+        ``logps/chosen_sum``, ``logps/rejected_sum``, ``count/chosen``, ``count/rejected``.
+    """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_positive("beta", beta)
+    check_number("desirable_weight", desirable_weight)
+    check_number("undesirable_weight", undesirable_weight)
+    check_tensor("policy_logps", policy_logps, floating=True)
+    if policy_logps.dim() != 1:
+        raise ValueError(f"policy_logps must be 1-D [examples], got shape {tuple(policy_logps.shape)}")
+    check_tensor("ref_logps", ref_logps, floating=True)
+    check_shape("ref_logps", ref_logps, policy_logps.shape, "one value per example, like policy_logps")
+    if not isinstance(is_desirable, torch.Tensor) or is_desirable.dtype != torch.bool:
+        raise TypeError(f"is_desirable must be a bool tensor, got "
+                        f"{is_desirable.dtype if isinstance(is_desirable, torch.Tensor) else type(is_desirable).__name__}")
+    check_shape("is_desirable", is_desirable, policy_logps.shape, "one flag per example")
+    check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, is_desirable=is_desirable)
+    wide = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+    logps = policy_logps.to(wide)
+    logratio = logps - ref_logps.detach().to(wide)
+    if loss_type == "kto":
+        z0 = _kl_estimate(kl, policy_kl_logps, ref_kl_logps, policy_logps, wide)
+        desirable = 1.0 - torch.sigmoid(beta * (logratio - z0))
+        undesirable = 1.0 - torch.sigmoid(beta * (z0 - logratio))
+    else:
+        z0 = torch.zeros((), dtype=wide, device=logps.device)
+        desirable = 1.0 - torch.sigmoid(beta * logratio)
+        undesirable = torch.sigmoid(beta * logratio)
+    losses = torch.where(is_desirable, desirable_weight * desirable, undesirable_weight * undesirable)
+    if reduction == "mean":
+        loss = losses.sum() / max(losses.numel(), 1)
+    elif reduction == "sum":
+        loss = losses.sum()
+    else:
+        loss = losses
+    rewards = (beta * logratio).detach()
+    zero = torch.zeros((), dtype=wide, device=logps.device)
+    n_chosen = is_desirable.sum().to(wide)
+    n_rejected = (~is_desirable).sum().to(wide)
+    chosen_sum = torch.where(is_desirable, rewards, zero).sum()
+    rejected_sum = torch.where(is_desirable, zero, rewards).sum()
+    metrics = {
+        "kl": z0.detach(),
+        "rewards/chosen": chosen_sum / n_chosen.clamp(min=1.0),
+        "rewards/rejected": rejected_sum / n_rejected.clamp(min=1.0),
+        "rewards/chosen_sum": chosen_sum,
+        "rewards/rejected_sum": rejected_sum,
+        "logps/chosen_sum": torch.where(is_desirable, logps.detach(), zero).sum(),
+        "logps/rejected_sum": torch.where(is_desirable, zero, logps.detach()).sum(),
+        "count/chosen": n_chosen,
+        "count/rejected": n_rejected,
+    }
+    return KTOLossOutput(loss, losses, rewards, metrics)
+
+
+class FusedKTOLoss(nn.Module):
+    """KTO straight from logits: token stage → per-sequence sums → :func:`kto_loss`.
+
+    Args:
+        beta, desirable_weight, undesirable_weight, loss_type, reduction: as :func:`kto_loss`.
+        ignore_index, shift, temperature, logit_scale, softcap, backend, inplace_backward:
+            as :func:`pyfused_po.token_logprobs`.
+    """
+
+    def __init__(self, beta=0.1, *, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
+                 reduction="mean", ignore_index=-100, shift=False, temperature=1.0, logit_scale=1.0,
+                 softcap=None, backend="auto", inplace_backward=False):
+        super().__init__()
+        check_positive("beta", beta)
+        check_number("desirable_weight", desirable_weight)
+        check_number("undesirable_weight", undesirable_weight)
+        if loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.loss_kwargs = dict(beta=beta, desirable_weight=desirable_weight,
+                                undesirable_weight=undesirable_weight, loss_type=loss_type, reduction=reduction)
+        self.token_kwargs = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
+                                 logit_scale=logit_scale, softcap=softcap, backend=backend)
+        self.inplace_backward = inplace_backward
+
+    def _token_stage(self, logits, labels, *, inplace=False):
+        """The one call into the token stage."""
+        return token_logprobs(logits, labels, inplace_backward=inplace, **self.token_kwargs)
+
+    def _sums(self, token_logps, labels):
+        return sequence_sums(token_logps, labels, ignore_index=self.token_kwargs["ignore_index"],
+                             shift=self.token_kwargs["shift"]).logps
+
+    def forward(self, logits=None, labels=None, is_desirable=None, ref_logps=None, ref_logits=None, *,
+                kl=None, policy_kl_logps=None, ref_kl_logps=None) -> KTOLossOutput:
+        """``logits`` ``[B, T, V]``, ``labels`` ``[B, T]``, ``is_desirable`` ``[B]`` bool; the
+        reference as ``ref_logps`` ``[B]`` or ``ref_logits`` like ``logits`` (forward only);
+        the KL estimate as in :func:`kto_loss`."""
+        if logits is None or labels is None or is_desirable is None:
+            raise ValueError("FusedKTOLoss.forward needs logits=, labels= and is_desirable=")
+        check_tensor("labels", labels, floating=False)
+        if labels.dim() != 2:
+            raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
+        if (ref_logps is None) == (ref_logits is None):
+            raise ValueError("pass exactly one of ref_logps and ref_logits")
+        if ref_logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
+            raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
+                             f"got {tuple(ref_logits.shape)}")
+        policy = self._sums(self._token_stage(logits, labels, inplace=self.inplace_backward), labels)
+        if ref_logits is not None:
+            with torch.no_grad():
+                ref_logps = self._sums(self._token_stage(ref_logits.detach(), labels), labels)
+        return kto_loss(policy, ref_logps, is_desirable, kl=kl, policy_kl_logps=policy_kl_logps,
+                        ref_kl_logps=ref_kl_logps, **self.loss_kwargs)

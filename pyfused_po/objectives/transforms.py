@@ -1,0 +1,44 @@
+"""Small pieces of math shared by several objectives (all elementwise, fp32 or wider)."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# exp(80) ≈ 5.5e34 stays finite in fp32; TRL clamps the alpha-divergence exponent there too.
+_ALPHA_EXP_MAX = 80.0
+
+
+def f_divergence_scores(logratio, f_divergence_type="reverse_kl", alpha=1.0):
+    """TRL v1's score s = f'(π/π_ref) (constants dropped) of a log-ratio u = ℓ − ℓʳ.
+
+    * ``reverse_kl``: s = u (standard DPO);
+    * ``forward_kl``: s = −e^{−u};
+    * ``js_divergence``: s = log σ(u);
+    * ``alpha_divergence``: s = e^{min((α−1)u, 80)} / (α − 1), and s = u when |α − 1| < 1e-6.
+    """
+    if f_divergence_type == "reverse_kl":
+        return logratio
+    if f_divergence_type == "forward_kl":
+        return -torch.exp(-logratio)
+    if f_divergence_type == "js_divergence":
+        return F.logsigmoid(logratio)
+    if f_divergence_type == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return logratio
+        return torch.exp(((alpha - 1.0) * logratio).clamp(max=_ALPHA_EXP_MAX)) / (alpha - 1.0)
+    raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCE_TYPES}, got {f_divergence_type!r}")
+
+
+def smoothed_sigmoid_loss(x, label_smoothing):
+    """−(1−ε)·log σ(x) − ε·log σ(−x): the Bradley–Terry loss with soft label 1−ε."""
+    return -(1.0 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+
+
+def log1mexp(x):
+    """log(1 − eˣ) for x ≤ 0 without cancellation: log(−expm1(x)) near 0, log1p(−eˣ) far
+    from it (the split at −log 2 keeps both branches accurate)."""
+    near_zero = x > -math.log(2.0)
+    safe_near = torch.where(near_zero, x, torch.full_like(x, -1.0))
+    safe_far = torch.where(near_zero, torch.full_like(x, -1.0), x)
+    return torch.where(near_zero, torch.log(-torch.expm1(safe_near)), torch.log1p(-torch.exp(safe_far)))

@@ -1,0 +1,87 @@
+"""Chunked pure-PyTorch full-vocabulary KL(π_ref ‖ π_θ): the contract of ``kernels.token_kl_launch``.
+
+Rows are processed in bounded chunks (see :mod:`.token`); only labelled rows are read.
+Math runs in float32, or float64 when the policy logits are float64.
+"""
+import torch
+
+from .token import _compute_dtype, _row_chunks, _transform, _transform_grad
+
+
+def _finite_max(z):
+    """Row max, with 0 for rows that are entirely −inf (keeps z − max free of NaN)."""
+    m = z.max(dim=-1).values
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _log_softmax_pair(logits, ref_logits, b, rows, cdt, tkw):
+    z = _transform(logits[b, rows].to(cdt), **tkw)
+    zr = _transform(ref_logits[b, rows].to(cdt), **tkw)
+    lse = torch.logsumexp(z, dim=-1)
+    lse_r = torch.logsumexp(zr, dim=-1)
+    return z, zr, lse, lse_r
+
+
+def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, temperature, logit_scale,
+                     softcap, want_logp=False, block_v=None):
+    """Returns ``(kl, logp or None, lse, lse_r)`` as the Triton launcher does."""
+    del block_v  # Triton-only tuning knob
+    B, T, _ = logits.shape
+    cdt = _compute_dtype(logits)
+    dev = logits.device
+    kl = torch.zeros(B, T, device=dev, dtype=cdt)
+    logp = torch.zeros(B, T, device=dev, dtype=cdt) if want_logp else None
+    lse = torch.zeros(B, T, device=dev, dtype=cdt)
+    lse_r = torch.zeros(B, T, device=dev, dtype=cdt)
+    tkw = dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap)
+    for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
+        z, zr, row_lse, row_lse_r = _log_softmax_pair(logits, ref_logits, b, rows, cdt, tkw)
+        p_ref = (zr - row_lse_r.unsqueeze(-1)).exp()
+        # log p_ref − log p_θ = (zr − z) − (lse_r − lse), with the LSE difference taken as
+        # (m_r − m) + log(s_r / s) around each row's max: both LSEs are ~log V + max logit,
+        # so subtracting them directly would cost eps·|lse| of accuracy when KL is small.
+        m = _finite_max(z)
+        m_r = _finite_max(zr)
+        d_lse = (m_r - m) + (torch.logsumexp(zr - m_r.unsqueeze(-1), dim=-1)
+                             - torch.logsumexp(z - m.unsqueeze(-1), dim=-1))
+        # Entries with p_ref = 0 contribute 0 (not 0·(−inf − z) = NaN).
+        terms = torch.where(p_ref > 0, p_ref * ((zr - z) - d_lse.unsqueeze(-1)), 0.0)
+        kl[b, pos] = terms.sum(-1)
+        lse[b, rows] = row_lse
+        lse_r[b, rows] = row_lse_r
+        if want_logp:
+            log_p = z - row_lse.unsqueeze(-1)
+            logp[b, pos] = log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return kl, logp, lse, lse_r
+
+
+def token_kl_backward(logits, ref_logits, labels, lse, lse_r, grad_out, *, ignore_index, shift,
+                      temperature, logit_scale, softcap, grad_kl=None, grad_logp=None,
+                      block_v=None):
+    """Writes g·(p − p_ref) + g_y·(onehot(y) − p), times dz/dx, into ``grad_out``."""
+    del block_v
+    B, T, _ = logits.shape
+    cdt = _compute_dtype(logits)
+    # As in token_backward: unlabelled rows are zeroed last (disjoint from labelled ones,
+    # so this is safe when grad_out aliases the logits).
+    labelled = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
+    chunks = list(_row_chunks(logits, labels, ignore_index, shift))
+    for b, rows, _, _ in chunks:
+        labelled[b, rows] = True
+    for b, rows, pos, targets in chunks:
+        x = logits[b, rows].to(cdt)
+        z = _transform(x, logit_scale, temperature, softcap)
+        p = (z - lse[b, rows].to(cdt).unsqueeze(-1)).exp()
+        dz = torch.zeros_like(z)
+        if grad_kl is not None:
+            zr = _transform(ref_logits[b, rows].to(cdt), logit_scale, temperature, softcap)
+            p_ref = (zr - lse_r[b, rows].to(cdt).unsqueeze(-1)).exp()
+            dz += grad_kl[b, pos].to(cdt).unsqueeze(-1) * (p - p_ref)
+        if grad_logp is not None:
+            g_y = grad_logp[b, pos].to(cdt).unsqueeze(-1)
+            dz -= g_y * p
+            dz.scatter_add_(-1, targets.long().unsqueeze(-1), g_y)
+        grad_out[b, rows] = (dz * _transform_grad(x, logit_scale, temperature, softcap)).to(grad_out.dtype)
+    unlabelled = (~labelled).nonzero(as_tuple=True)
+    grad_out[unlabelled] = 0
+    return grad_out
