@@ -20,16 +20,20 @@ from .sequence import (
     split_pairs,
     wpo_log_weights,
 )
+from .linear_token_logprobs import linear_token_logprobs
+from .objectives import get_objective
+from .token_kl import token_kl
 from .token_logprobs import TokenLogprobs, token_logprobs
 from .validation import check_same_device, check_shape, check_tensor
 
 
 class FusedPreferenceLoss(nn.Module):
-    """A preference loss straight from logits, for batches laid out ``[chosen; rejected]``.
+    """A preference loss straight from logits — or from hidden states and the LM head, the
+    logits never materialized — for batches laid out ``[chosen; rejected]``.
 
     One forward pass and one backward pass over the logits per step; the only
     ``[tokens, vocab]`` allocation in loss + backward is the logits' gradient (none with
-    ``inplace_backward=True``).  Reference log-probs are given per sequence
+    ``inplace_backward=True``, and none at all on the fused-linear path).  Reference log-probs are given per sequence
     (``ref_chosen_logps`` / ``ref_rejected_logps``, as TRL precomputes them), per token
     (``ref_token_logps``), or computed from ``ref_logits`` in the same call, forward only.
 
@@ -46,6 +50,13 @@ class FusedPreferenceLoss(nn.Module):
             they come from ``ref_logits`` or ``ref_token_logps``.
         use_weighting: WPO; the per-sequence weights come from the kernel's
             ``log_sum_sq_probs`` extra in the same pass.
+        linear_impl: for ``hidden=``/``weight=`` inputs, the fused-linear implementation
+            (``"auto"``, ``"chunked"`` or ``"fused"``; see :func:`pyfused_po.linear_token_logprobs`).
+
+    ``loss_type="expo"`` (λ > 0) reads the policy and reference logits in one pass of the
+    KL kernel (:func:`pyfused_po.token_kl`), so it needs ``logits=`` and ``ref_logits=``;
+    it does not log ``logits/*`` metrics and takes neither ``use_weighting`` nor
+    ``inplace_backward``.
         bco_running_mean: for ``bco_pair``, keep δ as the running mean of every reward β·s
             seen in training mode (TRL 0.x); off, δ is the ``bco_delta`` hyper-parameter
             (default 0, TRL v1).  The mean lives in buffers and is saved with the state dict.
@@ -56,7 +67,7 @@ class FusedPreferenceLoss(nn.Module):
                  inplace_backward=False, reduction="mean", logit_metrics=True, loss_weights=None,
                  f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, ld_alpha=None,
                  ld_alpha_reference=True, use_weighting=False, bco_running_mean=False,
-                 **hyperparameters):
+                 linear_impl="auto", **hyperparameters):
         super().__init__()
         # Fail at construction rather than at the first step.
         resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
@@ -71,6 +82,12 @@ class FusedPreferenceLoss(nn.Module):
             raise ValueError(f"bco_running_mean=True needs 'bco_pair' among the loss types, got {types}")
         if bco_running_mean and "bco_delta" in hyperparameters:
             raise ValueError("pass either bco_running_mean=True or bco_delta, not both")
+        self.expo = "expo" in types and float(hyperparameters.get("expo_lambda", 1.0)) > 0
+        if self.expo and (use_weighting or inplace_backward):
+            raise ValueError("loss_type 'expo' reads logits through the KL kernel, which supports "
+                             "neither use_weighting nor inplace_backward")
+        self.needs_reference = any(get_objective(t).needs_reference for t in types)
+        self.linear_impl = linear_impl
         self.loss_type, self.beta, self.reduction = loss_type, beta, reduction
         self.hyperparameters = dict(hyperparameters)
         self.objective_kwargs = dict(loss_weights=loss_weights, f_divergence_type=f_divergence_type,
@@ -89,10 +106,41 @@ class FusedPreferenceLoss(nn.Module):
     def extra_repr(self):
         return f"loss_type={self.loss_type!r}, beta={self.beta}, {self.token_kwargs}"
 
-    def _token_stage(self, logits, labels, *, extras=(), inplace=False) -> TokenLogprobs:
-        """The one call into the token stage (per-token log-probs and extras)."""
-        out = token_logprobs(logits, labels, extras=tuple(extras), inplace_backward=inplace, **self.token_kwargs)
+    def _token_stage(self, source, labels, *, extras=(), inplace=False) -> TokenLogprobs:
+        """The one call into the token stage: ``source`` is a logits tensor or a
+        ``(hidden, weight, bias)`` triple for the fused-linear path."""
+        kwargs = dict(extras=tuple(extras), **self.token_kwargs)
+        if isinstance(source, tuple):
+            hidden, weight, bias = source
+            out = linear_token_logprobs(hidden, weight, labels, bias=bias, impl=self.linear_impl, **kwargs)
+        else:
+            out = token_logprobs(source, labels, inplace_backward=inplace, **kwargs)
         return out if extras else TokenLogprobs(out)
+
+    @staticmethod
+    def _sources(logits, hidden, weight, bias, ref_logits, ref_hidden, ref_weight, ref_bias):
+        """(policy source, reference source or None) from the forward's keyword arguments."""
+        if (logits is None) == (hidden is None):
+            raise ValueError("FusedPreferenceLoss.forward needs exactly one of logits= or hidden= "
+                             f"(got {'both' if logits is not None else 'neither'})")
+        if hidden is None and (weight is not None or bias is not None):
+            raise ValueError("weight=/bias= go with hidden=, not with logits=")
+        if hidden is not None and weight is None:
+            raise ValueError("hidden= needs weight= (the LM head, [vocab, hidden_dim])")
+        if ref_logits is not None and ref_hidden is not None:
+            raise ValueError("pass one reference source, not both: got ref_logits and ref_hidden")
+        if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+            raise ValueError("ref_weight=/ref_bias= go with ref_hidden=")
+        policy = logits if hidden is None else (hidden, weight, bias)
+        reference = ref_logits
+        if ref_hidden is not None:
+            if ref_weight is None and weight is None:
+                raise ValueError("ref_hidden= needs ref_weight= (or weight= to share the head)")
+            # Without ref_weight the reference shares the policy's head (frozen under LoRA).
+            head, head_bias = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
+            reference = (ref_hidden.detach(), head.detach(),
+                         None if head_bias is None else head_bias.detach())
+        return policy, reference
 
     def _mask(self, labels):
         return label_mask(labels, ignore_index=self.token_kwargs["ignore_index"], shift=self.token_kwargs["shift"])
@@ -102,20 +150,23 @@ class FusedPreferenceLoss(nn.Module):
                              shift=self.token_kwargs["shift"], token_weights=token_weights)
 
     def _check_forward_inputs(self, logits, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
-                              ref_token_logps, token_weights, nll_labels):
-        if logits is None or labels is None:
-            raise ValueError("FusedPreferenceLoss.forward needs logits= and labels=")
+                              ref_token_logps, token_weights, nll_labels, ref_source):
+        if labels is None:
+            raise ValueError("FusedPreferenceLoss.forward needs labels=")
         check_tensor("labels", labels, floating=False)
         if labels.dim() != 2:
             raise ValueError(f"labels must be [batch, seq] with the batch laid out [chosen; rejected], "
                              f"got shape {tuple(labels.shape)}")
         split_pairs(labels)  # raises on an odd batch
-        given = [n for n, v in (("ref_logits", ref_logits), ("ref_token_logps", ref_token_logps),
+        if self.expo and (isinstance(logits, tuple) or ref_logits is None):
+            raise ValueError("loss_type 'expo' needs logits= and ref_logits= (its KL(π_ref ‖ π_θ) "
+                             "kernel reads both; the fused-linear path has none yet)")
+        given = [n for n, v in (("ref_logits/ref_hidden", ref_source), ("ref_token_logps", ref_token_logps),
                                 ("ref_chosen_logps/ref_rejected_logps", ref_chosen_logps
                                  if ref_chosen_logps is not None else ref_rejected_logps)) if v is not None]
         if len(given) > 1:
             raise ValueError(f"pass one reference source, not both: got {' and '.join(given)}")
-        if ref_logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
+        if ref_logits is not None and not isinstance(logits, tuple) and tuple(ref_logits.shape) != tuple(logits.shape):
             raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
                              f"got {tuple(ref_logits.shape)}")
         for name, value in (("ref_token_logps", ref_token_logps), ("token_weights", token_weights)):
@@ -148,11 +199,15 @@ class FusedPreferenceLoss(nn.Module):
         return (self.bco_reward_sum / self.bco_reward_count.clamp(min=1.0)).to(rewards.device)
 
     def forward(self, logits=None, labels=None, ref_chosen_logps=None, ref_rejected_logps=None,
-                ref_logits=None, *, ref_token_logps=None, token_weights=None, nll_labels=None,
-                weights=None, label_smoothing=None) -> PreferenceLossOutput:
-        """``logits``: ``[2P, T, V]``; ``labels``: ``[2P, T]`` (``ignore_index`` marks prompt and
-        padding).  Reference: ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]`` each,
-        ``ref_token_logps`` ``[2P, T]``, or ``ref_logits`` like ``logits``.
+                ref_logits=None, *, hidden=None, weight=None, bias=None, ref_hidden=None,
+                ref_weight=None, ref_bias=None, ref_token_logps=None, token_weights=None,
+                nll_labels=None, weights=None, label_smoothing=None) -> PreferenceLossOutput:
+        """``logits``: ``[2P, T, V]``, or ``hidden`` ``[2P, T, D]`` with the LM head ``weight``
+        ``[V, D]`` (and ``bias`` ``[V]``); ``labels``: ``[2P, T]`` (``ignore_index`` marks prompt
+        and padding).  Reference: ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]`` each,
+        ``ref_token_logps`` ``[2P, T]``, ``ref_logits`` like ``logits``, or ``ref_hidden`` with
+        ``ref_weight``/``ref_bias`` (default: the policy's head, detached).  A reference given
+        as logits or hidden states runs forward only: nothing saved, no gradient.
 
         ``token_weights``: ``[2P, T]`` per-token weights of the policy and reference sums
         (TGDPO-style shaping).  ``nll_labels``: ``[P, T]`` (or ``[2P, T]``, first half used)
@@ -161,8 +216,10 @@ class FusedPreferenceLoss(nn.Module):
         ``weights``: ``[P]`` per-pair loss weights; ``label_smoothing``: overrides the module's
         (a number or a ``[P]`` tensor of soft labels).
         """
-        self._check_forward_inputs(logits, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
-                                   ref_token_logps, token_weights, nll_labels)
+        policy_source, ref_source = self._sources(logits, hidden, weight, bias, ref_logits, ref_hidden,
+                                                  ref_weight, ref_bias)
+        self._check_forward_inputs(policy_source, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
+                                   ref_token_logps, token_weights, nll_labels, ref_source)
         ignore_index = self.token_kwargs["ignore_index"]
         mask = self._mask(labels)
         half = labels.shape[0] // 2
@@ -172,15 +229,22 @@ class FusedPreferenceLoss(nn.Module):
             padded = torch.cat([nll_chosen, torch.full_like(nll_chosen, ignore_index)], dim=0)
             token_labels = merge_labels(labels, padded, ignore_index=ignore_index)
         extras = (("mean_logit",) if self.logit_metrics else ()) + (("log_sum_sq_probs",) if self.use_weighting else ())
-        policy = self._token_stage(logits, token_labels, extras=extras, inplace=self.inplace_backward)
+        chosen_kl = rejected_kl = None
+        if self.expo:
+            # One pass of the KL kernel gives the policy log-probs and KL(π_ref ‖ π_θ) per token.
+            both = token_kl(logits, ref_logits.detach(), token_labels, with_logps=True, **self.token_kwargs)
+            policy = TokenLogprobs(both.logps)
+            chosen_kl, rejected_kl = split_pairs(self._sums(both.kl, labels, None).logps)
+        else:
+            policy = self._token_stage(policy_source, token_labels, extras=extras, inplace=self.inplace_backward)
 
         ld = ld_token_weights(mask, self.ld_alpha, dtype=policy.logps.dtype) if self.ld_alpha is not None else None
         policy_weights = _product(token_weights, ld)
         ref_weights = _product(token_weights, ld if self.ld_alpha_reference else None)
         sums = self._sums(policy.logps, labels, policy_weights)
-        if ref_logits is not None:
+        if ref_source is not None and self.needs_reference:
             with torch.no_grad():
-                ref_tokens = self._token_stage(ref_logits.detach(), labels).logps
+                ref_tokens = self._token_stage(ref_source, labels).logps
             ref_chosen_logps, ref_rejected_logps = split_pairs(self._sums(ref_tokens, labels, ref_weights).logps)
         elif ref_token_logps is not None:
             ref = self._sums(ref_token_logps.detach(), labels, ref_weights)
@@ -205,7 +269,8 @@ class FusedPreferenceLoss(nn.Module):
             loss_type=self.loss_type, beta=self.beta, chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths, reduction=self.reduction, weights=weights,
             use_weighting=self.use_weighting, nll_logps=nll_tokens.sum(-1),
-            nll_lengths=nll_mask.sum(-1).to(torch.float32), **self.objective_kwargs, **kwargs,
+            nll_lengths=nll_mask.sum(-1).to(torch.float32), chosen_kl=chosen_kl, rejected_kl=rejected_kl,
+            **self.objective_kwargs, **kwargs,
         )
         if policy.mean_logit is not None:
             chosen_mask, rejected_mask = split_pairs(mask)

@@ -108,8 +108,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
                     loss_type="sigmoid", beta=0.1, chosen_lengths=None, rejected_lengths=None,
                     reduction="mean", loss_weights=None, weights=None, f_divergence_type="reverse_kl",
                     f_alpha_divergence_coef=1.0, use_weighting=False, chosen_wpo_logps=None,
-                    rejected_wpo_logps=None, nll_logps=None, nll_lengths=None,
-                    **hyperparameters) -> PreferenceLossOutput:
+                    rejected_wpo_logps=None, nll_logps=None, nll_lengths=None, chosen_kl=None,
+                    rejected_kl=None, **hyperparameters) -> PreferenceLossOutput:
     """A preference loss from **summed** per-sequence log-probs.
 
     Args:
@@ -134,6 +134,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         nll_logps, nll_lengths: ``[P]`` summed log-probs / token counts of the chosen
             responses over the NLL mask (``sft``, ``cpo``, ``simpo``, ``alphapo``, ``orpo``);
             default ``chosen_logps`` / ``chosen_lengths``.
+        chosen_kl, rejected_kl: ``[P]`` summed per-token KL(π_ref ‖ π_θ) along each response
+            (:func:`pyfused_po.token_kl`), for ``expo``; they keep their gradient.
         **hyperparameters: the loss's own, named as in TRL (e.g. ``label_smoothing``, which
             may also be a ``[P]`` tensor of soft labels).
 
@@ -159,6 +161,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         rejected_lengths=_as_pair_tensor("rejected_lengths", rejected_lengths, chosen_logps),
         nll_logps=_as_pair_tensor("nll_logps", nll_logps, chosen_logps),
         nll_lengths=_as_pair_tensor("nll_lengths", nll_lengths, chosen_logps),
+        chosen_kl=_as_pair_tensor("chosen_kl", chosen_kl, chosen_logps),
+        rejected_kl=_as_pair_tensor("rejected_kl", rejected_kl, chosen_logps),
     )
     extra = dict(
         weights=_as_pair_tensor("weights", weights, chosen_logps),

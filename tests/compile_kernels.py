@@ -49,7 +49,8 @@ def token_cases():
     from kernels.token_backward import token_backward_kernel
     from kernels.token_forward import token_forward_kernel
 
-    fwd_flags = ("SHIFT", "HAS_SOFTCAP", "WANT_ENTROPY", "WANT_LSQ", "WANT_MEAN", "WANT_TOP1")
+    fwd_flags = ("SHIFT", "HAS_SOFTCAP", "WANT_ENTROPY", "WANT_LSQ", "WANT_MEAN", "WANT_TOP1",
+                 "VOCAB_SHARD")
     bwd_flags = ("SHIFT", "HAS_SOFTCAP", "HAS_G", "GRAD_ENTROPY", "GRAD_LSQ", "GRAD_MEAN")
     for dtype, flags in itertools.product(("bf16", "fp16", "fp32"), flag_variants(fwd_flags)):
         types = {"x_ptr": f"*{dtype}", "y_ptr": "*i64", **SCALARS}

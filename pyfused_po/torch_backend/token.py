@@ -47,9 +47,20 @@ def _row_chunks(logits, labels, ignore_index, shift):
             yield b, pos - int(shift), pos, targets
 
 
+def _owned(targets, V, vocab_shard):
+    """``(in_slice mask or None, safe index)``: under ``vocab_shard`` a label outside
+    ``[0, V)`` belongs to another rank's vocabulary slice."""
+    targets = targets.long()
+    if not vocab_shard:
+        return None, targets
+    mine = (targets >= 0) & (targets < V)
+    return mine, torch.where(mine, targets, torch.zeros_like(targets))
+
+
 def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_scale, softcap,
-                  extras=(), block_v=None):
-    """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does."""
+                  extras=(), block_v=None, vocab_shard=False):
+    """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does (also its
+    ``vocab_shard`` mode: raw target logit in ``logp``, the slice's max in ``is_top1``)."""
     del block_v  # Triton-only tuning knob
     B, T, V = logits.shape
     cdt = _compute_dtype(logits)
@@ -60,8 +71,13 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
     for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
         z = _transform(logits[b, rows].to(cdt), logit_scale, temperature, softcap)
         row_lse = torch.logsumexp(z, dim=-1)
-        z_y = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-        logp[b, pos] = z_y - row_lse
+        mine, index = _owned(targets, V, vocab_shard)
+        z_y = z.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        if vocab_shard:
+            z_y = torch.where(mine, z_y, torch.zeros_like(z_y))
+            logp[b, pos] = z_y
+        else:
+            logp[b, pos] = z_y - row_lse
         lse[b, rows] = row_lse
         if "entropy" in outs or "log_sum_sq_probs" in outs:
             logq = z - row_lse.unsqueeze(-1)
@@ -74,15 +90,17 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
         if "mean_logit" in outs:
             outs["mean_logit"][b, pos] = z.mean(-1)
         if "is_top1" in outs:
-            outs["is_top1"][b, pos] = (z_y >= z.max(-1).values).to(cdt)
+            row_max = z.max(-1).values
+            outs["is_top1"][b, pos] = row_max if vocab_shard else (z_y >= row_max).to(cdt)
     return logp, lse, outs
 
 
 def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temperature,
                    logit_scale, softcap, grad_logp=None, entropy=None, grad_entropy=None,
                    log_sum_sq_probs=None, grad_log_sum_sq_probs=None, grad_mean_logit=None,
-                   block_v=None):
-    """Writes ∂loss/∂logits into ``grad_out`` (may be ``logits`` itself)."""
+                   block_v=None, vocab_shard=False):
+    """Writes ∂loss/∂logits into ``grad_out`` (may be ``logits`` itself).  Under
+    ``vocab_shard`` the one-hot term is applied only to labels inside ``[0, V)``."""
     del block_v
     B, T, V = logits.shape
     cdt = _compute_dtype(logits)
@@ -102,7 +120,10 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
         if grad_logp is not None:
             g = grad_logp[b, pos].to(cdt).unsqueeze(-1)
             dz -= g * p
-            dz.scatter_add_(-1, targets.long().unsqueeze(-1), g)
+            mine, index = _owned(targets, V, vocab_shard)
+            if mine is not None:
+                g = torch.where(mine.unsqueeze(-1), g, torch.zeros_like(g))
+            dz.scatter_add_(-1, index.unsqueeze(-1), g)
         if grad_entropy is not None:
             h = entropy[b, pos].to(cdt).unsqueeze(-1)
             g_h = grad_entropy[b, pos].to(cdt).unsqueeze(-1)
