@@ -1,0 +1,127 @@
+"""Benchmark inputs: the same tensors for every method, rotated copies so L2 does not flatter.
+
+* ``random``: logits (or ``hidden @ weightᵀ``) ~ N(0, 1): a flat softmax.
+* ``realistic``: logits ~ N(0, 2²) plus a boost of 10–20 at the label, so the target
+  usually dominates and the per-token entropy is a few nats, as in a trained LM.
+  On the linear path the boost is ``a·W[y]`` added to the hidden state: with
+  ``W ~ N(0, 1/D)``, ``W[y]·W[y] ≈ 1``, so the target logit rises by about ``a``.
+"""
+import math
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+import torch
+
+MAX_COPIES = 8
+
+
+class _GradSink(torch.autograd.Function):
+    """Identity on the logits whose backward keeps the incoming gradient in ``holder``
+    instead of letting it reach the leaf's ``.grad``.
+
+    In a model the logits are the LM head's output and their gradient flows on into the
+    matmul backward; as a benchmark leaf, autograd's AccumulateGrad would *clone* a
+    gradient that aliases other storage (an in-place backward), charging a copy no
+    training step pays.  Keeping the gradient alive here still counts it in peak memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, holder):
+        ctx.holder = holder
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.holder.append(grad.detach())  # may alias the logits (in-place backward)
+        return None, None
+
+
+@dataclass
+class Inputs:
+    """One copy of a case's tensors.  Differentiable leaves: ``logits`` (logits path) or
+    ``hidden`` and ``weight`` (linear path).  ``ref_*``: per-pair reference log-probs.
+    The logits' gradient of the last step is ``logits_grad`` (see ``_GradSink``)."""
+
+    labels: torch.Tensor                      # [2P, T] int64, all labelled
+    logits: Optional[torch.Tensor] = None     # [2P, T, V]
+    hidden: Optional[torch.Tensor] = None     # [2P, T, D]
+    weight: Optional[torch.Tensor] = None     # [V, D]
+    ref_chosen: Optional[torch.Tensor] = None
+    ref_rejected: Optional[torch.Tensor] = None
+    grads: List[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def leaves(self):
+        return [t for t in (self.logits, self.hidden, self.weight) if t is not None]
+
+    def zero_grads(self):
+        for t in self.leaves():
+            t.grad = None
+        self.grads.clear()
+
+    def for_step(self):
+        """The tensors a method sees in one step: logits routed through ``_GradSink``."""
+        if self.logits is None:
+            return self
+        return replace(self, logits=_GradSink.apply(self.logits, self.grads))
+
+    @property
+    def logits_grad(self):
+        return self.grads[0] if self.grads else None
+
+
+def _boost(generator, n, device):
+    return torch.rand(n, generator=generator, device=device) * 10.0 + 10.0
+
+
+def _logits(case, labels, generator, device):
+    shape = (2 * case.pairs, case.seq_len, case.vocab)
+    x = torch.randn(shape, generator=generator, device=device, dtype=case.torch_dtype)
+    if case.kind == "realistic":
+        x.mul_(2.0)
+        idx = labels.unsqueeze(-1)
+        boosted = x.gather(-1, idx).float() + _boost(generator, labels.numel(), device).view_as(idx)
+        x.scatter_(-1, idx, boosted.to(x.dtype))
+    return x
+
+
+def _linear(case, labels, generator, device):
+    dt = case.torch_dtype
+    weight = torch.randn(case.vocab, case.hidden, generator=generator, device=device, dtype=dt)
+    weight.mul_(case.hidden ** -0.5)
+    hidden = torch.randn(2 * case.pairs, case.seq_len, case.hidden, generator=generator,
+                         device=device, dtype=dt)
+    if case.kind == "realistic":
+        hidden.mul_(2.0)
+        a = _boost(generator, labels.numel(), device).view(*labels.shape, 1)
+        hidden.add_((weight[labels].float() * a).to(dt))
+    return hidden, weight
+
+
+def make_inputs(case, device, *, seed=0, copies=1):
+    """``copies`` clones of one draw (same values, different memory), leaves requiring grad."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    labels = torch.randint(0, case.vocab, (2 * case.pairs, case.seq_len), generator=generator,
+                           device=device)
+    if case.path == "logits":
+        base = dict(logits=_logits(case, labels, generator, device))
+    else:
+        hidden, weight = _linear(case, labels, generator, device)
+        base = dict(hidden=hidden, weight=weight)
+    out = []
+    for i in range(copies):
+        tensors = {k: (v if i == 0 else v.clone()).requires_grad_(True) for k, v in base.items()}
+        out.append(Inputs(labels=labels if i == 0 else labels.clone(), **tensors))
+    return out
+
+
+def rotation_copies(case, device) -> int:
+    """Enough copies that one rotation spans at least twice the L2 cache, within 1..8 and
+    within a quarter of the free memory."""
+    if device.type != "cuda":
+        return 1
+    props = torch.cuda.get_device_properties(device)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    need = math.ceil(2 * l2 / max(case.input_bytes(), 1))
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = max(1, int(0.25 * free // max(case.input_bytes(), 1)))
+    return max(1, min(MAX_COPIES, need, fit))

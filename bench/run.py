@@ -1,0 +1,147 @@
+"""Benchmark runner: ``python bench/run.py`` (full sweep) or ``python bench/run.py --quick``.
+
+On a CUDA machine it measures every method (peers included; missing ones are reported
+as "not installed") and writes JSON, Markdown and PNG plots to
+``bench/results/<gpu-name>/``, merged with what is already there.  Without CUDA it runs the
+CPU form: pyfused_po's torch backend against eager PyTorch at toy sizes, prints the table
+and points to the committed GPU results.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    # Run as a script: import the suite as the ``bench`` package from the repository root,
+    # and keep bench/ itself off sys.path so its module names shadow nothing.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench import cases as cases_mod  # noqa: E402
+from bench import max_context, roofline  # noqa: E402
+from bench.env_info import environment, slug  # noqa: E402
+from bench.measure import measure_case  # noqa: E402
+from bench.methods import methods_for  # noqa: E402
+from bench.plots import write_plots  # noqa: E402
+from bench.progress import progress  # noqa: E402
+from bench.report_json import load_summary, merge_records, write_json  # noqa: E402
+from bench.report_md import render  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def _csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short sweep (headline + V=128,256 bf16)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--paths", type=_csv(str), default=None, help="logits,linear")
+    p.add_argument("--vocabs", type=_csv(int), default=None, help="e.g. 32000,128256")
+    p.add_argument("--dtypes", type=_csv(str), default=None, help="bf16,fp32")
+    p.add_argument("--kinds", type=_csv(str), default=None, help="random,realistic")
+    p.add_argument("--methods", type=_csv(str), default=None, help="method names (default: all)")
+    p.add_argument("--max-tokens-per-pair", type=int, default=None)
+    p.add_argument("--headline-only", action="store_true", help="only the 16k x 128k bf16 cases")
+    p.add_argument("--max-context", dest="max_context", action="store_true", default=None,
+                   help="run the max-context search (default: on for the full GPU sweep)")
+    p.add_argument("--no-max-context", dest="max_context", action="store_false")
+    p.add_argument("--only-max-context", action="store_true", help="skip the sweep (GPU only)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", default=None, help="results folder (default on GPU: bench/results/<gpu>)")
+    p.add_argument("--fresh", action="store_true", help="replace, not merge with, existing results")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def pick_cases(args, device):
+    if args.only_max_context:
+        return []
+    if device.type != "cuda":
+        sweep = cases_mod.cpu_cases()
+    elif args.headline_only:
+        sweep = cases_mod.headline_cases()
+    else:
+        sweep = cases_mod.quick_cases() if args.quick else cases_mod.full_cases()
+    return cases_mod.select(sweep, paths=args.paths, vocabs=args.vocabs, dtypes=args.dtypes,
+                            kinds=args.kinds, max_tokens_per_pair=args.max_tokens_per_pair)
+
+
+def sweep(cases, args, device, roof):
+    names = args.methods
+    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+    reps = args.reps if args.reps is not None else ((5 if args.quick else 10) if device.type == "cuda" else 7)
+    records = []
+    bar = progress(len(cases), "bench", enabled=not args.no_progress)
+    for case in cases:
+        bar.set_postfix_str(case.key)
+        records += measure_case(case, methods_for(case.path, names), device, roof, warmup=warmup, reps=reps)
+        bar.update()
+    bar.close()
+    return records
+
+
+def run_max_context(args, device):
+    names = args.methods
+    methods = [m for path in cases_mod.PATHS for m in methods_for(path, names)]
+    bar = progress(len(methods), "max context", enabled=not args.no_progress)
+    out = []
+    for m in methods:
+        bar.set_postfix_str(m.name)
+        out.append(max_context.max_context(m, device))
+        bar.update()
+    bar.close()
+    return out
+
+
+def save(out_dir, summary, fresh):
+    old = None if fresh else load_summary(out_dir)
+    if old is not None:
+        summary["records"] = merge_records(old["records"], summary["records"])
+        mc_new = {e["method"] for e in summary["max_context"]}
+        summary["max_context"] = [e for e in old.get("max_context", []) if e["method"] not in mc_new] \
+            + summary["max_context"]
+        summary["runs"] = old.get("runs", []) + summary["runs"]
+        summary["roofline"] = summary["roofline"] or old.get("roofline")
+        summary["environment"] = {**summary["environment"], "merged_runs": len(summary["runs"])}
+    paths = write_json(out_dir, summary)
+    md = Path(out_dir) / "README.md"
+    md.write_text(render(summary))
+    pngs = write_plots(summary["records"], Path(out_dir) / "plots")
+    return paths + [md] + pngs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        os.environ.pop("TRITON_INTERPRET", None)
+    env = environment(device, ["python", "bench/run.py"] + list(argv if argv is not None else sys.argv[1:]))
+    roof = roofline.measure(device)
+    cases = pick_cases(args, device)
+    summary = {"environment": env, "roofline": roof, "records": sweep(cases, args, device, roof),
+               "max_context": [], "runs": [env]}
+    want_mc = args.only_max_context or (args.max_context if args.max_context is not None
+                                        else not (args.quick or args.headline_only))
+    if device.type == "cuda" and want_mc:
+        summary["max_context"] = run_max_context(args, device)
+    print(render(summary))
+    out_dir = args.out or (RESULTS / slug(env["device"]) if device.type == "cuda" else None)
+    if out_dir is not None:
+        for p in save(out_dir, summary, args.fresh):
+            print(f"wrote {p}")
+    if device.type != "cuda":
+        print(f"CPU run: toy sizes, torch backend vs eager PyTorch; nothing saved"
+              f"{'' if out_dir is None else ' besides ' + str(out_dir)}.\n"
+              f"GPU results (every peer, real sizes): {RESULTS}/<gpu-name>/README.md")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
