@@ -13,6 +13,13 @@ Online log-sum-exp over vocabulary blocks of ``BLOCK_V`` (running max ``m``):
 
 Each extra is computed only when its constexpr flag is set.  Rows whose label is
 ``ignore_index`` are never read and produce 0 everywhere.
+
+``VOCAB_SHARD`` (vocabulary parallelism): the row is one rank's slice of the
+vocabulary and the label, given relative to the slice, may fall outside
+``[0, V)`` (the target lives on another rank).  The row is still reduced — ``lse``,
+entropy, log Σ p² and the mean are the *shard's* statistics, to be combined across
+ranks — and two outputs change meaning: ``logp`` holds the raw target logit z_y
+(0 when the label is not in the slice) and ``top1`` holds the shard's max logit.
 """
 import triton
 import triton.language as tl
@@ -33,6 +40,7 @@ def token_forward_kernel(
     WANT_LSQ: tl.constexpr,
     WANT_MEAN: tl.constexpr,
     WANT_TOP1: tl.constexpr,
+    VOCAB_SHARD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -73,8 +81,15 @@ def token_forward_kernel(
                 zsum += tl.sum(tl.where(inside, z, 0.0), axis=0)
             m = m_new
         lse = tl.where(m == -float("inf"), 0.0, m) + tl.log(s)
-        z_y = transform(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
-        tl.store(logp_ptr + out, z_y - lse)
+        if VOCAB_SHARD:
+            # The label may belong to another rank's slice: read it only when it is ours.
+            mine = (y >= 0) & (y < V)
+            x_y = tl.load(x_row + tl.where(mine, y, 0) * stride_xv, mask=mine, other=0.0)
+            z_y = tl.where(mine, transform(x_y, scale, inv_temp, softcap, HAS_SOFTCAP), 0.0)
+            tl.store(logp_ptr + out, z_y)
+        else:
+            z_y = transform(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
+            tl.store(logp_ptr + out, z_y - lse)
         tl.store(lse_ptr + row, lse)
         if WANT_ENTROPY:
             tl.store(ent_ptr + out, lse - a / s)
@@ -83,7 +98,10 @@ def token_forward_kernel(
         if WANT_MEAN:
             tl.store(mean_ptr + out, zsum / V)
         if WANT_TOP1:
-            tl.store(top1_ptr + out, (z_y >= m).to(tl.float32))
+            if VOCAB_SHARD:
+                tl.store(top1_ptr + out, m)
+            else:
+                tl.store(top1_ptr + out, (z_y >= m).to(tl.float32))
     else:
         tl.store(lse_ptr + row, 0.0)
         if has_label:

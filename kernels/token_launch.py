@@ -38,8 +38,14 @@ def _softcap_args(softcap):
 
 
 def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_scale, softcap,
-                  extras=(), block_v=None):
-    """Returns ``(logp, lse, {extra: tensor})``; ``lse`` is per logits row."""
+                  extras=(), block_v=None, vocab_shard=False):
+    """Returns ``(logp, lse, {extra: tensor})``; ``lse`` is per logits row.
+
+    ``vocab_shard=True``: ``logits`` is one rank's vocabulary slice and labels are
+    relative to it (outside ``[0, V)`` when another rank owns them); ``logp`` then holds
+    the raw target logit (0 when not owned), ``is_top1`` the slice's max logit, and
+    ``lse`` / the other extras the slice's own statistics (see ``token_forward.py``).
+    """
     B, T, V = logits.shape
     dev = logits.device
     logp = torch.zeros(B, T, device=dev, dtype=torch.float32)
@@ -61,7 +67,7 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
         SHIFT=int(shift), HAS_SOFTCAP=has_cap,
         WANT_ENTROPY="entropy" in outs, WANT_LSQ="log_sum_sq_probs" in outs,
         WANT_MEAN="mean_logit" in outs, WANT_TOP1="is_top1" in outs,
-        BLOCK_V=block, num_warps=warps,
+        VOCAB_SHARD=bool(vocab_shard), BLOCK_V=block, num_warps=warps,
     )
     return logp, lse, outs
 
@@ -69,8 +75,15 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
 def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temperature,
                    logit_scale, softcap, grad_logp=None, entropy=None, grad_entropy=None,
                    log_sum_sq_probs=None, grad_log_sum_sq_probs=None, grad_mean_logit=None,
-                   block_v=None):
-    """Writes ∂loss/∂logits into ``grad_out`` (``[B, T, V]``, may be ``logits`` itself)."""
+                   block_v=None, vocab_shard=False):
+    """Writes ∂loss/∂logits into ``grad_out`` (``[B, T, V]``, may be ``logits`` itself).
+
+    ``vocab_shard=True`` documents that ``logits`` is a vocabulary slice whose labels may
+    lie outside ``[0, V)`` (not ignore_index); ``lse``, ``entropy`` and
+    ``log_sum_sq_probs`` must then be the *global* row values.  The kernel needs no
+    flag for it: the one-hot term ``idx == y`` never fires for such a label, so the
+    slice gets exactly its part of ``g·(onehot − p)``.
+    """
     B, T, V = logits.shape
     if B * T == 0:
         return grad_out

@@ -1,0 +1,105 @@
+"""Combining per-rank vocabulary-slice statistics into the full-vocabulary token results.
+
+Rank r holds the logits of the vocabulary slice ``[start_r, start_r + V_r)``.  Its
+token stage (``vocab_shard`` mode) gives, per token, the slice's
+
+    lse_r = log Σ_{v∈r} e^{z_v},   z_y (only on the rank that owns the label),
+    H_r   = entropy of the slice's own softmax,   S_r = log Σ_{v∈r} p_{r,v}²,
+    Z_r   = Σ_{v∈r} z_v,   M_r = max_{v∈r} z_v.
+
+With ``lse = log Σ_r e^{lse_r}`` and the slice weights ``w_r = e^{lse_r − lse}``
+(the probability mass of slice r), the full-vocabulary values are
+
+    log p_y        = z_y − lse
+    entropy        = lse − Σ_r w_r·(lse_r − H_r)          (Σ_v p_v z_v = Σ_r w_r·E_r[z])
+    log Σ_v p_v²   = log Σ_r e^{2(lse_r − lse) + S_r}
+    mean_logit     = Σ_r Z_r / Σ_r V_r
+    is_top1        = [z_y ≥ max_r M_r]
+
+All statistics of one rank travel in one ``[K, n + 1]`` tensor (the last column
+carries the rank's ``V_r`` and ``start_r``), so the forward needs exactly one
+collective: an ``all_gather``.
+"""
+import torch
+import torch.distributed as dist
+
+from ..validation import check_label_range
+
+# Order of the per-extra statistic rows after the lse and target-logit rows.
+STAT_EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+
+
+def slice_labels(labels, vocab_start, vocab_local, ignore_index):
+    """Labels relative to this rank's slice, int64.  A label another rank owns becomes a
+    negative sentinel (never ``ignore_index``), so the kernels still reduce the row but
+    neither read a target logit nor apply the one-hot term there."""
+    sentinel = -1 if ignore_index != -1 else -2
+    rel = labels.long() - int(vocab_start)
+    mine = (rel >= 0) & (rel < vocab_local)
+    out = torch.where(mine, rel, torch.full_like(rel, sentinel))
+    return torch.where(labels == ignore_index, torch.full_like(rel, ignore_index), out)
+
+
+def pack_stats(lse, target_logit, outs, extras, vocab_local, vocab_start):
+    """``[K, n + 1]``: rows lse_r, z_y and one per extra (in ``extras`` order, ``mean_logit``
+    turned into the slice sum Z_r); the last column holds ``(V_r, start_r, 0, …)``."""
+    rows = [lse.reshape(-1), target_logit.reshape(-1)]
+    for name in extras:
+        value = outs[name].reshape(-1)
+        rows.append(value * vocab_local if name == "mean_logit" else value)
+    stats = torch.stack(rows)
+    meta = torch.zeros(stats.shape[0], 1, dtype=stats.dtype, device=stats.device)
+    meta[0, 0], meta[1, 0] = float(vocab_local), float(vocab_start)
+    return torch.cat([stats, meta], dim=1)
+
+
+def all_gather_stats(stats, group):
+    """The vocabulary-parallel forward's one collective: ``[K, m]`` per rank → ``[W, K, m]``."""
+    parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, stats.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def check_layout(gathered, labels, ignore_index):
+    """The slices must tile ``[0, V)`` in rank order; labels must lie in ``[0, V)``.
+
+    Returns the full vocabulary size ``V``.  Runs after the collective (the layout is
+    only known then); every rank raises the same error.
+    """
+    sizes = [int(v) for v in gathered[:, 0, -1].tolist()]
+    starts = [int(s) for s in gathered[:, 1, -1].tolist()]
+    expected = [sum(sizes[:r]) for r in range(len(sizes))]
+    if starts != expected:
+        raise ValueError(
+            "vocab_start must place the ranks' vocabulary slices end to end in rank order "
+            f"(slice sizes {sizes} need vocab_start {expected}), got vocab_start {starts}"
+        )
+    total = sum(sizes)
+    check_label_range(labels, total, ignore_index)
+    return total
+
+
+def combine_stats(gathered, extras):
+    """Full-vocabulary ``(logp, lse, {extra: value})`` per token from ``[W, K, n + 1]``
+    gathered statistics (module docstring); values of ignored tokens are meaningless
+    and the caller masks them."""
+    g = gathered[..., :-1]
+    lse_r, z_y = g[:, 0], g[:, 1].sum(0)  # only the owner's z_y is non-zero
+    lse = torch.logsumexp(lse_r, dim=0)
+    # A slice whose logits are all −inf has lse_r = −inf, weight 0 and undefined H_r, S_r:
+    # every term from it is replaced by the value of an empty contribution.
+    alive = lse_r > -float("inf")
+    log_w = lse_r - lse
+    out = {}
+    for k, name in enumerate(extras):
+        v = g[:, 2 + k]
+        if name == "entropy":
+            mean_z = torch.where(alive, log_w.exp() * (lse_r - v), torch.zeros_like(v))
+            out[name] = lse - mean_z.sum(0)
+        elif name == "log_sum_sq_probs":
+            out[name] = torch.logsumexp(torch.where(alive, 2.0 * log_w + v, torch.full_like(v, -float("inf"))), 0)
+        elif name == "mean_logit":
+            out[name] = v.sum(0) / gathered[:, 0, -1].sum()
+        elif name == "is_top1":
+            out[name] = (z_y >= v.max(0).values).to(v.dtype)
+    return z_y - lse, lse, out

@@ -1,0 +1,351 @@
+"""One gloo rank of the distributed tests: ``python _dist_worker.py RANK WORLD PORT OUT_DIR``.
+
+Every rank builds the same full tensors from fixed seeds, keeps its vocabulary or
+sequence slice, runs the distributed code, and compares with the single-process
+float64 result on the full tensors: token values and gradients against the formulas
+of ``reference.py``, losses and metrics against ``FusedPreferenceLoss`` /
+``FusedKTOLoss`` on the torch backend in float64.  Collectives are counted by
+wrapping ``torch.distributed.all_gather`` / ``all_reduce``.
+"""
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from reference import max_rel_err, token_logprobs_ref  # noqa: E402
+
+VAL_TOL = 2e-5  # fp32 results vs float64 (relative to the largest value)
+GRAD_TOL = 1e-4
+BACKENDS = ("torch", "triton")
+COUNTS = {"all_gather": 0, "all_reduce": 0}
+
+
+def _count(name, fn):
+    def wrapped(*args, **kwargs):
+        COUNTS[name] += 1
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def reset_counts():
+    for k in COUNTS:
+        COUNTS[k] = 0
+
+
+def expect_counts(what, **expected):
+    got = dict(COUNTS)
+    want = {k: expected.get(k, 0) for k in COUNTS}
+    assert got == want, f"{what}: collectives {got}, expected {want}"
+    reset_counts()
+
+
+def close(actual, expected, tol, what, floor=None):
+    """max |a − e| < tol · max|e| (or tol · max(max|e|, floor): values that are differences
+    of O(floor) fp32 sums, e.g. rewards β(ℓ − ℓʳ), carry O(floor) rounding)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if floor is None:
+        err = max_rel_err(actual, expected)
+    else:
+        err = ((actual - expected).abs().max() / expected.abs().max().clamp(min=floor)).item()
+    assert err < tol, f"{what}: relative error {err:.3g} >= {tol} ({actual.tolist()} vs {expected.tolist()})"
+
+
+def my_range(n, world, rank):
+    """This rank's ``[start, stop)`` of ``n`` items split as evenly as tensor_split does."""
+    sizes = [len(c) for c in torch.arange(n).tensor_split(world)]
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+# ----------------------------------------------------------------------------- data
+
+def paired_batch(V=37, T=7, P=2, seed=3):
+    """Logits [2P, T, V], labels with an ignored prompt and padding, reference values."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2 * P, T, V, generator=g) * 2.0
+    tokens = torch.randint(0, V, (2 * P, T), generator=g)
+    labels = tokens.clone()
+    labels[:, :2] = -100  # prompt
+    labels[1, -2:] = -100  # padding
+    labels[2, -1] = -100
+    for b in range(2 * P):  # a few targets are the argmax, so top-1 and rewards vary
+        logits[b, 3, labels[b, 3]] += 6.0
+    ref_logits = logits + 0.5 * torch.randn(2 * P, T, V, generator=g)
+    return logits, labels, tokens, ref_logits, g
+
+
+# ----------------------------------------------------------------------------- vocabulary parallel
+
+def check_vp_token(rank, world, backend):
+    from pyfused_po.distributed import vocab_parallel_token_logprobs
+
+    B, T, V = 3, 6, 37
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(B, T, V, generator=g) * 2.0
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    labels[2, -1] = -100
+    logits[1, 2, labels[1, 3]] += 8.0  # with shift, row 2 predicts label 3: a top-1 hit
+    logits[0, :, 5] = -float("inf")  # a masked vocabulary entry
+    s0, s1 = my_range(V, world, rank)
+    kw = dict(shift=True, temperature=0.8, logit_scale=1.3, softcap=6.0)
+    extras = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+    x = logits[..., s0:s1].clone().requires_grad_()
+    out = vocab_parallel_token_logprobs(x, labels, group=dist.group.WORLD, vocab_start=s0, extras=extras,
+                                        backend=backend, **kw)
+    expect_counts("vocab-parallel forward", all_gather=1)
+    full = logits.double().requires_grad_()
+    ref = token_logprobs_ref(full, labels, **kw)
+    for name in ("logps", "entropy", "log_sum_sq_probs", "is_top1"):
+        # (mean_logit is −inf with a −inf logit: checked below on finite logits)
+        close(getattr(out, name), ref[name], VAL_TOL, name)
+    c = torch.randn(4, B, T, generator=g, dtype=torch.float64)
+    loss = (c[0] * out.logps + c[1] * out.entropy + c[2] * out.log_sum_sq_probs).sum()
+    loss.backward()
+    expect_counts("vocab-parallel backward")
+    ref_loss = (c[0] * ref["logps"] + c[1] * ref["entropy"] + c[2] * ref["log_sum_sq_probs"]).sum()
+    ref_loss.backward()
+    close(x.grad, full.grad[..., s0:s1], GRAD_TOL, "grad logits (logps, entropy, log Σp²)")
+
+    # mean_logit on finite logits, no shift, in-place backward.
+    finite = torch.randn(B, T, V, generator=g)
+    leaf = finite[..., s0:s1].clone().requires_grad_()
+    out = vocab_parallel_token_logprobs(leaf * 1.0, labels, group=dist.group.WORLD, vocab_start=s0,
+                                        extras=("mean_logit",), backend=backend, inplace_backward=True)
+    expect_counts("vocab-parallel forward (mean_logit)", all_gather=1)
+    full = finite.double().requires_grad_()
+    ref = token_logprobs_ref(full, labels)
+    close(out.logps, ref["logps"], VAL_TOL, "logps (no shift)")
+    close(out.mean_logit, ref["mean_logit"], VAL_TOL, "mean_logit")
+    (c[0] * out.logps + c[3] * out.mean_logit).sum().backward()
+    (c[0] * ref["logps"] + c[3] * ref["mean_logit"]).sum().backward()
+    expect_counts("vocab-parallel backward (in place)")
+    close(leaf.grad, full.grad[..., s0:s1], GRAD_TOL, "grad logits (logps, mean_logit, in place)")
+
+
+def check_vp_linear(rank, world, backend):
+    from pyfused_po.distributed import vocab_parallel_linear_token_logprobs
+
+    B, T, D, V = 2, 5, 8, 37
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(B, T, D, generator=g)
+    weight = torch.randn(V, D, generator=g) * 0.7
+    bias = torch.randn(V, generator=g) * 0.3
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, 1] = -100
+    s0, s1 = my_range(V, world, rank)
+    h = hidden.clone().requires_grad_()
+    w = weight[s0:s1].clone().requires_grad_()
+    b = bias[s0:s1].clone().requires_grad_()
+    extras = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+    out = vocab_parallel_linear_token_logprobs(h, w, labels, group=dist.group.WORLD, vocab_start=s0, bias_shard=b,
+                                               shift=True, temperature=1.1, extras=extras, backend=backend,
+                                               chunk_tokens=3)
+    expect_counts("vocab-parallel linear forward", all_gather=1)
+    fh, fw, fb = (t.double().requires_grad_() for t in (hidden, weight, bias))
+    ref = token_logprobs_ref(fh @ fw.t() + fb, labels, shift=True, temperature=1.1)
+    for name in ("logps",) + extras:
+        close(getattr(out, name), ref[name], VAL_TOL, f"linear {name}")
+    c = torch.randn(4, B, T, generator=g, dtype=torch.float64)
+    names = ("logps", "entropy", "log_sum_sq_probs", "mean_logit")
+    sum(((c[i] * getattr(out, n)).sum() for i, n in enumerate(names))).backward()
+    expect_counts("vocab-parallel linear backward", all_reduce=1)  # grad_hidden = Σ_r G_r·W_r
+    sum(((c[i] * ref[n]).sum() for i, n in enumerate(names))).backward()
+    close(h.grad, fh.grad, GRAD_TOL, "linear grad hidden")
+    close(w.grad, fw.grad[s0:s1], GRAD_TOL, "linear grad weight shard")
+    close(b.grad, fb.grad[s0:s1], GRAD_TOL, "linear grad bias shard")
+
+
+PAIRED_LOSSES = {
+    "dpo": dict(loss_type="sigmoid", beta=0.1),
+    "simpo": dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.3),
+    "aot_unpaired": dict(loss_type="aot_unpaired", beta=0.3),
+}
+
+
+def _compare_outputs(out, ref, what):
+    close(out.loss, ref.loss, VAL_TOL, f"{what} loss", floor=1.0)
+    assert set(out.metrics) == set(ref.metrics), f"{what} metrics {sorted(out.metrics)} vs {sorted(ref.metrics)}"
+    for k in ref.metrics:
+        close(out.metrics[k], ref.metrics[k], VAL_TOL, f"{what} metric {k}", floor=1.0)
+
+
+def _kto_inputs(logits, g):
+    B = logits.shape[0]
+    desirable = torch.tensor([True, False, True, False])[:B]
+    ref_logps = -torch.rand(B, generator=g, dtype=torch.float64) * 10 - 20
+    kl_tokens = -torch.rand(2, 2, logits.shape[1], generator=g, dtype=torch.float64)  # [policy/ref, M, T]
+    kl_tokens[0] += 0.2  # a positive KL estimate, so z₀ = max(0, ·) is active
+    return desirable, ref_logps, kl_tokens
+
+
+def check_vp_losses(rank, world, backend):
+    from pyfused_po.distributed import DistributedFusedKTOLoss, DistributedFusedPreferenceLoss
+    from pyfused_po.kto import FusedKTOLoss
+    from pyfused_po.module import FusedPreferenceLoss
+
+    logits, labels, _, _, g = paired_batch()
+    V = logits.shape[-1]
+    s0, s1 = my_range(V, world, rank)
+    ref_c = -torch.rand(2, generator=g, dtype=torch.float64) * 10 - 15
+    ref_r = -torch.rand(2, generator=g, dtype=torch.float64) * 10 - 15
+    for name, cfg in PAIRED_LOSSES.items():
+        module = DistributedFusedPreferenceLoss(**cfg, shift=True, backend=backend,
+                                                vocab_parallel_group=dist.group.WORLD, vocab_start=s0)
+        x = logits[..., s0:s1].clone().requires_grad_()
+        refs = () if name == "simpo" else (ref_c, ref_r)
+        out = module(x, labels, *refs)
+        expect_counts(f"{name} vocab-parallel forward", all_gather=1)
+        out.loss.backward()
+        expect_counts(f"{name} vocab-parallel backward")
+        full = logits.double().requires_grad_()
+        ref = FusedPreferenceLoss(**cfg, shift=True, backend="torch")(full, labels, *refs)
+        ref.loss.backward()
+        _compare_outputs(out, ref, name)
+        close(x.grad, full.grad[..., s0:s1], GRAD_TOL, f"{name} grad logits shard")
+
+    # Fused-linear inputs: this rank's rows of the LM head (and bias), hidden replicated.
+    hidden = torch.randn(4, 7, 6, generator=g)
+    head, head_bias = torch.randn(V, 6, generator=g) * 0.6, torch.randn(V, generator=g) * 0.2
+    h = hidden.clone().requires_grad_()
+    w, b = head[s0:s1].clone().requires_grad_(), head_bias[s0:s1].clone().requires_grad_()
+    cfg = PAIRED_LOSSES["simpo"]
+    out = DistributedFusedPreferenceLoss(**cfg, shift=True, backend=backend, vocab_parallel_group=dist.group.WORLD,
+                                         vocab_start=s0)(labels=labels, hidden=h, weight=w, bias=b)
+    expect_counts("simpo fused-linear vocab-parallel forward", all_gather=1)
+    out.loss.backward()
+    expect_counts("simpo fused-linear vocab-parallel backward", all_reduce=1)
+    fh, fw, fb = (t.double().requires_grad_() for t in (hidden, head, head_bias))
+    ref = FusedPreferenceLoss(**cfg, shift=True, backend="torch")(labels=labels, hidden=fh, weight=fw, bias=fb)
+    ref.loss.backward()
+    _compare_outputs(out, ref, "simpo fused-linear")
+    close(h.grad, fh.grad, GRAD_TOL, "simpo fused-linear grad hidden")
+    close(w.grad, fw.grad[s0:s1], GRAD_TOL, "simpo fused-linear grad weight shard")
+    close(b.grad, fb.grad[s0:s1], GRAD_TOL, "simpo fused-linear grad bias shard")
+
+    desirable, ref_logps, kl = _kto_inputs(logits, g)
+    kl_kw = dict(policy_kl_logps=kl[0].sum(-1), ref_kl_logps=kl[1].sum(-1))
+    x = logits[..., s0:s1].clone().requires_grad_()
+    out = DistributedFusedKTOLoss(beta=0.2, shift=True, backend=backend, vocab_parallel_group=dist.group.WORLD,
+                                  vocab_start=s0)(x, labels, desirable, ref_logps, **kl_kw)
+    expect_counts("kto vocab-parallel forward", all_gather=1)
+    out.loss.backward()
+    expect_counts("kto vocab-parallel backward")
+    full = logits.double().requires_grad_()
+    ref = FusedKTOLoss(beta=0.2, shift=True, backend="torch")(full, labels, desirable, ref_logps, **kl_kw)
+    ref.loss.backward()
+    _compare_outputs(out, ref, "kto")
+    close(x.grad, full.grad[..., s0:s1], GRAD_TOL, "kto grad logits shard")
+
+
+# ----------------------------------------------------------------------------- sequence parallel
+
+def check_sp_losses(rank, world, backend):
+    from pyfused_po.distributed import DistributedFusedKTOLoss, DistributedFusedPreferenceLoss
+    from pyfused_po.kto import FusedKTOLoss
+    from pyfused_po.module import FusedPreferenceLoss
+
+    logits, labels, tokens, ref_logits, g = paired_batch()
+    T = labels.shape[1]
+    t0, t1 = my_range(T, world, rank)
+    token_weights = torch.rand(labels.shape, generator=g, dtype=torch.float64) + 0.5
+    ref_tokens = -torch.rand(labels.shape, generator=g, dtype=torch.float64) * 3
+    nll_labels = tokens[:2].clone()  # the NLL term also covers the prompt
+    nll_labels[1, -2:] = -100
+    cases = [  # (name, config, full-tensor keyword inputs)
+        ("dpo", PAIRED_LOSSES["dpo"], dict(ref_token_logps=ref_tokens, token_weights=token_weights)),
+        ("simpo", PAIRED_LOSSES["simpo"], dict(nll_labels=nll_labels)),
+        ("aot_unpaired", PAIRED_LOSSES["aot_unpaired"], dict(ref_logits=ref_logits)),
+    ]
+    for name, cfg, inputs in cases:
+        module = DistributedFusedPreferenceLoss(**cfg, backend=backend, sequence_parallel_group=dist.group.WORLD)
+        x = logits[:, t0:t1].clone().requires_grad_()
+        local = {k: v[:, t0:t1].to(torch.float32) if v.is_floating_point() else v[:, t0:t1]
+                 for k, v in inputs.items()}
+        out = module(x, labels[:, t0:t1], **local)
+        expect_counts(f"{name} sequence-parallel forward", all_reduce=1)
+        out.loss.backward()
+        expect_counts(f"{name} sequence-parallel backward")
+        full = logits.double().requires_grad_()
+        wide = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+        ref = FusedPreferenceLoss(**cfg, backend="torch")(full, labels, **wide)
+        ref.loss.backward()
+        _compare_outputs(out, ref, f"sp {name}")
+        close(x.grad, full.grad[:, t0:t1], GRAD_TOL, f"sp {name} grad logits slice")
+
+    desirable, _, kl = _kto_inputs(logits, g)
+    x = logits[:, t0:t1].clone().requires_grad_()
+    module = DistributedFusedKTOLoss(beta=0.2, backend=backend, sequence_parallel_group=dist.group.WORLD)
+    out = module(x, labels[:, t0:t1], desirable, ref_logits=ref_logits[:, t0:t1],
+                 policy_kl_logps=kl[0][:, t0:t1].sum(-1), ref_kl_logps=kl[1][:, t0:t1].sum(-1))
+    expect_counts("kto sequence-parallel forward", all_reduce=1)
+    out.loss.backward()
+    expect_counts("kto sequence-parallel backward")
+    full = logits.double().requires_grad_()
+    ref = FusedKTOLoss(beta=0.2, backend="torch")(full, labels, desirable, ref_logits=ref_logits.double(),
+                                                   policy_kl_logps=kl[0].sum(-1), ref_kl_logps=kl[1].sum(-1))
+    ref.loss.backward()
+    _compare_outputs(out, ref, "sp kto")
+    assert float(ref.metrics["kl"]) > 0, "the KL estimate should be active in this check"
+    close(x.grad, full.grad[:, t0:t1], GRAD_TOL, "sp kto grad logits slice")
+
+
+def check_sp_sums(rank, world, backend):
+    """``sequence_parallel_sums``: full sums, and the gradient of a nonlinear function of
+    them equals the unsplit one (identity backward, not W× it)."""
+    del backend
+    from pyfused_po.distributed import sequence_parallel_sums
+
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 9, (3, 8), generator=g)
+    labels[0, :3] = -100
+    t0, t1 = my_range(8, world, rank)
+    v = values[:, t0:t1].clone().requires_grad_()
+    sums = sequence_parallel_sums(v, labels[:, t0:t1], group=dist.group.WORLD)
+    expect_counts("sequence_parallel_sums", all_reduce=1)
+    full = values.clone().requires_grad_()
+    mask = labels != -100
+    ref = torch.where(mask, full, 0.0).sum(-1)
+    close(sums.logps, ref, 1e-12, "sums")
+    assert torch.equal(sums.lengths, mask.sum(-1).float()), f"lengths {sums.lengths} vs {mask.sum(-1)}"
+    (sums.logps ** 2).sum().backward()
+    (ref ** 2).sum().backward()
+    close(v.grad, full.grad[:, t0:t1], 1e-12, "grad of a function of the sums")
+
+
+VP_CHECKS = {"vp_token": check_vp_token, "vp_linear": check_vp_linear, "vp_losses": check_vp_losses}
+SP_CHECKS = {"sp_losses": check_sp_losses, "sp_sums": check_sp_sums}
+CHECK_NAMES = [f"{name}[{backend}]" for name in {**VP_CHECKS, **SP_CHECKS} for backend in BACKENDS]
+
+
+def main():
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    dist.all_gather = _count("all_gather", dist.all_gather)
+    dist.all_reduce = _count("all_reduce", dist.all_reduce)
+    report = {}
+    for name, fn in {**VP_CHECKS, **SP_CHECKS}.items():
+        for backend in BACKENDS:
+            reset_counts()
+            try:
+                fn(rank, world, backend)
+                report[f"{name}[{backend}]"] = None
+            except Exception:  # noqa: BLE001 - reported to the test process
+                report[f"{name}[{backend}]"] = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
