@@ -5,6 +5,13 @@ Three stages (see ARCHITECTURE in the repository): the token stage
 the objective stage (:func:`preference_loss` over a registry of losses), chained by
 the drop-in :class:`FusedPreferenceLoss`.
 """
+from .distributed import (
+    DistributedFusedKTOLoss,
+    DistributedFusedPreferenceLoss,
+    sequence_parallel_sums,
+    vocab_parallel_linear_token_logprobs,
+    vocab_parallel_token_logprobs,
+)
 from .kto import FusedKTOLoss, KTOLossOutput, kto_loss
 from .linear_token_logprobs import linear_token_logprobs
 from .module import FusedPreferenceLoss
@@ -18,6 +25,8 @@ from .token_logprobs import TokenLogprobs, token_logprobs
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistributedFusedKTOLoss",
+    "DistributedFusedPreferenceLoss",
     "F_DIVERGENCE_TYPES",
     "FusedKTOLoss",
     "FusedPreferenceLoss",
@@ -35,8 +44,11 @@ __all__ = [
     "loss_types",
     "preference_loss",
     "register_objective",
+    "sequence_parallel_sums",
     "sequence_sums",
     "token_kl",
     "token_logprobs",
+    "vocab_parallel_linear_token_logprobs",
+    "vocab_parallel_token_logprobs",
     "__version__",
 ]
