@@ -16,6 +16,7 @@ the vocabulary keeps the GPU busy when there are few token blocks.
 import triton
 import triton.language as tl
 
+from .linear_tile import logits_tile
 from .tl_utils import transform
 
 
@@ -44,7 +45,6 @@ def linear_forward_kernel(
     in_m = offs_m < M
     rows = tl.load(rows_ptr + offs_m, mask=in_m, other=0).to(tl.int64)
     y = tl.load(y_ptr + offs_m, mask=in_m, other=-1).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     cols = tl.arange(0, BLOCK_V).to(tl.int64)
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
@@ -59,21 +59,9 @@ def linear_forward_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + cols
         in_v = offs_v < V
-        acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            in_d = dd < D
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
-                        mask=in_m[:, None] & in_d[None, :], other=0.0)
-            # Wᵀ tile [BLOCK_D, BLOCK_V] read straight from W [V, D] by strides.
-            w = tl.load(w_ptr + offs_v[None, :] * stride_wv + dd[:, None] * stride_wd,
-                        mask=in_v[None, :] & in_d[:, None], other=0.0)
-            if DOT_FP32:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc += tl.dot(h, w, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_v, mask=in_v, other=0.0).to(tl.float32)[None, :]
+        acc = logits_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr,
+                          rows, in_m, offs_v, in_v, D, HAS_BIAS, DOT_FP32, INPUT_PRECISION,
+                          BLOCK_M, BLOCK_V, BLOCK_D)
         z = transform(acc, scale, inv_temp, softcap, HAS_SOFTCAP)
         if WANT_MEAN:
             zsum_i += tl.sum(tl.where(in_v[None, :], z, 0.0), axis=1)

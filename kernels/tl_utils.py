@@ -38,3 +38,22 @@ def transform_grad(x, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
     else:
         d = scale * inv_temp
     return d
+
+
+@triton.jit
+def row_target(y_ptr, stride_yb, stride_yt, T, ignore_index, SHIFT: tl.constexpr):
+    """This program's logits row and its label, for kernels with one program per row of a
+    ``[B, T, V]`` view.
+
+    Returns ``(row, b, t, out, has_label, y)``: ``row = b·T + t`` (int64, so offsets never
+    overflow), ``out`` the index of its result in the ``[B, T]`` outputs (aligned with the
+    labels: ``t + 1`` under ``SHIFT``), ``has_label`` false for the last row under
+    ``SHIFT``, and ``y`` the int64 label (``ignore_index`` when there is none).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    out = b * T + t + SHIFT
+    has_label = t + SHIFT < T
+    y = tl.load(y_ptr + b * stride_yb + (t + SHIFT) * stride_yt, mask=has_label, other=ignore_index)
+    return row, b, t, out, has_label, y.to(tl.int64)

@@ -15,7 +15,7 @@ is written by the same program.
 import triton
 import triton.language as tl
 
-from .tl_utils import transform, transform_grad
+from .tl_utils import row_target, transform, transform_grad
 
 
 @triton.jit
@@ -34,13 +34,7 @@ def token_backward_kernel(
     GRAD_MEAN: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
-    out = b * T + t + SHIFT
-    has_label = t + SHIFT < T
-    y = tl.load(y_ptr + b * stride_yb + (t + SHIFT) * stride_yt, mask=has_label, other=ignore_index)
-    y = y.to(tl.int64)
+    row, b, t, out, has_label, y = row_target(y_ptr, stride_yb, stride_yt, T, ignore_index, SHIFT)
     dx_row = dx_ptr + b * stride_db + t * stride_dt
     cols = tl.arange(0, BLOCK_V)
     if y != ignore_index:

@@ -24,7 +24,7 @@ ranks — and two outputs change meaning: ``logp`` holds the raw target logit z_
 import triton
 import triton.language as tl
 
-from .tl_utils import transform
+from .tl_utils import row_target, transform
 
 
 @triton.jit
@@ -43,14 +43,7 @@ def token_forward_kernel(
     VOCAB_SHARD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
-    # Outputs are [B, T] contiguous fp32, aligned with the labels.
-    out = b * T + t + SHIFT
-    has_label = t + SHIFT < T
-    y = tl.load(y_ptr + b * stride_yb + (t + SHIFT) * stride_yt, mask=has_label, other=ignore_index)
-    y = y.to(tl.int64)
+    row, b, t, out, has_label, y = row_target(y_ptr, stride_yb, stride_yt, T, ignore_index, SHIFT)
     if y != ignore_index:
         x_row = x_ptr + b * stride_xb + t * stride_xt
         cols = tl.arange(0, BLOCK_V)

@@ -29,7 +29,7 @@ Entries with p_ref = 0 (zr = −inf, e.g. a padded vocabulary) contribute 0, not
 import triton
 import triton.language as tl
 
-from .tl_utils import transform
+from .tl_utils import row_target, transform
 
 
 @triton.jit
@@ -45,13 +45,7 @@ def token_kl_forward_kernel(
     WANT_LOGP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
-    out = b * T + t + SHIFT  # outputs are [B, T] contiguous fp32, aligned with the labels
-    has_label = t + SHIFT < T
-    y = tl.load(y_ptr + b * stride_yb + (t + SHIFT) * stride_yt, mask=has_label, other=ignore_index)
-    y = y.to(tl.int64)
+    row, b, t, out, has_label, y = row_target(y_ptr, stride_yb, stride_yt, T, ignore_index, SHIFT)
     if y != ignore_index:
         x_row = x_ptr + b * stride_xb + t * stride_xt
         r_row = r_ptr + b * stride_rb + t * stride_rt
