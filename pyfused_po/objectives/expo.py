@@ -16,9 +16,9 @@ gives the plain Bradley–Terry loss and needs no KL.
 The paper's regression variant is not provided (its exact form could not be verified).
 
 How the KL reaches the objective: the registered ``expo`` reads ``batch.chosen_kl`` and
-``batch.rejected_kl`` (``[P]`` each).  :func:`expo_loss` (from per-sequence values) and
-:func:`expo_from_logits` (from policy and reference logits, one pass each way) supply
-them without any change elsewhere.
+``batch.rejected_kl`` (``[P]`` each), which ``preference_loss`` takes as ``chosen_kl=`` /
+``rejected_kl=`` and ``FusedPreferenceLoss("expo")`` computes with the KL kernel in the
+same pass as the policy log-probs.
 """
 import torch.nn.functional as F
 
