@@ -5,7 +5,7 @@ Math runs in float32, or float64 when the policy logits are float64.
 """
 import torch
 
-from .token import _compute_dtype, _row_chunks, _transform, _transform_grad
+from .token import _compute_dtype, _row_chunks, _transform, _transform_grad, backward_chunks
 
 
 def _finite_max(z):
@@ -62,13 +62,7 @@ def token_kl_backward(logits, ref_logits, labels, lse, lse_r, grad_out, *, ignor
     del block_v
     B, T, _ = logits.shape
     cdt = _compute_dtype(logits)
-    # As in token_backward: unlabelled rows are zeroed last (disjoint from labelled ones,
-    # so this is safe when grad_out aliases the logits).
-    labelled = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
-    chunks = list(_row_chunks(logits, labels, ignore_index, shift))
-    for b, rows, _, _ in chunks:
-        labelled[b, rows] = True
-    for b, rows, pos, targets in chunks:
+    for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
         x = logits[b, rows].to(cdt)
         z = _transform(x, logit_scale, temperature, softcap)
         p = (z - lse[b, rows].to(cdt).unsqueeze(-1)).exp()
@@ -82,6 +76,4 @@ def token_kl_backward(logits, ref_logits, labels, lse, lse_r, grad_out, *, ignor
             dz -= g_y * p
             dz.scatter_add_(-1, targets.long().unsqueeze(-1), g_y)
         grad_out[b, rows] = (dz * _transform_grad(x, logit_scale, temperature, softcap)).to(grad_out.dtype)
-    unlabelled = (~labelled).nonzero(as_tuple=True)
-    grad_out[unlabelled] = 0
     return grad_out

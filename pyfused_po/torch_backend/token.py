@@ -47,6 +47,20 @@ def _row_chunks(logits, labels, ignore_index, shift):
             yield b, pos - int(shift), pos, targets
 
 
+def backward_chunks(logits, labels, ignore_index, shift, grad_out):
+    """The labelled row chunks of :func:`_row_chunks`; once they are consumed, the rows
+    without a label (ignored, or the last row under shift) are zeroed in ``grad_out``.
+    Those rows are disjoint from the labelled ones, so zeroing them last is safe also
+    when ``grad_out`` aliases the logits."""
+    B, T, _ = logits.shape
+    labelled = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
+    chunks = list(_row_chunks(logits, labels, ignore_index, shift))
+    for b, rows, _, _ in chunks:
+        labelled[b, rows] = True
+    yield from chunks
+    grad_out[(~labelled).nonzero(as_tuple=True)] = 0
+
+
 def _owned(targets, V, vocab_shard):
     """``(in_slice mask or None, safe index)``: under ``vocab_shard`` a label outside
     ``[0, V)`` belongs to another rank's vocabulary slice."""
@@ -104,14 +118,7 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
     del block_v
     B, T, V = logits.shape
     cdt = _compute_dtype(logits)
-    # Rows without a label (ignored, or the last row under shift) get zero gradient.
-    # They are disjoint from the labelled rows, so zeroing them last is safe also
-    # when grad_out aliases the logits.
-    labelled = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
-    chunks = list(_row_chunks(logits, labels, ignore_index, shift))
-    for b, rows, _, _ in chunks:
-        labelled[b, rows] = True
-    for b, rows, pos, targets in chunks:
+    for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
         x = logits[b, rows].to(cdt)
         z = _transform(x, logit_scale, temperature, softcap)
         logq = z - lse[b, rows].to(cdt).unsqueeze(-1)
@@ -135,6 +142,4 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
         if grad_mean_logit is not None:
             dz += grad_mean_logit[b, pos].to(cdt).unsqueeze(-1) / V
         grad_out[b, rows] = (dz * _transform_grad(x, logit_scale, temperature, softcap)).to(grad_out.dtype)
-    unlabelled = (~labelled).nonzero(as_tuple=True)
-    grad_out[unlabelled] = 0
     return grad_out
