@@ -11,6 +11,8 @@ CHUNK_ELEMENTS = 1 << 22  # 4M logits: 16 MB per fp32 temporary
 
 
 def _transform(x, logit_scale, temperature, softcap):
+    if logit_scale == 1.0 and temperature == 1.0 and softcap is None:
+        return x  # identity: no copy of the chunk
     z = x * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -29,7 +31,10 @@ def _compute_dtype(x):
 
 
 def _row_chunks(logits, labels, ignore_index, shift):
-    """Yields ``(b, rows, label_pos, targets)`` for labelled logits rows, in chunks."""
+    """Yields ``(b, rows, label_pos, targets)`` for labelled logits rows, in chunks.
+
+    ``rows`` / ``label_pos`` are slices when every row of the chunk is labelled (the
+    chunk is then read as a view, without a gather copy), index tensors otherwise."""
     B, T, V = logits.shape
     step = max(1, CHUNK_ELEMENTS // max(V, 1))
     for b in range(B):
@@ -42,6 +47,10 @@ def _row_chunks(logits, labels, ignore_index, shift):
             targets = labels[b, pos]
             keep = targets != ignore_index
             if not bool(keep.any()):
+                continue
+            if bool(keep.all()):
+                start, stop = int(pos[0]), int(pos[-1]) + 1
+                yield b, slice(start - int(shift), stop - int(shift)), slice(start, stop), targets
                 continue
             pos, targets = pos[keep], targets[keep]
             yield b, pos - int(shift), pos, targets
@@ -123,10 +132,9 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
         z = _transform(x, logit_scale, temperature, softcap)
         logq = z - lse[b, rows].to(cdt).unsqueeze(-1)
         p = logq.exp()
-        dz = torch.zeros_like(z)
+        dz = torch.zeros_like(z) if grad_logp is None else p * -grad_logp[b, pos].to(cdt).unsqueeze(-1)
         if grad_logp is not None:
             g = grad_logp[b, pos].to(cdt).unsqueeze(-1)
-            dz -= g * p
             mine, index = _owned(targets, V, vocab_shard)
             if mine is not None:
                 g = torch.where(mine.unsqueeze(-1), g, torch.zeros_like(g))
@@ -141,5 +149,8 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
             dz += 2.0 * g_q * p * (p * inv_s2 - 1.0)
         if grad_mean_logit is not None:
             dz += grad_mean_logit[b, pos].to(cdt).unsqueeze(-1) / V
-        grad_out[b, rows] = (dz * _transform_grad(x, logit_scale, temperature, softcap)).to(grad_out.dtype)
+        dz_dx = _transform_grad(x, logit_scale, temperature, softcap)
+        if not (isinstance(dz_dx, float) and dz_dx == 1.0):
+            dz = dz * dz_dx
+        grad_out[b, rows] = dz.to(grad_out.dtype)
     return grad_out
