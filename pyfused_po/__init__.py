@@ -5,6 +5,7 @@ Three stages (see ARCHITECTURE in the repository): the token stage
 the objective stage (:func:`preference_loss` over a registry of losses), chained by
 the drop-in :class:`FusedPreferenceLoss`.
 """
+from . import ops  # noqa: F401  (registers the torch.library custom ops used under torch.compile)
 from .distributed import (
     DistributedFusedKTOLoss,
     DistributedFusedPreferenceLoss,

@@ -179,7 +179,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         raise ValueError("use_weighting=True (WPO) needs chosen_wpo_logps and rejected_wpo_logps")
     for name in ("chosen_lengths", "rejected_lengths", "nll_lengths"):
         lengths = inputs[name]
-        if lengths is not None and not lengths.is_cuda and bool((lengths < 0).any()):
+        if lengths is not None and not lengths.is_cuda and not torch.compiler.is_compiling() \
+                and bool((lengths < 0).any()):
             raise ValueError(f"{name} must be >= 0, got {lengths.min().item()}")
     # Math in fp32 (or float64 when given float64).
     wide = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32

@@ -203,7 +203,13 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
     config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
                          logit_scale=logit_scale, softcap=softcap, extras=extras)
     resolved = validate_token_inputs(logits, labels, config, backend)
-    results = TokenLogprobsFunction.apply(logits, labels, config, resolved, bool(inplace_backward))
+    if torch.compiler.is_compiling():
+        # Under torch.compile the token stage is an opaque custom op pair (no graph break);
+        # the compiled graph owns its buffers, so the in-place backward does not apply.
+        from .ops import compiled_token_logprobs
+        results = compiled_token_logprobs(logits, labels, config, resolved)
+    else:
+        results = TokenLogprobsFunction.apply(logits, labels, config, resolved, bool(inplace_backward))
     if not extras:
         return results[0]
     return TokenLogprobs(results[0], **dict(zip(extras, results[1:])))

@@ -1,0 +1,196 @@
+"""Hugging Face causal LMs: backbone hidden states + LM head → :class:`FusedPreferenceLoss`.
+
+The model's own ``forward`` would multiply every hidden state by the LM head and hold
+``[batch, seq, vocab]`` logits.  These helpers run only the backbone (``model.base_model``)
+and hand its last hidden states and the head's ``weight``/``bias`` to the fused-linear
+path, so the logits are never formed.  The logit transform a model applies after its head
+(Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
+``logits_scaling``, …) is read from the config and applied inside the kernel.
+
+Sharded heads are gathered for the duration of the loss:
+
+* FSDP2 holds the head as a ``DTensor``: ``full_tensor()`` once per call (its autograd
+  reduces the gradient back to the shards);
+* DeepSpeed ZeRO-3 partitions parameters to ``numel 0`` outside their module's forward:
+  the head is gathered inside ``deepspeed.zero.GatheredParameters`` and copied once for
+  the step (the fused-linear backward needs it after the context has re-partitioned the
+  parameter); its gradient flows back to the partitioned parameter.
+"""
+import contextlib
+
+import torch
+
+__all__ = ["lm_head_transform", "backbone", "last_hidden_states", "gathered_lm_head",
+           "model_preference_loss"]
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def lm_head_transform(model):
+    """``dict(logit_scale=..., softcap=...)`` for the head's output transform in ``model``'s config.
+
+    Reads ``final_logit_softcapping`` (Gemma 2/3) and a multiplier from ``logit_scale``
+    (Cohere), ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1) or
+    ``logits_scaling`` (Granite, MiniCPM3 divide by it; HyperCLOVA X multiplies), in that
+    order, as Transformers' modelling code applies them: ``softcap(logits · scale)``.
+    """
+    cfg = _text_config(model)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(cfg, name, None)
+        if scale is not None:
+            break
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scaling = cfg.logits_scaling
+        scale = scaling if getattr(cfg, "model_type", None) == "hyperclovax" else 1.0 / scaling
+    return dict(logit_scale=1.0 if scale is None else float(scale),
+                softcap=None if not softcap else float(softcap))
+
+
+def _unwrap(model):
+    """The ``PreTrainedModel`` under a PEFT wrapper (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def backbone(model):
+    """The transformer stack of a causal LM (``model.base_model``, e.g. ``LlamaModel``)."""
+    inner = _unwrap(model)
+    stack = getattr(inner, "base_model", None)
+    if stack is None or stack is inner:
+        raise TypeError(f"{type(inner).__name__} exposes no backbone through base_model; pass a "
+                        "transformers causal LM (AutoModelForCausalLM) or a PEFT model wrapping one")
+    return stack
+
+
+def last_hidden_states(model, input_ids=None, attention_mask=None, **kwargs):
+    """Run only the backbone of ``model`` and return its last hidden states ``[B, T, D]``.
+
+    Gradient checkpointing, LoRA layers and device maps act as in the full forward; no
+    logits are computed.  Extra keyword arguments go to the backbone (``position_ids``,
+    ``inputs_embeds``, …).
+    """
+    kwargs.setdefault("use_cache", False)
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _zero3_params(*params):
+    """The ZeRO-3 partitioned parameters among ``params`` (empty without DeepSpeed)."""
+    return [p for p in params if p is not None and hasattr(p, "ds_id")]
+
+
+@contextlib.contextmanager
+def gathered_lm_head(model):
+    """Yield the LM head's ``(weight, bias)`` as full tensors for the duration of the block.
+
+    FSDP2 ``DTensor`` parameters are gathered once with ``full_tensor()``; DeepSpeed ZeRO-3
+    parameters are gathered with ``deepspeed.zero.GatheredParameters`` (use
+    :func:`model_preference_loss`, which also re-gathers them for the backward).
+    """
+    head = _unwrap(model).get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise TypeError(f"{type(_unwrap(model)).__name__}.get_output_embeddings() returned no head with a weight")
+    weight, bias = head.weight, getattr(head, "bias", None)
+    zero3 = _zero3_params(weight, bias)
+    # Gather only what is partitioned: a head tied to the embeddings can already be AVAILABLE,
+    # and re-partitioning it on exit would break the embedding module's own gather.
+    to_gather = [p for p in zero3 if getattr(getattr(p, "ds_status", None), "name", None) != "AVAILABLE"]
+    ctx = contextlib.nullcontext()
+    if to_gather:
+        import deepspeed
+        ctx = deepspeed.zero.GatheredParameters(to_gather, modifier_rank=None)
+    with ctx:
+        if zero3:
+            yield tuple(None if p is None else _GatheredCopy.apply(p) for p in (weight, bias))
+        else:
+            yield _full(weight), _full(bias)
+
+
+def _full(t):
+    """A DTensor's full value (differentiable back to its shards); other tensors unchanged."""
+    if t is None:
+        return None
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) and type(t).__name__ == "DTensor" else t
+
+
+class _GatheredCopy(torch.autograd.Function):
+    """A plain-tensor copy of a ZeRO-3 parameter taken while it is gathered; the gradient
+    goes straight back to the parameter (full shape, which ZeRO-3 then reduce-scatters).
+
+    The copy lives until the backward (the fused-linear backward recomputes ``H·Wᵀ`` from
+    it), so the head is held whole once per step, as the unfused model would hold it."""
+
+    @staticmethod
+    def forward(ctx, param):
+        return param.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None, *, ref_model=None,
+                          ref_chosen_logps=None, ref_rejected_logps=None, shift=True, **loss_kwargs):
+    """``loss_fn`` (a :class:`~pyfused_po.FusedPreferenceLoss`) on ``model``'s hidden states and head.
+
+    Args:
+        model: a Transformers causal LM exposing ``get_output_embeddings()`` (or a PEFT model
+            wrapping one).  Its config's logit softcap / scale must match ``loss_fn``'s
+            (build the loss with ``**lm_head_transform(model)``); a mismatch raises.
+        loss_fn: the :class:`~pyfused_po.FusedPreferenceLoss`; built with ``shift=False``
+            (this helper shifts: hidden state ``t`` predicts token ``t + 1``).
+        input_ids, attention_mask: ``[2P, T]``, pairs laid out ``[chosen; rejected]``.
+        labels: ``[2P, T]`` token ids with ``ignore_index`` on prompt and padding, aligned with
+            ``input_ids`` (``shift=True``) or already shifted (``shift=False``).
+        ref_model: a frozen reference model, run forward-only through the same path; or
+            ``ref_chosen_logps`` / ``ref_rejected_logps`` precomputed.  Reference-free losses
+            need neither.
+        **loss_kwargs: passed to ``loss_fn`` (``weights``, ``token_weights``, …).
+
+    Returns:
+        the loss's :class:`~pyfused_po.PreferenceLossOutput` (``.loss``, ``.metrics``).
+    """
+    expected = lm_head_transform(model)
+    got = {k: loss_fn.token_kwargs[k] for k in ("logit_scale", "softcap")}
+    if {k: (None if v is None else float(v)) for k, v in got.items()} != expected:
+        raise ValueError(f"loss_fn's logit transform {got} differs from the model config's {expected}; "
+                         "build it with FusedPreferenceLoss(..., **lm_head_transform(model))")
+    if loss_fn.token_kwargs["shift"]:
+        raise ValueError("model_preference_loss shifts labels itself; build loss_fn with shift=False")
+    if shift:
+        labels = labels[:, 1:]
+    hidden = last_hidden_states(model, input_ids, attention_mask)
+    if shift:
+        hidden = hidden[:, :-1]
+    ref_hidden = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_hidden = last_hidden_states(ref_model, input_ids, attention_mask)
+            ref_hidden = ref_hidden[:, :-1] if shift else ref_hidden
+    refs = dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    if ref_model is not None:
+        with gathered_lm_head(ref_model) as (ref_w, ref_b), torch.no_grad():
+            # Forward-only reference: per-sequence sums now, so nothing of its head is kept.
+            refs = dict(zip(("ref_chosen_logps", "ref_rejected_logps"),
+                            _reference_sums(loss_fn, ref_hidden, ref_w, ref_b, labels)))
+    with gathered_lm_head(model) as (weight, bias):
+        return loss_fn(labels=labels, hidden=hidden, weight=weight, bias=bias, **refs, **loss_kwargs)
+
+
+def _reference_sums(loss_fn, ref_hidden, weight, bias, labels):
+    """Reference per-sequence log-prob sums ``(chosen, rejected)`` as ``loss_fn`` would form them."""
+    from ..linear_token_logprobs import linear_token_logprobs
+    from ..sequence import ld_token_weights, sequence_sums, split_pairs
+    kw = loss_fn.token_kwargs
+    tokens = linear_token_logprobs(ref_hidden, weight, labels, bias=bias, impl=loss_fn.linear_impl, **kw)
+    weights = None
+    if loss_fn.ld_alpha is not None and loss_fn.ld_alpha_reference:
+        weights = ld_token_weights(loss_fn._mask(labels), loss_fn.ld_alpha, dtype=tokens.dtype)
+    sums = sequence_sums(tokens, labels, ignore_index=kw["ignore_index"], shift=kw["shift"], token_weights=weights)
+    return split_pairs(sums.logps)
