@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import pyfused_po
+from pyfused_po.objectives import get_objective
 from reference import max_rel_err, token_logprobs_ref
 
 P, T, D, V = 2, 6, 24, 130
@@ -59,6 +60,31 @@ def test_hidden_path_equals_logits_path(backend, impl, loss_type, frozen_head):
         assert max_rel_err(cw, aw) <= 1e-5
     for name in ("rewards/margins", "logps/chosen", "logits/chosen"):
         assert math.isclose(c.metrics[name].item(), a.metrics[name].item(), rel_tol=1e-5, abs_tol=1e-6), name
+
+
+@pytest.mark.parametrize("loss_type", sorted(set(pyfused_po.loss_types()) - {"expo"}))
+def test_every_loss_on_the_hidden_path_equals_the_logits_path(loss_type):
+    """Per loss type: the fused-linear module gives the logits module's losses and gradients."""
+    hidden, weight, bias, ref_hidden, labels = make_inputs(dtype=torch.float64)
+    results = []
+    for path in ("logits", "hidden"):
+        h = hidden.clone().requires_grad_()
+        refs = {}
+        if get_objective(loss_type).needs_reference:
+            refs = dict(ref_logits=logits_of(ref_hidden, weight, bias)) if path == "logits" else \
+                dict(ref_hidden=ref_hidden)
+        module = pyfused_po.FusedPreferenceLoss(loss_type, beta=0.3, shift=True, backend="torch")
+        if path == "logits":
+            out = module(logits=logits_of(h, weight, bias), labels=labels, **refs)
+        else:
+            out = module(hidden=h, weight=weight, bias=bias, labels=labels, **refs)
+        out.loss.backward()
+        results.append((out, h.grad))
+    (a, ga), (b, gb) = results
+    assert max_rel_err(b.losses, a.losses) <= 1e-10
+    assert max_rel_err(gb, ga) <= 1e-10
+    for name in a.metrics:
+        assert math.isclose(b.metrics[name].item(), a.metrics[name].item(), rel_tol=1e-9, abs_tol=1e-12), name
 
 
 def test_reference_head_defaults_to_the_policy_head_and_gets_no_gradient():
