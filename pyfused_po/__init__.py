@@ -7,8 +7,6 @@ the drop-in :class:`FusedPreferenceLoss`.
 """
 from . import ops  # noqa: F401  (registers the torch.library custom ops used under torch.compile)
 from .distributed import (
-    DistributedFusedKTOLoss,
-    DistributedFusedPreferenceLoss,
     sequence_parallel_sums,
     vocab_parallel_linear_token_logprobs,
     vocab_parallel_token_logprobs,
@@ -26,8 +24,6 @@ from .token_logprobs import TokenLogprobs, token_logprobs
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistributedFusedKTOLoss",
-    "DistributedFusedPreferenceLoss",
     "F_DIVERGENCE_TYPES",
     "FusedKTOLoss",
     "FusedPreferenceLoss",

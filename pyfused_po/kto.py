@@ -16,6 +16,7 @@ from typing import Dict
 import torch
 from torch import nn
 
+from .distributed.options import ParallelOptions
 from .objectives.checks import check_number
 from .sequence import sequence_sums
 from .token_logprobs import token_logprobs
@@ -144,11 +145,17 @@ class FusedKTOLoss(nn.Module):
         beta, desirable_weight, undesirable_weight, loss_type, reduction: as :func:`kto_loss`.
         ignore_index, shift, temperature, logit_scale, softcap, backend, inplace_backward:
             as :func:`pyfused_po.token_logprobs`.
+        vocab_parallel_group, vocab_start, sequence_parallel_group: as in
+            :class:`pyfused_po.FusedPreferenceLoss`.  Under sequence parallelism ``logits``,
+            ``labels`` and ``ref_logits`` are this rank's token slices, ``ref_logps`` holds full
+            per-sequence sums, and ``policy_kl_logps`` / ``ref_kl_logps`` are this rank's partial
+            sums, summed over the group (same all-reduce) before the KL estimate is taken.
     """
 
     def __init__(self, beta=0.1, *, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
                  reduction="mean", ignore_index=-100, shift=False, temperature=1.0, logit_scale=1.0,
-                 softcap=None, backend="auto", inplace_backward=False):
+                 softcap=None, backend="auto", inplace_backward=False, vocab_parallel_group=None,
+                 vocab_start=None, sequence_parallel_group=None):
         super().__init__()
         check_positive("beta", beta)
         check_number("desirable_weight", desirable_weight)
@@ -162,9 +169,14 @@ class FusedKTOLoss(nn.Module):
         self.token_kwargs = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
                                  logit_scale=logit_scale, softcap=softcap, backend=backend)
         self.inplace_backward = inplace_backward
+        self.parallel = ParallelOptions(vocab_parallel_group, vocab_start, sequence_parallel_group)
+        self.parallel.check_sequence_parallel(shift=shift)
 
     def _token_stage(self, logits, labels, *, inplace=False):
-        """The one call into the token stage."""
+        """The one call into the token stage (vocabulary-parallel when asked)."""
+        if self.parallel.vocab_parallel:
+            return self.parallel.token_stage(logits, labels, extras=(), inplace=inplace,
+                                             token_kwargs=self.token_kwargs)
         return token_logprobs(logits, labels, inplace_backward=inplace, **self.token_kwargs)
 
     def _sums(self, token_logps, labels):
@@ -186,9 +198,17 @@ class FusedKTOLoss(nn.Module):
         if ref_logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
             raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
                              f"got {tuple(ref_logits.shape)}")
-        policy = self._sums(self._token_stage(logits, labels, inplace=self.inplace_backward), labels)
+        columns = {"policy": self._sums(self._token_stage(logits, labels, inplace=self.inplace_backward), labels)}
         if ref_logits is not None:
             with torch.no_grad():
-                ref_logps = self._sums(self._token_stage(ref_logits.detach(), labels), labels)
-        return kto_loss(policy, ref_logps, is_desirable, kl=kl, policy_kl_logps=policy_kl_logps,
+                columns["ref"] = self._sums(self._token_stage(ref_logits.detach(), labels), labels)
+        if policy_kl_logps is not None and ref_kl_logps is not None:
+            # Under sequence parallelism these are this rank's partial sums of the mismatched pairs.
+            columns["policy_kl"], columns["ref_kl"] = policy_kl_logps.detach(), ref_kl_logps.detach()
+        total = self.parallel.reduce_columns(columns)  # one all-reduce under sequence parallelism
+        if ref_logits is not None:
+            ref_logps = total["ref"].detach()
+        if "policy_kl" in total:
+            policy_kl_logps, ref_kl_logps = total["policy_kl"], total["ref_kl"]
+        return kto_loss(total["policy"], ref_logps, is_desirable, kl=kl, policy_kl_logps=policy_kl_logps,
                         ref_kl_logps=ref_kl_logps, **self.loss_kwargs)

@@ -27,7 +27,6 @@ head under LoRA): one GEMM less per chunk.
 """
 import torch
 
-from . import _backend
 from .token_logprobs import TokenConfig, TokenLogprobs, resolve_backend, validate_token_config
 from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold

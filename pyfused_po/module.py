@@ -14,12 +14,11 @@ from .preference_loss import (
 from .sequence import (
     label_mask,
     ld_token_weights,
-    masked_mean,
     merge_labels,
     sequence_sums,
     split_pairs,
-    wpo_log_weights,
 )
+from .distributed.options import ParallelOptions
 from .linear_token_logprobs import linear_token_logprobs
 from .objectives import get_objective
 from .token_kl import token_kl
@@ -52,6 +51,13 @@ class FusedPreferenceLoss(nn.Module):
             ``log_sum_sq_probs`` extra in the same pass.
         linear_impl: for ``hidden=``/``weight=`` inputs, the fused-linear implementation
             (``"auto"``, ``"chunked"`` or ``"fused"``; see :func:`pyfused_po.linear_token_logprobs`).
+        vocab_parallel_group, vocab_start, sequence_parallel_group, reduce_grad_hidden: run
+            under tensor / context parallelism (:mod:`pyfused_po.distributed.options`):
+            ``logits`` (or ``weight``/``bias``) hold this rank's vocabulary slice starting at
+            ``vocab_start``; with ``sequence_parallel_group`` the token inputs hold this rank's
+            slice of every sequence (``shift`` must be False; ``ld_alpha``, ``use_weighting``
+            and ``bco_running_mean`` are unavailable).  Loss, metrics and gradients equal the
+            single-process module's on the unsharded tensors.
 
     ``loss_type="expo"`` (λ > 0) reads the policy and reference logits in one pass of the
     KL kernel (:func:`pyfused_po.token_kl`), so it needs ``logits=`` and ``ref_logits=``;
@@ -67,7 +73,8 @@ class FusedPreferenceLoss(nn.Module):
                  inplace_backward=False, reduction="mean", logit_metrics=True, loss_weights=None,
                  f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, ld_alpha=None,
                  ld_alpha_reference=True, use_weighting=False, bco_running_mean=False,
-                 linear_impl="auto", **hyperparameters):
+                 linear_impl="auto", vocab_parallel_group=None, vocab_start=None,
+                 sequence_parallel_group=None, reduce_grad_hidden=True, **hyperparameters):
         super().__init__()
         # Fail at construction rather than at the first step.
         resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
@@ -87,6 +94,13 @@ class FusedPreferenceLoss(nn.Module):
             raise ValueError("loss_type 'expo' reads logits through the KL kernel, which supports "
                              "neither use_weighting nor inplace_backward")
         self.needs_reference = any(get_objective(t).needs_reference for t in types)
+        self.parallel = ParallelOptions(vocab_parallel_group, vocab_start, sequence_parallel_group,
+                                        reduce_grad_hidden)
+        self.parallel.check_sequence_parallel(shift=shift, ld_alpha=ld_alpha, use_weighting=use_weighting,
+                                              bco_running_mean=bco_running_mean)
+        if self.expo and (self.parallel.vocab_parallel or self.parallel.sequence_parallel):
+            raise ValueError("loss_type 'expo' (the KL kernel) does not support vocab_parallel_group or "
+                             "sequence_parallel_group yet")
         self.linear_impl = linear_impl
         self.loss_type, self.beta, self.reduction = loss_type, beta, reduction
         self.hyperparameters = dict(hyperparameters)
@@ -110,7 +124,10 @@ class FusedPreferenceLoss(nn.Module):
         """The one call into the token stage: ``source`` is a logits tensor or a
         ``(hidden, weight, bias)`` triple for the fused-linear path."""
         kwargs = dict(extras=tuple(extras), **self.token_kwargs)
-        if isinstance(source, tuple):
+        if self.parallel.vocab_parallel:
+            out = self.parallel.token_stage(source, labels, extras=extras, inplace=inplace,
+                                            token_kwargs=self.token_kwargs)
+        elif isinstance(source, tuple):
             hidden, weight, bias = source
             out = linear_token_logprobs(hidden, weight, labels, bias=bias, impl=self.linear_impl, **kwargs)
         else:
@@ -220,6 +237,21 @@ class FusedPreferenceLoss(nn.Module):
                                                   ref_weight, ref_bias)
         self._check_forward_inputs(policy_source, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
                                    ref_token_logps, token_weights, nll_labels, ref_source)
+        columns = self._sequence_columns(policy_source, ref_source, labels, ref_token_logps, token_weights,
+                                         nll_labels)
+        # Under sequence parallelism the sums are partial: one all-reduce makes them whole.
+        total = self.parallel.reduce_columns(columns)
+        return self._objective(total, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing)
+
+    def _sequence_columns(self, policy_source, ref_source, labels, ref_token_logps, token_weights, nll_labels):
+        """Token and sequence stages: per-sequence sums over this process's tokens.
+
+        ``logps`` / ``lengths`` ``[2P]``; ``nll_logps`` / ``nll_lengths`` ``[P]`` (chosen rows
+        over the NLL mask, plain sums); and when used: ``ref`` (reference sums), ``kl``
+        (EXPO), ``wpo`` (Σ of log p_t − log Σ_v p_v², detached), ``mean_logit`` (Σ of the
+        per-token mean logit, detached).  Every value is a sum over tokens, so the sums of
+        a sequence split across ranks add up to the unsplit ones.
+        """
         ignore_index = self.token_kwargs["ignore_index"]
         mask = self._mask(labels)
         half = labels.shape[0] // 2
@@ -228,55 +260,67 @@ class FusedPreferenceLoss(nn.Module):
             nll_chosen = nll_labels[:half]
             padded = torch.cat([nll_chosen, torch.full_like(nll_chosen, ignore_index)], dim=0)
             token_labels = merge_labels(labels, padded, ignore_index=ignore_index)
-        extras = (("mean_logit",) if self.logit_metrics else ()) + (("log_sum_sq_probs",) if self.use_weighting else ())
-        chosen_kl = rejected_kl = None
+        kl_tokens = None
         if self.expo:
             # One pass of the KL kernel gives the policy log-probs and KL(π_ref ‖ π_θ) per token.
-            both = token_kl(logits, ref_logits.detach(), token_labels, with_logps=True, **self.token_kwargs)
-            policy = TokenLogprobs(both.logps)
-            chosen_kl, rejected_kl = split_pairs(self._sums(both.kl, labels, None).logps)
+            both = token_kl(policy_source, ref_source.detach(), token_labels, with_logps=True, **self.token_kwargs)
+            policy, kl_tokens = TokenLogprobs(both.logps), both.kl
         else:
+            extras = (("mean_logit",) if self.logit_metrics else ()) + \
+                (("log_sum_sq_probs",) if self.use_weighting else ())
             policy = self._token_stage(policy_source, token_labels, extras=extras, inplace=self.inplace_backward)
 
         ld = ld_token_weights(mask, self.ld_alpha, dtype=policy.logps.dtype) if self.ld_alpha is not None else None
-        policy_weights = _product(token_weights, ld)
         ref_weights = _product(token_weights, ld if self.ld_alpha_reference else None)
-        sums = self._sums(policy.logps, labels, policy_weights)
+        sums = self._sums(policy.logps, labels, _product(token_weights, ld))
+        zero = torch.zeros((), dtype=policy.logps.dtype, device=policy.logps.device)
+        nll_mask = self._mask(nll_labels[:half]) if nll_labels is not None else mask[:half]
+        columns = {"logps": sums.logps, "lengths": sums.lengths,
+                   "nll_logps": torch.where(nll_mask, policy.logps[:half], zero).sum(-1),
+                   "nll_lengths": nll_mask.sum(-1).to(torch.float32)}
         if ref_source is not None and self.needs_reference:
             with torch.no_grad():
                 ref_tokens = self._token_stage(ref_source, labels).logps
-            ref_chosen_logps, ref_rejected_logps = split_pairs(self._sums(ref_tokens, labels, ref_weights).logps)
+            columns["ref"] = self._sums(ref_tokens, labels, ref_weights).logps
         elif ref_token_logps is not None:
-            ref = self._sums(ref_token_logps.detach(), labels, ref_weights)
-            ref_chosen_logps, ref_rejected_logps = split_pairs(ref.logps)
+            columns["ref"] = self._sums(ref_token_logps.detach(), labels, ref_weights).logps
+        if kl_tokens is not None:
+            columns["kl"] = self._sums(kl_tokens, labels, None).logps
+        if self.use_weighting:
+            columns["wpo"] = self._sums((policy.logps - policy.log_sum_sq_probs).detach(), labels, None).logps
+        if policy.mean_logit is not None:
+            columns["mean_logit"] = self._sums(policy.mean_logit.detach(), labels, None).logps
+        return columns
 
-        # NLL term: plain sums (no token weights, no LD) of the chosen rows over the NLL mask.
-        nll_mask = self._mask(nll_labels[:half]) if nll_labels is not None else mask[:half]
-        nll_tokens = torch.where(nll_mask, policy.logps[:half], torch.zeros((), dtype=policy.logps.dtype,
-                                                                             device=policy.logps.device))
+    def _objective(self, total, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing):
+        """Objective stage on whole per-sequence sums (see :meth:`_sequence_columns`)."""
+        if "ref" in total:
+            ref_chosen_logps, ref_rejected_logps = split_pairs(total["ref"].detach())
+        lengths = total["lengths"].detach().to(torch.float32)
+        chosen_lengths, rejected_lengths = split_pairs(lengths)
         kwargs = dict(self.hyperparameters)
         if label_smoothing is not None:
             kwargs["label_smoothing"] = label_smoothing
         if self.bco_running_mean:
-            kwargs["bco_delta"] = self._bco_delta(sums.logps, ref_chosen_logps, ref_rejected_logps)
+            kwargs["bco_delta"] = self._bco_delta(total["logps"], ref_chosen_logps, ref_rejected_logps)
         if self.use_weighting:
-            wpo = wpo_log_weights(policy.logps, policy.log_sum_sq_probs, mask)
+            # WPO's per-sequence log-weight: the mean over the response of log p_t − log Σ_v p_v².
+            wpo = total["wpo"] / lengths.clamp(min=1).to(total["wpo"].dtype)
             kwargs["chosen_wpo_logps"], kwargs["rejected_wpo_logps"] = split_pairs(wpo)
-        chosen_logps, rejected_logps = split_pairs(sums.logps)
-        chosen_lengths, rejected_lengths = split_pairs(sums.lengths)
+        chosen_kl, rejected_kl = split_pairs(total["kl"]) if "kl" in total else (None, None)
+        chosen_logps, rejected_logps = split_pairs(total["logps"])
         result = preference_loss(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             loss_type=self.loss_type, beta=self.beta, chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths, reduction=self.reduction, weights=weights,
-            use_weighting=self.use_weighting, nll_logps=nll_tokens.sum(-1),
-            nll_lengths=nll_mask.sum(-1).to(torch.float32), chosen_kl=chosen_kl, rejected_kl=rejected_kl,
-            **self.objective_kwargs, **kwargs,
+            use_weighting=self.use_weighting, nll_logps=total["nll_logps"],
+            nll_lengths=total["nll_lengths"].detach().to(torch.float32), chosen_kl=chosen_kl,
+            rejected_kl=rejected_kl, **self.objective_kwargs, **kwargs,
         )
-        if policy.mean_logit is not None:
-            chosen_mask, rejected_mask = split_pairs(mask)
-            chosen_mean, rejected_mean = split_pairs(policy.mean_logit.detach())
-            result.metrics["logits/chosen"] = masked_mean(chosen_mean, chosen_mask)
-            result.metrics["logits/rejected"] = masked_mean(rejected_mean, rejected_mask)
+        if "mean_logit" in total:
+            chosen_sum, rejected_sum = split_pairs(total["mean_logit"])
+            result.metrics["logits/chosen"] = chosen_sum.sum() / chosen_lengths.sum().clamp(min=1)
+            result.metrics["logits/rejected"] = rejected_sum.sum() / rejected_lengths.sum().clamp(min=1)
         return result
 
 

@@ -33,13 +33,6 @@ def sequence_sums(token_values, labels, *, ignore_index=-100, shift=False,
     return SequenceSums(values.sum(-1), mask.sum(-1).to(torch.float32))
 
 
-def masked_mean(token_values, mask):
-    """Mean of ``token_values`` over the True entries of ``mask`` (0 when there are none)."""
-    total = torch.where(mask, token_values, torch.zeros((), dtype=token_values.dtype,
-                                                        device=token_values.device)).sum()
-    return total / mask.sum().clamp(min=1)
-
-
 def split_pairs(x):
     """``[chosen; rejected]`` → ``(chosen, rejected)`` along dim 0."""
     if x.shape[0] % 2:
@@ -74,12 +67,3 @@ def merge_labels(labels, extra_labels, *, ignore_index=-100, name="nll_labels"):
     if not labels.is_cuda and not torch.compiler.is_compiling() and bool((both & (labels != extra_labels)).any()):
         raise ValueError(f"{name} must equal labels wherever both are not ignore_index={ignore_index}")
     return torch.where(labels != ignore_index, labels, extra_labels)
-
-
-def wpo_log_weights(token_logps, log_sum_sq_probs, mask):
-    """WPO's per-sequence log-weight mean_t(log p_t − log Σ_v p_v²) over ``mask`` (length
-    clamped to ≥ 1), detached: its exp is the sequence's weight under the policy's own
-    sharpened distribution (Zhou et al., 2024, Eq. 2)."""
-    values = (token_logps - log_sum_sq_probs).detach()
-    values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    return values.sum(-1) / mask.sum(-1).clamp(min=1).to(values.dtype)

@@ -186,7 +186,6 @@ def _kto_inputs(logits, g):
 
 
 def check_vp_losses(rank, world, backend):
-    from pyfused_po.distributed import DistributedFusedKTOLoss, DistributedFusedPreferenceLoss
     from pyfused_po.kto import FusedKTOLoss
     from pyfused_po.module import FusedPreferenceLoss
 
@@ -196,7 +195,7 @@ def check_vp_losses(rank, world, backend):
     ref_c = -torch.rand(2, generator=g, dtype=torch.float64) * 10 - 15
     ref_r = -torch.rand(2, generator=g, dtype=torch.float64) * 10 - 15
     for name, cfg in PAIRED_LOSSES.items():
-        module = DistributedFusedPreferenceLoss(**cfg, shift=True, backend=backend,
+        module = FusedPreferenceLoss(**cfg, shift=True, backend=backend,
                                                 vocab_parallel_group=dist.group.WORLD, vocab_start=s0)
         x = logits[..., s0:s1].clone().requires_grad_()
         refs = () if name == "simpo" else (ref_c, ref_r)
@@ -216,7 +215,7 @@ def check_vp_losses(rank, world, backend):
     h = hidden.clone().requires_grad_()
     w, b = head[s0:s1].clone().requires_grad_(), head_bias[s0:s1].clone().requires_grad_()
     cfg = PAIRED_LOSSES["simpo"]
-    out = DistributedFusedPreferenceLoss(**cfg, shift=True, backend=backend, vocab_parallel_group=dist.group.WORLD,
+    out = FusedPreferenceLoss(**cfg, shift=True, backend=backend, vocab_parallel_group=dist.group.WORLD,
                                          vocab_start=s0)(labels=labels, hidden=h, weight=w, bias=b)
     expect_counts("simpo fused-linear vocab-parallel forward", all_gather=1)
     out.loss.backward()
@@ -232,7 +231,7 @@ def check_vp_losses(rank, world, backend):
     desirable, ref_logps, kl = _kto_inputs(logits, g)
     kl_kw = dict(policy_kl_logps=kl[0].sum(-1), ref_kl_logps=kl[1].sum(-1))
     x = logits[..., s0:s1].clone().requires_grad_()
-    out = DistributedFusedKTOLoss(beta=0.2, shift=True, backend=backend, vocab_parallel_group=dist.group.WORLD,
+    out = FusedKTOLoss(beta=0.2, shift=True, backend=backend, vocab_parallel_group=dist.group.WORLD,
                                   vocab_start=s0)(x, labels, desirable, ref_logps, **kl_kw)
     expect_counts("kto vocab-parallel forward", all_gather=1)
     out.loss.backward()
@@ -247,7 +246,6 @@ def check_vp_losses(rank, world, backend):
 # ----------------------------------------------------------------------------- sequence parallel
 
 def check_sp_losses(rank, world, backend):
-    from pyfused_po.distributed import DistributedFusedKTOLoss, DistributedFusedPreferenceLoss
     from pyfused_po.kto import FusedKTOLoss
     from pyfused_po.module import FusedPreferenceLoss
 
@@ -264,7 +262,7 @@ def check_sp_losses(rank, world, backend):
         ("aot_unpaired", PAIRED_LOSSES["aot_unpaired"], dict(ref_logits=ref_logits)),
     ]
     for name, cfg, inputs in cases:
-        module = DistributedFusedPreferenceLoss(**cfg, backend=backend, sequence_parallel_group=dist.group.WORLD)
+        module = FusedPreferenceLoss(**cfg, backend=backend, sequence_parallel_group=dist.group.WORLD)
         x = logits[:, t0:t1].clone().requires_grad_()
         local = {k: v[:, t0:t1].to(torch.float32) if v.is_floating_point() else v[:, t0:t1]
                  for k, v in inputs.items()}
@@ -281,7 +279,7 @@ def check_sp_losses(rank, world, backend):
 
     desirable, _, kl = _kto_inputs(logits, g)
     x = logits[:, t0:t1].clone().requires_grad_()
-    module = DistributedFusedKTOLoss(beta=0.2, backend=backend, sequence_parallel_group=dist.group.WORLD)
+    module = FusedKTOLoss(beta=0.2, backend=backend, sequence_parallel_group=dist.group.WORLD)
     out = module(x, labels[:, t0:t1], desirable, ref_logits=ref_logits[:, t0:t1],
                  policy_kl_logps=kl[0][:, t0:t1].sum(-1), ref_kl_logps=kl[1][:, t0:t1].sum(-1))
     expect_counts("kto sequence-parallel forward", all_reduce=1)

@@ -3,25 +3,22 @@ collective runs (single process, no process group needed for these)."""
 import pytest
 import torch
 
-from pyfused_po.distributed import (
-    DistributedFusedKTOLoss,
-    DistributedFusedPreferenceLoss,
-    vocab_parallel_token_logprobs,
-)
+from pyfused_po import FusedKTOLoss, FusedPreferenceLoss
+from pyfused_po.distributed import vocab_parallel_token_logprobs
 from pyfused_po.distributed.vocab_stats import combine_stats, slice_labels
 
 
 def test_vocab_start_goes_with_group():
     with pytest.raises(ValueError, match="vocab_parallel_group and vocab_start"):
-        DistributedFusedPreferenceLoss(vocab_start=3)
+        FusedPreferenceLoss(vocab_start=3)
     with pytest.raises(ValueError, match="vocab_parallel_group and vocab_start"):
-        DistributedFusedKTOLoss(vocab_parallel_group=object())
+        FusedKTOLoss(vocab_parallel_group=object())
 
 
 @pytest.mark.parametrize("option", [dict(shift=True), dict(ld_alpha=0.5), dict(use_weighting=True)])
 def test_sequence_parallel_rejects_order_dependent_options(option):
     with pytest.raises(ValueError, match=next(iter(option))):
-        DistributedFusedPreferenceLoss(sequence_parallel_group=object(), **option)
+        FusedPreferenceLoss(sequence_parallel_group=object(), **option)
 
 
 def test_needs_initialized_group():
