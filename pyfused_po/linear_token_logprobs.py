@@ -172,7 +172,8 @@ def validate_linear_inputs(hidden, weight, bias, labels, config: TokenConfig, ba
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=False,
                           temperature=1.0, logit_scale=1.0, softcap=None, extras=(),
-                          backend="auto", impl="auto", chunk_tokens=None):
+                          backend="auto", impl="auto", chunk_tokens=None, vocab_parallel_group=None,
+                          vocab_start=None, reduce_grad_hidden=True):
     """Per-token log-probs of ``logits = hidden @ weight.T (+ bias)``, logits never materialized.
 
     Same results as ``token_logprobs(hidden @ weight.T + bias, labels, ...)``: the logit
@@ -190,6 +191,9 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` as in ``token_logprobs``.
         impl: ``"chunked"`` (cuBLAS GEMM per chunk of tokens + token fold), ``"fused"``
             (Triton tiles, Triton backend only) or ``"auto"`` (currently "chunked").
+        vocab_parallel_group, vocab_start, reduce_grad_hidden: ``weight`` (and ``bias``) are
+            this rank's rows ``[vocab_start, vocab_start + V_r)`` of an LM head sharded over
+            the process group (:func:`pyfused_po.distributed.vocab_parallel_linear_token_logprobs`).
         chunk_tokens: tokens per chunk for ``"chunked"`` (default: a ``[C, V]`` chunk of
             about 128M elements on CUDA, 4M on the CPU).
 
@@ -197,6 +201,16 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         float32 log-probs shaped like ``labels`` (float64 for float64 inputs on the torch
         backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
     """
+    if vocab_parallel_group is not None or vocab_start is not None:
+        from .distributed import vocab_parallel_linear_token_logprobs
+
+        if impl == "fused":
+            raise ValueError("vocab_parallel_group runs the chunked implementation; got impl='fused'")
+        return vocab_parallel_linear_token_logprobs(
+            hidden, weight, labels, group=vocab_parallel_group, vocab_start=vocab_start, bias_shard=bias,
+            ignore_index=ignore_index, shift=shift, temperature=temperature, logit_scale=logit_scale,
+            softcap=softcap, extras=extras, backend=backend, chunk_tokens=chunk_tokens,
+            reduce_grad_hidden=reduce_grad_hidden)
     extras = tuple(extras) if not isinstance(extras, str) else (extras,)
     config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
                          logit_scale=logit_scale, softcap=softcap, extras=extras)

@@ -174,7 +174,7 @@ def validate_token_inputs(logits, labels, config: TokenConfig, backend: str):
 
 def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperature=1.0,
                    logit_scale=1.0, softcap=None, extras=(), inplace_backward=False,
-                   backend="auto"):
+                   backend="auto", vocab_parallel_group=None, vocab_start=None):
     """Per-token ``log softmax(z)[label]`` of logits ``[..., V]``, fused, without an fp32 copy.
 
     ``z = softcap(logits · logit_scale) / temperature`` with ``softcap(u) = c·tanh(u/c)``
@@ -194,11 +194,22 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
             needs the logits' values after this call's backward starts.
         backend: ``"auto"`` (Triton for CUDA tensors or under ``TRITON_INTERPRET=1``),
             ``"triton"`` or ``"torch"`` (chunked PyTorch).
+        vocab_parallel_group, vocab_start: ``logits`` is this rank's vocabulary slice
+            ``[vocab_start, vocab_start + V_r)`` of a vocabulary sharded over the process
+            group (labels are full-vocabulary ids): one all-gather per forward, none in the
+            backward (:func:`pyfused_po.distributed.vocab_parallel_token_logprobs`).
 
     Returns:
         float32 log-probs shaped like ``labels`` (float64 for float64 logits on the torch
         backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
     """
+    if vocab_parallel_group is not None or vocab_start is not None:
+        from .distributed import vocab_parallel_token_logprobs
+
+        return vocab_parallel_token_logprobs(
+            logits, labels, group=vocab_parallel_group, vocab_start=vocab_start, ignore_index=ignore_index,
+            shift=shift, temperature=temperature, logit_scale=logit_scale, softcap=softcap, extras=extras,
+            inplace_backward=inplace_backward, backend=backend)
     extras = tuple(extras) if not isinstance(extras, str) else (extras,)
     config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
                          logit_scale=logit_scale, softcap=softcap, extras=extras)

@@ -128,6 +128,14 @@ def check_vp_token(rank, world, backend):
     expect_counts("vocab-parallel backward (in place)")
     close(leaf.grad, full.grad[..., s0:s1], GRAD_TOL, "grad logits (logps, mean_logit, in place)")
 
+    # The public entry point takes the same keywords.
+    import pyfused_po
+
+    again = pyfused_po.token_logprobs(finite[..., s0:s1], labels, vocab_parallel_group=dist.group.WORLD,
+                                      vocab_start=s0, backend=backend)
+    expect_counts("token_logprobs(vocab_parallel_group=)", all_gather=1)
+    close(again, ref["logps"], VAL_TOL, "token_logprobs(vocab_parallel_group=)")
+
 
 def check_vp_linear(rank, world, backend):
     from pyfused_po.distributed import vocab_parallel_linear_token_logprobs
@@ -160,6 +168,15 @@ def check_vp_linear(rank, world, backend):
     close(h.grad, fh.grad, GRAD_TOL, "linear grad hidden")
     close(w.grad, fw.grad[s0:s1], GRAD_TOL, "linear grad weight shard")
     close(b.grad, fb.grad[s0:s1], GRAD_TOL, "linear grad bias shard")
+
+    # The public entry point takes the same keywords.
+    import pyfused_po
+
+    again = pyfused_po.linear_token_logprobs(hidden, weight[s0:s1], labels, bias=bias[s0:s1], shift=True,
+                                             temperature=1.1, backend=backend, vocab_parallel_group=dist.group.WORLD,
+                                             vocab_start=s0)
+    expect_counts("linear_token_logprobs(vocab_parallel_group=)", all_gather=1)
+    close(again, ref["logps"], VAL_TOL, "linear_token_logprobs(vocab_parallel_group=)")
 
 
 PAIRED_LOSSES = {
