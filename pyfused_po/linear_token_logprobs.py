@@ -61,68 +61,91 @@ def _ops(backend, impl, chunk_tokens):
     return linear_launch if impl == "fused" else _Chunked(kernels, chunk_tokens)
 
 
+_SAVED = ("entropy", "log_sum_sq_probs")
+
+
+def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens):
+    """The forward on whole tensors: ``(results, lse, index)``.
+
+    ``results`` = ``[logp, *extras]`` (``config.extras`` order) and ``lse`` are shaped like
+    ``labels`` (0 where ignored); ``index`` = ``(rows, pos, targets)`` of the labelled tokens.
+    Shared by :class:`LinearTokenLogprobsFunction` (eager) and ``pyfused_po.ops`` (compiled).
+    """
+    ops = _ops(backend, impl, chunk_tokens)
+    T = labels.shape[-1]
+    index = _chunked.labelled_tokens(labels.reshape(-1, T), config.ignore_index, config.shift)
+    rows, pos, targets = index
+    logp_m, lse_m, outs_m = ops.linear_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, rows, targets,
+                                               extras=config.extras, **_kernel_kwargs(config))
+
+    def scatter(v):  # [M] per labelled token → zeros shaped like labels
+        full = torch.zeros(labels.numel(), device=labels.device, dtype=lse_m.dtype)
+        full[pos] = v
+        return full.view(labels.shape)
+
+    results = [scatter(logp_m)] + [scatter(outs_m[name]) for name in config.extras]
+    return results, scatter(lse_m), index
+
+
+def linear_backward(hidden, weight, bias, labels, lse, saved, grads, config: TokenConfig, backend, impl,
+                    chunk_tokens, needs, index=None):
+    """``(grad_hidden, grad_weight, grad_bias)`` (``None`` where not needed) from upstream
+    gradients shaped like ``labels``: ``grads`` maps ``logps`` and extras names to tensors
+    or ``None``; ``saved`` maps ``entropy`` / ``log_sum_sq_probs`` to the forward's outputs;
+    ``needs`` = which of hidden, weight, bias want a gradient; ``index`` as returned by
+    :func:`linear_forward` (recomputed from ``labels`` when not given)."""
+    need_h, need_w, need_b = needs
+    if index is None:
+        index = _chunked.labelled_tokens(labels.reshape(-1, labels.shape[-1]), config.ignore_index, config.shift)
+    rows, pos, targets = index
+
+    def gather(g):  # values at the labelled positions, [M] compute dtype
+        return None if g is None else g.reshape(-1).index_select(0, pos).to(lse.dtype).contiguous()
+
+    upstream = dict(grad_logp=gather(grads.get("logps")), grad_entropy=gather(grads.get("entropy")),
+                    grad_log_sum_sq_probs=gather(grads.get("log_sum_sq_probs")),
+                    grad_mean_logit=gather(grads.get("mean_logit")))
+    if not (need_h or need_w or need_b) or all(g is None for g in upstream.values()):
+        return None, None, None
+    gh, gw, gb = _ops(backend, impl, chunk_tokens).linear_backward(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, rows, targets, gather(lse),
+        entropy=gather(saved.get("entropy")), log_sum_sq_probs=gather(saved.get("log_sum_sq_probs")),
+        need_hidden=need_h, need_weight=need_w, need_bias=need_b, **upstream, **_kernel_kwargs(config),
+    )
+    gh = None if gh is None else gh.to(hidden.dtype).view(hidden.shape)
+    gw = None if gw is None else gw.to(weight.dtype)
+    gb = None if gb is None else gb.to(bias.dtype)
+    return gh, gw, gb
+
+
+def _kernel_kwargs(config: TokenConfig):
+    return dict(ignore_index=config.ignore_index, temperature=config.temperature,
+                logit_scale=config.logit_scale, softcap=config.softcap)
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     """``forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens)``
     returns ``(logps, *extras)`` shaped like ``labels``, extras in ``config.extras`` order."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens):
-        ops = _ops(backend, impl, chunk_tokens)
-        D = hidden.shape[-1]
-        T = labels.shape[-1]
-        labels2d = labels.reshape(-1, T)
-        hidden2d = hidden.reshape(-1, D)
-        rows, pos, targets = _chunked.labelled_tokens(labels2d, config.ignore_index, config.shift)
-        kw = dict(ignore_index=config.ignore_index, temperature=config.temperature,
-                  logit_scale=config.logit_scale, softcap=config.softcap)
-        logp_m, lse_m, outs_m = ops.linear_forward(hidden2d, weight, bias, rows, targets,
-                                                   extras=config.extras, **kw)
-        cdt = lse_m.dtype
-
-        def scatter(v):  # [M] per labelled token → zeros shaped like labels
-            full = torch.zeros(labels.numel(), device=labels.device, dtype=cdt)
-            full[pos] = v
-            return full.view(labels.shape)
-
-        results = [scatter(logp_m)] + [scatter(outs_m[name]) for name in config.extras]
-        ctx.config, ctx.ops, ctx.kw = config, ops, kw
-        ctx.hidden_shape = hidden.shape
-        saved_names = [n for n in ("entropy", "log_sum_sq_probs") if n in outs_m]
-        ctx.saved_names = saved_names
-        ctx.save_for_backward(hidden, weight, bias, rows, pos, targets, lse_m,
-                              *[outs_m[n] for n in saved_names])
+        results, lse, index = linear_forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens)
+        named = dict(zip(config.extras, results[1:]))
+        ctx.args = (config, backend, impl, chunk_tokens)
+        ctx.saved_names = [n for n in _SAVED if n in named]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, *index, *[named[n] for n in ctx.saved_names])
         if "is_top1" in config.extras:
-            ctx.mark_non_differentiable(results[1 + config.extras.index("is_top1")])
+            ctx.mark_non_differentiable(named["is_top1"])
         ctx.set_materialize_grads(False)
         return tuple(results)
 
     @staticmethod
     def backward(ctx, grad_logp, *grad_extras):
-        hidden, weight, bias, rows, pos, targets, lse_m, *saved = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        none = (None,) * 8
-        if not (need_h or need_w or need_b):
-            return none
-        named = dict(zip(ctx.config.extras, grad_extras))
-
-        def gather(g):  # upstream gradient at the labelled positions, [M] compute dtype
-            return None if g is None else g.reshape(-1).index_select(0, pos).to(lse_m.dtype).contiguous()
-
-        grads = dict(grad_logp=gather(grad_logp), grad_entropy=gather(named.get("entropy")),
-                     grad_log_sum_sq_probs=gather(named.get("log_sum_sq_probs")),
-                     grad_mean_logit=gather(named.get("mean_logit")))
-        if all(g is None for g in grads.values()):
-            return none
-        saved = dict(zip(ctx.saved_names, saved))
-        D = hidden.shape[-1]
-        gh, gw, gb = ctx.ops.linear_backward(
-            hidden.reshape(-1, D), weight, bias, rows, targets, lse_m,
-            entropy=saved.get("entropy"), log_sum_sq_probs=saved.get("log_sum_sq_probs"),
-            need_hidden=need_h, need_weight=need_w, need_bias=need_b, **grads, **ctx.kw,
-        )
-        gh = None if gh is None else gh.to(hidden.dtype).view(ctx.hidden_shape)
-        gw = None if gw is None else gw.to(weight.dtype)
-        gb = None if gb is None else gb.to(bias.dtype)
+        hidden, weight, bias, labels, lse, rows, pos, targets, *saved = ctx.saved_tensors
+        config = ctx.args[0]
+        grads = {"logps": grad_logp, **dict(zip(config.extras, grad_extras))}
+        gh, gw, gb = linear_backward(hidden, weight, bias, labels, lse, dict(zip(ctx.saved_names, saved)), grads,
+                                     *ctx.args, needs=ctx.needs_input_grad[:3], index=(rows, pos, targets))
         return gh, gw, gb, None, None, None, None, None
 
 
@@ -216,8 +239,13 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
                          logit_scale=logit_scale, softcap=softcap, extras=extras)
     resolved, impl = validate_linear_inputs(hidden, weight, bias, labels, config, backend, impl,
                                             chunk_tokens)
-    results = LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels, config, resolved,
-                                                impl, chunk_tokens)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the fused-linear stage is an opaque custom op pair (no graph break).
+        from .ops import compiled_linear_token_logprobs
+        results = compiled_linear_token_logprobs(hidden, weight, bias, labels, config, resolved, impl, chunk_tokens)
+    else:
+        results = LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels, config, resolved,
+                                                    impl, chunk_tokens)
     if not extras:
         return results[0]
     return TokenLogprobs(results[0], **dict(zip(extras, results[1:])))

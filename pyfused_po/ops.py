@@ -94,7 +94,7 @@ def _(logits, labels, lse, entropy, log_sum_sq_probs, grad_logp, grad_entropy, g
 
 def _setup_context(ctx, inputs, output):
     logits, labels, ignore_index, shift, temperature, logit_scale, softcap, extras, backend = inputs
-    named = dict(zip(extras, output[2:]))
+    named = dict(zip(_names(extras), output[2:]))
     ctx.save_for_backward(logits, labels, output[1], *[named.get(n) for n in _SAVED])
     ctx.extras = _names(extras)
     ctx.args = (ignore_index, shift, temperature, logit_scale, softcap, backend)
@@ -117,4 +117,97 @@ def compiled_token_logprobs(logits, labels, config, backend):
     outs = token_forward(logits, labels, config.ignore_index, config.shift, float(config.temperature),
                          float(config.logit_scale), None if config.softcap is None else float(config.softcap),
                          ",".join(config.extras), backend)
+    return (outs[0],) + tuple(outs[2:])
+
+
+# ------------------------------------------------------------------------ fused-linear token stage
+# The same pair for linear_token_logprobs.  Outputs are shaped like the labels (the number
+# of labelled tokens is data-dependent, so per-token tensors would have no static shape);
+# the backward recomputes the labelled-token index from the labels.
+
+
+def _linear_config(ignore_index, shift, temperature, logit_scale, softcap, extras):
+    from .token_logprobs import TokenConfig
+
+    return TokenConfig(ignore_index=ignore_index, shift=shift, temperature=temperature, logit_scale=logit_scale,
+                       softcap=softcap, extras=tuple(_names(extras)))
+
+
+@torch.library.custom_op("pyfused_po::linear_forward", mutates_args=())
+def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+                   shift: bool, temperature: float, logit_scale: float, softcap: Optional[float], extras: str,
+                   backend: str, impl: str, chunk_tokens: Optional[int]) -> List[Tensor]:
+    """``[logp, lse, *extras]`` shaped like ``labels`` (compute dtype)."""
+    from .linear_token_logprobs import linear_forward as forward
+
+    config = _linear_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
+    results, lse, _ = forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens)
+    return [results[0], lse] + results[1:]
+
+
+@linear_forward.register_fake
+def _(hidden, weight, bias, labels, ignore_index, shift, temperature, logit_scale, softcap, extras, backend, impl,
+      chunk_tokens):
+    cdt = _compute_dtype(hidden)
+    return [labels.new_empty(labels.shape, dtype=cdt) for _ in range(2 + len(_names(extras)))]
+
+
+@torch.library.custom_op("pyfused_po::linear_backward", mutates_args=())
+def linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
+                    entropy: Optional[Tensor], log_sum_sq_probs: Optional[Tensor], grad_logp: Optional[Tensor],
+                    grad_entropy: Optional[Tensor], grad_log_sum_sq_probs: Optional[Tensor],
+                    grad_mean_logit: Optional[Tensor], need_hidden: bool, need_weight: bool, need_bias: bool,
+                    ignore_index: int, shift: bool, temperature: float, logit_scale: float,
+                    softcap: Optional[float], backend: str, impl: str, chunk_tokens: Optional[int]) -> List[Tensor]:
+    """``[grad_hidden, grad_weight, grad_bias]``; a gradient not asked for is a zero-size tensor."""
+    from .linear_token_logprobs import linear_backward as backward
+
+    config = _linear_config(ignore_index, shift, temperature, logit_scale, softcap, "")
+    grads = {"logps": grad_logp, "entropy": grad_entropy, "log_sum_sq_probs": grad_log_sum_sq_probs,
+             "mean_logit": grad_mean_logit}
+    saved = {"entropy": entropy, "log_sum_sq_probs": log_sum_sq_probs}
+    out = backward(hidden, weight, bias, labels, lse, saved, grads, config, backend, impl,
+                                 chunk_tokens, needs=(need_hidden, need_weight, need_bias))
+    empty = hidden.new_empty(0)
+    return [empty if g is None else g.contiguous() for g in out]
+
+
+@linear_backward.register_fake
+def _(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logp, grad_entropy, grad_log_sum_sq_probs,
+      grad_mean_logit, need_hidden, need_weight, need_bias, *args):
+    def like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed and t is not None \
+            else hidden.new_empty(0)
+
+    return [like(hidden, need_hidden), like(weight, need_weight), like(bias, need_bias)]
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, shift, temperature, logit_scale, softcap, extras, backend, impl, \
+        chunk_tokens = inputs
+    named = dict(zip(_names(extras), output[2:]))
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1], *[named.get(n) for n in _SAVED])
+    ctx.extras = _names(extras)
+    ctx.args = (ignore_index, shift, temperature, logit_scale, softcap, backend, impl, chunk_tokens)
+
+
+def _linear_backward(ctx, grads):
+    hidden, weight, bias, labels, lse, entropy, lssp = ctx.saved_tensors
+    named = dict(zip(ctx.extras, grads[2:]))
+    needs = ctx.needs_input_grad[:3]
+    gh, gw, gb = linear_backward(hidden, weight, bias, labels, lse, entropy, lssp, grads[0], named.get("entropy"),
+                                 named.get("log_sum_sq_probs"), named.get("mean_logit"), needs[0], needs[1],
+                                 bool(needs[2] and bias is not None), *ctx.args)
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] and bias is not None else None,
+            *([None] * 10))
+
+
+linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def compiled_linear_token_logprobs(hidden, weight, bias, labels, config, backend, impl, chunk_tokens):
+    """``(logp, *extras)`` through the custom ops (the path taken under ``torch.compile``)."""
+    outs = linear_forward(hidden, weight, bias, labels, config.ignore_index, config.shift, float(config.temperature),
+                          float(config.logit_scale), None if config.softcap is None else float(config.softcap),
+                          ",".join(config.extras), backend, impl, chunk_tokens)
     return (outs[0],) + tuple(outs[2:])
