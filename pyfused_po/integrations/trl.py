@@ -114,17 +114,21 @@ def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto",
             kwargs.setdefault("output_router_logits", True)
         out = backbone(self)(*args, **kwargs)
         # Hidden state t predicts token t + 1 unless the labels come pre-shifted (context parallelism).
-        if shift_labels is None:
-            hidden, labels = out.last_hidden_state[:, :-1], labels[:, 1:]
-        else:
-            hidden, labels = out.last_hidden_state, shift_labels
+        hidden, shift = out.last_hidden_state, shift_labels is None
+        labels = labels if shift else shift_labels
         with gathered_lm_head(self) as (weight, bias):
             weight, bias = _head_dtype(weight, bias, hidden.device)
             hidden, labels = hidden.to(device=weight.device, dtype=weight.dtype), labels.to(weight.device)
             if pyfused_po_loss is not None:
+                if shift:  # the loss module takes pre-shifted inputs
+                    hidden, labels = hidden[:, :-1], labels[:, 1:]
                 return pyfused_po_loss(hidden=hidden, weight=weight, bias=bias, labels=labels)
+            # shift=True reads hidden row t for label t + 1 in place: no copy of the hidden states.
             res = linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras, temperature=temperature,
-                                        backend=backend, impl=linear_impl, **transform)
+                                        backend=backend, impl=linear_impl, shift=shift, **transform)
+        if shift:  # TRL's fields are aligned with labels[:, 1:]
+            labels = labels[:, 1:]
+            res = res[:, 1:] if not extras else type(res)(*(None if t is None else t[:, 1:] for t in res))
         got = dict(log_probs=res) if not extras else dict(res._asdict(), log_probs=res.logps)
         mask = labels != -100
         fields = dict(log_probs=got["log_probs"], entropy=got.get("entropy"), label_mask=mask)
