@@ -126,3 +126,21 @@ def test_fsdp2_dtensor_head_is_gathered_once(tmp_path, monkeypatch):
         torch.testing.assert_close(grad.full_tensor(), plain.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
     finally:
         dist.destroy_process_group()
+
+
+def test_per_token_arguments_are_aligned_with_input_ids():
+    """token_weights given like labels (aligned with input_ids): a zero weight on a response
+    token removes exactly that token from the sums, as masking its label does."""
+    model = tiny_model()
+    ids, labels = _batch(model.config.vocab_size)
+    rc, rr = torch.tensor([-20.0, -22.0]), torch.tensor([-21.0, -19.5])
+    loss_fn = FusedPreferenceLoss("sigmoid", beta=BETA, **hf.lm_head_transform(model))
+    weights = torch.ones(ids.shape)
+    weights[0, 5] = 0.0
+    masked = labels.clone()
+    masked[0, 5] = -100
+    with torch.no_grad():
+        by_weight = hf.model_preference_loss(model, loss_fn, ids, labels, ref_chosen_logps=rc,
+                                             ref_rejected_logps=rr, token_weights=weights)
+        by_label = hf.model_preference_loss(model, loss_fn, ids, masked, ref_chosen_logps=rc, ref_rejected_logps=rr)
+    torch.testing.assert_close(by_weight.losses, by_label.losses, rtol=1e-6, atol=1e-7)

@@ -147,7 +147,8 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
             (this helper shifts: hidden state ``t`` predicts token ``t + 1``).
         input_ids, attention_mask: ``[2P, T]``, pairs laid out ``[chosen; rejected]``.
         labels: ``[2P, T]`` token ids with ``ignore_index`` on prompt and padding, aligned with
-            ``input_ids`` (``shift=True``) or already shifted (``shift=False``).
+            ``input_ids`` (``shift=True``; per-token ``loss_kwargs`` such as ``token_weights``
+            are then aligned with ``input_ids`` too) or already shifted (``shift=False``).
         ref_model: a frozen reference model, run forward-only through the same path; or
             ``ref_chosen_logps`` / ``ref_rejected_logps`` precomputed.  Reference-free losses
             need neither.
@@ -164,15 +165,19 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
     if loss_fn.token_kwargs["shift"]:
         raise ValueError("model_preference_loss shifts labels itself; build loss_fn with shift=False")
     if shift:
-        labels = labels[:, 1:]
+        # Hidden state t predicts token t + 1: move the labels (and any per-token argument)
+        # one place left instead of slicing the hidden states, which would copy them.
+        ignore_index = loss_fn.token_kwargs["ignore_index"]
+        labels = _shift_left(labels, ignore_index)
+        for name in ("token_weights", "ref_token_logps", "nll_labels"):
+            if loss_kwargs.get(name) is not None:
+                value = loss_kwargs[name]
+                loss_kwargs[name] = _shift_left(value, ignore_index if not value.is_floating_point() else 0)
     hidden = last_hidden_states(model, input_ids, attention_mask)
-    if shift:
-        hidden = hidden[:, :-1]
     ref_hidden = None
     if ref_model is not None:
         with torch.no_grad():
             ref_hidden = last_hidden_states(ref_model, input_ids, attention_mask)
-            ref_hidden = ref_hidden[:, :-1] if shift else ref_hidden
     refs = dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     if ref_model is not None:
         with gathered_lm_head(ref_model) as (ref_w, ref_b), torch.no_grad():
@@ -181,6 +186,11 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
                             _reference_sums(loss_fn, ref_hidden, ref_w, ref_b, labels)))
     with gathered_lm_head(model) as (weight, bias):
         return loss_fn(labels=labels, hidden=hidden, weight=weight, bias=bias, **refs, **loss_kwargs)
+
+
+def _shift_left(x, fill):
+    """``x[:, 1:]`` padded back to ``x``'s length with ``fill``: position t holds token t + 1."""
+    return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
 
 
 def _reference_sums(loss_fn, ref_hidden, weight, bias, labels):
