@@ -157,3 +157,36 @@ def test_expo_configuration_errors():
     labels = torch.randint(0, V, (2 * P, T))
     with pytest.raises(ValueError, match="ref_logits="):
         module(logits=torch.randn(2 * P, T, V), labels=labels)
+
+
+@pytest.mark.parametrize("loss_type", sorted(set(pyfused_po.loss_types()) - {"expo"}))
+def test_every_loss_through_the_module_equals_preference_loss_on_reference_sums(loss_type):
+    """The module's three stages against preference_loss fed float64 sums computed here
+    from the formula (log-softmax of the full logits), loss, metrics and logits gradient."""
+    torch.manual_seed(1)
+    logits = torch.randn(2 * P, T, V, dtype=torch.float64) * 2
+    ref_logits = torch.randn(2 * P, T, V, dtype=torch.float64) * 2
+    labels = torch.randint(0, V, (2 * P, T))
+    labels[:, :2] = -100
+    labels[1, -2:] = -100
+    needs_ref = get_objective(loss_type).needs_reference
+    x = logits.clone().requires_grad_()
+    module = pyfused_po.FusedPreferenceLoss(loss_type, beta=0.3, shift=True, backend="torch", logit_metrics=False)
+    out = module(logits=x, labels=labels, **(dict(ref_logits=ref_logits) if needs_ref else {}))
+    out.loss.backward()
+
+    x_ref = logits.clone().requires_grad_()
+    tok = token_logprobs_ref(x_ref, labels, shift=True)["logps"]
+    mask = labels != -100
+    mask[:, 0] = False
+    sums, lengths = tok.sum(-1), mask.sum(-1).double()
+    ref_sums = token_logprobs_ref(ref_logits, labels, shift=True)["logps"].sum(-1)
+    refs = (ref_sums[:P], ref_sums[P:]) if needs_ref else (None, None)
+    expected = pyfused_po.preference_loss(sums[:P], sums[P:], *refs, loss_type=loss_type, beta=0.3,
+                                          chosen_lengths=lengths[:P], rejected_lengths=lengths[P:])
+    expected.loss.backward()
+    assert max_rel_err(out.losses, expected.losses) <= 1e-10
+    assert max_rel_err(x.grad, x_ref.grad) <= 1e-10
+    assert set(out.metrics) == set(expected.metrics)
+    for name in expected.metrics:
+        assert math.isclose(out.metrics[name].item(), expected.metrics[name].item(), rel_tol=1e-9, abs_tol=1e-12), name
