@@ -27,7 +27,7 @@ head under LoRA): one GEMM less per chunk.
 """
 import torch
 
-from .token_logprobs import TokenConfig, TokenLogprobs, resolve_backend, validate_token_config
+from .token_logprobs import TokenConfig, make_token_config, pack_results, resolve_backend, validate_token_config
 from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold
 from .validation import check_label_range, check_same_device, check_tensor
@@ -234,9 +234,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             ignore_index=ignore_index, shift=shift, temperature=temperature, logit_scale=logit_scale,
             softcap=softcap, extras=extras, backend=backend, chunk_tokens=chunk_tokens,
             reduce_grad_hidden=reduce_grad_hidden)
-    extras = tuple(extras) if not isinstance(extras, str) else (extras,)
-    config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
-                         logit_scale=logit_scale, softcap=softcap, extras=extras)
+    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
     resolved, impl = validate_linear_inputs(hidden, weight, bias, labels, config, backend, impl,
                                             chunk_tokens)
     if torch.compiler.is_compiling():
@@ -246,6 +244,4 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
     else:
         results = LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels, config, resolved,
                                                     impl, chunk_tokens)
-    if not extras:
-        return results[0]
-    return TokenLogprobs(results[0], **dict(zip(extras, results[1:])))
+    return pack_results(results, config.extras)

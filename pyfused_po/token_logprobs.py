@@ -101,32 +101,57 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, *grad_extras):
         logits, y2, lse, *saved = ctx.saved_tensors
-        config = ctx.config
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        B, T = ctx.rows
-        named_grads = dict(zip(config.extras, grad_extras))
-        saved = dict(zip(ctx.saved_names, saved))
-
-        def flat(g):  # upstream gradients as [B, T] contiguous in the compute dtype
-            return None if g is None else g.reshape(B, T).to(lse.dtype).contiguous()
-
-        grads = {
-            "grad_logp": flat(grad_logp),
-            "grad_entropy": flat(named_grads.get("entropy")),
-            "grad_log_sum_sq_probs": flat(named_grads.get("log_sum_sq_probs")),
-            "grad_mean_logit": flat(named_grads.get("mean_logit")),
-        }
-        if all(g is None for g in grads.values()):
-            return None, None, None, None, None
-        grad_logits = logits if ctx.inplace else torch.empty_like(logits)
-        ops = _backend.token_ops(ctx.backend)
-        ops.token_backward(
-            logits_view(logits, B, T), y2, lse, logits_view(grad_logits, B, T, inplace=True),
-            entropy=saved.get("entropy"), log_sum_sq_probs=saved.get("log_sum_sq_probs"),
-            **grads, **config.kernel_kwargs(),
-        )
+        grad_logits = run_token_backward(logits, y2, lse, dict(zip(ctx.saved_names, saved)), grad_logp,
+                                         grad_extras, ctx.config, ctx.backend, ctx.inplace, ctx.rows)
         return grad_logits, None, None, None, None
+
+
+def run_token_backward(logits, y2, lse, saved, grad_logp, grad_extras, config: TokenConfig, backend, inplace,
+                       rows, *, vocab_shard=False, mean_grad_scale=1.0):
+    """The token stage's backward from the upstream gradients of ``(logps, *extras)``:
+    the logits' gradient (written into ``logits`` itself when ``inplace``), or ``None``
+    when no gradient flows.  ``saved`` holds the forward's ``entropy`` / ``log_sum_sq_probs``
+    when those extras were computed.  ``vocab_shard`` / ``mean_grad_scale``: the
+    vocabulary-parallel form (a slice of the vocabulary; the mean is over the full one)."""
+    B, T = rows
+    named = dict(zip(config.extras, grad_extras))
+
+    def flat(g):  # upstream gradients as [B, T] contiguous in the compute dtype
+        return None if g is None else g.reshape(B, T).to(lse.dtype).contiguous()
+
+    grad_mean = flat(named.get("mean_logit"))
+    grads = {
+        "grad_logp": flat(grad_logp),
+        "grad_entropy": flat(named.get("entropy")),
+        "grad_log_sum_sq_probs": flat(named.get("log_sum_sq_probs")),
+        "grad_mean_logit": None if grad_mean is None else grad_mean * mean_grad_scale,
+    }
+    if all(g is None for g in grads.values()):
+        return None
+    grad_logits = logits if inplace else torch.empty_like(logits)
+    kw = dict(vocab_shard=True) if vocab_shard else {}
+    _backend.token_ops(backend).token_backward(
+        logits_view(logits, B, T), y2, lse, logits_view(grad_logits, B, T, inplace=True),
+        entropy=saved.get("entropy"), log_sum_sq_probs=saved.get("log_sum_sq_probs"),
+        **grads, **config.kernel_kwargs(), **kw,
+    )
+    return grad_logits
+
+
+def make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras) -> TokenConfig:
+    """The :class:`TokenConfig` of a public entry point's keywords (``extras`` may be one name)."""
+    extras = tuple(extras) if not isinstance(extras, str) else (extras,)
+    return TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
+                       logit_scale=logit_scale, softcap=softcap, extras=extras)
+
+
+def pack_results(results, extras):
+    """``(logps, *extras)`` → the public result: a tensor, or :class:`TokenLogprobs` with extras."""
+    if not extras:
+        return results[0]
+    return TokenLogprobs(results[0], **dict(zip(extras, results[1:])))
 
 
 def validate_token_config(config: TokenConfig):
@@ -210,9 +235,7 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
             logits, labels, group=vocab_parallel_group, vocab_start=vocab_start, ignore_index=ignore_index,
             shift=shift, temperature=temperature, logit_scale=logit_scale, softcap=softcap, extras=extras,
             inplace_backward=inplace_backward, backend=backend)
-    extras = tuple(extras) if not isinstance(extras, str) else (extras,)
-    config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
-                         logit_scale=logit_scale, softcap=softcap, extras=extras)
+    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
     resolved = validate_token_inputs(logits, labels, config, backend)
     if torch.compiler.is_compiling():
         # Under torch.compile the token stage is an opaque custom op pair (no graph break);
@@ -221,6 +244,4 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
         results = compiled_token_logprobs(logits, labels, config, resolved)
     else:
         results = TokenLogprobsFunction.apply(logits, labels, config, resolved, bool(inplace_backward))
-    if not extras:
-        return results[0]
-    return TokenLogprobs(results[0], **dict(zip(extras, results[1:])))
+    return pack_results(results, config.extras)

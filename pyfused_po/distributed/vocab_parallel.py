@@ -21,10 +21,12 @@ from .. import _backend
 from ..linear_token_logprobs import validate_linear_inputs
 from ..token_logprobs import (
     TokenConfig,
-    TokenLogprobs,
     _rows_view,
     logits_view,
+    make_token_config,
+    pack_results,
     resolve_backend,
+    run_token_backward,
     validate_token_config,
 )
 from ..torch_backend import linear as _chunked
@@ -121,39 +123,18 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return none
         logits, y2, lse_rows, *saved = ctx.saved_tensors
-        B, T = ctx.rows
-        named = dict(zip(ctx.config.extras, grad_extras))
-        saved = dict(zip(ctx.saved_names, saved))
-
-        def flat(g):
-            return None if g is None else g.reshape(B, T).to(lse_rows.dtype).contiguous()
-
-        grads = dict(grad_logp=flat(grad_logp), grad_entropy=flat(named.get("entropy")),
-                     grad_log_sum_sq_probs=flat(named.get("log_sum_sq_probs")),
-                     grad_mean_logit=_scaled_mean_grad(flat(named.get("mean_logit")), ctx.ratio))
-        if all(g is None for g in grads.values()):
-            return none
-        grad_logits = logits if ctx.inplace else torch.empty_like(logits)
-        # No communication: lse, entropy and log Σp² are already the global values.
-        _backend.token_ops(ctx.backend).token_backward(
-            logits_view(logits, B, T), y2, lse_rows, logits_view(grad_logits, B, T, inplace=True),
-            entropy=saved.get("entropy"), log_sum_sq_probs=saved.get("log_sum_sq_probs"),
-            vocab_shard=True, **grads, **ctx.config.kernel_kwargs())
+        # No communication: lse, entropy and log Σp² are already the global values; the
+        # kernels add g_M / V_local per logit, and the mean is over the full V.
+        grad_logits = run_token_backward(logits, y2, lse_rows, dict(zip(ctx.saved_names, saved)), grad_logp,
+                                         grad_extras, ctx.config, ctx.backend, ctx.inplace, ctx.rows,
+                                         vocab_shard=True, mean_grad_scale=ctx.ratio)
         return (grad_logits,) + none[1:]
 
 
 def _config(ignore_index, shift, temperature, logit_scale, softcap, extras):
-    extras = tuple(extras) if not isinstance(extras, str) else (extras,)
-    config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
-                         logit_scale=logit_scale, softcap=softcap, extras=extras)
+    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
     validate_token_config(config)
     return config
-
-
-def _result(results, extras):
-    if not extras:
-        return results[0]
-    return TokenLogprobs(results[0], **dict(zip(extras, results[1:])))
 
 
 def vocab_parallel_token_logprobs(logits_shard, labels, *, group, vocab_start, ignore_index=-100,
@@ -187,7 +168,7 @@ def vocab_parallel_token_logprobs(logits_shard, labels, *, group, vocab_start, i
     _check_label_floor(labels, ignore_index)
     results = VocabParallelTokenLogprobsFunction.apply(logits_shard, labels, config, resolved,
                                                        bool(inplace_backward), group, vocab_start)
-    return _result(results, config.extras)
+    return pack_results(results, config.extras)
 
 
 class VocabParallelLinearFunction(torch.autograd.Function):
@@ -287,4 +268,4 @@ def vocab_parallel_linear_token_logprobs(hidden, weight_shard, labels, *, group,
     _check_label_floor(labels, ignore_index)
     results = VocabParallelLinearFunction.apply(hidden, weight_shard, bias_shard, labels, config, resolved,
                                                 chunk_tokens, group, vocab_start, bool(reduce_grad_hidden))
-    return _result(results, config.extras)
+    return pack_results(results, config.extras)
