@@ -60,7 +60,6 @@ def token_kl_backward(logits, ref_logits, labels, lse, lse_r, grad_out, *, ignor
                       block_v=None):
     """Writes g·(p − p_ref) + g_y·(onehot(y) − p), times dz/dx, into ``grad_out``."""
     del block_v
-    B, T, _ = logits.shape
     cdt = _compute_dtype(logits)
     for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
         x = logits[b, rows].to(cdt)

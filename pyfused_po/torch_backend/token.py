@@ -125,16 +125,18 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
     """Writes ∂loss/∂logits into ``grad_out`` (may be ``logits`` itself).  Under
     ``vocab_shard`` the one-hot term is applied only to labels inside ``[0, V)``."""
     del block_v
-    B, T, V = logits.shape
+    V = logits.shape[-1]
     cdt = _compute_dtype(logits)
     for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
         x = logits[b, rows].to(cdt)
         z = _transform(x, logit_scale, temperature, softcap)
         logq = z - lse[b, rows].to(cdt).unsqueeze(-1)
         p = logq.exp()
-        dz = torch.zeros_like(z) if grad_logp is None else p * -grad_logp[b, pos].to(cdt).unsqueeze(-1)
-        if grad_logp is not None:
+        if grad_logp is None:
+            dz = torch.zeros_like(z)
+        else:
             g = grad_logp[b, pos].to(cdt).unsqueeze(-1)
+            dz = p * -g
             mine, index = _owned(targets, V, vocab_shard)
             if mine is not None:
                 g = torch.where(mine.unsqueeze(-1), g, torch.zeros_like(g))
