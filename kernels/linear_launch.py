@@ -116,9 +116,11 @@ def combine_splits(part, V, extras):
 def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=None, entropy=None,
                     grad_entropy=None, log_sum_sq_probs=None, grad_log_sum_sq_probs=None,
                     grad_mean_logit=None, need_hidden=True, need_weight=True, need_bias=True,
-                    ignore_index, temperature, logit_scale, softcap, block_v=None):
-    """fp32 ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``, ``None`` where not needed."""
-    del ignore_index
+                    ignore_index, temperature, logit_scale, softcap, block_v=None, grad_hidden_dtype=None):
+    """fp32 ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``, ``None`` where not needed.
+
+    The accumulators are fp32 whatever ``grad_hidden_dtype`` asks (it is at most fp32)."""
+    del ignore_index, grad_hidden_dtype
     M = rows.numel()
     V, D = weight.shape
     dev = hidden2d.device

@@ -27,6 +27,7 @@ head under LoRA): one GEMM less per chunk.
 """
 import torch
 
+from .mixed_precision import autocast_off, cast_operands, head_matmul_dtype
 from .token_logprobs import TokenConfig, make_token_config, pack_results, resolve_backend, validate_token_config
 from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold
@@ -64,19 +65,22 @@ def _ops(backend, impl, chunk_tokens):
 _SAVED = ("entropy", "log_sum_sq_probs")
 
 
-def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens):
+def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens, mm_dtype=None):
     """The forward on whole tensors: ``(results, lse, index)``.
 
     ``results`` = ``[logp, *extras]`` (``config.extras`` order) and ``lse`` are shaped like
     ``labels`` (0 where ignored); ``index`` = ``(rows, pos, targets)`` of the labelled tokens.
+    ``mm_dtype``: the GEMMs' operand dtype under autocast (:mod:`pyfused_po.mixed_precision`).
     Shared by :class:`LinearTokenLogprobsFunction` (eager) and ``pyfused_po.ops`` (compiled).
     """
     ops = _ops(backend, impl, chunk_tokens)
     T = labels.shape[-1]
     index = _chunked.labelled_tokens(labels.reshape(-1, T), config.ignore_index, config.shift)
     rows, pos, targets = index
-    logp_m, lse_m, outs_m = ops.linear_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, rows, targets,
-                                               extras=config.extras, **_kernel_kwargs(config))
+    hidden, weight, bias = cast_operands(mm_dtype, hidden, weight, bias)
+    with autocast_off(hidden.device.type):
+        logp_m, lse_m, outs_m = ops.linear_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, rows, targets,
+                                                   extras=config.extras, **_kernel_kwargs(config))
 
     def scatter(v):  # [M] per labelled token → zeros shaped like labels
         full = torch.zeros(labels.numel(), device=labels.device, dtype=lse_m.dtype)
@@ -88,12 +92,13 @@ def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, i
 
 
 def linear_backward(hidden, weight, bias, labels, lse, saved, grads, config: TokenConfig, backend, impl,
-                    chunk_tokens, needs, index=None):
+                    chunk_tokens, needs, index=None, mm_dtype=None):
     """``(grad_hidden, grad_weight, grad_bias)`` (``None`` where not needed) from upstream
     gradients shaped like ``labels``: ``grads`` maps ``logps`` and extras names to tensors
     or ``None``; ``saved`` maps ``entropy`` / ``log_sum_sq_probs`` to the forward's outputs;
     ``needs`` = which of hidden, weight, bias want a gradient; ``index`` as returned by
-    :func:`linear_forward` (recomputed from ``labels`` when not given)."""
+    :func:`linear_forward` (recomputed from ``labels`` when not given); ``mm_dtype`` as there.
+    Each gradient comes back in its input's dtype."""
     need_h, need_w, need_b = needs
     if index is None:
         index = _chunked.labelled_tokens(labels.reshape(-1, labels.shape[-1]), config.ignore_index, config.shift)
@@ -107,11 +112,14 @@ def linear_backward(hidden, weight, bias, labels, lse, saved, grads, config: Tok
                     grad_mean_logit=gather(grads.get("mean_logit")))
     if not (need_h or need_w or need_b) or all(g is None for g in upstream.values()):
         return None, None, None
-    gh, gw, gb = _ops(backend, impl, chunk_tokens).linear_backward(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, rows, targets, gather(lse),
-        entropy=gather(saved.get("entropy")), log_sum_sq_probs=gather(saved.get("log_sum_sq_probs")),
-        need_hidden=need_h, need_weight=need_w, need_bias=need_b, **upstream, **_kernel_kwargs(config),
-    )
+    h, w, b = cast_operands(mm_dtype, hidden, weight, bias)
+    with autocast_off(hidden.device.type):
+        gh, gw, gb = _ops(backend, impl, chunk_tokens).linear_backward(
+            h.reshape(-1, h.shape[-1]), w, b, rows, targets, gather(lse),
+            entropy=gather(saved.get("entropy")), log_sum_sq_probs=gather(saved.get("log_sum_sq_probs")),
+            need_hidden=need_h, need_weight=need_w, need_bias=need_b, **upstream, **_kernel_kwargs(config),
+            grad_hidden_dtype=None if mm_dtype is None else hidden.dtype,
+        )
     gh = None if gh is None else gh.to(hidden.dtype).view(hidden.shape)
     gw = None if gw is None else gw.to(weight.dtype)
     gb = None if gb is None else gb.to(bias.dtype)
@@ -124,14 +132,15 @@ def _kernel_kwargs(config: TokenConfig):
 
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
-    """``forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens)``
+    """``forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens, mm_dtype)``
     returns ``(logps, *extras)`` shaped like ``labels``, extras in ``config.extras`` order."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens):
-        results, lse, index = linear_forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens)
+    def forward(ctx, hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens, mm_dtype):
+        results, lse, index = linear_forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens,
+                                             mm_dtype)
         named = dict(zip(config.extras, results[1:]))
-        ctx.args = (config, backend, impl, chunk_tokens)
+        ctx.args, ctx.mm_dtype = (config, backend, impl, chunk_tokens), mm_dtype
         ctx.saved_names = [n for n in _SAVED if n in named]
         ctx.save_for_backward(hidden, weight, bias, labels, lse, *index, *[named[n] for n in ctx.saved_names])
         if "is_top1" in config.extras:
@@ -145,13 +154,15 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         config = ctx.args[0]
         grads = {"logps": grad_logp, **dict(zip(config.extras, grad_extras))}
         gh, gw, gb = linear_backward(hidden, weight, bias, labels, lse, dict(zip(ctx.saved_names, saved)), grads,
-                                     *ctx.args, needs=ctx.needs_input_grad[:3], index=(rows, pos, targets))
-        return gh, gw, gb, None, None, None, None, None
+                                     *ctx.args, needs=ctx.needs_input_grad[:3], index=(rows, pos, targets),
+                                     mm_dtype=ctx.mm_dtype)
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def validate_linear_inputs(hidden, weight, bias, labels, config: TokenConfig, backend, impl,
                            chunk_tokens):
-    """Checks before any kernel launches; returns ``(resolved_backend, resolved_impl)``."""
+    """Checks before any kernel launches; returns ``(resolved_backend, resolved_impl, mm_dtype)``
+    (``mm_dtype``: the GEMMs' dtype under autocast, else ``None``)."""
     check_tensor("hidden", hidden, floating=True, min_dim=2)
     check_tensor("weight", weight, floating=True)
     check_tensor("labels", labels, floating=False, min_dim=1)
@@ -176,9 +187,11 @@ def validate_linear_inputs(hidden, weight, bias, labels, config: TokenConfig, ba
             f"hidden must have shape labels.shape + (hidden_dim,) = {tuple(labels.shape)} + ({D},), "
             f"got hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)}"
         )
+    mm_dtype = head_matmul_dtype(hidden, weight, bias)
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != hidden.dtype:
-            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
+        if mm_dtype is None and t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}) outside torch.autocast, "
+                            f"got {t.dtype}")
     validate_token_config(config)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -190,7 +203,7 @@ def validate_linear_inputs(hidden, weight, bias, labels, config: TokenConfig, ba
         raise ValueError("impl='fused' runs Triton kernels; it needs backend='triton' or 'auto' "
                          f"on CUDA (or TRITON_INTERPRET=1), got backend={backend!r} resolving to 'torch'")
     check_label_range(labels, V, config.ignore_index)
-    return resolved, ("chunked" if impl == "auto" else impl)
+    return resolved, ("chunked" if impl == "auto" else impl), mm_dtype
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=False,
@@ -206,7 +219,10 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
 
     Args:
         hidden: ``[..., T, D]`` float16/bfloat16/float32 (float64 on the torch backend).
-        weight: ``[V, D]`` LM head, same dtype and device.  A weight with
+        weight: ``[V, D]`` LM head, same dtype and device.  Under ``torch.autocast`` the
+            dtypes may differ (as for ``F.linear``): the GEMMs run in the autocast dtype and
+            each gradient comes back in its input's dtype, ``grad_weight`` never rounded
+            below it (:mod:`pyfused_po.mixed_precision`).  A weight with
             ``requires_grad=False`` gets no gradient and costs no ``dW`` GEMM.
         labels: ``[..., T]`` integer token ids, ``hidden.shape[:-1] == labels.shape``.
         bias: optional ``[V]`` LM-head bias.
@@ -235,13 +251,14 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             softcap=softcap, extras=extras, backend=backend, chunk_tokens=chunk_tokens,
             reduce_grad_hidden=reduce_grad_hidden)
     config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
-    resolved, impl = validate_linear_inputs(hidden, weight, bias, labels, config, backend, impl,
-                                            chunk_tokens)
+    resolved, impl, mm_dtype = validate_linear_inputs(hidden, weight, bias, labels, config, backend, impl,
+                                                      chunk_tokens)
     if torch.compiler.is_compiling():
         # Under torch.compile the fused-linear stage is an opaque custom op pair (no graph break).
         from .ops import compiled_linear_token_logprobs
-        results = compiled_linear_token_logprobs(hidden, weight, bias, labels, config, resolved, impl, chunk_tokens)
+        results = compiled_linear_token_logprobs(hidden, weight, bias, labels, config, resolved, impl, chunk_tokens,
+                                                 mm_dtype)
     else:
         results = LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels, config, resolved,
-                                                    impl, chunk_tokens)
+                                                    impl, chunk_tokens, mm_dtype)
     return pack_results(results, config.extras)

@@ -178,6 +178,22 @@ def check_vp_linear(rank, world, backend):
     expect_counts("linear_token_logprobs(vocab_parallel_group=)", all_gather=1)
     close(again, ref["logps"], VAL_TOL, "linear_token_logprobs(vocab_parallel_group=)")
 
+    # bf16 autocast over an fp32 head: the numbers of one process under the same autocast,
+    # each gradient in its input's dtype (the backward runs outside the autocast region).
+    runs = []
+    for part, (a, z) in (("shard", (s0, s1)), ("whole", (0, V))):
+        ah, aw = hidden.clone().requires_grad_(), weight[a:z].clone().requires_grad_()
+        parallel = dict(vocab_parallel_group=dist.group.WORLD, vocab_start=s0) if part == "shard" else {}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pyfused_po.linear_token_logprobs(ah, aw, labels, shift=True, backend=backend, **parallel)
+        (out * c[0].float()).sum().backward()
+        runs.append((out, ah.grad, aw.grad))
+    (vp, vh, vw), (one, oh, ow) = runs
+    assert vh.dtype == vw.dtype == torch.float32, (vh.dtype, vw.dtype)
+    close(vp, one, 1e-5, "autocast vocab-parallel logps")
+    close(vh, oh, 1e-2, "autocast vocab-parallel grad hidden")
+    close(vw, ow[s0:s1], 1e-5, "autocast vocab-parallel grad weight shard")
+
 
 PAIRED_LOSSES = {
     "dpo": dict(loss_type="sigmoid", beta=0.1),

@@ -127,6 +127,8 @@ def test_linear_custom_ops_pass_opcheck():
     torch.manual_seed(0)
     hidden, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
     labels = torch.randint(0, 11, (2, 5))
-    args = (hidden, weight, None, labels, -100, True, 1.0, 1.0, None, "entropy", "torch", "chunked", None)
-    torch.library.opcheck(ops.linear_forward, args, test_utils=("test_schema", "test_faketensor",
-                                                               "test_autograd_registration"))
+    for mm_dtype in (None, torch.bfloat16):
+        args = (hidden, weight, None, labels, -100, True, 1.0, 1.0, None, "entropy", "torch", "chunked", None,
+                mm_dtype)
+        torch.library.opcheck(ops.linear_forward, args, test_utils=("test_schema", "test_faketensor",
+                                                                   "test_autograd_registration"))

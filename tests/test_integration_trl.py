@@ -28,12 +28,12 @@ RTOL, ATOL = 1e-3, 1e-4
 _TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "epoch", "step"}
 
 
-def _dpo(tmp_path, name, peft=False, **config):
+def _dpo(tmp_path, name, peft=False, bf16=False, **config):
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=2,
                      learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                     seed=0, data_seed=0, max_length=32, bf16=False, **config)
+                     seed=0, data_seed=0, max_length=32, bf16=bf16, **config)
     peft_config = None
     if peft:
         from peft import LoraConfig
@@ -97,6 +97,29 @@ def test_dpo_switch_matches_trl_lora(tmp_path):
     assert all("lora_" in name for name in grads)
     head = fused.model.get_base_model().get_output_embeddings().weight
     assert head.grad is None and not head.requires_grad
+
+
+def test_dpo_switch_matches_trl_bf16(tmp_path):
+    """accelerate's bf16 mixed precision.  The trainer prepares the reference model at
+    construction, wrapping its forward in autocast; the patch keeps that autocast, so at
+    step 1 (policy == reference) the rewards are exactly 0 as in TRL, and the head's GEMMs
+    run in bf16 in both models.  The torch backend is used because the Triton interpreter
+    truncates bf16 stores where the GPU rounds them to nearest; its numerics equal TRL's."""
+    base, fused = _dpo(tmp_path, "base", bf16=True), _dpo(tmp_path, "fused", bf16=True)
+    pfi.apply(fused, backend="torch")
+    base_logs, fused_logs = _logs(base), _logs(fused)
+    for logs in (base_logs, fused_logs):
+        assert all(logs[0][k] == 0.0 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"))
+    _assert_same_logs(base_logs, fused_logs)
+
+
+def test_patch_warns_when_it_would_drop_accelerate_autocast():
+    from _hf_tiny import tiny_model
+
+    model = tiny_model()
+    model._original_forward = model.forward  # what accelerate's prepare() leaves with mixed precision
+    with pytest.warns(UserWarning, match="accelerate's mixed-precision autocast"):
+        pfi.patch_model(model)
 
 
 def test_kto_switch_matches_trl(tmp_path):

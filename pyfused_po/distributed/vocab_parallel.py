@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .. import _backend
 from ..linear_token_logprobs import validate_linear_inputs
+from ..mixed_precision import autocast_off, cast_operands
 from ..token_logprobs import (
     TokenConfig,
     _rows_view,
@@ -173,19 +174,22 @@ def vocab_parallel_token_logprobs(logits_shard, labels, *, group, vocab_start, i
 
 class VocabParallelLinearFunction(torch.autograd.Function):
     """``forward(hidden, weight_shard, bias_shard, labels, config, backend, chunk_tokens, group,
-    vocab_start, reduce_grad_hidden)`` → ``(logps, *extras)`` shaped like ``labels``."""
+    vocab_start, reduce_grad_hidden, mm_dtype)`` → ``(logps, *extras)`` shaped like ``labels``
+    (``mm_dtype``: :mod:`pyfused_po.mixed_precision`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, config, backend, chunk_tokens, group, vocab_start,
-                reduce_grad_hidden):
+                reduce_grad_hidden, mm_dtype):
         fold = _SliceFold(_backend.token_ops(backend))
         D, T, v_local = hidden.shape[-1], labels.shape[-1], weight.shape[0]
         rows, pos, targets = _chunked.labelled_tokens(labels.reshape(-1, T), config.ignore_index, config.shift)
         targets = slice_labels(targets, vocab_start, v_local, config.ignore_index)
         kw = dict(ignore_index=config.ignore_index, temperature=config.temperature,
                   logit_scale=config.logit_scale, softcap=config.softcap, chunk_tokens=chunk_tokens, fold=fold)
-        target, lse, outs = _chunked.linear_forward(hidden.reshape(-1, D), weight, bias, rows, targets,
-                                                    extras=config.extras, **kw)
+        h, w, b = cast_operands(mm_dtype, hidden, weight, bias)
+        with autocast_off(hidden.device.type):
+            target, lse, outs = _chunked.linear_forward(h.reshape(-1, D), w, b, rows, targets,
+                                                        extras=config.extras, **kw)
         logp, lse_all, extras, ratio = _combine(lse, target, outs, config, v_local, vocab_start, group, labels)
 
         def scatter(v):  # [M] per labelled token → zeros shaped like labels
@@ -195,7 +199,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
 
         results = [scatter(logp)] + [scatter(extras[n]) for n in config.extras]
         saved_names = [n for n in ("entropy", "log_sum_sq_probs") if n in extras]
-        ctx.saved_names, ctx.kw, ctx.ratio = saved_names, kw, ratio
+        ctx.saved_names, ctx.kw, ctx.ratio, ctx.mm_dtype = saved_names, kw, ratio, mm_dtype
         ctx.config, ctx.group, ctx.reduce, ctx.hidden_shape = config, group, reduce_grad_hidden, hidden.shape
         ctx.save_for_backward(hidden, weight, bias, rows, pos, targets, lse_all, *[extras[n] for n in saved_names])
         if "is_top1" in config.extras:
@@ -207,7 +211,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, *grad_extras):
         hidden, weight, bias, rows, pos, targets, lse, *saved = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        none = (None,) * 10
+        none = (None,) * 11
         if not (need_h or need_w or need_b):
             return none
         named = dict(zip(ctx.config.extras, grad_extras))
@@ -222,10 +226,12 @@ class VocabParallelLinearFunction(torch.autograd.Function):
             return none
         saved = dict(zip(ctx.saved_names, saved))
         D = hidden.shape[-1]
-        gh, gw, gb = _chunked.linear_backward(
-            hidden.reshape(-1, D), weight, bias, rows, targets, lse, entropy=saved.get("entropy"),
-            log_sum_sq_probs=saved.get("log_sum_sq_probs"), need_hidden=need_h, need_weight=need_w,
-            need_bias=need_b, **grads, **ctx.kw)
+        h, w, b = cast_operands(ctx.mm_dtype, hidden, weight, bias)
+        with autocast_off(hidden.device.type):
+            gh, gw, gb = _chunked.linear_backward(
+                h.reshape(-1, D), w, b, rows, targets, lse, entropy=saved.get("entropy"),
+                log_sum_sq_probs=saved.get("log_sum_sq_probs"), need_hidden=need_h, need_weight=need_w,
+                need_bias=need_b, grad_hidden_dtype=None if ctx.mm_dtype is None else hidden.dtype, **grads, **ctx.kw)
         if gh is not None:
             if ctx.reduce:
                 # dH = Σ_r G_r·W_r: each rank holds one term (Megatron's column-parallel input
@@ -263,9 +269,9 @@ def vocab_parallel_linear_token_logprobs(hidden, weight_shard, labels, *, group,
     # The single-device checks apply to the slice (its V_r rows); labels are checked
     # against the full vocabulary after the forward's gather.
     check_tensor("labels", labels, floating=False, min_dim=1)
-    resolved, _ = validate_linear_inputs(hidden, weight_shard, bias_shard, labels.new_full(labels.shape, ignore_index)
+    resolved, _, mm_dtype = validate_linear_inputs(hidden, weight_shard, bias_shard, labels.new_full(labels.shape, ignore_index)
                                          if labels.numel() else labels, config, backend, "chunked", chunk_tokens)
     _check_label_floor(labels, ignore_index)
     results = VocabParallelLinearFunction.apply(hidden, weight_shard, bias_shard, labels, config, resolved,
-                                                chunk_tokens, group, vocab_start, bool(reduce_grad_hidden))
+                                                chunk_tokens, group, vocab_start, bool(reduce_grad_hidden), mm_dtype)
     return pack_results(results, config.extras)

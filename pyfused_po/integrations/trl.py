@@ -15,8 +15,10 @@ forward with one of the same contract computed by :func:`pyfused_po.linear_token
 
 Supported: TRL ``>= 1.16, < 2`` (:data:`SUPPORTED_TRL`); other versions raise.
 """
+import contextlib
 import functools
 import types
+import warnings
 from importlib import metadata
 
 import torch
@@ -67,16 +69,14 @@ def _inner(model):
     return get_base() if callable(get_base) else model
 
 
-def _head_dtype(weight, bias, device):
-    """Under autocast the head would run in the autocast dtype: cast the (gathered) head to it."""
-    if torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return weight, bias
+def _prepared_with_autocast(target):
+    """True when ``accelerate``'s ``prepare`` has wrapped ``target.forward`` in its mixed-precision
+    autocast (it keeps the unwrapped forward as ``_original_forward``)."""
+    return "_original_forward" in vars(target)
 
 
-def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto", linear_impl="auto"):
+def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto", linear_impl="auto",
+                autocast=None):
     """Give ``model`` (a Transformers causal LM, or a PEFT model wrapping one) TRL's fused-head
     call: ``model(..., labels=labels, fused_lm_head=True)`` returns a
     ``trl.trainer.utils.FusedCausalLMOutput`` computed by pyfused_po.  Without
@@ -85,6 +85,11 @@ def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto",
     ``outputs``: TRL names of the per-token fields to compute (``log_probs`` always).
     ``temperature``: the logits are divided by it (TRL's DPO/KTO use 1).
     ``backend`` / ``linear_impl``: as :func:`pyfused_po.linear_token_logprobs`.
+    ``autocast``: a zero-argument callable returning a context manager to run the fused forward
+    in, e.g. ``accelerator.autocast``.  Needed only when the model was already prepared by
+    ``accelerate`` with mixed precision: that autocast lives in the ``forward`` this patch
+    replaces (:func:`apply` passes the trainer's).  A model prepared after patching is wrapped
+    by ``accelerate`` as usual.
     The model config's logit softcap / scale is applied as Transformers applies it.
 
     Extra keyword ``pyfused_po_loss=callable`` (used by :func:`use_preference_loss`) calls
@@ -102,6 +107,10 @@ def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto",
     transform = lm_head_transform(target)
     text_config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
     previous = getattr(target, "_pyfused_po_previous_forward", None) or target.forward
+    if autocast is None and _prepared_with_autocast(target):
+        warnings.warn(f"{type(target).__name__}.forward was wrapped by accelerate's mixed-precision autocast, which "
+                      "this patch replaces; pass autocast=accelerator.autocast to keep it", stacklevel=2)
+    context = autocast or contextlib.nullcontext
 
     @functools.wraps(type(target).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
@@ -109,6 +118,10 @@ def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto",
         if not fused_lm_head:
             passed = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
             return previous(*args, **{k: v for k, v in passed.items() if v is not None}, **kwargs)
+        with context():
+            return fused_forward(self, args, labels, shift_labels, num_items_in_batch, pyfused_po_loss, kwargs)
+
+    def fused_forward(self, args, labels, shift_labels, num_items_in_batch, pyfused_po_loss, kwargs):
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
@@ -117,8 +130,9 @@ def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto",
         hidden, shift = out.last_hidden_state, shift_labels is None
         labels = labels if shift else shift_labels
         with gathered_lm_head(self) as (weight, bias):
-            weight, bias = _head_dtype(weight, bias, hidden.device)
-            hidden, labels = hidden.to(device=weight.device, dtype=weight.dtype), labels.to(weight.device)
+            hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+            if not torch.is_autocast_enabled(weight.device.type):  # under autocast the head GEMMs cast (as F.linear)
+                hidden = hidden.to(weight.dtype)
             if pyfused_po_loss is not None:
                 if shift:  # the loss module takes pre-shifted inputs
                     hidden, labels = hidden[:, :-1], labels[:, 1:]
@@ -183,9 +197,13 @@ def apply(trainer_or_model, *, backend="auto", linear_impl="auto"):
     else:
         raise TypeError(f"pyfused_po.integrations.trl.apply supports trl.DPOTrainer and trl.KTOTrainer "
                         f"(or a model), got {type(trainer).__name__}")
-    patch_model(trainer.model, outputs=outputs, **kw)
+    # The trainer prepares the reference model at construction (the policy only in train()): its
+    # forward already carries accelerate's autocast, which the patch must keep.
+    keep = dict(autocast=trainer.accelerator.autocast)
+    patch_model(trainer.model, outputs=outputs, **kw, **(keep if _prepared_with_autocast(_inner(trainer.model)) else {}))
     if getattr(trainer, "ref_model", None) is not None:
-        patch_model(trainer.ref_model, outputs=("log_probs",), **kw)
+        patch_model(trainer.ref_model, outputs=("log_probs",), **kw,
+                    **(keep if _prepared_with_autocast(trainer.ref_model) else {}))
     return trainer
 
 

@@ -71,17 +71,25 @@ def _chunk_logits(hidden2d, weight, bias, idx):
     return h, torch.addmm(bias, h, weight.t())
 
 
+def _mm(a, b, dtype):
+    """``a·b`` returned in ``dtype`` (fp32 for bf16/fp16 operands: the product is never
+    rounded to the operands' precision)."""
+    if a.dtype == dtype:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        try:  # cuBLAS GEMM with an fp32 output
+            return torch.mm(a, b, out_dtype=dtype)
+        except (TypeError, RuntimeError):
+            return torch.mm(a, b).to(dtype)
+    return torch.mm(a.to(dtype), b.to(dtype))  # CPU: widen the operands (exact products)
+
+
 def _accumulate_mm(acc, a, b):
     """``acc += a·b`` with ``acc`` fp32/fp64 and ``a``, ``b`` in the input dtype."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda:
-        try:  # GEMM with fp32 output: no rounding of the partial sum to bf16/fp16
-            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-        except (TypeError, RuntimeError):
-            acc.add_(torch.mm(a, b).to(acc.dtype))
     else:
-        acc.add_(torch.mm(a, b).to(acc.dtype))
+        acc.add_(_mm(a, b, acc.dtype))
 
 
 def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, temperature,
@@ -112,16 +120,19 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
                     entropy=None, grad_entropy=None, log_sum_sq_probs=None,
                     grad_log_sum_sq_probs=None, grad_mean_logit=None, need_hidden=True,
                     need_weight=True, need_bias=True, ignore_index, temperature, logit_scale,
-                    softcap, chunk_tokens=None, fold=_torch_fold):
-    """``(grad_hidden [N, D] input dtype, grad_weight [V, D] fp32, grad_bias [V] fp32)``.
+                    softcap, chunk_tokens=None, fold=_torch_fold, grad_hidden_dtype=None):
+    """``(grad_hidden [N, D], grad_weight [V, D] fp32, grad_bias [V] fp32)``.
 
+    ``grad_hidden`` is in ``grad_hidden_dtype`` (default: the input dtype; fp32 when the
+    operands were cast down from fp32 by autocast, so that rounding is not added).
     Per-token upstream gradients and saved values are ``[M]`` aligned with ``rows``;
     a gradient not needed is returned as ``None``.
     """
     M, V = rows.numel(), weight.shape[0]
     cdt = compute_dtype(hidden2d)
     dev = hidden2d.device
-    gh = torch.zeros_like(hidden2d, memory_format=torch.contiguous_format) if need_hidden else None
+    gh_dtype = grad_hidden_dtype or hidden2d.dtype
+    gh = torch.zeros(hidden2d.shape, device=dev, dtype=gh_dtype) if need_hidden else None
     gw = torch.zeros(weight.shape, device=dev, dtype=cdt) if need_weight else None
     gb = torch.zeros(V, device=dev, dtype=cdt) if (need_bias and bias is not None) else None
     C = chunk_size(M, V, dev, chunk_tokens)
@@ -147,7 +158,7 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
         )
         G = x
         if gh is not None:
-            gh.index_copy_(0, idx, torch.matmul(G, weight))
+            gh.index_copy_(0, idx, _mm(G, weight, gh_dtype))
         if gw is not None:
             _accumulate_mm(gw, G.t(), h)
         if gb is not None:
