@@ -43,6 +43,27 @@ def test_linear_token_logprobs_on_gpu(impl, dtype):
         assert max_rel_err(a.grad, b.grad) <= GRAD_TOL[dtype], name
 
 
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_linear_under_cuda_autocast(impl):
+    """fp32 hidden and head under bf16 autocast; autograd runs the backward on its own CUDA
+    thread, outside the autocast region: the GEMMs must still see bf16 operands there (the
+    reference is float64 on the bf16-rounded operands) and grad_weight must stay fp32."""
+    hidden, weight, bias, labels = _linear_case(torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = pyfused_po.linear_token_logprobs(*leaves[:2], labels, bias=leaves[2], shift=True, impl=impl)
+    w = torch.randn(labels.shape, device="cuda", dtype=torch.float64)
+    (w * out.double()).sum().backward()
+    ref_leaves = [t.detach().bfloat16().double().requires_grad_() for t in (hidden, weight, bias)]
+    ref = token_logprobs_ref(ref_leaves[0] @ ref_leaves[1].t() + ref_leaves[2], labels, shift=True)
+    (w * ref["logps"]).sum().backward()
+    assert max_rel_err(out, ref["logps"]) <= VALUE_TOL[torch.bfloat16]
+    for a, b, name in zip(leaves, ref_leaves, ("hidden", "weight", "bias")):
+        assert a.grad.dtype == torch.float32, name
+        assert max_rel_err(a.grad, b.grad) <= GRAD_TOL[torch.bfloat16], name
+    assert (leaves[1].grad.bfloat16().float() != leaves[1].grad).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_kl_on_gpu(dtype):
     B, T, V = 2, 256, 32_003
