@@ -122,7 +122,9 @@ def test_patch_warns_when_it_would_drop_accelerate_autocast():
         pfi.patch_model(model)
 
 
-def test_kto_switch_matches_trl(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_kto_switch_matches_trl(tmp_path, bf16):
+    """KTO, also under accelerate's bf16 autocast (torch backend there: see the DPO bf16 test)."""
     from trl import KTOConfig, KTOTrainer
 
     rows = []
@@ -133,12 +135,12 @@ def test_kto_switch_matches_trl(tmp_path):
     def make(name):
         args = KTOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=2,
                          learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                         seed=0, data_seed=0, max_length=32, bf16=False)
+                         seed=0, data_seed=0, max_length=32, bf16=bf16)
         torch.manual_seed(0)
         return KTOTrainer(model=tiny_model(), ref_model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
                           train_dataset=datasets.Dataset.from_list(rows))
 
-    base, fused = make("base"), pfi.apply(make("fused"))
+    base, fused = make("base"), pfi.apply(make("fused"), backend="torch" if bf16 else "auto")
     _assert_same_logs(_logs(base), _logs(fused))
 
 
