@@ -132,3 +132,27 @@ def test_linear_custom_ops_pass_opcheck():
                 mm_dtype)
         torch.library.opcheck(ops.linear_forward, args, test_utils=("test_schema", "test_faketensor",
                                                                    "test_autograd_registration"))
+
+
+def test_linear_path_compiles_under_autocast():
+    """torch.compile(fullgraph) of the hidden path inside bf16 autocast: the autocast dtype
+    reaches the custom ops, so compiled and eager agree exactly (fp32 gradients)."""
+    from pyfused_po import linear_token_logprobs
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 7, 16), torch.randn(37, 16)
+    labels = torch.randint(0, 37, (2, 7))
+
+    def f(h, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_token_logprobs(h, w, labels, backend="torch", shift=True).sum()
+
+    runs = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fn(h, w)
+        loss.backward()
+        runs.append((loss.detach(), h.grad, w.grad))
+    for eager, compiled in zip(*runs):
+        assert compiled.dtype == torch.float32
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
