@@ -351,9 +351,62 @@ def check_sp_sums(rank, world, backend):
     close(v.grad, full.grad[:, t0:t1], 1e-12, "grad of a function of the sums")
 
 
+# ----------------------------------------------------------------------------- vocabulary × sequence
+
+def check_mesh_losses(rank, world, backend):
+    """A 2 × 2 mesh: ranks {0, 1} and {2, 3} split the vocabulary, {0, 2} and {1, 3} the
+    sequence.  Each rank holds a [tokens slice, vocabulary slice] block of the logits (or
+    its hidden slice and head shard); loss, metrics and gradients equal the unsplit ones."""
+    from pyfused_po.module import FusedPreferenceLoss
+
+    assert world == 4, world
+    # Every rank creates every group, in the same order.
+    vocab_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    seq_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    v_rank, s_rank = rank % 2, rank // 2
+    groups = dict(vocab_parallel_group=vocab_groups[rank // 2], sequence_parallel_group=seq_groups[rank % 2])
+    logits, labels, _, _, g = paired_batch()
+    T, V = labels.shape[1], logits.shape[-1]
+    (t0, t1), (s0, s1) = my_range(T, 2, s_rank), my_range(V, 2, v_rank)
+    ref_c = -torch.rand(2, generator=g, dtype=torch.float64) * 10 - 15
+    ref_r = -torch.rand(2, generator=g, dtype=torch.float64) * 10 - 15
+    cfg = PAIRED_LOSSES["dpo"]
+    x = logits[:, t0:t1, s0:s1].clone().requires_grad_()
+    out = FusedPreferenceLoss(**cfg, backend=backend, vocab_start=s0, **groups)(x, labels[:, t0:t1], ref_c, ref_r)
+    expect_counts("dpo 2-D forward", all_gather=1, all_reduce=1)
+    out.loss.backward()
+    expect_counts("dpo 2-D backward")
+    full = logits.double().requires_grad_()
+    ref = FusedPreferenceLoss(**cfg, backend="torch")(full, labels, ref_c, ref_r)
+    ref.loss.backward()
+    _compare_outputs(out, ref, "2-D dpo")
+    close(x.grad, full.grad[:, t0:t1, s0:s1], GRAD_TOL, "2-D dpo grad logits block")
+
+    hidden = torch.randn(4, T, 6, generator=g)
+    head = torch.randn(V, 6, generator=g) * 0.6
+    h, w = hidden[:, t0:t1].clone().requires_grad_(), head[s0:s1].clone().requires_grad_()
+    cfg = PAIRED_LOSSES["simpo"]
+    out = FusedPreferenceLoss(**cfg, backend=backend, vocab_start=s0, **groups)(
+        labels=labels[:, t0:t1], hidden=h, weight=w)
+    expect_counts("simpo fused-linear 2-D forward", all_gather=1, all_reduce=1)
+    out.loss.backward()
+    expect_counts("simpo fused-linear 2-D backward", all_reduce=1)  # grad_hidden over the vocabulary group
+    fh, fw = hidden.double().requires_grad_(), head.double().requires_grad_()
+    ref = FusedPreferenceLoss(**cfg, backend="torch")(labels=labels, hidden=fh, weight=fw)
+    ref.loss.backward()
+    _compare_outputs(out, ref, "2-D simpo fused-linear")
+    close(h.grad, fh.grad[:, t0:t1], GRAD_TOL, "2-D simpo grad hidden slice")
+    # Each rank's head gradient covers its tokens only; the sum over the sequence group is the true one.
+    dist.all_reduce(w.grad, group=groups["sequence_parallel_group"])
+    close(w.grad, fw.grad[s0:s1], GRAD_TOL, "2-D simpo grad weight shard (summed over the sequence group)")
+
+
 VP_CHECKS = {"vp_token": check_vp_token, "vp_linear": check_vp_linear, "vp_losses": check_vp_losses}
 SP_CHECKS = {"sp_losses": check_sp_losses, "sp_sums": check_sp_sums}
+MESH_CHECKS = {"mesh_losses": check_mesh_losses}
 CHECK_NAMES = [f"{name}[{backend}]" for name in {**VP_CHECKS, **SP_CHECKS} for backend in BACKENDS]
+MESH_CHECK_NAMES = [f"{name}[{backend}]" for name in MESH_CHECKS for backend in BACKENDS]
+MESH_WORLD = 4  # the 2 × 2 mesh runs alone in a world of 4; the 1-D checks in the other worlds
 
 
 def main():
@@ -364,7 +417,7 @@ def main():
     dist.all_gather = _count("all_gather", dist.all_gather)
     dist.all_reduce = _count("all_reduce", dist.all_reduce)
     report = {}
-    for name, fn in {**VP_CHECKS, **SP_CHECKS}.items():
+    for name, fn in (MESH_CHECKS if world == MESH_WORLD else {**VP_CHECKS, **SP_CHECKS}).items():
         for backend in BACKENDS:
             reset_counts()
             try:
