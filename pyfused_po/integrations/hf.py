@@ -12,15 +12,17 @@ Sharded heads are gathered for the duration of the loss:
 * FSDP2 holds the head as a ``DTensor``: ``full_tensor()`` once per call (its autograd
   reduces the gradient back to the shards);
 * DeepSpeed ZeRO-3 partitions parameters to ``numel 0`` outside their module's forward:
-  the head is gathered inside ``deepspeed.zero.GatheredParameters`` and copied once for
-  the step (the fused-linear backward needs it after the context has re-partitioned the
-  parameter); its gradient flows back to the partitioned parameter.
+  the fused loss runs *as the head module's forward* (:func:`with_lm_head`), so ZeRO-3's
+  own hooks gather the head for the forward and again for the backward, and reduce-scatter
+  its gradient, as for ``lm_head(hidden)``.  The forward-only reference model's head is
+  gathered with ``deepspeed.zero.GatheredParameters`` (:func:`gathered_lm_head`).
 """
 import contextlib
+import dataclasses
 
 import torch
 
-__all__ = ["lm_head_transform", "backbone", "last_hidden_states", "gathered_lm_head",
+__all__ = ["lm_head_transform", "backbone", "last_hidden_states", "gathered_lm_head", "with_lm_head",
            "model_preference_loss"]
 
 
@@ -84,19 +86,28 @@ def _zero3_params(*params):
     return [p for p in params if p is not None and hasattr(p, "ds_id")]
 
 
+def _head(model):
+    head = _unwrap(model).get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise TypeError(f"{type(_unwrap(model)).__name__}.get_output_embeddings() returned no head with a weight")
+    return head
+
+
 @contextlib.contextmanager
 def gathered_lm_head(model):
     """Yield the LM head's ``(weight, bias)`` as full tensors for the duration of the block.
 
-    FSDP2 ``DTensor`` parameters are gathered once with ``full_tensor()``; DeepSpeed ZeRO-3
-    parameters are gathered with ``deepspeed.zero.GatheredParameters`` (use
-    :func:`model_preference_loss`, which also re-gathers them for the backward).
+    FSDP2 ``DTensor`` parameters are gathered once with ``full_tensor()`` (differentiable).
+    DeepSpeed ZeRO-3 parameters are gathered with ``deepspeed.zero.GatheredParameters`` —
+    forward-only: ZeRO-3 re-partitions them on exit, before a backward could accumulate
+    their gradient, so a differentiable use raises; use :func:`with_lm_head` for that.
     """
-    head = _unwrap(model).get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise TypeError(f"{type(_unwrap(model)).__name__}.get_output_embeddings() returned no head with a weight")
+    head = _head(model)
     weight, bias = head.weight, getattr(head, "bias", None)
     zero3 = _zero3_params(weight, bias)
+    if zero3 and torch.is_grad_enabled() and any(p.requires_grad for p in zero3):
+        raise RuntimeError("gathered_lm_head gives a ZeRO-3 head for forward-only use (torch.no_grad()); "
+                           "for gradients call pyfused_po.integrations.hf.with_lm_head")
     # Gather only what is partitioned: a head tied to the embeddings can already be AVAILABLE,
     # and re-partitioning it on exit would break the embedding module's own gather.
     to_gather = [p for p in zero3 if getattr(getattr(p, "ds_status", None), "name", None) != "AVAILABLE"]
@@ -105,10 +116,47 @@ def gathered_lm_head(model):
         import deepspeed
         ctx = deepspeed.zero.GatheredParameters(to_gather, modifier_rank=None)
     with ctx:
-        if zero3:
-            yield tuple(None if p is None else _GatheredCopy.apply(p) for p in (weight, bias))
+        yield _full(weight), _full(bias)
+
+
+def with_lm_head(model, fn, *inputs):
+    """``fn(*inputs, weight, bias)`` with ``model``'s LM head as full tensors, differentiably.
+
+    Under DeepSpeed ZeRO-3 the call runs *as the head module's forward* (its ``forward``
+    is swapped for the duration of one call): ZeRO-3's module hooks then gather the head
+    for the forward, gather it again when the backward reaches the outputs, and release
+    it after its gradient is accumulated and reduce-scattered — what they do for the
+    model's own ``lm_head(hidden)``.  Pass the tensors the head consumes (the hidden
+    states) in ``inputs``; ``fn`` returns a tensor, a tuple/list/dict of tensors, or a
+    dataclass of them (e.g. :class:`~pyfused_po.PreferenceLossOutput`), and only the
+    returned tensors carry the backward re-gather.  Without ZeRO-3 this is a plain call
+    (FSDP2 ``DTensor`` heads are gathered with ``full_tensor()``).
+    """
+    head = _head(model)
+    if not _zero3_params(head.weight, getattr(head, "bias", None)):
+        return fn(*inputs, _full(head.weight), _full(getattr(head, "bias", None)))
+    rebuild = []
+
+    def forward(*args):
+        out = fn(*args, head.weight, getattr(head, "bias", None))
+        if dataclasses.is_dataclass(out) and not isinstance(out, type):
+            # ZeRO-3 hooks tensors inside tuples, lists and dicts, not dataclasses.
+            names = [f.name for f in dataclasses.fields(out)]
+            rebuild.append(lambda values: dataclasses.replace(out, **dict(zip(names, values))))
+            return tuple(getattr(out, n) for n in names)
+        rebuild.append(lambda value: value)
+        return out
+
+    original = head.__dict__.get("forward")
+    head.forward = forward
+    try:
+        out = head(*inputs)
+    finally:
+        if original is None:
+            del head.forward
         else:
-            yield _full(weight), _full(bias)
+            head.forward = original
+    return rebuild[0](out)
 
 
 def _full(t):
@@ -117,22 +165,6 @@ def _full(t):
         return None
     full_tensor = getattr(t, "full_tensor", None)
     return full_tensor() if callable(full_tensor) and type(t).__name__ == "DTensor" else t
-
-
-class _GatheredCopy(torch.autograd.Function):
-    """A plain-tensor copy of a ZeRO-3 parameter taken while it is gathered; the gradient
-    goes straight back to the parameter (full shape, which ZeRO-3 then reduce-scatters).
-
-    The copy lives until the backward (the fused-linear backward recomputes ``H·Wᵀ`` from
-    it), so the head is held whole once per step, as the unfused model would hold it."""
-
-    @staticmethod
-    def forward(ctx, param):
-        return param.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None, *, ref_model=None,
@@ -180,12 +212,15 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
             ref_hidden = last_hidden_states(ref_model, input_ids, attention_mask)
     refs = dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     if ref_model is not None:
-        with gathered_lm_head(ref_model) as (ref_w, ref_b), torch.no_grad():
+        with torch.no_grad(), gathered_lm_head(ref_model) as (ref_w, ref_b):
             # Forward-only reference: per-sequence sums now, so nothing of its head is kept.
             refs = dict(zip(("ref_chosen_logps", "ref_rejected_logps"),
                             _reference_sums(loss_fn, ref_hidden, ref_w, ref_b, labels)))
-    with gathered_lm_head(model) as (weight, bias):
+
+    def policy_loss(hidden, labels, weight, bias):
         return loss_fn(labels=labels, hidden=hidden, weight=weight, bias=bias, **refs, **loss_kwargs)
+
+    return with_lm_head(model, policy_loss, hidden, labels)
 
 
 def _shift_left(x, fill):

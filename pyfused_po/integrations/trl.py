@@ -24,7 +24,7 @@ from importlib import metadata
 import torch
 
 from ..linear_token_logprobs import linear_token_logprobs
-from .hf import backbone, gathered_lm_head, lm_head_transform
+from .hf import backbone, lm_head_transform, with_lm_head
 
 __all__ = ["SUPPORTED_TRL", "apply", "patch_model", "use_preference_loss", "check_trl_version"]
 
@@ -129,17 +129,23 @@ def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto",
         # Hidden state t predicts token t + 1 unless the labels come pre-shifted (context parallelism).
         hidden, shift = out.last_hidden_state, shift_labels is None
         labels = labels if shift else shift_labels
-        with gathered_lm_head(self) as (weight, bias):
-            hidden, labels = hidden.to(weight.device), labels.to(weight.device)
-            if not torch.is_autocast_enabled(weight.device.type):  # under autocast the head GEMMs cast (as F.linear)
-                hidden = hidden.to(weight.dtype)
+        head_weight = self.get_output_embeddings().weight
+        hidden, labels = hidden.to(head_weight.device), labels.to(head_weight.device)
+        if not torch.is_autocast_enabled(head_weight.device.type):  # under autocast the head GEMMs cast (F.linear's rule)
+            hidden = hidden.to(head_weight.dtype)
+
+        def head_stage(hidden, labels, weight, bias):  # runs where ZeRO-3 expects the head to be used
             if pyfused_po_loss is not None:
                 if shift:  # the loss module takes pre-shifted inputs
                     hidden, labels = hidden[:, :-1], labels[:, 1:]
                 return pyfused_po_loss(hidden=hidden, weight=weight, bias=bias, labels=labels)
             # shift=True reads hidden row t for label t + 1 in place: no copy of the hidden states.
-            res = linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras, temperature=temperature,
-                                        backend=backend, impl=linear_impl, shift=shift, **transform)
+            return linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras, temperature=temperature,
+                                         backend=backend, impl=linear_impl, shift=shift, **transform)
+
+        res = with_lm_head(self, head_stage, hidden, labels)
+        if pyfused_po_loss is not None:
+            return res
         if shift:  # TRL's fields are aligned with labels[:, 1:]
             labels = labels[:, 1:]
             res = res[:, 1:] if not extras else type(res)(*(None if t is None else t[:, 1:] for t in res))
