@@ -18,16 +18,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from reference import max_rel_err  # noqa: E402
+
 CHECKS = {}
 
 
 def check(fn):
     CHECKS[fn.__name__] = fn
     return fn
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
 
 
 def _setup():
@@ -62,7 +60,7 @@ def _compare_grads(engine, plain):
     for name, p in engine.module.named_parameters():
         got = safe_get_full_grad(p)
         assert got is not None, f"{name}: no gradient under ZeRO-3"
-        errors[name] = _rel(got, expected[name].grad)
+        errors[name] = max_rel_err(got, expected[name].grad)
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-5, f"{worst}: relative error {errors[worst]:.2e} vs the unwrapped model"
 

@@ -135,28 +135,30 @@ def with_lm_head(model, fn, *inputs):
     head = _head(model)
     if not _zero3_params(head.weight, getattr(head, "bias", None)):
         return fn(*inputs, _full(head.weight), _full(getattr(head, "bias", None)))
-    rebuild = []
+    computed = {}
 
     def forward(*args):
-        out = fn(*args, head.weight, getattr(head, "bias", None))
-        if dataclasses.is_dataclass(out) and not isinstance(out, type):
-            # ZeRO-3 hooks tensors inside tuples, lists and dicts, not dataclasses.
-            names = [f.name for f in dataclasses.fields(out)]
-            rebuild.append(lambda values: dataclasses.replace(out, **dict(zip(names, values))))
-            return tuple(getattr(out, n) for n in names)
-        rebuild.append(lambda value: value)
-        return out
+        out = computed["out"] = fn(*args, head.weight, getattr(head, "bias", None))
+        # ZeRO-3 hooks tensors inside tuples, lists and dicts, not dataclasses.
+        return tuple(getattr(out, f.name) for f in dataclasses.fields(out)) if _is_dataclass(out) else out
 
     original = head.__dict__.get("forward")
     head.forward = forward
     try:
-        out = head(*inputs)
+        hooked = head(*inputs)
     finally:
         if original is None:
             del head.forward
         else:
             head.forward = original
-    return rebuild[0](out)
+    out = computed["out"]
+    if _is_dataclass(out):
+        return dataclasses.replace(out, **{f.name: v for f, v in zip(dataclasses.fields(out), hooked)})
+    return hooked
+
+
+def _is_dataclass(value):
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 def _full(t):

@@ -204,12 +204,12 @@ def apply(trainer_or_model, *, backend="auto", linear_impl="auto"):
         raise TypeError(f"pyfused_po.integrations.trl.apply supports trl.DPOTrainer and trl.KTOTrainer "
                         f"(or a model), got {type(trainer).__name__}")
     # The trainer prepares the reference model at construction (the policy only in train()): its
-    # forward already carries accelerate's autocast, which the patch must keep.
-    keep = dict(autocast=trainer.accelerator.autocast)
-    patch_model(trainer.model, outputs=outputs, **kw, **(keep if _prepared_with_autocast(_inner(trainer.model)) else {}))
+    # forward already carries accelerate's autocast, which the patch must keep.  Entering the
+    # trainer's autocast again inside a model prepared later is the same autocast, nested.
+    kw["autocast"] = trainer.accelerator.autocast
+    patch_model(trainer.model, outputs=outputs, **kw)
     if getattr(trainer, "ref_model", None) is not None:
-        patch_model(trainer.ref_model, outputs=("log_probs",), **kw,
-                    **(keep if _prepared_with_autocast(trainer.ref_model) else {}))
+        patch_model(trainer.ref_model, outputs=("log_probs",), **kw)
     return trainer
 
 
