@@ -2,7 +2,7 @@
 and transforms against the float64 reference, values and gradients, on both backends."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pyfused_po
@@ -38,9 +38,16 @@ def token_problems(draw):
     return logits, labels, options
 
 
+# A near-one-hot row (z = 16.25 vs 3.5 after T = 0.5) that a random run once found: every
+# gradient is ~1e-4 and fp32 cancellation sets the error, not the dtype.
+NEAR_ONE_HOT = (torch.tensor([[[1.7578, 8.1250], [1.2656, 4.1875]]]).bfloat16(), torch.tensor([[1, 1]]),
+                dict(shift=True, temperature=0.5, logit_scale=1.0, softcap=None))
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=token_problems())
+@example(problem=NEAR_ONE_HOT)
 def test_token_logprobs_match_reference(backend, problem):
     logits, labels, options = problem
     extras = ("entropy", "log_sum_sq_probs", "mean_logit")
@@ -59,7 +66,15 @@ def test_token_logprobs_match_reference(backend, problem):
     loss_ref = (w * (ref["logps"] + ref["entropy"])).sum()
     (grad,) = torch.autograd.grad(loss, x)
     (grad_ref,) = torch.autograd.grad(loss_ref, x_ref)
-    assert max_rel_err(grad, grad_ref) <= GRAD_TOL[logits.dtype]
+    # The same fp32 cancellation reaches the gradients: p and log p come from z − lse with
+    # absolute error ~1e-7·|z|, times |w| and dz/dx = scale/T.  It dominates when every
+    # gradient is tiny (near-one-hot rows, e.g. z = 16.25 vs 3.5: gradients ~1e-4, error ~3e-6),
+    # so it is an absolute term beside the dtype's relative one.
+    dz_dx = options["logit_scale"] / options["temperature"]
+    floor = 1e-6 * magnitude * dz_dx * dz_dx * (w.abs().max().item() if w.numel() else 0.0)
+    err = (grad.double() - grad_ref).abs().max().item() if grad.numel() else 0.0
+    scale = grad_ref.abs().max().item() if grad.numel() else 0.0
+    assert err <= GRAD_TOL[logits.dtype] * scale + floor, (err, scale, floor, max_rel_err(grad, grad_ref))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
