@@ -30,35 +30,40 @@ LAYOUT_ARGS = ("cu_seqlens", "position_ids", "pair_layout", "chosen_index", "rej
 
 
 class PackedBatch:
-    """A packed forward's inputs flattened to one ``[1, N]`` stream (shift already applied to
-    the labels and per-token tensors), with its :class:`~pyfused_po.packing.PackedLayout`."""
+    """A packed forward's per-token inputs in the predicting positions (shift already applied
+    to the labels and per-token tensors), with its :class:`~pyfused_po.packing.PackedLayout`.
+
+    Tensors keep the labels' shape (``[1, N]``, ``[N]``, or ``[B, T]`` for a padded batch served
+    with a pair layout): the token stage takes them as they are, so no logits are reshaped or copied.
+    """
 
     def __init__(self, layout: PackedLayout, labels, shift, ignore_index):
         self.layout, self.shift, self.ignore_index = layout, shift, ignore_index
-        self.n = labels.numel()
+        self.shape, self.n = tuple(labels.shape), labels.numel()
         self.labels = self.tokens(labels, ignore_index, "labels")
 
     def tokens(self, x, fill, name):
-        """A per-token input as ``[1, N]`` in the predicting positions (moved when shifting)."""
+        """A per-token input shaped like the labels, moved within each sequence when shifting."""
         if x is None:
             return None
         if x.numel() != self.n:
-            raise ValueError(f"{name} must have one value per packed token like labels ({self.n}), "
+            raise ValueError(f"{name} must have one value per packed token like labels {self.shape}, "
                              f"got shape {tuple(x.shape)}")
-        x = x.reshape(1, self.n)
+        x = x.reshape(self.shape)
         return self.layout.shift(x, fill) if self.shift else x
 
     def source(self, x, name):
-        """Logits ``[..., V]`` / hidden ``[..., D]`` of the stream as ``[1, N, ·]`` (a view when contiguous)."""
+        """Checks that logits / hidden states hold one row per token, shaped ``labels.shape + (·,)``."""
         if x is None:
             return None
         if isinstance(x, tuple):
-            return (self.source(x[0], name),) + tuple(x[1:])
+            self.source(x[0], name)
+            return x
         check_tensor(name, x, floating=True, min_dim=2)
-        if x.shape[:-1].numel() != self.n:
-            raise ValueError(f"{name} must have shape labels.shape + (size,) with one row per packed token "
-                             f"({self.n}), got {tuple(x.shape)}")
-        return x.reshape(1, self.n, x.shape[-1])
+        if tuple(x.shape[:-1]) != self.shape:
+            raise ValueError(f"{name} must have shape labels.shape + (size,) = {self.shape} + (·,), one row per "
+                             f"packed token, got {tuple(x.shape)}")
+        return x
 
 
 def layout_requested(layout):
@@ -82,8 +87,9 @@ def _packed_batch(module, labels, cu_seqlens, position_ids, token_offset):
                              f"got shape {tuple(labels.shape)}")
         B, T = labels.shape
         cu_seqlens = torch.arange(0, (B + 1) * T, T, device=labels.device, dtype=torch.int64)[:B + 1]
-        labels = labels.reshape(1, B * T)
-    elif module.parallel.sequence_parallel and token_offset is None:
+        layout = packed_layout(labels.reshape(1, B * T), cu_seqlens)
+        return PackedBatch(layout, labels, kw["shift"], kw["ignore_index"])
+    if module.parallel.sequence_parallel and token_offset is None:
         raise ValueError("under sequence_parallel_group a packed forward needs token_offset= (the index in the "
                          "whole stream of this rank's first token) and the whole stream's cu_seqlens")
     if token_offset is not None and not module.parallel.sequence_parallel:
@@ -96,7 +102,7 @@ def _packed_batch(module, labels, cu_seqlens, position_ids, token_offset):
 
 
 def _token_stage(module, source, labels, extras=(), inplace=False):
-    """The module's token stage on the ``[1, N]`` stream, with ``shift=False`` (the labels
+    """The module's token stage on the stream, with ``shift=False`` (the labels
     are shifted already).  Mirrors the modules' own dispatch (vocabulary-parallel,
     fused-linear, logits)."""
     token_kwargs = dict(module.token_kwargs, shift=False)
@@ -153,7 +159,7 @@ def preference_columns(module, policy_source, ref_source, labels, *, ref_logits,
         # nll_labels count on chosen sequences only, as the padded path uses the chosen rows.
         is_chosen = torch.zeros(layout.num_sequences, dtype=torch.bool, device=y.device)
         is_chosen[pairs.chosen] = True
-        nll = torch.where(is_chosen[layout.segments].view(1, -1), nll, torch.full_like(nll, ii))
+        nll = torch.where(is_chosen[layout.segments].view(batch.shape), nll, torch.full_like(nll, ii))
     token_labels = y if nll is None else merge_labels(y, nll, ignore_index=ii)
     kl_tokens = None
     if module.expo:
