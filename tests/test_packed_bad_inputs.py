@@ -142,3 +142,23 @@ def test_the_guard_catches_a_kernel_launch():
         pyfused_po.token_logprobs(logits, labels, shift=True, backend="triton", cu_seqlens=torch.tensor([0, 3, 8]))
     with pytest.raises(AssertionError, match="a kernel launched"):
         FusedPreferenceLoss("simpo", backend="triton")(logits, labels, cu_seqlens=torch.tensor([0, 3, 8]))
+
+
+def test_padded_pair_layout_needs_full_nll_labels():
+    logits, labels = stream()
+    logits, labels = logits.view(2, 4, V), labels.view(2, 4)
+    with pytest.raises(ValueError, match="nll_labels must be shaped like labels"):
+        FusedPreferenceLoss("sft", backend="triton")(logits, labels, nll_labels=labels[:1], pair_layout="interleaved")
+
+
+def test_sequence_parallel_packed_needs_token_offset():
+    logits, labels = stream()
+
+    class FakeGroup:  # never used: the check runs before any collective
+        pass
+
+    module = FusedPreferenceLoss("simpo", backend="triton", sequence_parallel_group=FakeGroup())
+    with pytest.raises(ValueError, match="needs token_offset="):
+        module(logits, labels, cu_seqlens=torch.tensor([0, 3, 8]))
+    with pytest.raises(ValueError, match="must end at or after token_offset"):
+        module(logits, labels, cu_seqlens=torch.tensor([0, 3, 8]), token_offset=2)
