@@ -328,3 +328,21 @@ def test_kto_packed_equals_padded(loss_type, backend):
     out.loss.backward()
     ref.loss.backward()
     assert_close(x.grad[0], full.grad.reshape(-1, b.V)[rows], 1e-10 if backend == "torch" else 1e-4, "grad")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inplace_backward_on_a_packed_stream(backend):
+    """The in-place backward writes the gradient into the packed logits' own storage."""
+    b = Batch(S=6, V=11, seed=21)
+    rows, cu = b.pack(b.order("interleaved"))
+    y = b.take(b.labels, rows)
+    grads = []
+    for inplace in (False, True):
+        leaf = b.take(b.logits, rows).float().requires_grad_()
+        x = leaf * 1.0  # a non-leaf whose storage the backward may overwrite
+        module = FusedPreferenceLoss("simpo", beta=2.0, shift=True, backend=backend, inplace_backward=inplace)
+        module(x, y, cu_seqlens=cu, pair_layout="interleaved").loss.backward()
+        grads.append((leaf.grad, x.detach()))
+    (plain, _), (inplace_grad, overwritten) = grads
+    assert_close(inplace_grad, plain, 1e-6, "grad")
+    assert_close(overwritten, plain, 1e-6, "the logits' storage holds the gradient")
