@@ -201,8 +201,8 @@ def packed_ld_token_weights(mask, layout: PackedLayout, pairs: PairIndex, ld_alp
 def check_desirable_flags(is_desirable, num_sequences):
     """KTO in packed form: one bool flag per packed sequence, ``[S]``."""
     if not isinstance(is_desirable, torch.Tensor) or is_desirable.dtype != torch.bool:
-        raise TypeError("is_desirable must be a bool tensor with one flag per packed sequence, got "
-                        f"{is_desirable.dtype if isinstance(is_desirable, torch.Tensor) else type(is_desirable).__name__}")
+        got = is_desirable.dtype if isinstance(is_desirable, torch.Tensor) else type(is_desirable).__name__
+        raise TypeError(f"is_desirable must be a bool tensor with one flag per packed sequence, got {got}")
     if tuple(is_desirable.shape) != (num_sequences,):
         raise ValueError(f"is_desirable must have shape ({num_sequences},) (one flag per packed sequence, "
                          f"cu_seqlens has {num_sequences}), got {tuple(is_desirable.shape)}")

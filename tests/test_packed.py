@@ -12,7 +12,7 @@ import pyfused_po
 from pyfused_po import FusedKTOLoss, FusedPreferenceLoss
 from pyfused_po.objectives import get_objective
 from _packed_data import Batch, position_ids_of
-from reference import max_rel_err, token_logprobs_ref
+from reference import token_logprobs_ref
 
 EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
 
@@ -121,9 +121,6 @@ def test_sequence_sums_are_segment_sums(shift):
 
 
 # ----------------------------------------------------------------------------- losses
-
-REFERENCE_LOGPS = {}
-
 
 def _pair_inputs(b, layout):
     """Packed twin of ``b`` in ``layout``: (rows, cu, layout keywords)."""

@@ -26,8 +26,8 @@ def packed_model_preference_loss(model, loss_fn, input_ids, labels, attention_ma
                          "derives the block-diagonal mask from position_ids; got an attention_mask of shape "
                          f"{tuple(attention_mask.shape)}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"packed input_ids must be [1, N], got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"packed input_ids must be [1, N], got {got}")
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
         raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
