@@ -114,13 +114,13 @@ def quick_cases():
     return headline_cases() + _sweep((1024, 4096, 16384, 65536), (HEADLINE_VOCAB,), ("bf16",))
 
 
-def cpu_cases(kind="smollm2"):
+def cpu_cases(kind="smollm2", pairs=CPU_PAIRS, seq_len=CPU_SEQ):
     """The CPU form: SmolLM2-135M's head shapes (V = 49,152, D = 576), fp32, both paths.
 
     ``kind="smollm2"`` asks for the real model's activations (``bench/real_inputs.py``);
     the runner falls back to ``"random"`` at the same shapes when the model is missing.
     """
-    base = dict(pairs=CPU_PAIRS, seq_len=CPU_SEQ, vocab=SMOLLM2_VOCAB, dtype="fp32", kind=kind)
+    base = dict(pairs=pairs, seq_len=seq_len, vocab=SMOLLM2_VOCAB, dtype="fp32", kind=kind)
     return [Case(path="logits", **base), Case(path="linear", hidden=SMOLLM2_HIDDEN, **base)]
 
 

@@ -16,12 +16,13 @@ process's peak resident set (``VmHWM``) is read:
   memory behind.
 
 Both processes are forked from one server process (``bench/cpu_memory_server.py``)
-started fresh for the case, with glibc's ``malloc`` told to serve every block of 64 KiB or
+started fresh for the run, with glibc's ``malloc`` told to serve every block of 64 KiB or
 more with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``): a freed tensor then leaves the resident
 set at once, so the mark follows the live tensors instead of the allocator's caching.
 What this measures is the algorithm's allocations on the CPU; a GPU's caching allocator,
 workspaces and kernels differ, so it predicts GPU memory only in proportion.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -44,23 +45,24 @@ def _server_env():
     return env
 
 
-def run_server(case, method_names, tensors, ref_chosen, ref_rejected, *, timeout=600):
-    """Raw per-job results of the server subprocess: ``{"baseline": {...}, name: {...}}``."""
-    import dataclasses
-
+def run_server(jobs, *, timeout=600):
+    """Raw results of one server subprocess for ``jobs`` = ``[(case, method_names, tensors)]``:
+    a list of ``{"baseline": {...}, name: {...}}`` in the same order."""
     with tempfile.TemporaryDirectory(prefix="pyfused_bench_mem_") as tmp:
-        tensor_path, spec_path, out_path = (os.path.join(tmp, n) for n in ("tensors.pt", "spec.json", "out.json"))
-        torch.save({"tensors": {k: v.detach().contiguous() for k, v in tensors.items()},
-                    "ref_chosen": ref_chosen.detach(), "ref_rejected": ref_rejected.detach()}, tensor_path)
+        spec = {"jobs": [], "out": os.path.join(tmp, "out.json")}
+        for j, (case, names, tensors) in enumerate(jobs):
+            path = os.path.join(tmp, f"tensors{j}.pt")
+            torch.save({k: v.detach().contiguous() for k, v in tensors.items()}, path)
+            spec["jobs"].append({"case": dataclasses.asdict(case), "methods": list(names), "tensors": path})
+        spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
-            json.dump({"case": dataclasses.asdict(case), "methods": list(method_names), "tensors": tensor_path,
-                       "out": out_path}, f)
+            json.dump(spec, f)
         proc = subprocess.run([sys.executable, "-m", "bench.cpu_memory_server", spec_path], cwd=ROOT,
                               env=_server_env(), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not os.path.exists(out_path):
+        if proc.returncode != 0 or not os.path.exists(spec["out"]):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"memory server failed (exit {proc.returncode}): {tail[0][:300]}")
-        with open(out_path) as f:
+        with open(spec["out"]) as f:
             return json.load(f)
 
 
@@ -82,22 +84,23 @@ def apply_results(records, results):
     return records
 
 
-def measure_case_memory(case, records, tensors, *, timeout=600):
-    """Peak memory of every measured (``ok``) method of one case, written into ``records``.
+def measure_memory(jobs, *, timeout=900):
+    """Peak memory of every measured (``ok``) method, written into its record.
 
-    ``tensors``: the case's base tensors (as ``bench.inputs.make_inputs`` takes them),
-    handed to the subprocesses through a temporary file.  The reference log-probs there
-    are zero: they are ``[P]`` scalars and change no allocation of the step.
+    ``jobs``: ``[(case, records of that case, base tensors)]``; the tensors (as
+    ``bench.inputs.make_inputs`` takes them) reach the subprocesses through temporary files.
     """
-    names = [r["method"] for r in records if r["status"] == "ok"]
-    if not names:
-        return records
-    zeros = torch.zeros(case.pairs)
+    jobs = [(case, recs, tensors) for case, recs, tensors in jobs if any(r["status"] == "ok" for r in recs)]
+    if not jobs:
+        return
     try:
-        results = run_server(case, names, tensors, zeros, zeros, timeout=timeout)
+        results = run_server([(case, [r["method"] for r in recs if r["status"] == "ok"], tensors)
+                              for case, recs, tensors in jobs], timeout=timeout)
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as err:
-        for rec in records:
-            if rec["status"] == "ok":
-                rec["memory_note"] = f"{type(err).__name__}: {str(err)[:200]}"
-        return records
-    return apply_results(records, results)
+        for _, recs, _ in jobs:
+            for rec in recs:
+                if rec["status"] == "ok":
+                    rec["memory_note"] = f"{type(err).__name__}: {str(err)[:200]}"
+        return
+    for (_, recs, _), res in zip(jobs, results):
+        apply_results(recs, res)

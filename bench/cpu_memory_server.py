@@ -1,8 +1,8 @@
 """The subprocess behind ``bench/cpu_memory.py``: one fresh process per method, forked.
 
 ``python -m bench.cpu_memory_server SPEC.json`` starts fresh (the parent sets glibc's
-malloc options in its environment), builds every method of the case once so that all
-their packages are imported, then for each job forks a child from that state:
+malloc options in its environment), builds every method of every case once so that all
+their packages are imported, then for each case forks children from that state:
 
 * the **baseline** child loads the case's tensors into leaves and stops;
 * a **method** child does the same, builds its loss and runs two forward + backward
@@ -48,15 +48,14 @@ def _warm_up_torch():
     (a @ a).logsumexp(-1).sum().backward()
 
 
-def child(spec, method):
-    """Runs in the forked child: the job's measurement as a dict."""
-    case = Case(**spec["case"])
+def child(job, method):
+    """Runs in the forked child: the measurement of ``method`` (``None``: baseline) as a dict."""
+    case = Case(**job["case"])
     cpu = torch.device("cpu")
     _warm_up_torch()
-    saved = torch.load(spec["tensors"], weights_only=True)
-    inp = make_inputs(case, cpu, tensors=saved["tensors"], copy_tensors=False)[0]
-    inp.ref_chosen, inp.ref_rejected = saved["ref_chosen"], saved["ref_rejected"]
-    del saved
+    inp = make_inputs(case, cpu, tensors=torch.load(job["tensors"], weights_only=True), copy_tensors=False)[0]
+    # Reference log-probs are [P] scalars: their values change no allocation of the step.
+    inp.ref_chosen, inp.ref_rejected = torch.zeros(case.pairs), torch.zeros(case.pairs)
     loss_fn = None if method is None else method.build(case, cpu)
     if loss_fn is not None:
         run_step(loss_fn, inp)  # warm-up: lazy imports and caches of the first call
@@ -73,14 +72,14 @@ def child(spec, method):
     return out
 
 
-def run_job(spec, name, result_path):
+def run_job(job, name, result_path):
     """Forks one child for ``name`` (``None``: baseline) and returns what it reported."""
     method = None if name is None else resolve(name)
     pid = os.fork()
     if pid == 0:  # the child: measure, write, leave without running the parent's cleanup
         code = 0
         try:
-            result = {"status": "ok", **child(spec, method)}
+            result = {"status": "ok", **child(job, method)}
         except Exception as err:
             result = {"status": "error", "note": f"{type(err).__name__}: {str(err)[:200]}",
                       "traceback": traceback.format_exc()[-2000:]}
@@ -98,15 +97,20 @@ def run_job(spec, name, result_path):
 
 
 def main(spec_path):
+    """Spec: ``{"jobs": [{"case", "methods", "tensors"}, ...], "out"}``; writes a list of
+    ``{"baseline": {...}, method: {...}}``, one per job."""
     with open(spec_path) as f:
         spec = json.load(f)
-    case = Case(**spec["case"])
-    for name in spec["methods"]:  # import every package the children will use, once
-        resolve(name).build(case, torch.device("cpu"))
+    for job in spec["jobs"]:  # import every package the children will use, once
+        for name in job["methods"]:
+            resolve(name).build(Case(**job["case"]), torch.device("cpu"))
     gc.collect()
-    results = {"baseline": run_job(spec, None, spec_path + ".baseline.json")}
-    for i, name in enumerate(spec["methods"]):
-        results[name] = run_job(spec, name, f"{spec_path}.{i}.json")
+    results = []
+    for j, job in enumerate(spec["jobs"]):
+        res = {"baseline": run_job(job, None, f"{spec_path}.{j}.baseline.json")}
+        for i, name in enumerate(job["methods"]):
+            res[name] = run_job(job, name, f"{spec_path}.{j}.{i}.json")
+        results.append(res)
     with open(spec["out"], "w") as f:
         json.dump(results, f, indent=1)
 

@@ -90,7 +90,7 @@ def write_cpu_plots(records, out_dir):
         lo = [m - min(r["times_s"]) * 1e3 for m, r in zip(med, rows)]
         hi = [max(r["times_s"]) * 1e3 - m for m, r in zip(med, rows)]
         axes[0].barh(y, med, xerr=[lo, hi], capsize=3, color="tab:blue")
-        axes[0].set_xlabel("forward + backward on the CPU (ms): median, min–max")
+        axes[0].set_xlabel("forward + backward on the CPU (ms): median, min – max")
         mem = [(r["peak_extra_bytes"] or 0) / 1e6 for r in rows]
         axes[1].barh(y, mem, color="tab:orange")
         for yi, r, m in zip(y, rows, mem):
@@ -98,7 +98,8 @@ def write_cpu_plots(records, out_dir):
                 axes[1].text(0, yi, " not measured", va="center", fontsize=8)
             else:
                 axes[1].text(m, yi, f" {m:,.0f}", va="center", fontsize=8)
-        axes[1].set_xlabel("peak extra memory (MB, process RSS high-water mark above baseline)")
+        axes[1].set_xlabel("peak extra memory (MB): RSS high-water − baseline")
+        axes[1].set_xlim(0, 1.18 * max(mem + [1e-3]))
         for ax in axes:
             ax.set_yticks(y)
             ax.set_yticklabels(labels if ax is axes[0] else [])

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from bench import cases as cases_mod  # noqa: E402
 from bench import max_context, real_inputs, roofline  # noqa: E402
-from bench.cpu_memory import measure_case_memory  # noqa: E402
+from bench.cpu_memory import measure_memory  # noqa: E402
 from bench.env_info import environment, slug  # noqa: E402
 from bench.measure import measure_case  # noqa: E402
 from bench.methods import methods_for  # noqa: E402
@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--toy", action="store_true",
                    help="CPU only: tiny random shapes instead of the real model's (the runner's tests)")
     p.add_argument("--no-memory", action="store_true", help="CPU only: skip the per-process peak-memory probe")
+    p.add_argument("--cpu-pairs", type=int, default=cases_mod.CPU_PAIRS,
+                   help="CPU only: pairs per batch (real inputs: at most the shipped pairs)")
+    p.add_argument("--cpu-seq-len", type=int, default=cases_mod.CPU_SEQ, help="CPU only: tokens per sequence")
     return p.parse_args(argv)
 
 
@@ -74,7 +77,8 @@ def pick_cases(args, device):
     if args.only_max_context:
         return []
     if device.type != "cuda":
-        sweep = cases_mod.toy_cpu_cases() if args.toy else cases_mod.cpu_cases()
+        sweep = (cases_mod.toy_cpu_cases() if args.toy
+                 else cases_mod.cpu_cases(pairs=args.cpu_pairs, seq_len=args.cpu_seq_len))
     elif args.headline_only:
         sweep = cases_mod.headline_cases()
     else:
@@ -165,12 +169,8 @@ def cpu_run(args, env, cases):
     summary["records"] = sweep(cases, args, cpu, {}, tensors)
     # 3. peak memory: each method's own fresh process, above a baseline process
     if not args.no_memory:
-        bar = progress(len(cases), "memory", enabled=not args.no_progress)
-        for case in cases:
-            bar.set_postfix_str(case.key)
-            measure_case_memory(case, [r for r in summary["records"] if r["case"] == case.key], tensors[case.key])
-            bar.update()
-        bar.close()
+        print("memory: one fresh process per method and a baseline per case ...", flush=True)
+        measure_memory([(c, [r for r in summary["records"] if r["case"] == c.key], tensors[c.key]) for c in cases])
     return summary
 
 

@@ -34,9 +34,8 @@ NOOP = Method("noop", "allocates nothing", "logits", _noop_build)
 
 def test_memory_probe_measures_a_known_allocation():
     # One subprocess (fresh interpreter: ~2 s of imports on two idle cores, more when loaded).
-    z = torch.zeros(TINY.pairs)
-    res = run_server(TINY, ["bench.test_bench_cpu:ALLOC", "bench.test_bench_cpu:NOOP"],
-                     base_tensors(TINY, CPU), z, z, timeout=300)
+    [res] = run_server([(TINY, ["bench.test_bench_cpu:ALLOC", "bench.test_bench_cpu:NOOP"],
+                         base_tensors(TINY, CPU))], timeout=300)
     assert {k: v["status"] for k, v in res.items()} == {"baseline": "ok", "bench.test_bench_cpu:ALLOC": "ok",
                                                         "bench.test_bench_cpu:NOOP": "ok"}
     alloc, noop = res["bench.test_bench_cpu:ALLOC"], res["bench.test_bench_cpu:NOOP"]
