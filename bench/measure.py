@@ -18,7 +18,8 @@ def base_record(method, case, status, note=""):
     return {"method": method.name, "label": method.label, "case": case.key,
             **dataclasses.asdict(case), "tokens": case.tokens, "tokens_per_pair": case.tokens_per_pair,
             "headline": case.is_headline(), "input_bytes": case.input_bytes(),
-            "status": status, "note": note or method.note, "time_s": None, "times_s": [],
+            "status": status, "note": note or method.note, "reference_free": method.reference_free,
+            "time_s": None, "times_s": [],
             "peak_extra_bytes": None, "loss": None, "reference_loss": None, "loss_error": None, "agrees": None,
             "score_pct": None}
 

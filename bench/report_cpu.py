@@ -37,7 +37,7 @@ def _check(r):
 def _ref_note(r):
     if r["reference_loss"] is None:
         return ""
-    return f"{r['loss']:.6f} vs {r['reference_loss']:.6f}" + (" (ref = 0)" if "reference 0" in (r.get("note") or "") else "")
+    return f"{r['loss']:.6f} vs {r['reference_loss']:.6f}" + (" (ref = 0)" if r.get("reference_free") else "")
 
 
 def case_table(rows):
@@ -60,7 +60,8 @@ def case_table(rows):
             ratio = mem / ref["peak_extra_bytes"]
         mem_cell = _mb(mem) if mem is not None else (r.get("memory_note") or "not measured")
         err = "—" if r["loss_error"] is None else f"{r['loss_error']:.1e}"
-        out.append(f"| {r['label']} | {_ms(r['time_s'])} | {spread} | {mem_cell} | {_mb(r.get('peak_extra_step_bytes'))} | "
+        step = _mb(r.get("peak_extra_step_bytes"))
+        out.append(f"| {r['label']} | {_ms(r['time_s'])} | {spread} | {mem_cell} | {step} | "
                    f"{'—' if frac is None else f'{frac:.0f}%'} | {'—' if ratio is None else f'{ratio:.2f}×'} | "
                    f"{_ref_note(r)} | {err} | {_check(r)} |")
     return "\n".join(out)

@@ -137,11 +137,13 @@ def _record(method, label, **kw):
 def test_cpu_report_says_what_cpu_numbers_mean():
     records = [_record("pyfused", "pyfused_po"),
                _record("bad", "Wrong peer", loss=0.9, loss_error=0.4, agrees=False),
+               _record("free", "Reference-free peer", reference_free=True, loss=0.25, reference_loss=0.25),
                _record("nomem", "No memory", peak_extra_bytes=None, peak_extra_step_bytes=None,
                        memory_note="memory probe failed"),
                _record("gone", "Absent peer", status="not installed")]
     md = render_cpu({"environment": {"device": "CPU (x86_64)", "device_type": "cpu", "load_average": [1, 2, 3]},
                      "records": records, "notes": []})
     for text in ("What they do not tell", "GPU speed", "load average 1.0", "1 ms – 5 ms (3)", "2.0 MB",
-                 "1.5 MB", "✗", "memory probe failed", "not installed", "2 of 3 measured methods agree"):
+                 "1.5 MB", "✗", "memory probe failed", "not installed", "3 of 4 measured methods agree",
+                 "0.250000 vs 0.250000 (ref = 0)"):
         assert text in md, text
