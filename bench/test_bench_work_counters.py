@@ -76,4 +76,6 @@ def test_table_runs_at_a_tiny_shape():
     result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 12, liger=False)
     trl = [r for r in result["rows"] if r["method"].startswith("TRL")]
     assert [r["gemms"] for r in trl] == [4.0, 3.0]  # TRL: logits, recompute, dH (, dW)
+    frozen = [r for r in result["rows"] if r["method"].startswith("pyfused_po") and r["head"] == "frozen"]
+    assert [r["gemms"] for r in frozen] == [2.0] * 3  # logits, ∂log p/∂h in the forward; no backward GEMM
     assert all(r["peak_bytes"] > 0 for r in result["rows"])

@@ -130,7 +130,7 @@ class WorkCounter(TorchDispatchMode):
         if name in _MATMUL_OPS:
             a, b = _matmul_operands(name, args)
             self.gemm_flops += matmul_flops(name, a, b)
-            self._gemm_traffic(name, args, kwargs, outputs, before)
+            self._gemm_traffic(name, args, kwargs, outputs)
         elif consumed:
             out_ptrs = {t.untyped_storage().data_ptr() for t in outputs if t.device.type != "meta"}
             for p in consumed:
@@ -144,7 +144,7 @@ class WorkCounter(TorchDispatchMode):
             self._track(t)
         return out
 
-    def _gemm_traffic(self, name, args, kwargs, outputs, before):
+    def _gemm_traffic(self, name, args, kwargs, outputs):
         if not outputs or self.hidden_dim is None or outputs[0].shape[-1] != self.hidden_dim:
             return
         o = outputs[0]
@@ -153,8 +153,10 @@ class WorkCounter(TorchDispatchMode):
         accumulates = name in ("addmm_", "baddbmm_", "addmv_") or (
             name in ("addmm", "baddbmm", "addmv") and kwargs.get("beta", 1) != 0)
         self.acc_bytes += nbytes * (2 if accumulates else 1)
-        if not accumulates and ptr not in before:
-            self._products[ptr] = nbytes  # fresh product: whoever reads it pays again
+        if not accumulates:
+            # A product written (fresh, or out= into a buffer kept for later): whoever reads
+            # it back pays for it again.
+            self._products[ptr] = self._products.get(ptr, 0) + nbytes
 
 
 # -----------------------------------------------------------------------------------------
