@@ -214,8 +214,10 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     kw = dict(ignore_index=ignore_index, shift=False, temperature=temperature,
               logit_scale=logit_scale, softcap=softcap)
     gh = torch.zeros(hidden2d.shape, device=dev, dtype=gh_dtype) if need_hidden else None
-    gw = torch.zeros(weight.shape, device=dev, dtype=cdt) if need_weight else None
-    gb = torch.zeros(V, device=dev, dtype=cdt) if (need_bias and bias is not None) else None
+    # dW and db are written by the first chunk's GEMM (or each slice's), not zero-filled first.
+    alloc = torch.zeros if M == 0 else torch.empty
+    gw = alloc(weight.shape, device=dev, dtype=cdt) if need_weight else None
+    gb = alloc(V, device=dev, dtype=cdt) if (need_bias and bias is not None) else None
     # Loop order.  Token-outer finishes each chunk's dH rows inside the chunk and adds every
     # chunk's Gᵀ·H into the whole fp32 dW: dW is read and written once per token chunk,
     # 2·V·D·⌈M/C⌉ words.  Vocabulary-outer takes all M tokens against one slice of the head:
@@ -246,9 +248,12 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
         if gh is not None:  # rows finished inside the chunk: written once
             gh.index_copy_(0, idx, _mm(G, weight, gh_dtype))
         if gw is not None:
-            gemm_into(gw, G.t(), h, accumulate=True)
+            gemm_into(gw, G.t(), h, accumulate=c0 > 0)
         if gb is not None:
-            gb += G.sum(0, dtype=cdt)
+            if c0 > 0:
+                gb += G.sum(0, dtype=cdt)
+            else:
+                torch.sum(G, 0, dtype=cdt, out=gb)
     return gh, gw, gb
 
 
