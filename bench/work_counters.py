@@ -303,6 +303,52 @@ def run(pairs=2, seq=256, vocab=8192, dim=128, budget=1 << 22, liger=True):
     return dict(shape=shape, rows=rows, liger_skipped=skipped)
 
 
+def traffic_model(M, V, D, budget, trl_tokens=4096, trl_vocab=32768, hidden_bytes=2):
+    """Gradient-accumulator bytes per step by formula (the counters' rules at any shape):
+    a GEMM writing its fp32 result counts it once, accumulating into it twice (read + write);
+    dH rows finished inside a chunk are written once in hidden's dtype (plus a gather copy)."""
+    f32, dw, dh = 4, V * D, M * D
+    kt, kv = math.ceil(M / trl_tokens), math.ceil(V / trl_vocab)
+    c = max(1, budget // V)
+    c -= c % 256 if c >= 256 else 0
+    k = math.ceil(M / c)  # token chunks of pyfused_po
+    width = budget // M
+    width -= width % 256 if width >= 256 else 0
+    slices = math.ceil(V / max(width, 1))
+    return {
+        "TRL 1.16 (trainable)": 2 * f32 * (dw * kt + dh * kv),
+        "pyfused_po before: temporary per chunk (trainable)": 4 * f32 * dw * k + 3 * hidden_bytes * dh,
+        "pyfused_po staged, vocabulary-outer (trainable)": f32 * dw + (2 * slices - 1) * f32 * dh + 3 * hidden_bytes * dh,
+        "pyfused_po fused module, chunks of pairs (trainable)": (2 * k - 1) * f32 * dw + 3 * hidden_bytes * dh,
+        "TRL 1.16 (frozen)": 2 * f32 * dh * kv,
+        "pyfused_po frozen head (J stored, scaled)": 3 * f32 * dh,
+    }
+
+
+def render_model(shape=dict(M=16384, V=128256, D=4096, budget=1 << 27)):
+    model = traffic_model(**shape)
+    lines = [f"Accumulator traffic by formula at M={shape['M']}, V={shape['V']}, D={shape['D']}, bf16 hidden, "
+             f"chunk budget {shape['budget']} logits (TRL: 4096 × 32768 tiles):", "",
+             "| method | GB | × TRL |", "|---|---|---|"]
+    for name, b in model.items():
+        trl = model["TRL 1.16 (frozen)" if "frozen" in name else "TRL 1.16 (trainable)"]
+        lines.append(f"| {name} | {b / 1e9:.1f} | {b / trl:.2f} |")
+    return "\n".join(lines)
+
+
+NOTES = """Notes.
+* TRL's peak on the CPU includes the temporaries of its torch fold (`_forward_tile`/`_backward_tile`,
+  several `[tile]` fp32 tensors); on a GPU that fold is a Triton kernel without them.
+* Liger takes no precomputed reference log-probs: it runs the reference head (one more forward GEMM)
+  and scores prompt rows too (its GEMMs are over all B·T rows, not the labelled M).
+* The fused module (trainable) does one GEMM less but holds a `[C, V]` chunk of whole pairs until
+  their gradient is known, so its fp32 dW is re-read once per chunk of pairs ((2K−1)·|dW| for K chunks);
+  the staged path loops vocabulary-outer and writes dW once. At equal chunk budget the fused plan's
+  accumulator traffic is above TRL's; a larger budget (`module.chunk_tokens`) trades memory for it.
+* The fused module holds dW (fp32 `[V, D]`), db and dH from its forward to the backward; the
+  staged path allocates them in the backward only."""
+
+
 def render(result):
     s = result["shape"]
     lines = [f"One DPO step, {s['pairs']} pairs × 2 × {s['seq']} rows ({s['labelled_tokens']} labelled), "
@@ -325,7 +371,7 @@ def save(result, out_dir=RESULTS):
     (out_dir / "work_counters.json").write_text(json.dumps(result, indent=1) + "\n")
     md = ["# Work counters (CPU): one DPO step on the fused-linear path", "",
           "Written by `python bench/work_counters.py` (see its docstring for what each column counts).", "",
-          render(result), ""]
+          render(result), "", NOTES, "", render_model(), ""]
     (out_dir / "README.md").write_text("\n".join(md))
     return [out_dir / "work_counters.json", out_dir / "README.md"]
 
@@ -341,6 +387,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     result = run(args.pairs, args.seq, args.vocab, args.dim, args.budget)
     print(render(result))
+    print()
+    print(render_model())
     if not args.no_save:
         for path in save(result):
             print(f"wrote {path}")

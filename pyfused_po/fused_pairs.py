@@ -31,7 +31,9 @@ an NLL term (``sft``, ``cpo``, ``simpo``, ``alphapo``, ``orpo``: the batch-mean 
 is weighted by every pair's WPO weight), ``expo`` (logits only), ``reduction="none"`` (a vector
 loss), vocabulary or sequence parallelism, ``linear_impl="fused"``, any other input that
 requires grad (``weights``, ``token_weights``, reference tensors, soft labels), grad mode off,
-``torch.compile`` tracing, and a pair with more labelled tokens than one chunk holds.
+``torch.compile`` tracing, a pair with more labelled tokens than one chunk holds, and on CUDA
+chunks under :data:`MIN_CUDA_CHUNK_TOKENS` tokens (the per-chunk fp32 dW traffic would cost
+more than the GEMM saved).
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -45,6 +47,12 @@ from .torch_backend import token as _torch_fold
 NOT_SEPARABLE = frozenset({"aot", "aot_unpaired"})
 NLL_TERM = frozenset({"sft", "cpo", "simpo", "alphapo", "orpo"})
 PLACEHOLDER_LOGP = -1.0
+# On CUDA each chunk's dW GEMM reads and writes the fp32 [V, D] accumulator: with a reduction
+# over C tokens it does 2·C·V·D FLOPs for 8·V·D bytes, C/4 FLOP/byte.  Under ~1024 tokens that is
+# below an H100's bf16 balance (~200–300 FLOP/byte) and the accumulator traffic costs more than
+# the saved GEMM: the staged path (vocabulary-outer, dW written once) is faster.  A prediction
+# from the model in bench/work_counters.py, to be checked on a GPU.
+MIN_CUDA_CHUNK_TOKENS = 1024
 
 
 def _types(module):
@@ -102,6 +110,8 @@ def fused_forward(module, source, ref_source, labels, ref_chosen_logps, ref_reje
     M, V = rows.numel(), weight.shape[0]
     C = _chunked.chunk_size(M, V, hidden.device, chunk_tokens)
     pair = torch.div(pos, T, rounding_mode="floor") % max(P, 1)
+    if hidden.is_cuda and C < MIN_CUDA_CHUNK_TOKENS:
+        return None
     chunks = _pair_chunks(pair, P, C) if M else None
     if chunks is None:
         return None

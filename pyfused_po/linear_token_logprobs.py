@@ -23,7 +23,10 @@ The backward is hand-written: ``grad_hidden`` (input dtype; each row's reduction
 the vocabulary runs in fp32 inside the GEMM or kernel), ``grad_weight`` and ``grad_bias``
 accumulated in fp32 across chunks / tiles and cast to the parameter dtype at the end.
 ``grad_weight`` is skipped entirely when ``weight`` does not require grad (frozen LM
-head under LoRA): one GEMM less per chunk.
+head under LoRA), and on the chunked implementation the forward then also forms
+``∂ log p/∂h = (W[y] − softmax·W)·dz/dx`` per token (one GEMM while the chunk is in memory)
+so the backward is an elementwise scale: two GEMMs per step instead of three
+(:func:`frozen_head_plan`; not when a differentiable extra is requested).
 """
 import torch
 
@@ -262,7 +265,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             dtypes may differ (as for ``F.linear``): the GEMMs run in the autocast dtype and
             each gradient comes back in its input's dtype, ``grad_weight`` never rounded
             below it (:mod:`pyfused_po.mixed_precision`).  A weight with
-            ``requires_grad=False`` gets no gradient and costs no ``dW`` GEMM.
+            ``requires_grad=False`` gets no gradient; the step then costs two GEMMs (``frozen_head_plan``).
         labels: ``[..., T]`` integer token ids, ``hidden.shape[:-1] == labels.shape``.
         bias: optional ``[V]`` LM-head bias.
         extras: names from ``("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")``.

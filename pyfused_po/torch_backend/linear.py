@@ -11,11 +11,17 @@ Per-token log-probs of ``x = H·Wᵀ (+ b)`` without ever holding ``[N, V]``:
   ``G = ∂L/∂X_c`` (``g·(onehot − softmax)·dz/dx`` plus the extras' terms), then
 
       dH[rows_c] = G·W          (each row finished inside its chunk)
-      dW        += Gᵀ·H[rows_c] (fp32 accumulator across chunks)
+      dW        += Gᵀ·H[rows_c] (fp32, accumulated inside the GEMM: addmm_ / out=)
       db        += Σ_rows G     (fp32)
 
+  or, with fewer labelled tokens than vocabulary entries, vocabulary-outer: per slice of the
+  head, all tokens' ``G`` (global lse), ``dW``/``db`` of the slice written once, ``dH += G·W_s``
+  (see :func:`linear_backward` for the choice).
+* Frozen head (``input_grad_rows``): the forward also stores ``∂ log p/∂h`` (two GEMMs a step).
+
 Peak extra memory is one ``[C, V]`` chunk in the input dtype, one ``[C, D]`` gather of
-hidden rows, the ``[V, D]`` fp32 weight accumulator and O(N) per-token vectors.
+hidden rows (``[M, D]`` vocabulary-outer, plus the fp32 ``[M, D]`` dH accumulator), the
+``[V, D]`` fp32 weight accumulator and O(N) per-token vectors.
 
 ``fold`` is any module with the token-stage contract (``token_forward`` /
 ``token_backward`` on ``[B, T, V]`` views): :mod:`pyfused_po.torch_backend` makes this
