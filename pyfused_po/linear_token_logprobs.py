@@ -26,7 +26,7 @@ accumulated in fp32 across chunks / tiles and cast to the parameter dtype at the
 head under LoRA), and on the chunked implementation the forward then also forms
 ``∂ log p/∂h = (W[y] − softmax·W)·dz/dx`` per token (one GEMM while the chunk is in memory)
 so the backward is an elementwise scale: two GEMMs per step instead of three
-(:func:`frozen_head_plan`; not when a differentiable extra is requested).
+(:func:`frozen_head_plan`; three again when an extra such as entropy receives a gradient).
 """
 import torch
 
@@ -142,12 +142,12 @@ def _kernel_kwargs(config: TokenConfig):
 
 def frozen_head_plan(hidden, weight, bias, config: TokenConfig, backend, impl):
     """Whether the two-GEMM frozen-head plan applies: autograd will want ``dH`` only (the head
-    and bias frozen, as under LoRA) and only ``logp`` can carry a gradient (no differentiable
-    extra: their gradient rows would each need a GEMM of their own), on the chunked algorithm
-    (the fused Triton kernels keep their own backward)."""
+    and bias frozen, as under LoRA), on the chunked algorithm (the fused Triton kernels keep
+    their own backward).  Extras may be requested: when one of them does receive a gradient
+    (entropy as a loss term, not only a metric) the backward runs the exact three-GEMM path
+    instead, as its gradient rows would need GEMMs of their own."""
     return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-            and (bias is None or not bias.requires_grad) and impl == "chunked"
-            and all(name == "is_top1" for name in config.extras))
+            and (bias is None or not bias.requires_grad) and impl == "chunked")
 
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
@@ -168,19 +168,18 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         if "is_top1" in config.extras:
             ctx.mark_non_differentiable(named["is_top1"])
         ctx.set_materialize_grads(False)
-        if frozen_head:
-            ctx.hidden_meta = (hidden.shape, hidden.dtype)
-            ctx.save_for_backward(index[0], index[1], out[3])
-            return tuple(results)
         ctx.saved_names = [n for n in _SAVED if n in named]
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, *index, *[named[n] for n in ctx.saved_names])
+        J = (out[3],) if frozen_head else ()
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, *index, *[named[n] for n in ctx.saved_names], *J)
         return tuple(results)
 
     @staticmethod
     def backward(ctx, grad_logp, *grad_extras):
-        if ctx.frozen_head:
-            return (_frozen_head_grad(ctx, grad_logp),) + (None,) * 9
         hidden, weight, bias, labels, lse, rows, pos, targets, *saved = ctx.saved_tensors
+        if ctx.frozen_head:
+            *saved, J = saved
+            if all(g is None for g in grad_extras):  # only log p has a gradient: scale the stored rows
+                return (_frozen_head_grad(J, rows, pos, grad_logp, hidden, ctx.needs_input_grad[0]),) + (None,) * 9
         config = ctx.args[0]
         grads = {"logps": grad_logp, **dict(zip(config.extras, grad_extras))}
         gh, gw, gb = linear_backward(hidden, weight, bias, labels, lse, dict(zip(ctx.saved_names, saved)), grads,
@@ -189,12 +188,11 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None, None, None
 
 
-def _frozen_head_grad(ctx, grad_logp):
+def _frozen_head_grad(J, rows, pos, grad_logp, hidden, need_hidden):
     """``dH[rows_t] = g_t · J_t``: an elementwise scale of the stored rows."""
-    rows, pos, J = ctx.saved_tensors
-    if grad_logp is None or not ctx.needs_input_grad[0]:
+    if grad_logp is None or not need_hidden:
         return None
-    shape, dtype = ctx.hidden_meta
+    shape, dtype = hidden.shape, hidden.dtype
     g = grad_logp.reshape(-1).index_select(0, pos).to(J.dtype)
     gh = torch.zeros(shape[:-1].numel(), shape[-1], device=J.device, dtype=dtype)
     gh.index_copy_(0, rows, (J * g.unsqueeze(1)).to(dtype))

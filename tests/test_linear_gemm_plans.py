@@ -91,13 +91,19 @@ def test_frozen_head_two_gemm_plan_matches_float64_formula(shape):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
-def test_frozen_head_with_a_differentiable_extra_keeps_the_exact_path():
+@pytest.mark.parametrize("extra_in_loss", [True, False])
+def test_frozen_head_with_extras_metric_only_or_in_the_loss(extra_in_loss):
+    # Entropy only logged: the two-GEMM plan; entropy in the loss: the exact three-GEMM backward.
     hidden, weight, _, labels = _inputs(2, 6, 50, 4, seed=9, bias=False)
     weight.requires_grad_(False)
-    out = linear_token_logprobs(hidden, weight, labels, backend="torch", extras=("entropy",))
+    out = linear_token_logprobs(hidden, weight, labels, backend="torch",
+                                extras=("entropy", "mean_logit", "log_sum_sq_probs"))
     ref = _reference(hidden, weight, None, labels)
-    (got,) = torch.autograd.grad(out.logps.sum() + 0.3 * out.entropy.sum(), hidden)
-    (want,) = torch.autograd.grad(ref[0].sum() + 0.3 * ref[1].sum(), hidden)
+    c = 0.3 if extra_in_loss else 0.0
+    loss = out.logps.sum() + (c * (out.entropy.sum() + out.mean_logit.sum() - out.log_sum_sq_probs.sum())
+                              if extra_in_loss else 0.0)
+    (got,) = torch.autograd.grad(loss, hidden)
+    (want,) = torch.autograd.grad(ref[0].sum() + c * (ref[1].sum() + ref[3].sum() - ref[2].sum()), hidden)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
