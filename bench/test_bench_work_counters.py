@@ -79,3 +79,17 @@ def test_table_runs_at_a_tiny_shape():
     frozen = [r for r in result["rows"] if r["method"].startswith("pyfused_po") and r["head"] == "frozen"]
     assert [r["gemms"] for r in frozen] == [2.0] * 3  # logits, ∂log p/∂h in the forward; no backward GEMM
     assert all(r["peak_bytes"] > 0 for r in result["rows"])
+
+
+def test_frozen_head_with_metric_extras_counts_two_gemms():
+    # TRL's DPOTrainer asks the switch for entropy, mean logits and top-1 as metrics: still 2 GEMMs.
+    from pyfused_po import linear_token_logprobs
+
+    hidden = torch.randn(2, 50, 16, requires_grad=True)
+    weight = torch.randn(300, 16)
+    labels = torch.randint(0, 300, (2, 50))
+    M = labels.numel()
+    with WorkCounter() as c:
+        out = linear_token_logprobs(hidden, weight, labels, backend="torch", extras=("entropy", "mean_logit", "is_top1"))
+        out.logps.sum().backward()
+    assert c.gemm_flops == 2 * (2 * M * 16 * 300)

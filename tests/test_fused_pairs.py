@@ -129,3 +129,33 @@ def test_double_backward_is_refused_and_accumulation_adds():
     for _ in range(2):  # gradient accumulation over two micro-batches
         module(hidden=hidden, weight=w, labels=labels, **ref).loss.backward()
     torch.testing.assert_close(w.grad, 2 * gw.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_autocast_bf16_matches_staged():
+    hidden, weight, bias, labels, ref = _batch(seed=4)
+    hidden, weight, bias = hidden.float(), weight.float(), bias.float()
+    ref = {k: v.float() for k, v in ref.items()}
+    module = FusedPreferenceLoss("sigmoid", beta=0.5, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        staged, g_staged = _run(module, False, hidden, weight, bias, labels, **ref)
+        fused, g_fused = _run(module, True, hidden, weight, bias, labels, **ref)
+    assert "StoredGradient" in type(fused.loss.grad_fn).__name__
+    assert [g.dtype for g in g_fused] == [torch.float32] * 3
+    torch.testing.assert_close(fused.loss, staged.loss, rtol=1e-6, atol=1e-6)  # same bf16 GEMM, same fold
+    for a, b in zip(g_fused, g_staged):  # G rounded to bf16 before the dH/dW GEMMs in both
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_triton_fold_matches_staged():
+    pytest.importorskip("triton")
+    hidden, weight, bias, labels, ref = _batch(seed=6)
+    hidden, weight, bias = hidden.float(), weight.float(), bias.float()
+    ref = {k: v.float() for k, v in ref.items()}
+    module = FusedPreferenceLoss("simpo", beta=0.5, backend="triton", logit_metrics=True)
+    module.chunk_tokens = 16
+    staged, g_staged = _run(module, False, hidden, weight, bias, labels, **ref)
+    fused, g_fused = _run(module, True, hidden, weight, bias, labels, **ref)
+    assert "StoredGradient" in type(fused.loss.grad_fn).__name__
+    torch.testing.assert_close(fused.loss, staged.loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_fused, g_staged):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
