@@ -257,8 +257,8 @@ def methods(batch, budget, liger=True):
     for trainable in (True, False):
         head = "trainable" if trainable else "frozen"
         out += [
-            (f"pyfused_po chunked, staged ({head})", trainable, _pyfused_module(batch, budget, fused=False)),
-            (f"pyfused_po fused module ({head})", trainable, _pyfused_module(batch, budget, fused=True)),
+            (f"pyfused_po module, fused_gradient=False ({head})", trainable, _pyfused_module(batch, budget, fused=False)),
+            (f"pyfused_po module, fused gradient (default) ({head})", trainable, _pyfused_module(batch, budget, fused=True)),
             (f"pyfused_po linear_token_logprobs ({head})", trainable, _pyfused_token_stage(batch, budget)),
             (f"TRL 1.16 ChunkedLogProbFunction + DPO ({head})", trainable, _trl(batch, budget)),
         ]
