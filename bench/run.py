@@ -133,7 +133,8 @@ def main(argv=None):
         summary["max_context"] = run_max_context(args, device)
     print(render(summary))
     if args.quick:  # GEMMs, peak live bytes, accumulator traffic vs TRL 1.16 / Liger (one DPO step, CPU)
-        work_counters.main(["--no-save"] + (["--seq", str(args.max_tokens_per_pair)] if args.max_tokens_per_pair else []))
+        work_counters.main(["--no-save"] + (["--seq", str(args.max_tokens_per_pair), "--vocab", "2048"]
+                                            if args.max_tokens_per_pair else []))
     out_dir = args.out or (RESULTS / slug(env["device"]) if device.type == "cuda" else None)
     if out_dir is not None:
         for p in save(out_dir, summary, args.fresh):
