@@ -21,6 +21,9 @@ as the staged path; the backward only multiplies the stored ``dH``/``dW``/``db``
 gradient (a scalar).  Only ``loss`` carries a gradient: ``losses``, rewards and metrics are
 detached (they are detached metrics in the staged path too, except ``losses``).
 
+Chunks hold at most ``chunk_size`` labelled tokens (the staged path's: a ``[C, V]`` tile of the
+device budget, or ``module.chunk_tokens`` when that attribute is set).
+
 Memory: ``dW`` (fp32 ``[V, D]``), ``db`` and ``dH`` (``[B·T, D]``, hidden's dtype) live from the
 forward to the backward instead of only during the backward.
 
