@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench import cases as cases_mod  # noqa: E402
-from bench import max_context, real_inputs, roofline  # noqa: E402
+from bench import max_context, real_inputs, roofline, work_counters  # noqa: E402
 from bench.cpu_memory import measure_memory  # noqa: E402
 from bench.env_info import environment, slug  # noqa: E402
 from bench.measure import measure_case  # noqa: E402
@@ -171,6 +171,9 @@ def cpu_run(args, env, cases):
     if not args.no_memory:
         print("memory: one fresh process per method and a baseline per case ...", flush=True)
         measure_memory([(c, [r for r in summary["records"] if r["case"] == c.key], tensors[c.key]) for c in cases])
+    # 4. work by construction: GEMMs, peak live bytes, accumulator traffic vs TRL 1.16 / Liger (one DPO step)
+    if args.quick:
+        work_counters.main(["--no-save"] + (["--seq", "64", "--vocab", "2048"] if args.toy else []))
     return summary
 
 
