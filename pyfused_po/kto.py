@@ -20,7 +20,7 @@ from .distributed.options import ParallelOptions
 from .objectives.checks import check_number
 from .sequence import sequence_sums
 from .token_logprobs import token_logprobs
-from .validation import check_positive, check_same_device, check_shape, check_tensor
+from .validation import check_positive, check_same_device, check_shape, check_tensor, checked_labels
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 REDUCTIONS = ("mean", "sum", "none")
@@ -190,7 +190,7 @@ class FusedKTOLoss(nn.Module):
         the KL estimate as in :func:`kto_loss`."""
         if logits is None or labels is None or is_desirable is None:
             raise ValueError("FusedKTOLoss.forward needs logits=, labels= and is_desirable=")
-        check_tensor("labels", labels, floating=False)
+        labels = checked_labels("labels", labels, self.token_kwargs["ignore_index"])
         if labels.dim() != 2:
             raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
         if (ref_logps is None) == (ref_logits is None):

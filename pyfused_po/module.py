@@ -23,7 +23,7 @@ from .linear_token_logprobs import linear_token_logprobs
 from .objectives import get_objective
 from .token_kl import token_kl
 from .token_logprobs import TokenLogprobs, token_logprobs
-from .validation import check_same_device, check_shape, check_tensor
+from .validation import check_same_device, check_shape, check_tensor, checked_labels
 
 
 class FusedPreferenceLoss(nn.Module):
@@ -235,6 +235,10 @@ class FusedPreferenceLoss(nn.Module):
         """
         policy_source, ref_source = self._sources(logits, hidden, weight, bias, ref_logits, ref_hidden,
                                                   ref_weight, ref_bias)
+        if labels is not None:  # small label dtypes widened once, for every stage (validation.checked_labels)
+            labels = checked_labels("labels", labels, self.token_kwargs["ignore_index"])
+        if nll_labels is not None:
+            nll_labels = checked_labels("nll_labels", nll_labels, self.token_kwargs["ignore_index"])
         self._check_forward_inputs(policy_source, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
                                    ref_token_logps, token_weights, nll_labels, ref_source)
         columns = self._sequence_columns(policy_source, ref_source, labels, ref_token_logps, token_weights,

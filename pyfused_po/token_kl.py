@@ -9,9 +9,10 @@ from typing import NamedTuple
 
 import torch
 
+from .autograd_guard import first_derivative_only
 from . import _backend
-from .token_logprobs import TokenConfig, _rows_view, logits_view, validate_token_inputs
-from .validation import check_same_device, check_tensor
+from .token_logprobs import TokenConfig, _rows_view, gradient_buffer, logits_view, validate_token_inputs
+from .validation import check_same_device, check_tensor, checked_labels
 
 
 class TokenKL(NamedTuple):
@@ -57,6 +58,7 @@ class TokenKLFunction(torch.autograd.Function):
         return kl, logp
 
     @staticmethod
+    @first_derivative_only("token_kl")
     def backward(ctx, grad_kl, grad_logp):
         nothing = (None,) * 6
         if not ctx.needs_input_grad[0] or (grad_kl is None and grad_logp is None):
@@ -70,7 +72,7 @@ class TokenKLFunction(torch.autograd.Function):
         grad_kl, grad_logp = flat(grad_kl), flat(grad_logp)
         if grad_kl is None and grad_logp is None:
             return nothing
-        grad_logits = torch.empty_like(logits)
+        grad_logits = gradient_buffer(logits, B, T)
         _kl_ops(ctx.backend).token_kl_backward(
             logits_view(logits, B, T), logits_view(ref_logits, B, T), y2, lse, lse_r,
             logits_view(grad_logits, B, T, inplace=True),
@@ -122,6 +124,7 @@ def token_kl(logits, ref_logits, labels, *, ignore_index=-100, shift=False, temp
     """
     config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
                          logit_scale=logit_scale, softcap=softcap)
+    labels = checked_labels("labels", labels, config.ignore_index)
     resolved = validate_token_inputs(logits, labels, config, backend)
     _validate_ref(logits, ref_logits, resolved)
     kl, logp = TokenKLFunction.apply(logits, ref_logits.detach(), labels, config, resolved,
