@@ -20,7 +20,7 @@ from .distributed.options import ParallelOptions
 from .objectives.checks import check_number
 from .sequence import sequence_sums
 from .token_logprobs import token_logprobs
-from .validation import check_positive, check_same_device, check_shape, check_tensor, checked_labels
+from .validation import as_number, check_positive, check_same_device, check_shape, check_tensor, checked_labels
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 REDUCTIONS = ("mean", "sum", "none")
@@ -83,6 +83,8 @@ def kto_loss(policy_logps, ref_logps, is_desirable, *, beta=0.1, kl=None, policy
         (means over each group, 0 when empty), ``rewards/chosen_sum``, ``rewards/rejected_sum``,
         ``logps/chosen_sum``, ``logps/rejected_sum``, ``count/chosen``, ``count/rejected``.
     """
+    beta, desirable_weight, undesirable_weight = (as_number(n, v) for n, v in (
+        ("beta", beta), ("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)))
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
     if reduction not in REDUCTIONS:
@@ -157,6 +159,8 @@ class FusedKTOLoss(nn.Module):
                  softcap=None, backend="auto", inplace_backward=False, vocab_parallel_group=None,
                  vocab_start=None, sequence_parallel_group=None):
         super().__init__()
+        beta, desirable_weight, undesirable_weight = (as_number(n, v) for n, v in (
+            ("beta", beta), ("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)))
         check_positive("beta", beta)
         check_number("desirable_weight", desirable_weight)
         check_number("undesirable_weight", undesirable_weight)

@@ -11,7 +11,14 @@ import torch
 
 from .autograd_guard import first_derivative_only
 from . import _backend
-from .token_logprobs import TokenConfig, _rows_view, gradient_buffer, logits_view, validate_token_inputs
+from .token_logprobs import (
+    TokenConfig,
+    _rows_view,
+    gradient_buffer,
+    logits_view,
+    make_token_config,
+    validate_token_inputs,
+)
 from .validation import check_same_device, check_tensor, checked_labels
 
 
@@ -122,8 +129,7 @@ def token_kl(logits, ref_logits, labels, *, ignore_index=-100, shift=False, temp
         float32 per-token KL shaped like ``labels`` (float64 for float64 logits on the
         torch backend), or a :class:`TokenKL` with ``with_logps=True``.
     """
-    config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
-                         logit_scale=logit_scale, softcap=softcap)
+    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, ())
     labels = checked_labels("labels", labels, config.ignore_index)
     resolved = validate_token_inputs(logits, labels, config, backend)
     _validate_ref(logits, ref_logits, resolved)

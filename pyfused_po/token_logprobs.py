@@ -8,6 +8,7 @@ import torch
 from .autograd_guard import first_derivative_only
 from . import _backend
 from .validation import (
+    as_number,
     check_finite_nonzero,
     check_label_range,
     check_positive,
@@ -164,8 +165,10 @@ def run_token_backward(logits, y2, lse, saved, grad_logp, grad_extras, config: T
 def make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras) -> TokenConfig:
     """The :class:`TokenConfig` of a public entry point's keywords (``extras`` may be one name)."""
     extras = tuple(extras) if not isinstance(extras, str) else (extras,)
-    return TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
-                       logit_scale=logit_scale, softcap=softcap, extras=extras)
+    return TokenConfig(ignore_index=as_number("ignore_index", ignore_index), shift=bool(shift),
+                       temperature=as_number("temperature", temperature),
+                       logit_scale=as_number("logit_scale", logit_scale), softcap=as_number("softcap", softcap),
+                       extras=extras)
 
 
 def pack_results(results, extras):

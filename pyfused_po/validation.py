@@ -101,9 +101,10 @@ def checked_labels(name, labels, ignore_index):
     return labels.to(torch.int64)
 
 
-def as_number(name, value):
-    """A hyper-parameter given as a Python number, a NumPy scalar or a one-element tensor →
-    a Python number (anything else is returned as it is, for the caller's check to reject).
+def as_number(name, value, *, keep_tensors=False):
+    """A hyper-parameter given as a Python number, a NumPy scalar or a 0-d tensor → a Python
+    number (anything else is returned as it is, for the caller's check to reject; tensors
+    too with ``keep_tensors``).  ``name`` is for the caller's messages.
 
     A CUDA tensor costs one host sync here; hyper-parameters are read once per call.
     """
@@ -112,6 +113,8 @@ def as_number(name, value):
     if isinstance(value, (int, float)):
         return value
     if isinstance(value, torch.Tensor):
+        if keep_tensors:  # a hyper-parameter that may be a per-pair tensor stays one
+            return value
         if value.numel() == 1 and value.dim() == 0 and (value.is_floating_point() or value.dtype in INT_DTYPES):
             return value.item()
         return value
