@@ -4,6 +4,7 @@ from typing import Dict
 
 import torch
 
+from .compiled_checks import nonnegative
 from .objectives import PairBatch, get_objective
 from .objectives.aot import check_sorted_batch_options
 from .objectives.checks import check_number
@@ -196,10 +197,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
     if use_weighting and (extra["chosen_wpo_logps"] is None or extra["rejected_wpo_logps"] is None):
         raise ValueError("use_weighting=True (WPO) needs chosen_wpo_logps and rejected_wpo_logps")
     for name in ("chosen_lengths", "rejected_lengths", "nll_lengths"):
-        lengths = inputs[name]
-        if lengths is not None and not lengths.is_cuda and not torch.compiler.is_compiling() \
-                and bool((lengths < 0).any()):
-            raise ValueError(f"{name} must be >= 0, got {lengths.min().item()}")
+        if inputs[name] is not None:  # host-syncing: CPU tensors always, also under torch.compile
+            inputs[name] = nonnegative(inputs[name], name)
     # Math in fp32 (or float64 when given float64).
     wide = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     cast = {k: (None if v is None else v.to(wide)) for k, v in inputs.items()}

@@ -172,6 +172,27 @@ def test_compiled_token_stage_still_checks_the_label_range(backend):
         fn(x, y)
 
 
+def test_compiled_checks_lengths_and_fused_linear_labels():
+    """~3 s (two aot_eager compiles)."""
+    torch._dynamo.reset()
+    z = torch.randn(3)
+
+    def simpo(lengths):
+        return pyfused_po.preference_loss(z, z - 1, loss_type="simpo", chosen_lengths=lengths,
+                                          rejected_lengths=torch.ones(3)).loss
+
+    fn = torch.compile(simpo, fullgraph=True, backend="aot_eager")
+    fn(torch.ones(3))
+    with pytest.raises(ValueError, match="chosen_lengths must be >= 0"):
+        fn(torch.tensor([1.0, -2.0, 1.0]))
+    linear = torch.compile(lambda h, w, y: pyfused_po.linear_token_logprobs(h, w, y, backend="torch").sum(),
+                           fullgraph=True, backend="aot_eager")
+    h, w = torch.randn(2, 3, 4), torch.randn(7, 4)
+    linear(h, w, torch.randint(0, 7, (2, 3)))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 7\)"):
+        linear(h, w, torch.full((2, 3), 8))
+
+
 # ------------------------------------------------------------------ 5. reference inputs are constants
 
 
