@@ -16,7 +16,7 @@ def check_sorted_batch_options(loss_type, *, weights=None, use_weighting=False, 
     """Refuse per-pair options with AOT: after sorting, loss k belongs to a rank, not to pair k,
     so per-pair weights, WPO weights, per-pair soft labels or per-pair losses
     (``reduction="none"``) would be attached to the wrong pairs and change with the batch
-    order.  TRL refuses AOT with per-pair weighting too."""
+    order.  TRL refuses AOT with WPO weighting for the same reason."""
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     sorted_losses = [n for n in names if n in SORTED_BATCH_LOSSES]
     if not sorted_losses:
@@ -29,7 +29,8 @@ def check_sorted_batch_options(loss_type, *, weights=None, use_weighting=False, 
         raise ValueError(
             f"loss_type {sorted_losses[0]!r} sorts the margins across the batch, so its k-th loss belongs to "
             f"the k-th rank, not to pair k: {', '.join(given)} would attach per-pair values to the wrong "
-            f"pairs (TRL refuses this too). Use reduction='mean' or 'sum' without per-pair weights."
+            f"pairs (TRL refuses WPO weighting with AOT for this reason). Use reduction='mean' or 'sum' "
+            f"without per-pair weights."
         )
 
 
