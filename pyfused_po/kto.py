@@ -46,6 +46,7 @@ def _kl_estimate(kl, policy_kl_logps, ref_kl_logps, like, wide):
                 raise ValueError(f"kl must be a number or a one-element tensor, got shape {tuple(kl.shape)}")
             value = kl.detach().reshape(()).to(device=like.device, dtype=wide)
         else:
+            kl = as_number("kl", kl)  # NumPy scalars are numbers
             check_number("kl", kl)
             value = torch.tensor(float(kl), dtype=wide, device=like.device)
     elif policy_kl_logps is not None or ref_kl_logps is not None:

@@ -387,7 +387,8 @@ def test_numpy_and_0d_tensor_hyperparameters_are_numbers(convert):
                                tl(x, y, temperature=2.0, softcap=3.0, backend="torch"))
     module = pyfused_po.FusedPreferenceLoss("sigmoid", beta=convert(0.5), ld_alpha=convert(0.5), backend="torch")
     assert isinstance(module.beta, float)
-    kto = pyfused_po.kto_loss(z, z, torch.tensor([True, False, True, False]), beta=convert(0.5),
-                              desirable_weight=convert(1.5)).loss
-    torch.testing.assert_close(kto, pyfused_po.kto_loss(z, z, torch.tensor([True, False, True, False]), beta=0.5,
-                                                        desirable_weight=1.5).loss)
+    desirable = torch.tensor([True, False, True, False])
+    kto = pyfused_po.kto_loss(z, z - 0.5, desirable, beta=convert(0.5), desirable_weight=convert(1.5),
+                              kl=np.float32(0.25)).loss
+    torch.testing.assert_close(kto, pyfused_po.kto_loss(z, z - 0.5, desirable, beta=0.5, desirable_weight=1.5,
+                                                        kl=0.25).loss)
