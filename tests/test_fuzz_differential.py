@@ -31,7 +31,7 @@ LAYOUTS = ("contiguous", "expanded", "overlapping", "flipped", "sliced", "non-me
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 LOSS_TYPES = (None, "sigmoid", "hinge", "ipo", "simpo", "sigmoid_norm")
 EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 _ELAPSED = {}
 _DRAWN = {}  # how often each layout / loss type / outcome was drawn, for the report
@@ -124,8 +124,17 @@ def problems(draw):
     info = torch.iinfo(label_dtype)
     if not info.min <= ignore_index <= info.max:
         labels = labels.clamp(info.min, info.max)  # not representable: the call is refused anyway
-    return dict(layout=layout, base=base, B=B, T=T, V=V, labels=labels.to(label_dtype), options=options,
-                extras=extras, inplace=inplace, loss_type=loss_type, dtype=dtype)
+    problem = dict(layout=layout, base=base, B=B, T=T, V=V, labels=labels.to(label_dtype), options=options,
+                   extras=extras, inplace=inplace, loss_type=loss_type, dtype=dtype, path="logits")
+    if loss_type is None and draw(st.integers(0, 2)) == 0:
+        # A third of the token-stage examples take the fused-linear path: the strided tensor
+        # is then the hidden states [.., T, D] (fp32: CPU bf16 GEMMs round their output).
+        D = draw(st.integers(1, 6))
+        problem.update(path="hidden", D=D, dtype=torch.float32, inplace=False,
+                       impl=draw(st.sampled_from(["chunked", "fused"])),
+                       base=torch.randn(base_numel(layout, B, T, D), generator=gen, dtype=torch.float64).float(),
+                       weight=(torch.randn(V, D, generator=gen, dtype=torch.float64) * scale).float())
+    return problem
 
 
 def _elements_share_memory(x):
@@ -165,11 +174,11 @@ def token_reference(base, p):
     return leaf, token_logprobs_ref(x, p["labels"].long(), **p["options"])
 
 
-def clear_top1(leaf64, p):
+def clear_top1(x, p):
     """Positions whose label logit is not within 1e-3 of the best other logit (after the
-    transform and the shift), where ``is_top1`` has one right answer in any precision."""
+    transform and the shift) in the float64 logits ``x``, where ``is_top1`` has one right
+    answer in any precision."""
     o = p["options"]
-    x = strided_view(leaf64, p["layout"], p["B"], p["T"], p["V"])
     z = transformed_logits(x, temperature=o["temperature"], logit_scale=o["logit_scale"], softcap=o["softcap"])
     if o["shift"]:
         z = torch.cat([torch.zeros_like(z[..., :1, :]), z[..., :-1, :]], dim=-2)
@@ -241,7 +250,8 @@ def check_token_stage(backend, p):
     for name in ("logps",) + tuple(e for e in p["extras"] if e != "is_top1"):
         _assert_close(getattr(out, name), ref[name].detach(), 1e-5, value_tol, name)
     if "is_top1" in p["extras"]:
-        clear = clear_top1(leaf_ref.detach(), p)  # fp32 and fp64 may order near-ties differently
+        x64 = strided_view(leaf_ref.detach(), p["layout"], p["B"], p["T"], p["V"])
+        clear = clear_top1(x64, p)  # fp32 and fp64 may order near-ties differently
         assert torch.equal(out.is_top1[clear].double(), ref["is_top1"][clear].detach())
     gen = torch.Generator().manual_seed(1)
     weights = {n: torch.randn(p["labels"].shape, generator=gen, dtype=torch.float64)
@@ -254,6 +264,43 @@ def check_token_stage(backend, p):
     dz_dx = p["options"]["logit_scale"] / p["options"]["temperature"]
     floor = 1e-6 * value_tol / 1e-5 * dz_dx * sum(w.abs().max().item() for w in weights.values() if w.numel())
     _assert_close(grad, leaf_ref.grad, grad_tol, floor, "gradient")
+
+
+def check_linear(backend, p):
+    """The fused-linear token stage: logits = hidden·Wᵀ never materialized."""
+    hidden = p["base"].detach().clone().requires_grad_()
+    weight = p["weight"].detach().clone().requires_grad_()
+    h = strided_view(hidden, p["layout"], p["B"], p["T"], p["D"])
+    impl = p["impl"] if backend == "triton" else "chunked"
+    kwargs = dict(extras=p["extras"], backend=backend, impl=impl, **p["options"])
+    expected = refusal(p, h)
+    if expected is not None:
+        _DRAWN["refused"] = _DRAWN.get("refused", 0) + 1
+        with pytest.raises(expected):
+            pyfused_po.linear_token_logprobs(h, weight, p["labels"], **kwargs)
+        return
+    out = pyfused_po.linear_token_logprobs(h, weight, p["labels"], **kwargs)
+    out = out if p["extras"] else pyfused_po.TokenLogprobs(out)
+    hidden64 = p["base"].double().requires_grad_()
+    weight64 = p["weight"].double().requires_grad_()
+    x64 = strided_view(hidden64, p["layout"], p["B"], p["T"], p["D"]) @ weight64.t()
+    ref = token_logprobs_ref(x64, p["labels"].long(), **p["options"])
+    magnitude = max(1.0, x64.detach().abs().max().item()) * p["options"]["logit_scale"] / p["options"]["temperature"]
+    names = ("logps",) + tuple(e for e in p["extras"] if e != "is_top1")
+    for name in names:
+        _assert_close(getattr(out, name), ref[name].detach(), 1e-5, 1e-5 * magnitude, name)
+    if "is_top1" in p["extras"]:
+        clear = clear_top1(x64.detach(), p)
+        assert torch.equal(out.is_top1[clear].double(), ref["is_top1"][clear].detach())
+    gen = torch.Generator().manual_seed(2)
+    weights = {n: torch.randn(p["labels"].shape, generator=gen, dtype=torch.float64) for n in names}
+    sum((w * getattr(out, n).double()).sum() for n, w in weights.items()).backward()
+    sum((w * ref[n]).sum() for n, w in weights.items()).backward()
+    floor = 1e-6 * magnitude * sum(w.abs().max().item() for w in weights.values() if w.numel()) * max(
+        1.0, p["weight"].abs().max().item(), p["base"].abs().max().item()) * p["T"] * p["B"]
+    for name, leaf, leaf64 in (("grad_hidden", hidden, hidden64), ("grad_weight", weight, weight64)):
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        _assert_close(grad, leaf64.grad, 1e-5, floor, name)
 
 
 def check_loss(backend, p):
@@ -290,11 +337,13 @@ def check_loss(backend, p):
 @given(p=problems())
 def test_differential_fuzz(backend, p):
     start = time.perf_counter()
-    for key in (p["layout"], p["loss_type"] or "token", str(p["labels"].dtype).replace("torch.", ""),
+    for key in (p["layout"], p["loss_type"] or f"token-{p['path']}", str(p["labels"].dtype).replace("torch.", ""),
                 "in-place" if p["inplace"] else "fresh-grad"):
         _DRAWN[key] = _DRAWN.get(key, 0) + 1
     try:
-        if p["loss_type"] is None:
+        if p["path"] == "hidden":
+            check_linear(backend, p)
+        elif p["loss_type"] is None:
             check_token_stage(backend, p)
         else:
             check_loss(backend, p)
