@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import torch
 
-from .autograd_guard import first_derivative_only
 from . import _backend
+from .autograd_guard import first_derivative_only
 from .token_logprobs import (
     TokenConfig,
     _rows_view,

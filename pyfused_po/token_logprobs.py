@@ -5,15 +5,15 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .autograd_guard import first_derivative_only
 from . import _backend
+from .autograd_guard import first_derivative_only
 from .validation import (
     as_number,
     check_finite_nonzero,
     check_label_range,
+    check_inplace_target,
     check_positive,
     check_same_device,
-    check_inplace_target,
     check_tensor,
     checked_labels,
 )

@@ -17,8 +17,8 @@ group (see ``reduce_grad_hidden``).
 import torch
 import torch.distributed as dist
 
-from ..autograd_guard import first_derivative_only
 from .. import _backend
+from ..autograd_guard import first_derivative_only
 from ..linear_token_logprobs import validate_linear_inputs
 from ..mixed_precision import autocast_off, cast_operands
 from ..token_logprobs import (
