@@ -367,7 +367,8 @@ def test_bco_running_mean_stays_float64_under_dtype_casts():
     z = torch.zeros(P)
     labels = torch.randint(0, 5, (2 * P, 2))
     for _ in range(2):  # 514 then 1028 rewards: neither is a bfloat16 number (steps of 4, then 8)
-        module(logits=torch.randn(2 * P, 2, 5), labels=labels, ref_chosen_logps=z, ref_rejected_logps=z)
+        module(hidden=torch.randn(2 * P, 2, 3), weight=torch.randn(5, 3), labels=labels, ref_chosen_logps=z,
+               ref_rejected_logps=z)  # the fused-linear path: no per-sequence loop on the CPU
     assert module.bco_reward_count.item() == 1028
 
 
