@@ -126,8 +126,12 @@ def problems(draw):
         labels = labels.clamp(info.min, info.max)  # not representable: the call is refused anyway
     problem = dict(layout=layout, base=base, B=B, T=T, V=V, labels=labels.to(label_dtype), options=options,
                    extras=extras, inplace=inplace, loss_type=loss_type, dtype=dtype, path="logits")
-    if loss_type is None and draw(st.integers(0, 2)) == 0:
-        # A third of the token-stage examples take the fused-linear path: the strided tensor
+    route = draw(st.integers(0, 3)) if loss_type is None else -1
+    if route == 1:  # the full-vocabulary KL kernel against a contiguous reference model's logits
+        problem.update(path="kl", inplace=False,
+                       ref_logits=(torch.randn(*shape, V, generator=gen, dtype=torch.float64) * scale).to(dtype))
+    if route == 0:
+        # A quarter of the token-stage examples take the fused-linear path: the strided tensor
         # is then the hidden states [.., T, D] (fp32: CPU bf16 GEMMs round their output).
         D = draw(st.integers(1, 6))
         problem.update(path="hidden", D=D, dtype=torch.float32, inplace=False,
@@ -303,6 +307,46 @@ def check_linear(backend, p):
         _assert_close(grad, leaf64.grad, 1e-5, floor, name)
 
 
+def _aligned(z, shift):
+    """Row t of the result belongs to label t (a zero row at t = 0 under shift)."""
+    return torch.cat([torch.zeros_like(z[..., :1, :]), z[..., :-1, :]], dim=-2) if shift else z
+
+
+def check_kl(backend, p):
+    """token_kl: Σ_v p_ref (log p_ref − log p_θ) per labelled token, and log p(label)."""
+    leaf = p["base"].detach().clone().requires_grad_()
+    x = strided_view(leaf, p["layout"], p["B"], p["T"], p["V"])
+    o = p["options"]
+    expected = refusal(p, x)
+    if expected is not None:
+        _DRAWN["refused"] = _DRAWN.get("refused", 0) + 1
+        with pytest.raises(expected):
+            pyfused_po.token_kl(x, p["ref_logits"], p["labels"], backend=backend, with_logps=True, **o)
+        return
+    out = pyfused_po.token_kl(x, p["ref_logits"], p["labels"], backend=backend, with_logps=True, **o)
+    leaf64, ref = token_reference(p["base"], p)
+    x64 = strided_view(leaf64, p["layout"], p["B"], p["T"], p["V"])
+    transform = dict(temperature=o["temperature"], logit_scale=o["logit_scale"], softcap=o["softcap"])
+    log_p = _aligned(torch.log_softmax(transformed_logits(x64, **transform), -1), o["shift"])
+    log_q = _aligned(torch.log_softmax(transformed_logits(p["ref_logits"].double(), **transform), -1), o["shift"])
+    kl = torch.where(log_q > -torch.inf, log_q.exp() * (log_q - log_p), torch.zeros_like(log_q)).sum(-1)
+    mask = p["labels"].long() != o["ignore_index"]
+    if o["shift"]:
+        mask[..., 0] = False
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    value_tol, grad_tol = _tolerances(p)
+    _assert_close(out.kl, kl.detach(), 1e-5, value_tol, "kl")
+    _assert_close(out.logps, ref["logps"].detach(), 1e-5, value_tol, "logps")
+    gen = torch.Generator().manual_seed(3)
+    w_kl, w_lp = (torch.randn(p["labels"].shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    ((w_kl * out.kl.double()).sum() + (w_lp * out.logps.double()).sum()).backward()
+    ((w_kl * kl).sum() + (w_lp * ref["logps"]).sum()).backward()
+    dz_dx = o["logit_scale"] / o["temperature"]
+    floor = 1e-6 * value_tol / 1e-5 * dz_dx * (w_kl.abs().max().item() + w_lp.abs().max().item() if w_kl.numel() else 0)
+    grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+    _assert_close(grad, leaf64.grad, grad_tol, floor, "kl gradient")
+
+
 def check_loss(backend, p):
     beta = 0.5
     leaf = p["base"].detach().clone().requires_grad_()
@@ -343,6 +387,8 @@ def test_differential_fuzz(backend, p):
     try:
         if p["path"] == "hidden":
             check_linear(backend, p)
+        elif p["path"] == "kl":
+            check_kl(backend, p)
         elif p["loss_type"] is None:
             check_token_stage(backend, p)
         else:
