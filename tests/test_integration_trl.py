@@ -161,9 +161,94 @@ def test_use_preference_loss_matches_trl_sigmoid(tmp_path):
             assert math.isclose(b[key], f[key], rel_tol=RTOL, abs_tol=ATOL), (key, b[key], f[key])
 
 
-def test_rejects_other_trainers_and_versions(monkeypatch):
+def test_rejects_trainers_without_fused_head_and_old_versions(monkeypatch):
+    import types
+
     with pytest.raises(TypeError, match="DPOTrainer"):
         pfi.apply(object())
+    with pytest.raises(TypeError, match="never calls model"):  # a trainer whose model TRL did not patch
+        pfi.apply(types.SimpleNamespace(model=tiny_model()))
     monkeypatch.setattr(pfi.metadata, "version", lambda name: "1.15.0")
-    with pytest.raises(RuntimeError, match=r"trl==1\.15\.0"):
-        pfi.apply(object())
+    assert pfi.check_trl_version() == "1.15.0"  # same protocol as 1.16: accepted
+    for old in ("1.8.0", "0.24.0"):  # axolotl's and LLaMA-Factory's pins
+        monkeypatch.setattr(pfi.metadata, "version", lambda name, old=old: old)
+        with pytest.raises(RuntimeError, match=rf"trl=={old}.*model_preference_loss"):
+            pfi.apply(object())
+
+
+def test_rejects_a_release_whose_protocol_differs(monkeypatch):
+    from trl.trainer import utils
+
+    def add_fused_lm_head(model, temperature=1.0):  # a hypothetical release without outputs=
+        pass
+
+    monkeypatch.setattr(utils, "add_fused_lm_head", add_fused_lm_head)
+    with pytest.raises(RuntimeError, match=r"add_fused_lm_head lacks \['cast_lm_head_to_fp32', 'outputs'\]"):
+        pfi.check_trl_version()
+
+
+def _float64_token_logps(model, ids, labels, temperature):
+    """Independent reference: log-softmax of the model's own logits / T, and the entropy."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()[:, :-1] / temperature
+    logp = torch.log_softmax(logits, -1)
+    y = labels[:, 1:]
+    mask = y != -100
+    token = logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * mask
+    entropy = -(logp.exp() * logp).sum(-1) * mask
+    return token, entropy
+
+
+def test_apply_model_keeps_trl_temperature_and_settings():
+    """GRPO/RLOO patch with temperature=0.7 (and GRPO cast_lm_head_to_fp32): apply(model) keeps them."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = tiny_model()
+    add_fused_lm_head(model, temperature=0.7, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy"))
+    ids = torch.randint(3, model.config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        trl_out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    pfi.apply(model)
+    assert pfi.trl_head_settings(model) == dict(temperature=0.7, cast_lm_head_to_fp32=True,
+                                                outputs=("log_probs", "entropy"))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    token, entropy = _float64_token_logps(model, ids, labels, 0.7)
+    torch.testing.assert_close(out.log_probs.double(), token, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.log_probs, trl_out.log_probs, rtol=1e-4, atol=1e-5)
+    assert out.mean_logits is None and out.is_top1 is None  # TRL's outputs, not more
+    # Explicit arguments still win; a model TRL never patched gets temperature 1 and every output.
+    plain = pfi.patch_model(tiny_model(), temperature=2.0)
+    assert pfi.trl_head_settings(plain)["temperature"] == 2.0
+    assert pfi.trl_head_settings(pfi.patch_model(tiny_model()))["outputs"] == pfi._ALL_OUTPUTS
+
+
+def test_fsdp1_wrapped_reference_is_patched_inside_the_wrapper(tmp_path):
+    """FSDP1 holds flat shards outside its forward: the fused forward must go on the wrapped
+    module (run inside FSDP's forward, parameters unsharded), not on the wrapper, where it read a
+    1-D shard as the head ('weight' must be 2-D on several ranks).  One gloo rank (NO_SHARD)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from trl.trainer.utils import add_fused_lm_head
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        add_fused_lm_head(model)  # as DPOTrainer does before prepare_fsdp(ref_model)
+        ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            expected = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+        wrapped = FSDP(model, device_id=torch.device("cpu"))
+        pfi.patch_model(wrapped)
+        assert "forward" not in vars(wrapped)  # FSDP's own forward still unshards
+        assert "_pyfused_po_fused_forward" in vars(wrapped.module)
+        with torch.no_grad():
+            got = wrapped(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
