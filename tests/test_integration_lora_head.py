@@ -87,3 +87,27 @@ def test_lora_head_variants_are_refused():
     ids, labels = _batch(model.config.vocab_size)
     with pytest.raises(TypeError, match="DoRA"):
         hf.model_preference_loss(model, FusedPreferenceLoss("simpo", beta=BETA), ids, labels)
+
+
+def test_trl_switch_applies_the_lm_head_adapter():
+    """TRL's own fused head reads the base weight (the adapter's delta is dropped); the switch's
+    forward scores the adapted head and trains its A/B like the model's own forward."""
+    pfi = pytest.importorskip("pyfused_po.integrations.trl")
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = _lora()
+    add_fused_lm_head(model.get_base_model())  # as DPOTrainer does on a PEFT policy
+    pfi.patch_model(model, backend="torch")
+    ids, labels = _batch(model.config.vocab_size)
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    out.log_probs.sum().backward()
+    fused = _grads(model)
+    logits = model(input_ids=ids).logits.double()[:, :-1]
+    y = labels[:, 1:]
+    expected = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -100)
+    expected.sum().backward()
+    torch.testing.assert_close(out.log_probs.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    reference = _grads(model)
+    assert any("lm_head.lora_B" in n for n in reference) and fused.keys() == reference.keys()
+    for name, g in reference.items():
+        torch.testing.assert_close(fused[name].double(), g.double(), rtol=1e-4, atol=1e-6, msg=name)
