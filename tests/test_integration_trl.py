@@ -101,6 +101,13 @@ def test_dpo_switch_matches_trl_lora(tmp_path):
     assert head.grad is None and not head.requires_grad
 
 
+# TRL < 1.16 runs its chunked log-prob Triton kernel on the CPU under the Triton interpreter, whose
+# bf16 tl.dot is wrong (a known interpreter defect): its bf16 numbers are no reference there.
+_TRL_BF16_REFERENCE = pytest.mark.skipif(pfi._release(trl.__version__) < (1, 16),
+                                         reason="TRL < 1.16's CPU path is its Triton kernel under the interpreter")
+
+
+@_TRL_BF16_REFERENCE
 def test_dpo_switch_matches_trl_bf16(tmp_path):
     """accelerate's bf16 mixed precision.  The trainer prepares the reference model at
     construction, wrapping its forward in autocast; the patch keeps that autocast, so at
@@ -124,7 +131,7 @@ def test_patch_warns_when_it_would_drop_accelerate_autocast():
         pfi.patch_model(model)
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=_TRL_BF16_REFERENCE)], ids=["fp32", "bf16"])
 def test_kto_switch_matches_trl(tmp_path, bf16):
     """KTO, also under accelerate's bf16 autocast (torch backend there: see the DPO bf16 test)."""
     from trl import KTOConfig, KTOTrainer
