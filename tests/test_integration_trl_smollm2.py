@@ -1,6 +1,6 @@
 """The TRL switch on the real SmolLM2-135M-Instruct (vocabulary 49,152, tied head).
 
-* DPO: two optimizer steps on three shipped pairs with and without ``apply()``; every logged
+* DPO: two optimizer steps (last block trainable) on two shipped pairs with and without ``apply()``; every logged
   metric matches TRL's own fused-LM-head path.
 * GRPO-style scoring: per-token log-probs and entropy at temperature 0.7 (what GRPOTrainer /
   RLOOTrainer patch), from pyfused_po's head vs TRL's own, and both vs float64 logits.
@@ -40,12 +40,19 @@ def test_dpo_logged_metrics_match_trl_on_smollm2(real, tmp_path):
     model, tokenizer = real
     rows = smollm2.preference_pairs()[:2]
 
+    def last_layer_trainable(m):
+        # Only the last block trains (the tied head/embeddings frozen): the same parity check, a
+        # fraction of the CPU time of a full 135M backward.
+        m.requires_grad_(False)
+        m.model.layers[-1].requires_grad_(True)
+        return m
+
     def run(name, switch):
         args = DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=1, max_steps=2,
                          learning_rate=1e-5, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                         seed=0, data_seed=0, max_length=48, bf16=False, gradient_checkpointing=False)
-        trainer = DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=args,
-                             processing_class=tokenizer, train_dataset=datasets.Dataset.from_list(rows))
+                         seed=0, data_seed=0, max_length=40, bf16=False, gradient_checkpointing=False)
+        trainer = DPOTrainer(model=last_layer_trainable(copy.deepcopy(model)), ref_model=copy.deepcopy(model),
+                             args=args, processing_class=tokenizer, train_dataset=datasets.Dataset.from_list(rows))
         if switch:
             pfi.apply(trainer, backend="torch")
         trainer.train()
@@ -63,8 +70,7 @@ def test_grpo_style_token_logprobs_on_smollm2(real):
     from trl.trainer.utils import add_fused_lm_head
 
     model, tokenizer = real
-    ids, labels, mask = smollm2.pair_batch(tokenizer, smollm2.preference_pairs()[:2])
-    ids, labels, mask = ids[:, :40], labels[:, :40], mask[:, :40]
+    ids, labels, mask = smollm2.pair_batch(tokenizer, smollm2.preference_pairs()[:1])
     policy = copy.deepcopy(model)
     add_fused_lm_head(policy, temperature=0.7, outputs=("log_probs", "entropy"))  # as GRPOTrainer does
     with torch.no_grad():
@@ -77,7 +83,7 @@ def test_grpo_style_token_logprobs_on_smollm2(real):
     valid = y != -100
     want = logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * valid
     want_entropy = -(logp.exp() * logp).sum(-1) * valid
-    assert valid.sum() > 20
+    assert valid.sum() >= 10
     torch.testing.assert_close(out.log_probs.double(), want, rtol=1e-4, atol=2e-4)
     torch.testing.assert_close(out.entropy.double(), want_entropy, rtol=1e-4, atol=2e-4)
     torch.testing.assert_close(out.log_probs, trl_out.log_probs, rtol=1e-4, atol=2e-4)
