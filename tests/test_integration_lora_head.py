@@ -111,3 +111,24 @@ def test_trl_switch_applies_the_lm_head_adapter():
     assert any("lm_head.lora_B" in n for n in reference) and fused.keys() == reference.keys()
     for name, g in reference.items():
         torch.testing.assert_close(fused[name].double(), g.double(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lora_on_lm_head_packed_equals_padded():
+    """The packed route ([1, N] + cu_seqlens) applies the head adapter too: same loss and
+    adapter gradients as the padded batch (itself checked against the model's logits above)."""
+    model = _lora()
+    ids, labels = _batch(model.config.vocab_size)
+    rc, rr = torch.tensor([-14.0, -15.0]), torch.tensor([-13.0, -16.5])
+    loss_fn = FusedPreferenceLoss("sigmoid", beta=BETA, backend="torch")
+    padded = hf.model_preference_loss(model, loss_fn, ids, labels, ref_chosen_logps=rc, ref_rejected_logps=rr)
+    padded.loss.backward()
+    want = _grads(model)
+    cu = torch.arange(0, ids.numel() + 1, ids.shape[1], dtype=torch.int32)  # every row one sequence
+    packed = hf.model_preference_loss(model, loss_fn, ids.reshape(1, -1), labels.reshape(1, -1), cu_seqlens=cu,
+                                      ref_chosen_logps=rc, ref_rejected_logps=rr)
+    packed.loss.backward()
+    got = _grads(model)
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
+    assert any("lm_head.lora_B" in n for n in want) and got.keys() == want.keys()
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
