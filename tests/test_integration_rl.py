@@ -76,6 +76,20 @@ def test_shift_and_drop_ins():
         rl.rl_token_logprobs(labels)
 
 
+def test_packed_stream_equals_padded_rows():
+    """Two responses packed in one row (cu_seqlens), shift=True: the same log-probs and entropy
+    as scoring each row alone; nothing predicted across the boundary."""
+    hidden, weight, labels = _data(4, n=2, t=5)
+    packed = dict(hidden=hidden.reshape(1, 10, -1), weight=weight)
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    logp, entropy = rl.rl_token_logprobs(labels.reshape(1, 10), temperature=T, with_entropy=True, shift=True,
+                                         cu_seqlens=cu, backend="torch", **packed)
+    row_logp, row_entropy = rl.rl_token_logprobs(labels, hidden=hidden, weight=weight, temperature=T,
+                                                 with_entropy=True, shift=True, backend="torch")
+    torch.testing.assert_close(logp.reshape(2, 5), row_logp)
+    torch.testing.assert_close(entropy.reshape(2, 5), row_entropy)
+
+
 def _openrlhf_utils():
     roots = [os.environ.get("PYFUSED_PO_OPENRLHF")]
     spec = importlib.util.find_spec("openrlhf")

@@ -21,7 +21,7 @@ __all__ = ["rl_token_logprobs", "log_probs_from_logits", "logprobs_from_logits",
 
 def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=None, temperature=1.0,
                       with_entropy=False, shift=False, ignore_index=-100, logit_scale=1.0, softcap=None,
-                      backend="auto"):
+                      backend="auto", cu_seqlens=None, position_ids=None):
     """Per-token ``log softmax(z / T)[label]`` and, with ``with_entropy``, ``H(softmax(z / T))``.
 
     Exactly one source: ``logits`` ``[..., T, V]``, or ``hidden`` ``[..., T, D]`` with the LM head
@@ -31,7 +31,9 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     each row (``shift=False``, as verl and OpenRLHF pass them: ``labels = input_ids[:, 1:]`` with
     ``logits[:, :-1]``), or the input ids with row ``t`` predicting ``t + 1`` (``shift=True``; results stay aligned with
     ``labels``, position 0 gives 0).
-    Positions labelled ``ignore_index`` give 0.  Gradients flow to the logits (or hidden states and
+    Positions labelled ``ignore_index`` give 0.  A packed stream (``[1, N]`` labels, several
+    sequences in one row) is delimited by ``cu_seqlens`` ``[S + 1]`` or ``position_ids`` (see
+    README "Packed sequences"): ``shift=True`` then never predicts across a boundary.  Gradients flow to the logits (or hidden states and
     head) through the log-probs and the entropy (an entropy bonus).
 
     Returns ``(log_probs, entropy)``, float32 shaped like ``labels``; ``entropy`` is ``None``
@@ -45,7 +47,8 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     if logits is not None and (weight is not None or bias is not None):
         raise ValueError("weight=/bias= go with hidden=, not with logits=")
     kw = dict(ignore_index=ignore_index, shift=shift, temperature=temperature, logit_scale=logit_scale,
-              softcap=softcap, extras=("entropy",) if with_entropy else (), backend=backend)
+              softcap=softcap, extras=("entropy",) if with_entropy else (), backend=backend,
+              cu_seqlens=cu_seqlens, position_ids=position_ids)
     if logits is not None:
         out = token_logprobs(logits, labels, **kw)
     else:
