@@ -33,8 +33,9 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     ``labels``, position 0 gives 0).
     Positions labelled ``ignore_index`` give 0.  A packed stream (``[1, N]`` labels, several
     sequences in one row) is delimited by ``cu_seqlens`` ``[S + 1]`` or ``position_ids`` (see
-    README "Packed sequences"): ``shift=True`` then never predicts across a boundary.  Gradients flow to the logits (or hidden states and
-    head) through the log-probs and the entropy (an entropy bonus).
+    README "Packed sequences"): ``shift=True`` then never predicts across a boundary.  Gradients
+    flow to the logits (or hidden states and head) through the log-probs and the entropy (an
+    entropy bonus).
 
     Returns ``(log_probs, entropy)``, float32 shaped like ``labels``; ``entropy`` is ``None``
     without ``with_entropy``.

@@ -138,7 +138,8 @@ def _reference_token_logps(trainer, model_kwargs, labels):
         if is_peft_model(trainer.model):
             unwrapped = trainer.accelerator.unwrap_model(trainer.model)
             ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), ctx:
+    no_checkpointing = disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs)
+    with torch.no_grad(), no_checkpointing, ctx:
         return model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
 
 
