@@ -33,3 +33,8 @@ def test_trl_snippet_runs(capsys, tmp_path, monkeypatch):
     exec(compile(code, str(DOC), "exec"), {})
     loss, margin = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert float(loss) > 0 and abs(float(margin)) < 10
+
+
+def test_rl_snippet_runs(capsys):
+    exec(compile(_section_code("RL log-probs (PPO / GRPO actors, verl, OpenRLHF)"), str(DOC), "exec"), {})
+    assert capsys.readouterr().out.strip() == "torch.Size([2, 6]) torch.Size([2, 6])"
