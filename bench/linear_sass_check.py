@@ -38,7 +38,7 @@ SHAPES = {
     "16k x 128256 x 4096": dict(M=16384, V=128256, D=4096),
     "16k x 50257 x 4096": dict(M=16384, V=50257, D=4096),
 }
-TILES = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, num_warps=8)  # linear_launch.linear_config (GPU, bf16)
+TILES = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8, num_warps=8)  # linear_launch.linear_config (GPU, bf16)
 
 
 def _load_kernels():
@@ -51,12 +51,17 @@ def _load_kernels():
     return fwd.linear_forward_kernel, bwd.linear_backward_kernel
 
 
-def forward_args(M, V, D, group_m=None):
-    """Runtime arguments of a forward launch (``linear_launch.linear_forward``), by name."""
+def forward_args(M, V, D, sms=132):
+    """Runtime arguments of a forward launch (``linear_launch.linear_forward`` on an H200), by name."""
     n_tiles = -(-V // TILES["BLOCK_V"])
+    m_blocks = -(-M // TILES["BLOCK_M"])
+    n_splits = max(1, min(n_tiles, -(-4 * sms // m_blocks)))
+    tiles_per_split = -(-n_tiles // n_splits)
+    n_splits = -(-n_tiles // tiles_per_split)
     args = dict(h_ptr="*bf16", stride_hn=D, stride_hd=1, w_ptr="*bf16", stride_wv=D, stride_wd=1,
                 b_ptr="*bf16", rows_ptr="*i64", y_ptr="*i64", part_ptr="*fp32",
-                M=M, V=V, D=D, tiles_per_split=n_tiles, scale=1.0, inv_temp=1.0, softcap=0.0)
+                M=M, V=V, D=D, tiles_per_split=tiles_per_split, n_splits=n_splits,
+                scale=1.0, inv_temp=1.0, softcap=0.0)
     flags = dict(HAS_BIAS=0, HAS_SOFTCAP=0, WANT_ENTROPY=0, WANT_LSQ=0, WANT_MEAN=0,
                  DOT_FP32=0, INPUT_PRECISION="tf32")
     return args, flags

@@ -1,6 +1,8 @@
 """Fused-linear backward: recompute each logits tile, form its gradient on-chip, feed dH and dW.
 
-Grid ``(token blocks, vocabulary tiles)``.  A program rebuilds its ``[BLOCK_M, BLOCK_V]``
+A 1-D grid of ``token blocks × vocabulary tiles`` programs in grouped order
+(:func:`grouped_program`: programs that run together share hidden/dH rows in L2 and few
+of them reduce into the same dW tile).  A program rebuilds its ``[BLOCK_M, BLOCK_V]``
 tile ``x = H[rows]·Wᵀ (+ b)`` (``tl.dot`` over ``D``, fp32), then with ``p = e^{z − lse}``
 
     G = dz/dx · ( g·(onehot(y) − p)  −  g_H·p·(z − lse + H)
@@ -13,12 +15,14 @@ and accumulates, with fp32 atomics,
 
 looping over ``D`` in ``BLOCK_D`` slices.  ``G`` is rounded to the input dtype before
 the two GEMMs (tensor-core operands), as the logits path stores its gradient.  Atomics
-make the result independent of the launch order up to fp32 rounding, not bitwise.
+make the result independent of the launch order up to fp32 rounding, not bitwise.  They
+are ``relaxed``: nothing reads an accumulator before the kernel ends, so no ordering is
+needed and each compiles to a fire-and-forget ``REDG`` without GPU-scope fences.
 """
 import triton
 import triton.language as tl
 
-from .linear_tile import logits_tile
+from .linear_tile import grouped_program, logits_tile
 from .tl_utils import transform, transform_grad
 
 
@@ -47,9 +51,9 @@ def linear_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
+    pid_m, pid_v = grouped_program(tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -82,7 +86,7 @@ def linear_backward_kernel(
     G = dz * transform_grad(acc, scale, inv_temp, softcap, HAS_SOFTCAP)
     G = tl.where(in_m[:, None] & in_v[None, :], G, 0.0)
     if NEED_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(G, axis=0), mask=in_v)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(G, axis=0), mask=in_v, sem="relaxed")
     if DOT_FP32:
         # Round like the compiled path does, then compute the dots in fp32.
         G = G.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -98,7 +102,7 @@ def linear_backward_kernel(
                 w = w.to(tl.float32)
             dh = tl.dot(G, w, input_precision=INPUT_PRECISION)
             tl.atomic_add(dh_ptr + rows[:, None] * stride_dhn + dd[None, :] * stride_dhd,
-                          dh, mask=in_m[:, None] & in_d[None, :])
+                          dh, mask=in_m[:, None] & in_d[None, :], sem="relaxed")
         if NEED_DW:
             h = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
                         mask=in_m[:, None] & in_d[None, :], other=0.0)
@@ -106,4 +110,4 @@ def linear_backward_kernel(
                 h = h.to(tl.float32)
             dw = tl.dot(tl.trans(G), h, input_precision=INPUT_PRECISION)
             tl.atomic_add(dw_ptr + offs_v[:, None] * stride_dwv + dd[None, :] * stride_dwd,
-                          dw, mask=in_v[:, None] & in_d[None, :])
+                          dw, mask=in_v[:, None] & in_d[None, :], sem="relaxed")

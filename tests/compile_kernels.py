@@ -67,7 +67,7 @@ def linear_cases():
     fwd_flags = ("HAS_BIAS", "HAS_SOFTCAP", "WANT_ENTROPY", "WANT_LSQ", "WANT_MEAN")
     bwd_flags = ("HAS_BIAS", "HAS_SOFTCAP", "HAS_G", "GRAD_ENTROPY", "GRAD_LSQ", "GRAD_MEAN",
                  "NEED_DH", "NEED_DW", "NEED_DB")
-    tiles = dict(BLOCK_M=128, BLOCK_V=128, DOT_FP32=0)
+    tiles = dict(BLOCK_M=128, BLOCK_V=128, DOT_FP32=0, GROUP_M=8)
     for dtype in ("bf16", "fp16", "fp32"):
         types = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
                  "rows_ptr": "*i64", "y_ptr": "*i64", **SCALARS}
