@@ -67,7 +67,7 @@ def forward_args(M, V, D, sms=132):
     return args, flags
 
 
-def backward_args(M, V, D, need_dw=1):
+def backward_args(M, V, D, need_dw=1, grad_filter=0):
     """Runtime arguments of a backward launch (``linear_launch.linear_backward``), by name."""
     args = dict(h_ptr="*bf16", stride_hn=D, stride_hd=1, w_ptr="*bf16", stride_wv=D, stride_wd=1,
                 b_ptr="*bf16", rows_ptr="*i64", y_ptr="*i64",
@@ -75,8 +75,8 @@ def backward_args(M, V, D, need_dw=1):
                 g_lsq_ptr="*fp32", g_mean_ptr="*fp32",
                 dh_ptr="*fp32", stride_dhn=D, stride_dhd=1,
                 dw_ptr="*fp32", stride_dwv=D, stride_dwd=1, db_ptr="*fp32",
-                M=M, V=V, D=D, scale=1.0, inv_temp=1.0, softcap=0.0)
-    flags = dict(HAS_BIAS=0, HAS_SOFTCAP=0, HAS_G=1, GRAD_ENTROPY=0, GRAD_LSQ=0, GRAD_MEAN=0,
+                M=M, V=V, D=D, scale=1.0, inv_temp=1.0, softcap=0.0, filter_eps=2.0 ** -12)
+    flags = dict(HAS_BIAS=0, HAS_SOFTCAP=0, FILTER=grad_filter, HAS_G=1, GRAD_ENTROPY=0, GRAD_LSQ=0, GRAD_MEAN=0,
                  NEED_DH=1, NEED_DW=need_dw, NEED_DB=0, DOT_FP32=0, INPUT_PRECISION="tf32")
     return args, flags
 
@@ -176,6 +176,8 @@ def cases(fwd, bwd):
         if shape.startswith("16k x 128256"):
             a, f = backward_args(**dims, need_dw=0)
             yield "linear_backward (frozen W)", shape, bwd, a, {**f, **tiles}
+            a, f = backward_args(**dims, grad_filter=1)
+            yield "linear_backward (grad_filter)", shape, bwd, a, {**f, **tiles}
 
 
 def run_here(dump_dir=None):

@@ -18,6 +18,13 @@ the two GEMMs (tensor-core operands), as the logits path stores its gradient.  A
 make the result independent of the launch order up to fp32 rounding, not bitwise.  They
 are ``relaxed``: nothing reads an accumulator before the kernel ends, so no ordering is
 needed and each compiles to a fire-and-forget ``REDG`` without GPU-scope fences.
+
+Gradient filtering (``FILTER``, opt-in): with ``s_m = |g| + |g_H| + |g_Q|`` (the row's
+upstream gradient scale), a tile whose every ``|dz| < filter_eps · s_m`` skips its dH and
+dW dots (rows with ``s_m = 0`` have ``dz = 0`` and never keep a tile).  For log-probs
+alone that is ``|onehot − p| < filter_eps`` over the whole tile: the threshold reads as a
+probability whatever the loss's reduction scales ``g`` by.  ``db`` is never filtered.  A
+NaN in ``dz`` keeps its tile (the test is ``not (|dz| < bound)``).
 """
 import triton
 import triton.language as tl
@@ -36,9 +43,10 @@ def linear_backward_kernel(
     dw_ptr, stride_dwv, stride_dwd,
     db_ptr,
     M, V, D,
-    scale, inv_temp, softcap,
+    scale, inv_temp, softcap, filter_eps,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    FILTER: tl.constexpr,
     HAS_G: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
     GRAD_LSQ: tl.constexpr,
@@ -69,20 +77,30 @@ def linear_backward_kernel(
     lse = tl.load(lse_ptr + offs_m, mask=in_m, other=0.0)
     p = tl.exp(z - lse[:, None])
     dz = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    g_scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # s_m of the filter
     if HAS_G:
         g = tl.load(g_ptr + offs_m, mask=in_m, other=0.0)
         dz += tl.where(offs_v[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
+        g_scale += tl.abs(g)
     if GRAD_ENTROPY:
         g_h = tl.load(g_ent_ptr + offs_m, mask=in_m, other=0.0)
         ent = tl.load(ent_ptr + offs_m, mask=in_m, other=0.0)
         dz -= g_h[:, None] * p * (z - lse[:, None] + ent[:, None])
+        g_scale += tl.abs(g_h)
     if GRAD_LSQ:
         g_q = tl.load(g_lsq_ptr + offs_m, mask=in_m, other=0.0)
         inv_sum_p2 = tl.exp(-tl.load(lsq_ptr + offs_m, mask=in_m, other=0.0))
         dz += 2.0 * g_q[:, None] * p * (p * inv_sum_p2[:, None] - 1.0)
+        g_scale += tl.abs(g_q)
     if GRAD_MEAN:
         g_m = tl.load(g_mean_ptr + offs_m, mask=in_m, other=0.0) / V
         dz += g_m[:, None]
+    d_end = D
+    if FILTER:
+        bound = tl.where(g_scale > 0.0, filter_eps * g_scale, float("inf"))
+        above = in_v[None, :] & (~(tl.abs(dz) < bound[:, None]))
+        # A filtered tile runs no D steps: its dH/dW dots are skipped.
+        d_end = tl.where(tl.max(above.to(tl.int32)) > 0, D, 0)
     G = dz * transform_grad(acc, scale, inv_temp, softcap, HAS_SOFTCAP)
     G = tl.where(in_m[:, None] & in_v[None, :], G, 0.0)
     if NEED_DB:
@@ -92,7 +110,7 @@ def linear_backward_kernel(
         G = G.to(h_ptr.dtype.element_ty).to(tl.float32)
     else:
         G = G.to(h_ptr.dtype.element_ty)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, d_end, BLOCK_D):
         dd = d0 + offs_d
         in_d = dd < D
         if NEED_DH:

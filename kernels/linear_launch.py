@@ -121,10 +121,15 @@ def combine_splits(part, V, extras):
 def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=None, entropy=None,
                     grad_entropy=None, log_sum_sq_probs=None, grad_log_sum_sq_probs=None,
                     grad_mean_logit=None, need_hidden=True, need_weight=True, need_bias=True,
-                    ignore_index, temperature, logit_scale, softcap, block_v=None, grad_hidden_dtype=None):
+                    ignore_index, temperature, logit_scale, softcap, block_v=None, grad_hidden_dtype=None,
+                    grad_filter=None):
     """fp32 ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``, ``None`` where not needed.
 
-    The accumulators are fp32 whatever ``grad_hidden_dtype`` asks (it is at most fp32)."""
+    The accumulators are fp32 whatever ``grad_hidden_dtype`` asks (it is at most fp32).
+    ``grad_filter``: ``None`` (exact) or a threshold ``≥ 0``: tiles whose every logits
+    gradient is below it, relative to the token's upstream gradient, skip their dH/dW dots
+    (``kernels.linear_backward``).  Not applied when ``grad_mean_logit`` is given: that
+    gradient is ``g_M / V`` on every id and would fall under any threshold above ``1/V``."""
     del ignore_index, grad_hidden_dtype
     M = rows.numel()
     V, D = weight.shape
@@ -139,6 +144,7 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     cfg = linear_config(V, D, hidden2d.dtype, block_v)
     dummy = lse
     cap, has_cap = _softcap_args(softcap)
+    use_filter = grad_filter is not None and grad_mean_logit is None
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
     linear_backward_kernel[grid](
         hidden2d, *hidden2d.stride(), weight, *weight.stride(),
@@ -154,8 +160,8 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
         dummy if gw is None else gw, *((0, 0) if gw is None else gw.stride()),
         dummy if gb is None else gb,
         M, V, D,
-        float(logit_scale), 1.0 / float(temperature), cap,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap,
+        float(logit_scale), 1.0 / float(temperature), cap, float(grad_filter) if use_filter else 0.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, FILTER=use_filter,
         HAS_G=grad_logp is not None, GRAD_ENTROPY=grad_entropy is not None,
         GRAD_LSQ=grad_log_sum_sq_probs is not None, GRAD_MEAN=grad_mean_logit is not None,
         NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
