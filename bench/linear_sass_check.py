@@ -70,13 +70,13 @@ def forward_args(M, V, D, sms=132):
 def backward_args(M, V, D, need_dw=1, grad_filter=0):
     """Runtime arguments of a backward launch (``linear_launch.linear_backward``), by name."""
     args = dict(h_ptr="*bf16", stride_hn=D, stride_hd=1, w_ptr="*bf16", stride_wv=D, stride_wd=1,
-                b_ptr="*bf16", rows_ptr="*i64", y_ptr="*i64",
+                b_ptr="*bf16", rows_ptr="*i64", y_ptr="*i64", perm_ptr="*i64",
                 lse_ptr="*fp32", g_ptr="*fp32", ent_ptr="*fp32", g_ent_ptr="*fp32", lsq_ptr="*fp32",
                 g_lsq_ptr="*fp32", g_mean_ptr="*fp32",
                 dh_ptr="*fp32", stride_dhn=D, stride_dhd=1,
                 dw_ptr="*fp32", stride_dwv=D, stride_dwd=1, db_ptr="*fp32",
                 M=M, V=V, D=D, scale=1.0, inv_temp=1.0, softcap=0.0, filter_eps=2.0 ** -12)
-    flags = dict(HAS_BIAS=0, HAS_SOFTCAP=0, FILTER=grad_filter, HAS_G=1, GRAD_ENTROPY=0, GRAD_LSQ=0, GRAD_MEAN=0,
+    flags = dict(HAS_BIAS=0, HAS_SOFTCAP=0, FILTER=grad_filter, PERMUTED=grad_filter, HAS_G=1, GRAD_ENTROPY=0, GRAD_LSQ=0, GRAD_MEAN=0,
                  NEED_DH=1, NEED_DW=need_dw, NEED_DB=0, DOT_FP32=0, INPUT_PRECISION="tf32")
     return args, flags
 

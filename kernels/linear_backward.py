@@ -24,7 +24,10 @@ upstream gradient scale), a tile whose every ``|dz| < filter_eps · s_m`` skips 
 dW dots (rows with ``s_m = 0`` have ``dz = 0`` and never keep a tile).  For log-probs
 alone that is ``|onehot − p| < filter_eps`` over the whole tile: the threshold reads as a
 probability whatever the loss's reduction scales ``g`` by.  ``db`` is never filtered.  A
-NaN in ``dz`` keeps its tile (the test is ``not (|dz| < bound)``).
+NaN in ``dz`` keeps its tile (the test is ``not (|dz| < bound)``).  With ``PERMUTED`` the
+vocabulary tiles hold the ids ``perm[pid_v·BLOCK_V : …]`` instead of consecutive ids (the
+launcher orders them by mean logit so that the likely ids share tiles and the rest can be
+skipped); W rows, bias, targets, dW and db are addressed by the real ids.
 """
 import triton
 import triton.language as tl
@@ -37,7 +40,7 @@ from .tl_utils import transform, transform_grad
 def linear_backward_kernel(
     h_ptr, stride_hn, stride_hd,
     w_ptr, stride_wv, stride_wd,
-    b_ptr, rows_ptr, y_ptr,
+    b_ptr, rows_ptr, y_ptr, perm_ptr,
     lse_ptr, g_ptr, ent_ptr, g_ent_ptr, lsq_ptr, g_lsq_ptr, g_mean_ptr,
     dh_ptr, stride_dhn, stride_dhd,
     dw_ptr, stride_dwv, stride_dwd,
@@ -47,6 +50,7 @@ def linear_backward_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     FILTER: tl.constexpr,
+    PERMUTED: tl.constexpr,
     HAS_G: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
     GRAD_LSQ: tl.constexpr,
@@ -67,6 +71,8 @@ def linear_backward_kernel(
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     in_m = offs_m < M
     in_v = offs_v < V
+    if PERMUTED:  # from here on offs_v holds vocabulary ids; in_v still marks the tile's valid slots
+        offs_v = tl.load(perm_ptr + offs_v, mask=in_v, other=0).to(tl.int64)
     rows = tl.load(rows_ptr + offs_m, mask=in_m, other=0).to(tl.int64)
     y = tl.load(y_ptr + offs_m, mask=in_m, other=-1).to(tl.int64)
 

@@ -128,7 +128,8 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     The accumulators are fp32 whatever ``grad_hidden_dtype`` asks (it is at most fp32).
     ``grad_filter``: ``None`` (exact) or a threshold ``≥ 0``: tiles whose every logits
     gradient is below it, relative to the token's upstream gradient, skip their dH/dW dots
-    (``kernels.linear_backward``).  Not applied when ``grad_mean_logit`` is given: that
+    (``kernels.linear_backward``); with a threshold above 0 the vocabulary tiles are formed
+    in :func:`mean_logit_order`.  Not applied when ``grad_mean_logit`` is given: that
     gradient is ``g_M / V`` on every id and would fall under any threshold above ``1/V``."""
     del ignore_index, grad_hidden_dtype
     M = rows.numel()
@@ -145,10 +146,12 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     dummy = lse
     cap, has_cap = _softcap_args(softcap)
     use_filter = grad_filter is not None and grad_mean_logit is None
+    # Threshold 0 skips nothing: keep the id order so the result is exactly the unfiltered one.
+    perm = mean_logit_order(hidden2d, weight, bias, rows) if use_filter and grad_filter > 0 else None
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
     linear_backward_kernel[grid](
         hidden2d, *hidden2d.stride(), weight, *weight.stride(),
-        weight if bias is None else bias, rows, targets,
+        weight if bias is None else bias, rows, targets, rows if perm is None else perm,
         lse,
         dummy if grad_logp is None else grad_logp,
         dummy if entropy is None else entropy,
@@ -161,10 +164,28 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
         dummy if gb is None else gb,
         M, V, D,
         float(logit_scale), 1.0 / float(temperature), cap, float(grad_filter) if use_filter else 0.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, FILTER=use_filter,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, FILTER=use_filter, PERMUTED=perm is not None,
         HAS_G=grad_logp is not None, GRAD_ENTROPY=grad_entropy is not None,
         GRAD_LSQ=grad_log_sum_sq_probs is not None, GRAD_MEAN=grad_mean_logit is not None,
         NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
         **_dot_flags(hidden2d.dtype), **cfg,
     )
     return gh, gw, gb
+
+
+def mean_logit_order(hidden2d, weight, bias, rows):
+    """Vocabulary ids by decreasing mean raw logit over the labelled tokens, int64 ``[V]``.
+
+    ``mean_m x_m = mean(H[rows])·Wᵀ (+ b)``: two GEMVs, no ``[M, V]`` work.  Grouping the
+    likely ids in the first tiles leaves the other tiles with uniformly small gradients,
+    which the filter can skip (``bench/grad_filter_measure.py``: 6.6% → 24.8% of the
+    128 × 128 tiles at 2⁻¹² on SmolLM2-135M).  The GEMVs accumulate in fp32 and round
+    to the input dtype (an ordering heuristic: ties only move ids between tiles).
+    """
+    pick = torch.zeros(hidden2d.shape[0], device=hidden2d.device, dtype=hidden2d.dtype)
+    pick[rows] = 1.0
+    h_sum = pick @ hidden2d                      # Σ over the labelled rows, [D]
+    x_mean = (weight @ h_sum).float() / rows.numel()
+    if bias is not None:
+        x_mean = x_mean + bias.float()
+    return torch.argsort(x_mean, descending=True, stable=True)

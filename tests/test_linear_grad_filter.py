@@ -2,7 +2,8 @@
 
 The reference is written from the definition, in float64: the exact logits gradient
 ``dz = g·(onehot − p)`` of the labelled tokens, tiled as the kernel tiles them (the
-compacted labelled tokens in row-major order, ``BLOCK_M × BLOCK_V`` tiles), with exactly
+compacted labelled tokens in row-major order, ``BLOCK_M`` at a time; the vocabulary in
+order of decreasing mean logit over those tokens, ``BLOCK_V`` ids at a time), with exactly
 the tiles whose every ``|dz| / |g|`` is below the threshold removed from dH and dW.
 fp32 only (the interpreter's bf16 dot is wrong).
 """
@@ -17,14 +18,14 @@ B, T, D, V = 3, 17, 19, 150
 
 
 def make_inputs():
-    """Targets among the first 40 ids and a bias falling along the vocabulary, so that later
-    vocabulary tiles hold only small probabilities (as in a real head: most ids are unlikely);
-    a ragged last token block and vocabulary tile, some ignored labels, per-token upstream
-    gradients of both signs."""
+    """A bias spread over 14 nats in shuffled id order and targets among the 40 likeliest
+    ids, so that most ids are unlikely (as in a real head) but not in id order; a ragged
+    last token block and vocabulary tile, some ignored labels, per-token upstream gradients
+    of both signs."""
     hidden = torch.randn(B, T, D).requires_grad_()
     weight = torch.randn(V, D).requires_grad_()
-    bias = (torch.randn(V) - torch.linspace(0.0, 14.0, V)).requires_grad_()
-    labels = torch.randint(0, 40, (B, T))
+    bias = (torch.randn(V) - 14.0 * torch.rand(V)).requires_grad_()
+    labels = torch.argsort(bias.detach(), descending=True)[torch.randint(0, 40, (B, T))]
     labels[0, :4] = -100
     labels[2, 9] = -100
     g = torch.rand(B, T) * 1.5 + 0.5
@@ -40,8 +41,9 @@ def fused_grads(hidden, weight, bias, labels, g, **kw):
     return hidden.grad.clone(), weight.grad.clone(), bias.grad.clone()
 
 
-def reference_parts(hidden, weight, bias, labels, g):
-    """float64 ``(rows, h, dz, ratio)`` of the labelled tokens in the kernel's order."""
+def reference_parts(hidden, weight, bias, labels, g, sort_vocab=True):
+    """float64 ``(rows, h, dz, ratio, order)`` of the labelled tokens in the kernel's order;
+    ``dz``/``ratio`` columns in ``order`` (ids by decreasing mean logit, or id order)."""
     h2 = hidden.detach().double().reshape(-1, D)
     y = labels.reshape(-1)
     rows = (y != -100).nonzero().squeeze(1)
@@ -50,7 +52,12 @@ def reference_parts(hidden, weight, bias, labels, g):
     onehot = torch.zeros_like(z)
     onehot[torch.arange(len(rows)), y] = 1.0
     dz = gm[:, None] * (onehot - torch.softmax(z, dim=1))
-    return rows, h, dz, dz.abs() / gm.abs()[:, None]
+    mean_z = z.mean(0)
+    order = torch.argsort(mean_z, descending=True) if sort_vocab else torch.arange(V)
+    # fp32 in the launcher must sort alike: no two mean logits closer than fp32 noise.
+    assert mean_z.sort().values.diff().min() > 1e-4
+    dz = dz[:, order]
+    return rows, h, dz, dz.abs() / gm.abs()[:, None], order
 
 
 def tile_max(ratio, bm, bv):
@@ -59,15 +66,18 @@ def tile_max(ratio, bm, bv):
     return padded.view(padded.shape[0] // bm, bm, padded.shape[1] // bv, bv).amax(dim=(1, 3))
 
 
-def reference_grads(hidden, weight, bias, labels, g, thr, bm, bv):
+def reference_grads(hidden, weight, bias, labels, g, thr, bm, bv, sort_vocab=True):
     """float64 gradients with exactly the tiles of max ``|dz|/|g|`` < ``thr`` dropped from dH/dW."""
-    rows, h, dz, ratio = reference_parts(hidden, weight, bias, labels, g)
+    rows, h, dz, ratio, order = reference_parts(hidden, weight, bias, labels, g, sort_vocab)
     skip = tile_max(ratio, bm, bv) < thr
     keep = (~skip).repeat_interleave(bm, 0).repeat_interleave(bv, 1)[:dz.shape[0], :V]
-    kept = dz * keep
+    kept = torch.zeros_like(dz)
+    kept[:, order] = dz * keep                 # back to id order
     dh = torch.zeros(B * T, D, dtype=torch.float64)
     dh[rows] = kept @ weight.detach().double()
-    return dh.view(B, T, D), kept.T @ h, dz.sum(0), skip
+    db = torch.zeros(V, dtype=torch.float64)
+    db[order] = dz.sum(0)
+    return dh.view(B, T, D), kept.T @ h, db, skip
 
 
 def separated_threshold(ratios):
@@ -94,17 +104,22 @@ def test_filter_drops_exactly_the_small_tiles():
     hidden, weight, bias, labels, g = make_inputs()
     cfg = linear_config(V, D, torch.float32)
     bm, bv = cfg["BLOCK_M"], cfg["BLOCK_V"]
-    _, _, _, ratio = reference_parts(hidden, weight, bias, labels, g)
+    _, _, _, ratio, _ = reference_parts(hidden, weight, bias, labels, g)
     thr = separated_threshold(tile_max(ratio, bm, bv))
     ref_dh, ref_dw, ref_db, skip = reference_grads(hidden, weight, bias, labels, g, thr, bm, bv)
     assert 0 < skip.sum() < skip.numel()
     got = fused_grads(hidden, weight, bias, labels, g, grad_filter=thr)
     exact_dh, exact_dw, _, _ = reference_grads(hidden, weight, bias, labels, g, 0.0, bm, bv)
-    for name, out, ref, exact in (("dH", got[0], ref_dh, exact_dh), ("dW", got[1], ref_dw, exact_dw)):
+    # The same threshold with the vocabulary tiled in id order drops other tiles.
+    plain_dh, plain_dw, _, plain_skip = reference_grads(hidden, weight, bias, labels, g, thr, bm, bv, False)
+    assert skip.sum() > plain_skip.sum()  # why the launcher sorts the ids
+    for name, out, ref, exact, plain in (("dH", got[0], ref_dh, exact_dh, plain_dh),
+                                         ("dW", got[1], ref_dw, exact_dw, plain_dw)):
         tol = 1e-5 * ref.abs().max().item()
         torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=tol, msg=name)
-        # The dropped part is far above the tolerance: an unfiltered kernel would fail here.
+        # Far above the tolerance: an unfiltered kernel, or one tiling ids in order, fails here.
         assert (exact - ref).abs().max() > 100 * tol, name
+        assert (plain - ref).abs().max() > 100 * tol, name
     torch.testing.assert_close(got[2].double(), ref_db, rtol=1e-4, atol=1e-5)  # db is never filtered
 
 
@@ -112,7 +127,7 @@ def test_filter_bound_on_dropped_gradient():
     """Each skipped entry is below ``thr·|g|``: the dropped dH row norms obey the bound."""
     hidden, weight, bias, labels, g = make_inputs()
     cfg = linear_config(V, D, torch.float32)
-    _, _, _, ratio = reference_parts(hidden, weight, bias, labels, g)
+    _, _, _, ratio, _ = reference_parts(hidden, weight, bias, labels, g)
     thr = separated_threshold(tile_max(ratio, cfg["BLOCK_M"], cfg["BLOCK_V"]))
     exact = fused_grads(hidden, weight, bias, labels, g)
     got = fused_grads(hidden, weight, bias, labels, g, grad_filter=thr)
