@@ -267,12 +267,10 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
                                                       chunk_tokens)
     grad_filter = resolve_grad_filter(grad_filter, mm_dtype or hidden.dtype)
     if torch.compiler.is_compiling():
-        if grad_filter is not None:
-            raise ValueError("grad_filter is not supported under torch.compile yet; call it eagerly")
         # Under torch.compile the fused-linear stage is an opaque custom op pair (no graph break).
         from .ops import compiled_linear_token_logprobs
         results = compiled_linear_token_logprobs(hidden, weight, bias, labels, config, resolved, impl, chunk_tokens,
-                                                 mm_dtype)
+                                                 mm_dtype, grad_filter)
     else:
         results = LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels, config, resolved,
                                                     impl, chunk_tokens, mm_dtype, grad_filter)

@@ -196,6 +196,29 @@ def test_bad_values(value, err, match):
         linear_token_logprobs(hidden, weight, labels, impl="fused", grad_filter=value)
 
 
+def test_filter_under_torch_compile_matches_eager():
+    """The threshold reaches the backward through the custom ops (fullgraph, aot_eager)."""
+    hidden, weight, bias, labels, g = make_inputs()
+    cfg = linear_config(V, D, torch.float32)
+    _, _, _, ratio, _ = reference_parts(hidden, weight, bias, labels, g, cfg["BLOCK_V"])
+    thr = separated_threshold(tile_max(ratio, cfg["BLOCK_M"], cfg["BLOCK_V"]))
+
+    def loss(h, w, b):
+        return (linear_token_logprobs(h, w, labels, bias=b, impl="fused", backend="triton", grad_filter=thr)
+                * g).sum()
+
+    torch._dynamo.reset()
+    runs = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        fn(*leaves).backward()
+        runs.append([t.grad for t in leaves])
+    exact = fused_grads(hidden, weight, bias, labels, g)
+    for eager, compiled in zip(*runs):
+        assert torch.equal(compiled, eager)
+    assert not torch.allclose(runs[0][0].double(), exact[0], rtol=1e-4, atol=1e-5)  # the filter acted
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_filter_on_gpu_tiles(dtype):
