@@ -28,7 +28,10 @@ class _GradSink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, holder):
         ctx.holder = holder
-        return x.view_as(x)
+        # A tensor on x's memory that autograd does not see as a view of the leaf (as an LM
+        # head's output is not): the in-place backward refuses views of leaves requiring grad.
+        return torch.empty(0, dtype=x.dtype, device=x.device).set_(x.untyped_storage(), x.storage_offset(),
+                                                                    x.shape, x.stride())
 
     @staticmethod
     def backward(ctx, grad):

@@ -30,13 +30,14 @@ so the backward is an elementwise scale: two GEMMs per step instead of three
 """
 import torch
 
+from .autograd_guard import first_derivative_only
 from .grad_filter import resolve_grad_filter, validate_grad_filter
 from .mixed_precision import autocast_off, cast_operands, head_matmul_dtype
 from .packed_layout import run_packed
 from .token_logprobs import TokenConfig, make_token_config, pack_results, resolve_backend, validate_token_config
 from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold
-from .validation import check_label_range, check_same_device, check_tensor
+from .validation import check_label_range, check_same_device, check_tensor, checked_labels
 
 IMPLS = ("auto", "chunked", "fused")
 
@@ -82,7 +83,7 @@ def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, i
     """
     ops = _ops(backend, impl, chunk_tokens)
     T = labels.shape[-1]
-    index = _chunked.labelled_tokens(labels.reshape(-1, T), config.ignore_index, config.shift)
+    index = _chunked.labelled_tokens(_chunked.labels_2d(labels), config.ignore_index, config.shift)
     rows, pos, targets = index
     hidden, weight, bias = cast_operands(mm_dtype, hidden, weight, bias)
     grad_rows = dict(input_grad_rows=True) if input_grad_rows else {}
@@ -113,7 +114,7 @@ def linear_backward(hidden, weight, bias, labels, lse, saved, grads, config: Tok
     Each gradient comes back in its input's dtype."""
     need_h, need_w, need_b = needs
     if index is None:
-        index = _chunked.labelled_tokens(labels.reshape(-1, labels.shape[-1]), config.ignore_index, config.shift)
+        index = _chunked.labelled_tokens(_chunked.labels_2d(labels), config.ignore_index, config.shift)
     rows, pos, targets = index
 
     def gather(g):  # values at the labelled positions, [M] compute dtype
@@ -180,6 +181,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return tuple(results)
 
     @staticmethod
+    @first_derivative_only("linear_token_logprobs")
     def backward(ctx, grad_logp, *grad_extras):
         hidden, weight, bias, labels, lse, rows, pos, targets, *saved = ctx.saved_tensors
         if ctx.frozen_head:
@@ -315,6 +317,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             softcap=softcap, extras=extras, backend=backend, chunk_tokens=chunk_tokens,
             reduce_grad_hidden=reduce_grad_hidden)
     config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
+    labels = checked_labels("labels", labels, config.ignore_index)
     resolved, impl, mm_dtype = validate_linear_inputs(hidden, weight, bias, labels, config, backend, impl,
                                                       chunk_tokens)
     grad_filter = resolve_grad_filter(grad_filter, mm_dtype or hidden.dtype)

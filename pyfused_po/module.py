@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from . import packed_columns
+from .objectives.aot import check_sorted_batch_options
 from .objectives.checks import check_range
 from .objectives.transforms import f_divergence_scores
 from .preference_loss import (
@@ -21,11 +22,12 @@ from .sequence import (
 )
 from . import fused_pairs
 from .distributed.options import ParallelOptions
+from .float64_state import apply_keeping_float64
 from .linear_token_logprobs import linear_token_logprobs
 from .objectives import get_objective
 from .token_kl import token_kl
 from .token_logprobs import TokenLogprobs, token_logprobs
-from .validation import check_same_device, check_shape, check_tensor
+from .validation import as_number, check_same_device, check_shape, check_tensor, checked_labels
 
 
 class FusedPreferenceLoss(nn.Module):
@@ -82,6 +84,7 @@ class FusedPreferenceLoss(nn.Module):
                  linear_impl="auto", vocab_parallel_group=None, vocab_start=None,
                  sequence_parallel_group=None, reduce_grad_hidden=True, **hyperparameters):
         super().__init__()
+        beta, ld_alpha = as_number("beta", beta), as_number("ld_alpha", ld_alpha)  # NumPy / 0-d tensors
         # Fail at construction rather than at the first step.
         resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
                                 f_alpha_divergence_coef=f_alpha_divergence_coef)
@@ -100,6 +103,8 @@ class FusedPreferenceLoss(nn.Module):
             raise ValueError("loss_type 'expo' reads logits through the KL kernel, which supports "
                              "neither use_weighting nor inplace_backward")
         self.needs_reference = any(get_objective(t).needs_reference for t in types)
+        check_sorted_batch_options(types, use_weighting=use_weighting, reduction=reduction,
+                                   label_smoothing=hyperparameters.get("label_smoothing"))
         self.parallel = ParallelOptions(vocab_parallel_group, vocab_start, sequence_parallel_group,
                                         reduce_grad_hidden)
         self.parallel.check_sequence_parallel(shift=shift, ld_alpha=ld_alpha, use_weighting=use_weighting,
@@ -122,6 +127,10 @@ class FusedPreferenceLoss(nn.Module):
         if self.bco_running_mean:
             self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
             self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
+
+    def _apply(self, fn, recurse=True):
+        # The BCO running mean is float64 state: device moves apply to it, dtype casts do not.
+        return apply_keeping_float64(self, super()._apply, fn, recurse, ("bco_reward_sum", "bco_reward_count"))
 
     def extra_repr(self):
         return f"loss_type={self.loss_type!r}, beta={self.beta}, {self.token_kwargs}"
@@ -248,6 +257,10 @@ class FusedPreferenceLoss(nn.Module):
         """
         policy_source, ref_source = self._sources(logits, hidden, weight, bias, ref_logits, ref_hidden,
                                                   ref_weight, ref_bias)
+        if labels is not None:  # small label dtypes widened once, for every stage (validation.checked_labels)
+            labels = checked_labels("labels", labels, self.token_kwargs["ignore_index"])
+        if nll_labels is not None:
+            nll_labels = checked_labels("nll_labels", nll_labels, self.token_kwargs["ignore_index"])
         layout = dict(cu_seqlens=cu_seqlens, position_ids=position_ids, pair_layout=pair_layout,
                       chosen_index=chosen_index, rejected_index=rejected_index, token_offset=token_offset)
         if packed_columns.layout_requested(layout):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from .validation import check_label_range
 
 _SAVED = ("entropy", "log_sum_sq_probs")
 
@@ -47,6 +48,9 @@ def token_forward(logits: Tensor, labels: Tensor, ignore_index: int, shift: bool
     """``[logp, lse, *extras]``, each shaped like ``labels`` (compute dtype); ``extras`` is the
     comma-joined extras names (the op schema has no list of strings)."""
     extras = _names(extras)
+    # The value checks eager calls make before the kernel, made here too: under torch.compile
+    # this body runs on real tensors (the graph sees only the fake implementation).
+    check_label_range(labels, logits.shape[-1], ignore_index)
     B, T = _rows(labels)
     x3 = logits.reshape(B, T, logits.shape[-1])
     logp, lse, outs = _backend.token_ops(backend).token_forward(
@@ -143,6 +147,7 @@ def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
     from .linear_token_logprobs import linear_forward as forward
 
     config = _linear_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
+    check_label_range(labels, weight.shape[0], ignore_index)  # as in token_forward above
     results, lse, _ = forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens, mm_dtype)
     return [results[0], lse] + results[1:]
 

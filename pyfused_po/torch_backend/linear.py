@@ -47,6 +47,14 @@ def compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def labels_2d(labels):
+    """``[..., T]`` labels as ``[rows, T]`` (also for T = 0, where ``reshape(-1, T)`` is ambiguous)."""
+    rows = 1
+    for n in labels.shape[:-1]:
+        rows *= n
+    return labels.reshape(rows, labels.shape[-1])
+
+
 def labelled_tokens(labels2d, ignore_index, shift):
     """``(rows, pos, targets)`` of the tokens that carry a label, as int64 ``[M]``.
 
@@ -58,7 +66,7 @@ def labelled_tokens(labels2d, ignore_index, shift):
     replaces copying ``hidden[mask]``, which would also sync.
     """
     valid = labels2d != ignore_index
-    if shift:
+    if shift and valid.shape[1] > 0:
         valid[:, 0] = False  # position 0 has no prediction
     pos = valid.reshape(-1).nonzero().squeeze(1)
     rows = pos - int(shift)
