@@ -109,6 +109,8 @@ def fused_forward(module, source, ref_source, labels, ref_chosen_logps, ref_reje
                                                   module.linear_impl, chunk_tokens)
     B, T = labels.shape
     P = B // 2
+    if labels.numel() == 0:  # no tokens (T = 0): the staged path defines the empty-batch result
+        return None
     rows, pos, targets = _chunked.labelled_tokens(token_labels.reshape(-1, T), config.ignore_index, config.shift)
     M, V = rows.numel(), weight.shape[0]
     C = _chunked.chunk_size(M, V, hidden.device, chunk_tokens)
