@@ -159,6 +159,11 @@ def _policy_token_extras(loss_fn, extras, captured):
         return out
 
     loss_fn._token_stage = stage
+    # The three-GEMM plan (pyfused_po.fused_pairs) never calls _token_stage, so it would leave
+    # nothing to log: run the staged plan while TRL's token metrics are being captured.
+    had_flag = "fused_gradient" in vars(loss_fn)
+    flag = loss_fn.fused_gradient if had_flag else None
+    loss_fn.fused_gradient = False
     try:
         yield
     finally:
@@ -166,6 +171,10 @@ def _policy_token_extras(loss_fn, extras, captured):
             loss_fn._token_stage = original
         else:
             del loss_fn._token_stage
+        if had_flag:
+            loss_fn.fused_gradient = flag
+        else:
+            del loss_fn.fused_gradient
 
 
 def _log_token_metrics(trainer, mode, tokens, labels, inputs):
