@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench import cases as cases_mod  # noqa: E402
-from bench import max_context, roofline  # noqa: E402
+from bench import max_context, roofline, work_counters  # noqa: E402
 from bench.env_info import environment, slug  # noqa: E402
 from bench.measure import measure_case  # noqa: E402
 from bench.methods import methods_for  # noqa: E402
@@ -132,6 +132,8 @@ def main(argv=None):
     if device.type == "cuda" and want_mc:
         summary["max_context"] = run_max_context(args, device)
     print(render(summary))
+    if args.quick:  # GEMMs, peak live bytes, accumulator traffic vs TRL 1.16 / Liger (one DPO step, CPU)
+        work_counters.main(["--no-save"] + (["--seq", str(args.max_tokens_per_pair)] if args.max_tokens_per_pair else []))
     out_dir = args.out or (RESULTS / slug(env["device"]) if device.type == "cuda" else None)
     if out_dir is not None:
         for p in save(out_dir, summary, args.fresh):

@@ -23,7 +23,10 @@ The backward is hand-written: ``grad_hidden`` (input dtype; each row's reduction
 the vocabulary runs in fp32 inside the GEMM or kernel), ``grad_weight`` and ``grad_bias``
 accumulated in fp32 across chunks / tiles and cast to the parameter dtype at the end.
 ``grad_weight`` is skipped entirely when ``weight`` does not require grad (frozen LM
-head under LoRA): one GEMM less per chunk.
+head under LoRA), and on the chunked implementation the forward then also forms
+``∂ log p/∂h = (W[y] − softmax·W)·dz/dx`` per token (one GEMM while the chunk is in memory)
+so the backward is an elementwise scale: two GEMMs per step instead of three
+(:func:`frozen_head_plan`; three again when an extra such as entropy receives a gradient).
 """
 import torch
 
@@ -66,8 +69,10 @@ def _ops(backend, impl, chunk_tokens):
 _SAVED = ("entropy", "log_sum_sq_probs")
 
 
-def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens, mm_dtype=None):
-    """The forward on whole tensors: ``(results, lse, index)``.
+def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens, mm_dtype=None,
+                   input_grad_rows=False):
+    """The forward on whole tensors: ``(results, lse, index)`` (and ``J [M, D]`` last with
+    ``input_grad_rows``: the frozen-head plan of :func:`pyfused_po.torch_backend.linear.linear_forward`).
 
     ``results`` = ``[logp, *extras]`` (``config.extras`` order) and ``lse`` are shaped like
     ``labels`` (0 where ignored); ``index`` = ``(rows, pos, targets)`` of the labelled tokens.
@@ -79,9 +84,11 @@ def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, i
     index = _chunked.labelled_tokens(labels.reshape(-1, T), config.ignore_index, config.shift)
     rows, pos, targets = index
     hidden, weight, bias = cast_operands(mm_dtype, hidden, weight, bias)
+    grad_rows = dict(input_grad_rows=True) if input_grad_rows else {}
     with autocast_off(hidden.device.type):
-        logp_m, lse_m, outs_m = ops.linear_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, rows, targets,
-                                                   extras=config.extras, **_kernel_kwargs(config))
+        logp_m, lse_m, outs_m, *J = ops.linear_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, rows,
+                                                       targets, extras=config.extras, **_kernel_kwargs(config),
+                                                       **grad_rows)
 
     def scatter(v):  # [M] per labelled token → zeros shaped like labels
         full = torch.zeros(labels.numel(), device=labels.device, dtype=lse_m.dtype)
@@ -89,6 +96,8 @@ def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, i
         return full.view(labels.shape)
 
     results = [scatter(logp_m)] + [scatter(outs_m[name]) for name in config.extras]
+    if input_grad_rows:
+        return results, scatter(lse_m), index, J[0]
     return results, scatter(lse_m), index
 
 
@@ -132,32 +141,63 @@ def _kernel_kwargs(config: TokenConfig):
                 logit_scale=config.logit_scale, softcap=config.softcap)
 
 
+def frozen_head_plan(hidden, weight, bias, config: TokenConfig, backend, impl):
+    """Whether the two-GEMM frozen-head plan applies: autograd will want ``dH`` only (the head
+    and bias frozen, as under LoRA), on the chunked algorithm (the fused Triton kernels keep
+    their own backward).  Extras may be requested: when one of them does receive a gradient
+    (entropy as a loss term, not only a metric) the backward runs the exact three-GEMM path
+    instead, as its gradient rows would need GEMMs of their own."""
+    return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+            and (bias is None or not bias.requires_grad) and impl == "chunked")
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
-    """``forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens, mm_dtype)``
-    returns ``(logps, *extras)`` shaped like ``labels``, extras in ``config.extras`` order."""
+    """``forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens, mm_dtype, frozen_head)``
+    returns ``(logps, *extras)`` shaped like ``labels``, extras in ``config.extras`` order.
+
+    ``frozen_head`` (:func:`frozen_head_plan`): the forward also stores ``J = ∂ log p/∂h`` per
+    labelled token and the backward scales it (no GEMM)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens, mm_dtype):
-        results, lse, index = linear_forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens,
-                                             mm_dtype)
+    def forward(ctx, hidden, weight, bias, labels, config: TokenConfig, backend, impl, chunk_tokens, mm_dtype,
+                frozen_head=False):
+        out = linear_forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens, mm_dtype,
+                             input_grad_rows=frozen_head)
+        results, lse, index = out[:3]
         named = dict(zip(config.extras, results[1:]))
-        ctx.args, ctx.mm_dtype = (config, backend, impl, chunk_tokens), mm_dtype
-        ctx.saved_names = [n for n in _SAVED if n in named]
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, *index, *[named[n] for n in ctx.saved_names])
+        ctx.args, ctx.mm_dtype, ctx.frozen_head = (config, backend, impl, chunk_tokens), mm_dtype, frozen_head
         if "is_top1" in config.extras:
             ctx.mark_non_differentiable(named["is_top1"])
         ctx.set_materialize_grads(False)
+        ctx.saved_names = [n for n in _SAVED if n in named]
+        J = (out[3],) if frozen_head else ()
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, *index, *[named[n] for n in ctx.saved_names], *J)
         return tuple(results)
 
     @staticmethod
     def backward(ctx, grad_logp, *grad_extras):
         hidden, weight, bias, labels, lse, rows, pos, targets, *saved = ctx.saved_tensors
+        if ctx.frozen_head:
+            *saved, J = saved
+            if all(g is None for g in grad_extras):  # only log p has a gradient: scale the stored rows
+                return (_frozen_head_grad(J, rows, pos, grad_logp, hidden, ctx.needs_input_grad[0]),) + (None,) * 9
         config = ctx.args[0]
         grads = {"logps": grad_logp, **dict(zip(config.extras, grad_extras))}
         gh, gw, gb = linear_backward(hidden, weight, bias, labels, lse, dict(zip(ctx.saved_names, saved)), grads,
                                      *ctx.args, needs=ctx.needs_input_grad[:3], index=(rows, pos, targets),
                                      mm_dtype=ctx.mm_dtype)
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
+
+
+def _frozen_head_grad(J, rows, pos, grad_logp, hidden, need_hidden):
+    """``dH[rows_t] = g_t · J_t``: an elementwise scale of the stored rows."""
+    if grad_logp is None or not need_hidden:
+        return None
+    shape, dtype = hidden.shape, hidden.dtype
+    g = grad_logp.reshape(-1).index_select(0, pos).to(J.dtype)
+    gh = torch.zeros(shape[:-1].numel(), shape[-1], device=J.device, dtype=dtype)
+    gh.index_copy_(0, rows, (J * g.unsqueeze(1)).to(dtype))
+    return gh.view(shape)
 
 
 def validate_linear_inputs(hidden, weight, bias, labels, config: TokenConfig, backend, impl,
@@ -224,7 +264,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             dtypes may differ (as for ``F.linear``): the GEMMs run in the autocast dtype and
             each gradient comes back in its input's dtype, ``grad_weight`` never rounded
             below it (:mod:`pyfused_po.mixed_precision`).  A weight with
-            ``requires_grad=False`` gets no gradient and costs no ``dW`` GEMM.
+            ``requires_grad=False`` gets no gradient; the step then costs two GEMMs (``frozen_head_plan``).
         labels: ``[..., T]`` integer token ids, ``hidden.shape[:-1] == labels.shape``.
         bias: optional ``[V]`` LM-head bias.
         extras: names from ``("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")``.
@@ -270,5 +310,6 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
                                                  mm_dtype)
     else:
         results = LinearTokenLogprobsFunction.apply(hidden, weight, bias, labels, config, resolved,
-                                                    impl, chunk_tokens, mm_dtype)
+                                                    impl, chunk_tokens, mm_dtype,
+                                                    frozen_head_plan(hidden, weight, bias, config, resolved, impl))
     return pack_results(results, config.extras)
