@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-SCALARS = {"scale": "fp32", "inv_temp": "fp32", "softcap": "fp32"}
+SCALARS = {"scale": "fp32", "inv_temp": "fp32", "softcap": "fp32", "filter_eps": "fp32"}
 
 
 def compile_kernel(kernel, types, constexprs, num_warps=8):
@@ -65,9 +65,9 @@ def linear_cases():
     from kernels.linear_forward import linear_forward_kernel
 
     fwd_flags = ("HAS_BIAS", "HAS_SOFTCAP", "WANT_ENTROPY", "WANT_LSQ", "WANT_MEAN")
-    bwd_flags = ("HAS_BIAS", "HAS_SOFTCAP", "HAS_G", "GRAD_ENTROPY", "GRAD_LSQ", "GRAD_MEAN",
+    bwd_flags = ("HAS_BIAS", "HAS_SOFTCAP", "FILTER", "HAS_G", "GRAD_ENTROPY", "GRAD_LSQ", "GRAD_MEAN",
                  "NEED_DH", "NEED_DW", "NEED_DB")
-    tiles = dict(BLOCK_M=128, BLOCK_V=128, DOT_FP32=0)
+    tiles = dict(BLOCK_M=128, BLOCK_V=128, DOT_FP32=0, GROUP_M=8)
     for dtype in ("bf16", "fp16", "fp32"):
         types = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
                  "rows_ptr": "*i64", "y_ptr": "*i64", **SCALARS}
