@@ -162,6 +162,12 @@ def _impl_variants(device, case):
     ]
 
 
+_SHORT = {"linear_token_logprobs impl=chunked": "chunked", "linear_token_logprobs impl=fused": "fused",
+          "FusedPreferenceLoss(hidden=, weight=) default": "module default (3-GEMM)",
+          "FusedPreferenceLoss staged (fused_gradient=False)": "module staged chunked",
+          "FusedPreferenceLoss linear_impl=fused": "module staged fused"}
+
+
 def ablate_impl(device, sizes, warmup, reps):
     case = Case(path="linear", kind="realistic", **sizes)
     inp = make_inputs(case, device)[0]
@@ -170,7 +176,7 @@ def ablate_impl(device, sizes, warmup, reps):
     inp.ref_rejected = torch.zeros(P, device=device)
     rows, ref_grads = [], None
     for name, note, step in _impl_variants(device, case):
-        row = dict(variant=name, note=note)
+        row = dict(variant=name, note=note, short=_SHORT.get(name))
         try:
             inp.zero_grads()
             loss = step(inp)
@@ -255,14 +261,14 @@ def ablate_accumulate(device, sizes, warmup, reps):
                                                fold=f, **bkw)[:2]
 
     variants = [
-        (f"library, as dispatched ({order}), in place", library(fold)),
-        ("library forced token-outer, in place", library(not_a_module)),
+        (f"library, as dispatched ({order}), in place", f"in place, {order}", library(fold)),
+        ("library forced token-outer, in place", "in place, token-outer", library(not_a_module)),
         ("token-outer with a [V, D] fp32 temporary per chunk (old algorithm, reference impl.)",
-         lambda: backward_with_temporaries(h2, w, rows, targets, lse, g, fold, kw, C)),
+         "temporary per chunk (old)", lambda: backward_with_temporaries(h2, w, rows, targets, lse, g, fold, kw, C)),
     ]
     rows_out, ref = [], None
-    for name, fn in variants:
-        row = dict(variant=name)
+    for name, short, fn in variants:
+        row = dict(variant=name, short=short)
         try:
             gh, gw = fn()
             ref = ref or (gh.clone(), gw.clone())
@@ -475,10 +481,10 @@ def write_png(doc, path):
     except ImportError:
         return False
     groups = [(k, v["rows"]) for k, v in doc["results"].items() if isinstance(v, dict) and "rows" in v]
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5 * max(1, len(groups)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 3.5), squeeze=False)
     for ax, (name, rows) in zip(axes[0], groups):
         ok = [r for r in rows if r.get("median_ms") is not None]
-        labels = [str(r.get("variant", r.get("grad_filter")))[:28] for r in ok]
+        labels = [str(r.get("short") or r.get("variant") or r.get("grad_filter"))[:32] for r in ok]
         ax.barh(range(len(ok)), [r["median_ms"] for r in ok])
         ax.set_yticks(range(len(ok)), labels, fontsize=7)
         ax.set_xlabel("median ms")
