@@ -21,6 +21,11 @@ DRY=${DRY_RUN:-0}
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 [ "$DRY" = 0 ] || DRY=1
 mode=${1:?usage: session.sh [--dry-run] all | tests | headline | ablations | context | sanitizer | sweep PATH DTYPE}
+case "$mode" in
+  all|tests|headline|ablations|context|sanitizer) ;;
+  sweep) : "${2:?sweep PATH DTYPE}" "${3:?sweep PATH DTYPE}" ;;
+  *) echo "unknown mode: $mode (all | tests | headline | ablations | context | sanitizer | sweep PATH DTYPE)" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${SESSION_BUDGET_S:-540}   # the whole command; the device tool's limit is 600 s
@@ -77,7 +82,7 @@ run_step() {
   (( left < t )) && t=$left
   if (( t < MIN_STEP )); then
     echo "no time left in the session budget (${left}s)" > "$log"
-    "$PY" bench/gpu/summarize.py step "$RES" "$name" "skipped: no time left" 0 0 "$budget" 0 "$log"
+    "$PY" bench/gpu/summarize.py step "$RES" "$name" "not run: no time left" 0 0 "$budget" 0 "$log"
     package; return
   fi
   echo "[session] $name (timeout ${t}s): $*"
@@ -163,8 +168,7 @@ case "$mode" in
   ablations) step_ablations ;;
   context) step_context ;;
   sanitizer) step_sanitizer ;;
-  sweep) step_sweep "${2:?sweep PATH}" "${3:?sweep DTYPE}" ;;
-  *) echo "unknown mode: $mode" >&2; exit 2 ;;
+  sweep) step_sweep "$2" "$3" ;;
 esac
 
 package
