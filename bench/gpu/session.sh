@@ -82,7 +82,7 @@ run_step() {
   (( left < t )) && t=$left
   if (( t < MIN_STEP )); then
     echo "no time left in the session budget (${left}s)" > "$log"
-    "$PY" bench/gpu/summarize.py step "$RES" "$name" "not run: no time left" 0 0 "$budget" 0 "$log"
+    "$PY" bench/gpu/summarize.py step "$RES" "$name" "not run: no time left" 0 0 "$budget" 0 "$log" "$now"
     package; return
   fi
   echo "[session] $name (timeout ${t}s): $*"
@@ -95,7 +95,7 @@ run_step() {
   tail -n 4 "$log" | sed "s/^/    /"
   # shellcheck disable=SC2086  # the expected files are a space-separated list
   "$PY" bench/gpu/summarize.py step "$RES" "$name" "$status" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$budget" "$t" \
-    "$log" $expect
+    "$log" "$t0" $expect
   package
 }
 
@@ -108,7 +108,7 @@ step_env() {
 
 step_tests() {
   if [ "$DRY" = 0 ]; then
-    run_step tests 115 "$LOGS/gpu_tests.xml" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests bench \
+    run_step tests 105 "$LOGS/gpu_tests.xml" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests bench \
       --durations=15 --junitxml="$LOGS/gpu_tests.xml"
   else  # the same selection, collected (the tests need CUDA); at least one must be selected
     run_step tests 60 "$LOGS/gpu_tests_collected.txt" bash -c "set -o pipefail; '$PY' -m pytest -q -p no:cacheprovider \
@@ -117,11 +117,24 @@ step_tests() {
   fi
 }
 
+# The headline in three runs that merge into one summary (run.py saves only at its end, so a
+# slow group cannot cost the others their numbers): fused-linear path, logits path, torch.compile.
+HEADLINE_GROUPS=("linear 75 pyfused_linear,pyfused_linear_fused,trl_chunked,liger,cce,torch_eager_linear"
+                 "logits 55 pyfused,pyfused_inplace,trl_selective,trl_kernel,flash_attn,torch_eager"
+                 "compile 45 torch_compile,torch_compile_linear")
 step_headline() {
-  local small=()
-  [ "$DRY" = 0 ] || small=(--max-tokens-per-pair 64 --reps 1 --warmup 0)
-  run_step headline 165 "$RES/summary.json $RES/README.md" "$PY" bench/run.py --headline-only --no-progress \
-    --out "$RES" "${small[@]}"
+  local g name budget methods all=""
+  for g in "${HEADLINE_GROUPS[@]}"; do
+    read -r name budget methods <<< "$g"
+    if [ "$DRY" = 0 ]; then
+      run_step "headline_$name" "$budget" "$RES/summary.json $RES/README.md" "$PY" bench/run.py --headline-only \
+        --no-progress --methods "$methods" --out "$RES"
+    fi
+    all=$all${all:+,}$methods
+  done
+  # Dry run: one run over the same methods at toy sizes (same code path, a third of the start-ups).
+  [ "$DRY" = 0 ] || run_step headline 120 "$RES/summary.json $RES/README.md" "$PY" bench/run.py --headline-only \
+    --no-progress --methods "$all" --out "$RES" --max-tokens-per-pair 64 --reps 1 --warmup 0
 }
 
 step_ablations() {
@@ -132,7 +145,7 @@ step_ablations() {
 }
 
 step_context() {  # one run per method: a slow search cannot cost the others their result
-  local methods=(pyfused_linear trl_chunked liger cce) each=25 m
+  local methods=(pyfused_linear trl_chunked liger cce) each=22 m
   [ "$DRY" = 0 ] || methods=(pyfused_linear)
   for m in "${methods[@]}"; do
     run_step "context_$m" "$each" "$RES/max-context-80GB/summary.json" "$PY" bench/gpu/memcap.py 80e9 \
@@ -150,7 +163,7 @@ step_sanitizer() {
   else
     echo "compute-sanitizer not on PATH: memcheck not run" > "$LOGS/sanitizer.log"
     "$PY" bench/gpu/summarize.py step "$RES" sanitizer "skipped: compute-sanitizer not on PATH" 0 0 40 0 \
-      "$LOGS/sanitizer.log"
+      "$LOGS/sanitizer.log" "$(date +%s)"
     run_step small_case 30 "$LOGS/small_case.log" "$PY" bench/gpu/small_case.py
   fi
 }

@@ -1,11 +1,11 @@
 """The GPU session's bookkeeping (``bench/gpu/session.sh``): environment stamp, step records, summary.
 
     python bench/gpu/summarize.py env RESULTS_DIR           # session_env.json: device, commit, peers
-    python bench/gpu/summarize.py step RESULTS_DIR NAME STATUS RC WALL BUDGET TIMEOUT LOG [EXPECT...]
+    python bench/gpu/summarize.py step RESULTS_DIR NAME STATUS RC WALL BUDGET TIMEOUT LOG SINCE [EXPECT...]
     python bench/gpu/summarize.py summary RESULTS_DIR OUT    # SUMMARY.md + session.json (+ copies) in OUT
 
 ``step`` appends one record to ``steps.jsonl``; a step whose command succeeded but left one of
-its expected files missing or empty is recorded as ``failed: wrote nothing``.  ``summary``
+its expected files missing, empty or older than the step is recorded as ``failed: wrote nothing``.  ``summary``
 writes the step table (status, wall time, budget) and the numbers the issue's targets are
 judged by (headline ratios, % of the HBM floor and of cuBLAS, max context, ablations), read
 from the files the steps wrote; it exits 1 when any step is not ``ok`` or ``skipped: <reason>``.
@@ -66,8 +66,15 @@ def env(res):
     print(json.dumps(info, indent=1))
 
 
-def step(res, name, status, rc, wall, budget, timeout, log, *expect):
-    missing = [e for e in expect if not (Path(e).is_file() and Path(e).stat().st_size > 0)]
+def _fresh(path, since):
+    p = Path(path)
+    return p.is_file() and p.stat().st_size > 0 and p.stat().st_mtime >= since
+
+
+def step(res, name, status, rc, wall, budget, timeout, log, since, *expect):
+    """``expect``: files the step must have written (non-empty, modified since ``since``, an
+    epoch time: a file an earlier step wrote does not count)."""
+    missing = [e for e in expect if not _fresh(e, float(since) - 1)]
     if status == "ok" and missing:
         status = "failed: wrote nothing"
     rec = dict(step=name, status=status, rc=int(rc), wall_s=round(float(wall), 1), budget_s=int(budget),
