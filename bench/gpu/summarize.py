@@ -20,6 +20,7 @@ from pathlib import Path
 
 PEERS = (("trl", "trl"), ("liger_kernel", "liger-kernel"), ("cut_cross_entropy", "cut-cross-entropy"))
 STEPS = "steps.jsonl"
+CARRY_LIMIT = 64 * 2**20  # the device tool's limit on what travels (working tree + carried paths)
 
 
 def _fine(status):
@@ -61,9 +62,24 @@ def env(res):
     fa = Path(__file__).resolve().parents[2] / ".whl" / "flash_attn_ce" / "flash_attn" / "ops" / "triton"
     peers["flash-attn (Triton CE file)"] = "present" if (fa / "cross_entropy.py").is_file() else "absent"
     info["peers"] = peers
+    info["travel_bytes"] = travel_bytes()
     Path(res).mkdir(parents=True, exist_ok=True)
     (Path(res) / "session_env.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info, indent=1))
+    if info["dry_run"] and info["travel_bytes"] and info["travel_bytes"] > CARRY_LIMIT:
+        raise SystemExit(f"the working tree plus .whl is {info['travel_bytes'] / 2**20:.1f} MiB: over the device "
+                         f"tool's {CARRY_LIMIT / 2**20:.0f} MiB; trim .whl")
+
+
+def travel_bytes():
+    """Bytes the device call would send: tracked and untracked-not-ignored files plus ``.whl``
+    (``None`` without git, as on the device machine's copy)."""
+    root = Path(__file__).resolve().parents[2]
+    listed = _git("-C", str(root), "ls-files", "-co", "--exclude-standard")
+    if listed is None:
+        return None
+    files = [root / f for f in listed.splitlines()] + list((root / ".whl").rglob("*"))
+    return sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
 
 
 def _fresh(path, since):
