@@ -237,7 +237,9 @@ def _fold(device):
     return token
 
 
-def ablate_accumulate(device, sizes, warmup, reps):
+def ablate_accumulate(device, sizes, warmup, reps, chunk_tokens=None):
+    """``chunk_tokens``: the library's chunk option (tiny runs pass a small one so that the
+    accumulation over several chunks is what runs); ``None``: the library's default."""
     from pyfused_po.torch_backend import linear as chunked
 
     case = Case(path="linear", kind="realistic", **sizes)
@@ -252,13 +254,13 @@ def ablate_accumulate(device, sizes, warmup, reps):
     M, V = rows.numel(), w.shape[0]
     g = torch.randn(M, device=device, generator=torch.Generator(device=device).manual_seed(1)) / M
     not_a_module = types.SimpleNamespace(token_forward=fold.token_forward, token_backward=fold.token_backward)
-    C = chunked.chunk_size(M, V, device)
-    order = "vocabulary-outer" if chunked.vocab_slice_width(M, V, chunked.chunk_budget(V, device)) and M < V \
-        else "token-outer"
+    C = chunked.chunk_size(M, V, device, chunk_tokens)
+    width = chunked.vocab_slice_width(M, V, chunked.chunk_budget(V, device, chunk_tokens))
+    order = "vocabulary-outer" if width and M < V else "token-outer"
 
     def library(f):
         return lambda: chunked.linear_backward(h2, w, None, rows, targets, lse, grad_logp=g, need_bias=False,
-                                               fold=f, **bkw)[:2]
+                                               fold=f, chunk_tokens=chunk_tokens, **bkw)[:2]
 
     variants = [
         (f"library, as dispatched ({order}), in place", f"in place, {order}", library(fold)),
@@ -529,7 +531,7 @@ def main(argv=None):
     doc = dict(environment=environment(device, ["python", "bench/ablations.py"] + list(argv or sys.argv[1:])),
                tiny=tiny, sizes=sizes, warmup=warmup, reps=reps, results={})
     runners = dict(impl=lambda: ablate_impl(device, sizes, warmup, reps),
-                   accumulate=lambda: ablate_accumulate(device, sizes, warmup, reps),
+                   accumulate=lambda: ablate_accumulate(device, sizes, warmup, reps, 16 if tiny else None),
                    atomics=lambda: ablate_atomics(device, sizes, warmup, reps),
                    grad_filter=lambda: ablate_grad_filter(device, tiny, warmup, reps, args.activations))
     failed = []

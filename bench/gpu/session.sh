@@ -32,7 +32,8 @@ BUDGET=${SESSION_BUDGET_S:-540}   # the whole command; the device tool's limit i
 RESERVE=15                        # kept for the last packaging
 MIN_STEP=10                       # a step with less time left than this is skipped
 OUT=${OUT:-/tmp/pyfused_session_out}
-STAGE=${STAGE:-$(mktemp -d /tmp/pyfused_session.XXXXXX)}
+OWN_STAGE=0
+[ -n "${STAGE:-}" ] || { STAGE=$(mktemp -d /tmp/pyfused_session.XXXXXX); OWN_STAGE=1; }
 mkdir -p "$OUT"
 rm -f "$OUT"/{SUMMARY.md,session.json,results.tar.gz,session.log,headline.md,ablations.md,ablations.png}
 export DRY_RUN=$DRY PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -188,6 +189,8 @@ package
 rc=$?
 echo "[session] done in $(( $(date +%s) - START ))s; results in $OUT ($(ls "$OUT" | tr '\n' ' '))"
 cat "$OUT/SUMMARY.md" | sed -n '/^## Steps/,/^total wall/p'
+# The dry run's scratch folder goes (everything is in $OUT/results.tar.gz); KEEP_STAGE=1 keeps it.
+if [ "$DRY" = 1 ] && [ "$OWN_STAGE" = 1 ] && [ -z "${KEEP_STAGE:-}" ]; then rm -rf "$STAGE"; fi
 if [ $rc -ne 0 ]; then
   echo "[session] FAILED: a step did not finish ok (see the table above and $OUT/session.log)" >&2
 fi
