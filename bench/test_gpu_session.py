@@ -1,19 +1,20 @@
 """The GPU session's pieces, at toy sizes (the whole CPU dry run, ``DRY_RUN=1 bash
 bench/gpu/session.sh all``, is one line of .ci/run; these tests check what it relies on)."""
+import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench import ablations
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench" / "gpu"))
-
-import summarize  # noqa: E402
-
-from bench import ablations  # noqa: E402
+# bench/gpu/ holds scripts, not a package: load summarize.py from its file (no sys.path change).
+_spec = importlib.util.spec_from_file_location("bench_gpu_summarize", ROOT / "bench" / "gpu" / "summarize.py")
+summarize = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(summarize)
 
 
 def _step(res, name, status="ok", expect=(), since=0.0):
