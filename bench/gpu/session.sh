@@ -30,7 +30,7 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${SESSION_BUDGET_S:-540}   # the whole command; the device tool's limit is 600 s
 RESERVE=15                        # kept for the last packaging
-MIN_STEP=10                       # a step with less time left than this is skipped
+MIN_STEP=10                       # a step with less time left than this is "not run" (a failure)
 OUT=${OUT:-/tmp/pyfused_session_out}
 OWN_STAGE=0
 [ -n "${STAGE:-}" ] || { STAGE=$(mktemp -d /tmp/pyfused_session.XXXXXX); OWN_STAGE=1; }
@@ -52,8 +52,9 @@ export PYTHONPATH=/tmp/site:$PWD/.whl/flash_attn_ce:$PWD${PYTHONPATH:+:$PYTHONPA
 # A source checkout used in place: kernels/ installs as pyfused_po.kernels, so link it there.
 [ -e pyfused_po/kernels ] || ln -s ../kernels pyfused_po/kernels
 GPU=$("$PY" -c "import torch; from bench.env_info import device_name, slug
-print(slug(device_name(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))) if torch.cuda.is_available() else 'dry-run-cpu')") \
-  || { echo "[session] python/torch does not start" >&2; exit 1; }
+print(slug(device_name(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))) if torch.cuda.is_available() else 'dry-run-cpu')" \
+  2> "$OUT/session.log") || { echo "[session] python/torch/bench does not start (see session.log)" | tee "$OUT/SUMMARY.md" >&2
+                              cat "$OUT/session.log" >&2; exit 1; }
 if [ "$DRY" = 0 ] && [ "$GPU" = dry-run-cpu ]; then
   echo "[session] no CUDA device: run with DRY_RUN=1 for the CPU check" >&2; exit 1
 fi
