@@ -32,8 +32,6 @@ BUDGET=${SESSION_BUDGET_S:-540}   # the whole command; the device tool's limit i
 RESERVE=15                        # kept for the last packaging
 MIN_STEP=10                       # a step with less time left than this is "not run" (a failure)
 OUT=${OUT:-/tmp/pyfused_session_out}
-OWN_STAGE=0
-[ -n "${STAGE:-}" ] || { STAGE=$(mktemp -d /tmp/pyfused_session.XXXXXX); OWN_STAGE=1; }
 mkdir -p "$OUT"
 rm -f "$OUT"/{SUMMARY.md,session.json,results.tar.gz,session.log,headline.md,ablations.md,ablations.png}
 export DRY_RUN=$DRY PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -58,6 +56,8 @@ print(slug(device_name(torch.device('cuda' if torch.cuda.is_available() else 'cp
 if [ "$DRY" = 0 ] && [ "$GPU" = dry-run-cpu ]; then
   echo "[session] no CUDA device: run with DRY_RUN=1 for the CPU check" >&2; exit 1
 fi
+OWN_STAGE=0
+[ -n "${STAGE:-}" ] || { STAGE=$(mktemp -d /tmp/pyfused_session.XXXXXX); OWN_STAGE=1; }
 RES=$STAGE/bench/results/$GPU
 LOGS=$RES/logs
 mkdir -p "$LOGS"
