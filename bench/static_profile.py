@@ -43,6 +43,7 @@ import triton  # noqa: E402
 
 from bench import sass_stats  # noqa: E402
 from bench.launch_compile import compile_launch, describe_specialization, record_launch  # noqa: E402
+from bench.static_guards import ROWS_READ, _minor, check, committed_records  # noqa: E402
 
 TOKENS_B, TOKENS_T = 16, 1024   # bench/cases.py: HEADLINE_PAIRS = 8 pairs of 1024 tokens
 HIDDEN = 4096
@@ -51,10 +52,6 @@ H200_SMS = 132
 DTYPE = torch.bfloat16
 KERNELS = ("token_forward", "token_forward_extras", "token_backward", "token_kl_forward",
            "token_kl_backward", "linear_forward", "linear_backward")
-# Logits rows each token kernel reads per element (instructions per element are per vocabulary entry).
-ROWS_READ = {"token_forward": 1, "token_forward_extras": 1, "token_backward": 1,
-             "token_kl_forward": 2, "token_kl_backward": 2}
-IPE_TOLERANCE = 0.005  # the committed figures are rounded to 3 decimals
 
 
 def _meta(*shape, dtype=DTYPE):
@@ -207,50 +204,6 @@ def markdown(records) -> str:
     return "\n".join(out)
 
 
-def _minor(version):
-    return ".".join(version.split(".")[:2])
-
-
-def committed_records(directory, version=None):
-    """The committed profile for this Triton (major.minor), or [] when there is none."""
-    version = _minor(version or triton.__version__)
-    path = os.path.join(directory, f"profile-triton{version}.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
-
-
-def check(records, committed, fence_kernels=("linear_backward",)):
-    """CI guards. Returns ``{guard: [failure messages]}`` (empty lists when all hold):
-
-    * ``spills``: no kernel spills;
-    * ``membar_gpu``: no GPU-scope fence in the fused backward;
-    * ``ldg128``: token kernels use 128-bit loads where the row stride is a multiple of 16
-      elements, and wherever the committed profile has them;
-    * ``instr_per_elem``: no main loop costs more instructions per element than committed.
-    """
-    base = {(r["kernel"], r["V"]): r for r in committed}
-    fails = {"spills": [], "membar_gpu": [], "ldg128": [], "instr_per_elem": []}
-    for r in records:
-        key = f"{r['kernel']} V={r['V']} (triton {r['triton']})"
-        old = base.get((r["kernel"], r["V"]))
-        if r["spills"]:
-            fails["spills"].append(f"{key}: {r['spills']} bytes of spills")
-        if r["kernel"] in fence_kernels and r["membar_gpu"]:
-            fails["membar_gpu"].append(f"{key}: {r['membar_gpu']} MEMBAR.*.GPU")
-        if r["kernel"] in ROWS_READ:
-            want_vec = r["V"] % 16 == 0 or (old is not None and old["ldg128"] > 0)
-            if want_vec and r["ldg128"] == 0:
-                fails["ldg128"].append(f"{key}: no LDG.128")
-            if old is not None and old["instr_per_elem"] is not None and \
-                    r["instr_per_elem"] > old["instr_per_elem"] + IPE_TOLERANCE:
-                fails["instr_per_elem"].append(
-                    f"{key}: {r['instr_per_elem']} instructions per element > committed "
-                    f"{old['instr_per_elem']}")
-    return fails
-
-
 def write(records, directory):
     os.makedirs(directory, exist_ok=True)
     version = _minor(triton.__version__)
@@ -285,7 +238,7 @@ def main(argv=None):
     elif not args.check:
         print(markdown(records))
     if args.check:
-        committed = committed_records(args.check)
+        committed = committed_records(args.check, triton.__version__)
         if not committed:
             print(f"no committed profile for triton {triton.__version__} in {args.check}: "
                   "only the absolute guards apply", file=sys.stderr)
