@@ -6,7 +6,8 @@ Only text parsing lives here, so it is unit-testable without ptxas.  A SASS line
 
 (address, optional predicate, opcode with modifiers, operands).  A *loop* is a branch
 whose target lies before it (``BRA 0x680`` at ``0x1600``); its body is every
-instruction from the target up to and including the branch.  ``BRA`` to its own
+instruction from the target up to and including the branch (a nested loop's
+instructions count once, as in a listing).  ``BRA`` to its own
 address is the end-of-kernel trap and not a loop.
 """
 import re
@@ -63,9 +64,19 @@ def loops(instrs) -> list:
 
 
 def main_loop(instrs):
-    """The loop with the largest body (the vocabulary loop of the token kernels), or None."""
+    """The vocabulary loop of a token kernel, or None when there is no loop.
+
+    With an unmasked body and a masked edge loop, the body is the loop whose loads are
+    unpredicated (most such LDGs); kernels whose every load is masked have no such
+    loop, and then the largest loop body is taken."""
     found = loops(instrs)
-    return max(found, key=lambda lp: lp.size) if found else None
+    if not found:
+        return None
+
+    def unmasked_loads(lp):
+        return sum(1 for x in lp.body if x.opcode.startswith("LDG") and not x.predicated)
+
+    return max(found, key=lambda lp: (unmasked_loads(lp), lp.size))
 
 
 def _count(instrs, pattern):

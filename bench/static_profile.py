@@ -119,8 +119,9 @@ def _tool(name):
     return path
 
 
-def profile_kernel(name, V):
-    """One record: compile ``name`` at ``V`` and read its ptxas log, resources and SASS."""
+def profile_kernel(name, V, sass_dir=None):
+    """One record: compile ``name`` at ``V`` and read its ptxas log, resources and SASS
+    (written to ``sass_dir/<name>-V<V>.sass`` when given)."""
     launch = launch_of(name, V)
     t0 = time.time()
     compiled, log = compile_launch(launch)
@@ -134,6 +135,10 @@ def profile_kernel(name, V):
                              capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
+    if sass_dir:
+        os.makedirs(sass_dir, exist_ok=True)
+        with open(os.path.join(sass_dir, f"{name}-V{V}.sass"), "w") as f:
+            f.write(sass)
     instrs = sass_stats.parse_sass(sass)
     usage = sass_stats.resource_usage(res)
     spills = sass_stats.ptxas_spills(log)
@@ -171,11 +176,11 @@ def profile_kernel(name, V):
     return rec
 
 
-def profile(kernels=KERNELS, vocabs=VOCABS, log=sys.stderr):
+def profile(kernels=KERNELS, vocabs=VOCABS, log=sys.stderr, sass_dir=None):
     records = []
     for V in vocabs:
         for name in kernels:
-            rec = profile_kernel(name, V)
+            rec = profile_kernel(name, V, sass_dir)
             print(f"  {name:22s} V={V:<7d} {rec['compile_s']:6.1f} s", file=log)
             records.append(rec)
     return records
@@ -223,12 +228,13 @@ def main(argv=None):
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     ap.add_argument("--vocab", nargs="+", type=int, default=list(VOCABS))
     ap.add_argument("--write", metavar="DIR", help="write profile-triton<ver>.{json,md} into DIR")
+    ap.add_argument("--sass", metavar="DIR", help="also write each kernel's SASS into DIR")
     ap.add_argument("--check", metavar="DIR", help="fail when a guard breaks against DIR's profile")
     ap.add_argument("--expect-fail", nargs="*", default=[], metavar="GUARD",
                     help="guards reported but not failing (known open work)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    records = profile(args.kernels, args.vocab)
+    records = profile(args.kernels, args.vocab, sass_dir=args.sass)
     print(f"profiled {len(records)} kernels with triton {triton.__version__} in "
           f"{time.time() - t0:.0f} s", file=sys.stderr)
     if args.write:
