@@ -113,6 +113,7 @@ def loop_counts(loop) -> dict:
         "loop_instr": loop.size,
         "loop_ldg_bytes": sum(ldg_bytes(x.opcode) for x in loop.body if x.opcode.startswith("LDG")),
         "loop_ldg128": _count(loop.body, r"^LDG\..*128"),
+        "loop_stg128": _count(loop.body, r"^STG\..*128"),
         "loop_bar_sync": _count(loop.body, r"^BAR\.SYNC"),
         "loop_shfl": _count(loop.body, r"^SHFL"),
         "loop_mufu": _count(loop.body, r"^MUFU"),

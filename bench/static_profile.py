@@ -189,6 +189,7 @@ def profile(kernels=KERNELS, vocabs=VOCABS, log=sys.stderr, sass_dir=None):
 COLUMNS = (("kernel", "kernel"), ("V", "V"), ("regs", "regs"), ("spills", "spills"),
            ("smem", "smem B"), ("warps_per_sm", "warps/SM"), ("instr_per_elem", "instr/elem"),
            ("loop_instr", "loop instr"), ("loop_bar_sync", "BAR/trip"), ("loop_shfl", "SHFL/trip"),
+           ("loop_ldg128", "LDG.128/trip"), ("loop_stg128", "STG.128/trip"),
            ("ldg128", "LDG.128"), ("ldg_u16", "LDG.U16"), ("stg128", "STG.128"),
            ("stg_u16", "STG.U16"), ("hgmma", "HGMMA"), ("hmma", "HMMA"), ("redg", "REDG"),
            ("atomg", "ATOMG"), ("membar_gpu", "MEMBAR.GPU"))
