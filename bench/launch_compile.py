@@ -15,6 +15,8 @@ unset: under the interpreter ``@triton.jit`` builds no ``JITFunction``.
 import contextlib
 import io
 from dataclasses import dataclass
+from types import SimpleNamespace
+from unittest import mock
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -22,6 +24,17 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 HOPPER = GPUTarget("cuda", 90, 32)  # Triton compiles capability 90 for sm_90a
+H200_SMS = 132
+
+
+@contextlib.contextmanager
+def h200_properties():
+    """Launchers that size grids from ``torch.cuda.get_device_properties`` see an H200."""
+    import torch
+
+    props = SimpleNamespace(multi_processor_count=H200_SMS, total_memory=141 * 2**30, major=9, minor=0)
+    with mock.patch.object(torch.cuda, "get_device_properties", lambda *a, **k: props):
+        yield props
 
 
 @dataclass

@@ -25,8 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
-from unittest import mock
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 if ROOT not in sys.path:
@@ -42,13 +40,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from bench import sass_stats  # noqa: E402
-from bench.launch_compile import compile_launch, describe_specialization, record_launch  # noqa: E402
+from bench.launch_compile import (compile_launch, describe_specialization, h200_properties,  # noqa: E402
+                                  record_launch)
 from bench.static_guards import ROWS_READ, _minor, check, committed_records  # noqa: E402
 
 TOKENS_B, TOKENS_T = 16, 1024   # bench/cases.py: HEADLINE_PAIRS = 8 pairs of 1024 tokens
 HIDDEN = 4096
 VOCABS = (128_256, 50_257)
-H200_SMS = 132
 DTYPE = torch.bfloat16
 KERNELS = ("token_forward", "token_forward_extras", "token_backward", "token_kl_forward",
            "token_kl_backward", "linear_forward", "linear_backward")
@@ -104,9 +102,7 @@ def launch_of(name, V):
                                                                   grad_logp=g, **lin)),
     }
     kernel, call = calls[name]
-    # The launchers size split counts from the device; answer as an H200 would.
-    props = SimpleNamespace(multi_processor_count=H200_SMS, total_memory=141 * 2**30)
-    with mock.patch.object(torch.cuda, "get_device_properties", lambda *a, **k: props):
+    with h200_properties():  # the launchers size split counts from the device
         return record_launch(kernel, call)
 
 
