@@ -10,7 +10,6 @@ divisibility-16 hints, aligned pointers: ``bench/launch_compile.py``, shared wit
 ``bench/static_profile.py``).  CI runs it with the newest Triton and with 3.6 (the GPU
 image's).  Must run with TRITON_INTERPRET unset.
 """
-import itertools
 import os
 import sys
 

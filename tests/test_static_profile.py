@@ -50,6 +50,38 @@ def test_sass_parser_finds_the_loop_and_counts_opcodes():
     assert sass_stats.loop_counts(loop)["loop_ldg_bytes"] == 16 + 2
 
 
+def test_main_loop_is_the_unmasked_one():
+    """An unmasked body loop and a larger masked edge loop: the body is the main loop."""
+    sass = """
+        /*0000*/                   LDG.E.128 R4, desc[UR6][R24.64] ;
+        /*0010*/                   FADD R1, R2, R3 ;
+        /*0020*/              @P0 BRA 0x0 ;
+        /*0030*/              @!P1 LDG.E.U16 R8, desc[UR6][R12.64] ;
+        /*0040*/              @!P2 LDG.E.U16 R9, desc[UR6][R14.64] ;
+        /*0050*/                   FADD R1, R2, R3 ;
+        /*0060*/                   FADD R1, R2, R3 ;
+        /*0070*/              @P0 BRA 0x30 ;
+    """
+    loop = sass_stats.main_loop(sass_stats.parse_sass(sass))
+    assert (loop.start, loop.size) == (0x0, 3)
+
+
+def test_committed_profiles_meet_the_issue_targets():
+    """Issue 15: main loops at ≤ 8 (forward), ≤ 12 (backward), ≤ 20 (KL forward) instructions
+    per element on Triton 3.6 and 3.9, and 128-bit loads in every token kernel's main loop
+    at V = 50,257 too (odd row stride)."""
+    targets = {"token_forward": 8, "token_backward": 12, "token_kl_forward": 20}
+    for version in ("3.6", "3.9"):
+        records = static_guards.committed_records(RESULTS, version)
+        assert records, version
+        for r in records:
+            if r["kernel"] in targets:
+                assert r["instr_per_elem"] <= targets[r["kernel"]], (version, r["kernel"], r["V"])
+            if r["kernel"] in static_guards.ROWS_READ:
+                assert r["loop_ldg128"] > 0, (version, r["kernel"], r["V"])
+                assert r["spills"] == 0
+
+
 def test_occupancy_matches_the_hopper_limits():
     # 40 registers × 256 threads: 1280 registers per warp → 51 warps → 6 blocks of 8.
     assert sass_stats.occupancy_warps(40, 1024, 8) == 48
