@@ -28,8 +28,9 @@ def check(records, committed, fence_kernels=("linear_backward",)):
 
     * ``spills``: no kernel spills;
     * ``membar_gpu``: no GPU-scope fence in the fused backward;
-    * ``ldg128``: token kernels' main loops use 128-bit loads where the row stride is a
-      multiple of 16 elements, and wherever the committed profile has them;
+    * ``ldg128``: token kernels' main loops use 128-bit loads (and the backward kernels
+      128-bit stores) where the row stride is a multiple of 16 elements, and wherever the
+      committed profile has them;
     * ``instr_per_elem``: no main loop costs more instructions per element than committed.
     """
     base = {(r["kernel"], r["V"]): r for r in committed}
@@ -48,6 +49,8 @@ def check(records, committed, fence_kernels=("linear_backward",)):
             want_vec = r["V"] % 16 == 0 or (old is not None and vec_loads(old) > 0)
             if want_vec and vec_loads(r) == 0:
                 fails["ldg128"].append(f"{key}: no LDG.128 in the main loop")
+            if want_vec and r["kernel"].endswith("backward") and r.get("loop_stg128", 1) == 0:
+                fails["ldg128"].append(f"{key}: no STG.128 in the main loop")
             if old is not None and old["instr_per_elem"] is not None and \
                     r["instr_per_elem"] > old["instr_per_elem"] + IPE_TOLERANCE:
                 fails["instr_per_elem"].append(

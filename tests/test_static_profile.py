@@ -69,7 +69,7 @@ def test_main_loop_is_the_unmasked_one():
 def test_committed_profiles_meet_the_issue_targets():
     """Issue 15: main loops at ≤ 8 (forward), ≤ 12 (backward), ≤ 20 (KL forward) instructions
     per element on Triton 3.6 and 3.9, and 128-bit loads in every token kernel's main loop
-    at V = 50,257 too (odd row stride)."""
+    at V = 50,257 too (odd row stride), 128-bit stores in the backward kernels' main loops."""
     targets = {"token_forward": 8, "token_backward": 12, "token_kl_forward": 20}
     for version in ("3.6", "3.9"):
         records = static_guards.committed_records(RESULTS, version)
@@ -79,6 +79,8 @@ def test_committed_profiles_meet_the_issue_targets():
                 assert r["instr_per_elem"] <= targets[r["kernel"]], (version, r["kernel"], r["V"])
             if r["kernel"] in static_guards.ROWS_READ:
                 assert r["loop_ldg128"] > 0, (version, r["kernel"], r["V"])
+                if r["kernel"].endswith("backward"):
+                    assert r["loop_stg128"] > 0, (version, r["kernel"], r["V"])
                 assert r["spills"] == 0
 
 
@@ -95,14 +97,19 @@ def test_occupancy_matches_the_hopper_limits():
 
 def test_guards_flag_each_regression():
     base = dict(triton="3.9.0", regs=40, smem=0, hgmma=0, membar_gpu=0)
-    committed = [dict(base, kernel="token_forward", V=128256, spills=0, ldg128=2, instr_per_elem=6.0)]
+    committed = [dict(base, kernel="token_forward", V=128256, spills=0, ldg128=2, instr_per_elem=6.0),
+                 dict(base, kernel="token_backward", V=128256, spills=0, ldg128=2, loop_ldg128=2,
+                      loop_stg128=2, instr_per_elem=7.0)]
     records = [
         dict(base, kernel="token_forward", V=128256, spills=8, ldg128=0, instr_per_elem=6.5),
         dict(base, kernel="linear_backward", V=128256, spills=0, ldg128=0, instr_per_elem=None,
              membar_gpu=16),
+        dict(base, kernel="token_backward", V=128256, spills=0, ldg128=2, loop_ldg128=2,
+             loop_stg128=0, instr_per_elem=7.0),
     ]
     fails = static_guards.check(records, committed)
-    assert all(len(fails[g]) == 1 for g in ("spills", "membar_gpu", "ldg128", "instr_per_elem"))
+    assert all(len(fails[g]) == 1 for g in ("spills", "membar_gpu", "instr_per_elem"))
+    assert len(fails["ldg128"]) == 2  # no LDG.128 in the forward, no STG.128 in the backward
     assert not any(static_guards.check(committed, committed).values())
 
 
