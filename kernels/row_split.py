@@ -12,7 +12,9 @@ The body is read with unmasked 128-bit loads (its start ``off + head`` is a mult
 of ``ALIGN``, which the compiler is told), whatever the row stride: rows of odd
 length (V = 50,257) keep vector loads.  Head and tail together form the *edge*,
 ``n_edge < BLOCK_V + ALIGN`` elements visited through :func:`edge_index` in at most two
-masked blocks.
+masked blocks.  Any split is correct; on a base pointer that is not 16-byte aligned (a
+view at an odd storage offset) only the vector width is lost, since Triton's launch
+specialization then gives the pointer no divisibility hint.
 
 Each block is held as ``[BLOCK_V // LANE, LANE]``: one thread owns whole ``LANE``-wide
 rows (16 bytes), so per-lane running statistics need no cross-thread reduction until
