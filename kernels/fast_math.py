@@ -1,4 +1,5 @@
-"""exp2 for the token kernels' reductions, flushing denormal results to zero.
+"""exp2 for the token kernels' reductions (flushing denormal results to zero), and the
+base-2 logits they exponentiate.
 
 ``tl.exp2`` lowers to ``ex2.approx.f32``, which ptxas wraps in a denormal fix-up
 (compare, scale the input, square the result: ~4 instructions).  The ``.ftz`` form is
@@ -25,7 +26,18 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     def exp2_ftz(x):
         """2^x in fp32; results below 2⁻¹²⁶ may flush to 0."""
         return tl.exp2(x)
+
+    @triton.jit
+    def mul_rn(a, b):
+        """a·b rounded to fp32 (never contracted into an FMA)."""
+        return a * b
 else:
+    @triton.jit
+    def mul_rn(a, b):
+        """a·b rounded to fp32 (``mul.rn``: ptxas never contracts it into an FMA)."""
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
     @triton.jit
     def exp2_ftz(x):
         """2^x in fp32; results below 2⁻¹²⁶ may flush to 0 (one MUFU.EX2)."""
@@ -34,12 +46,47 @@ else:
 
 
 @triton.jit
-def transform_log2(x, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``u = z·log2 e`` for the logits ``z`` of :func:`tl_utils.transform`, so that
-    ``e^{z − m} = 2^{u − m·log2 e}``: without a softcap log2 e is folded into the one
-    scale (``u = x · (scale/T · log2 e)``, a single FMUL)."""
+def logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, FLIP: tl.constexpr):
+    """fp32 key whose maximum marks the row's largest logit: ``z`` itself with a softcap;
+    without one ``±x`` (``z = x·scale/T`` is monotone in x; ``FLIP`` when scale/T < 0), so
+    the row max costs no multiply and the max logit is recovered exactly, see
+    :func:`key_logit`."""
     if HAS_SOFTCAP:
-        u = transform(x, scale, inv_temp, softcap, HAS_SOFTCAP) * LOG2E
+        key = transform(x, scale, inv_temp, softcap, HAS_SOFTCAP)
     else:
-        u = x.to(tl.float32) * (scale * inv_temp * LOG2E)
-    return u
+        key = x.to(tl.float32)
+        if FLIP:
+            key = -key
+    return key
+
+
+@triton.jit
+def key_scales(scale, inv_temp, HAS_SOFTCAP: tl.constexpr, FLIP: tl.constexpr):
+    """``(kz, ku)`` with ``z = key·kz`` (bit-identical to ``tl_utils.transform``: the negation
+    of a FLIP cancels exactly) and ``u = key·ku = z·log2 e`` (log2 e folded into the scale)."""
+    if HAS_SOFTCAP:
+        kz = 1.0
+        ku = LOG2E * 1.0
+    else:
+        kz = scale * inv_temp
+        if FLIP:
+            kz = -kz
+        ku = kz * LOG2E
+    return kz, ku
+
+
+@triton.jit
+def key_logit(key, kz, HAS_SOFTCAP: tl.constexpr):
+    """The natural logit ``z`` of the element with ``key``."""
+    if HAS_SOFTCAP:
+        z = key
+    else:
+        z = key * kz
+    return z
+
+
+@triton.jit
+def key_log2(key, ku):
+    """``u = z·log2 e`` of the element with ``key``, rounded once (``mul.rn``: never fused
+    into a later add), so ``u − max u`` is exactly 0 at the maximum: 2⁰ = 1."""
+    return mul_rn(key, ku)

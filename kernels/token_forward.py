@@ -24,37 +24,41 @@ ranks — and two outputs change meaning: ``logp`` holds the raw target logit z_
 Layout (``kernels/row_split.py``): an unmasked, 16-byte-aligned body of whole blocks and
 a masked edge (head + tail).  Each block is ``[BLOCK_V // LANE, LANE]`` and every lane row
 keeps its own running max and sums (``m_l, s_l, …``); the lane rows are combined once
-after the loop (weights e^{m_l − m}).  The loop works in base 2: ``u = z·log2 e`` (log2 e
-folded into the scale), e^{z − m} = 2^{u − m_u} with a flush-to-zero MUFU.EX2
-(``kernels/fast_math.py``), and results return to base e once per row (× ln 2).  The
-maximum's own term is 2⁰ = 1 exactly, as before.
+after the loop (weights e^{m_l − m}).  The running max is taken on a key (±x without a
+softcap: no multiply) and the exponentials in base 2, e^{z − m} = 2^{u − m_u} with
+``u = x·(scale/T·log2 e)`` (log2 e folded into the scale) and a flush-to-zero MUFU.EX2
+(``kernels/fast_math.py``).  The maximum's own term is 2⁰ = 1 exactly and ``m`` is the max
+logit exactly as ``transform`` computes it, as before.
 """
 import triton
 import triton.language as tl
 
-from .fast_math import LN2, exp2_ftz, transform_log2
+from .fast_math import exp2_ftz, key_log2, key_logit, key_scales, logit_key
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
-from .tl_utils import row_target
+from .tl_utils import row_target, transform
 
 
 @triton.jit
-def _fold_block(u, m_l, s_l, a_l, q_l, WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr):
-    """Folds a ``[R, LANE]`` block of base-2 logits ``u`` (−inf where absent) into the
-    per-lane-row running max ``m_l`` and sums ``s_l`` (Σ2^{u−m}), ``a_l`` (Σ2^{u−m}·u),
-    ``q_l`` (Σ2^{2(u−m)}), all ``[R]``."""
-    m_new = tl.maximum(m_l, tl.max(u, axis=1))
+def _fold_block(key, k_l, m_l, s_l, a_l, q_l, kz, ku, HAS_SOFTCAP: tl.constexpr,
+                WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr):
+    """Folds a ``[R, LANE]`` block of logit keys (``fast_math.logit_key``; −inf where absent)
+    into the per-lane-row running max key ``k_l`` (its base-2 logit ``m_l``) and sums
+    ``s_l`` (Σ2^{u−m}), ``a_l`` (Σ2^{u−m}·z), ``q_l`` (Σ2^{2(u−m)}), all ``[R]``."""
+    k_l = tl.maximum(k_l, tl.max(key, axis=1))
+    m_new = key_log2(k_l, ku)
     # A lane row with nothing finite yet keeps m = −inf; exponentiate against 0 then so
     # that 2^{−inf − (−inf)} never produces NaN.
     m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
     alpha = exp2_ftz(m_l - m_ref)
-    e = exp2_ftz(u - m_ref[:, None])
+    e = exp2_ftz(key_log2(key, ku) - m_ref[:, None])
     s_l = s_l * alpha + tl.sum(e, axis=1)
     if WANT_ENTROPY:
-        # e·u is 0·(−inf) at −inf logits: count those entries as 0.
-        a_l = a_l * alpha + tl.sum(e * tl.where(u > -float("inf"), u, 0.0), axis=1)
+        # e·z is 0·(−inf) at −inf logits: count those entries as 0.
+        z = key_logit(key, kz, HAS_SOFTCAP)
+        a_l = a_l * alpha + tl.sum(e * tl.where(e > 0.0, z, 0.0), axis=1)
     if WANT_LSQ:
         q_l = q_l * (alpha * alpha) + tl.sum(e * e, axis=1)
-    return m_new, s_l, a_l, q_l
+    return k_l, m_new, s_l, a_l, q_l
 
 
 @triton.jit
@@ -74,6 +78,7 @@ def token_forward_kernel(
     BLOCK_V: tl.constexpr,
     LANE: tl.constexpr,
     ALIGN: tl.constexpr,
+    FLIP: tl.constexpr,
 ):
     row, b, t, out, has_label, y = row_target(y_ptr, stride_yb, stride_yt, T, ignore_index, SHIFT)
     if y != ignore_index:
@@ -81,6 +86,8 @@ def token_forward_kernel(
         x_row = x_ptr + off
         body_off, head, n_full, tail_start, n_edge = row_split(off, V, ALIGN, BLOCK_V)
         k = lane_offsets(BLOCK_V, LANE)
+        kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
+        k_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
         m_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
         s_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         a_l = tl.zeros([BLOCK_V // LANE], tl.float32)
@@ -89,48 +96,51 @@ def token_forward_kernel(
         x_body = x_ptr + body_off
         for i in range(0, n_full):
             x = tl.load(x_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_xv)
-            u = transform_log2(x, scale, inv_temp, softcap, HAS_SOFTCAP)
-            m_l, s_l, a_l, q_l = _fold_block(u, m_l, s_l, a_l, q_l, WANT_ENTROPY, WANT_LSQ)
+            key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            k_l, m_l, s_l, a_l, q_l = _fold_block(key, k_l, m_l, s_l, a_l, q_l, kz, ku, HAS_SOFTCAP,
+                                                  WANT_ENTROPY, WANT_LSQ)
             if WANT_MEAN:
-                zs_l += tl.sum(u, axis=1)
+                zs_l += tl.sum(key_logit(key, kz, HAS_SOFTCAP), axis=1)
         for e0 in range(0, n_edge, BLOCK_V):
             inside = e0 + k < n_edge
             idx = edge_index(e0 + k, head, tail_start)
             x = tl.load(x_row + vocab_offset(idx, ALIGN) * stride_xv, mask=inside, other=0.0)
-            u = transform_log2(x, scale, inv_temp, softcap, HAS_SOFTCAP)
+            key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
             if WANT_MEAN:
-                zs_l += tl.sum(tl.where(inside, u, 0.0), axis=1)
-            u = tl.where(inside, u, -float("inf"))
-            m_l, s_l, a_l, q_l = _fold_block(u, m_l, s_l, a_l, q_l, WANT_ENTROPY, WANT_LSQ)
-        # One combine of the lane rows: weights w_l = 2^{m_l − m}; base-2 lse_u = lse·log2 e.
-        m = tl.max(m_l, axis=0)
-        m_ref = tl.where(m == -float("inf"), 0.0, m)
-        w = exp2_ftz(m_l - m_ref)
+                zs_l += tl.sum(tl.where(inside, key_logit(key, kz, HAS_SOFTCAP), 0.0), axis=1)
+            key = tl.where(inside, key, -float("inf"))
+            k_l, m_l, s_l, a_l, q_l = _fold_block(key, k_l, m_l, s_l, a_l, q_l, kz, ku, HAS_SOFTCAP,
+                                                  WANT_ENTROPY, WANT_LSQ)
+        # One combine of the lane rows: weights w_l = 2^{m_l − m}.  The row's largest logit
+        # m = z at the max key, computed as transform computes it, and the max's own term
+        # 2⁰ = 1: a one-entry row gives lse = z exactly.
+        k_max = tl.max(k_l, axis=0)
+        m_u = key_log2(k_max, ku)
+        w = exp2_ftz(m_l - tl.where(m_u == -float("inf"), 0.0, m_u))
         s = tl.sum(s_l * w, axis=0)
-        lse_u = m_ref + tl.log2(s)
-        lse = lse_u * LN2
+        m = key_logit(k_max, kz, HAS_SOFTCAP)
+        lse = tl.where(m == -float("inf"), 0.0, m) + tl.log(s)
         if VOCAB_SHARD:
             # The label may belong to another rank's slice: read it only when it is ours.
             mine = (y >= 0) & (y < V)
             x_y = tl.load(x_row + tl.where(mine, y, 0) * stride_xv, mask=mine, other=0.0)
-            u_y = tl.where(mine, transform_log2(x_y, scale, inv_temp, softcap, HAS_SOFTCAP), 0.0)
-            tl.store(logp_ptr + out, u_y * LN2)
+            z_y = tl.where(mine, transform(x_y, scale, inv_temp, softcap, HAS_SOFTCAP), 0.0)
+            tl.store(logp_ptr + out, z_y)
         else:
-            u_y = transform_log2(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
-            # In base 2 like the loop: a one-entry row gives exactly 0.
-            tl.store(logp_ptr + out, (u_y - lse_u) * LN2)
+            z_y = transform(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
+            tl.store(logp_ptr + out, z_y - lse)
         tl.store(lse_ptr + row, lse)
         if WANT_ENTROPY:
-            tl.store(ent_ptr + out, (lse_u - tl.sum(a_l * w, axis=0) / s) * LN2)
+            tl.store(ent_ptr + out, lse - tl.sum(a_l * w, axis=0) / s)
         if WANT_LSQ:
             tl.store(lsq_ptr + out, tl.log(tl.sum(q_l * (w * w), axis=0)) - 2.0 * tl.log(s))
         if WANT_MEAN:
-            tl.store(mean_ptr + out, tl.sum(zs_l, axis=0) * LN2 / V)
+            tl.store(mean_ptr + out, tl.sum(zs_l, axis=0) / V)
         if WANT_TOP1:
             if VOCAB_SHARD:
-                tl.store(top1_ptr + out, m * LN2)  # the same base-e rounding as logp's u_y·ln 2
+                tl.store(top1_ptr + out, m)
             else:
-                tl.store(top1_ptr + out, (u_y >= m).to(tl.float32))
+                tl.store(top1_ptr + out, (z_y >= m).to(tl.float32))
     else:
         tl.store(lse_ptr + row, 0.0)
         if has_label:

@@ -28,50 +28,58 @@ Entries with p_ref = 0 (zr = −inf, e.g. a padded vocabulary) contribute 0, not
 
 Layout (``kernels/row_split.py``): unmasked 16-byte-aligned body, masked edge, per-lane
 running maxima and sums over ``[BLOCK_V // LANE, LANE]`` blocks combined once after the
-loop.  The loop works in base 2 (``u = z·log2 e``, log2 e folded into the scale) with
-flush-to-zero ``2^{u − m_u}`` (``kernels/fast_math.py``); sums, maxima and ``a`` return to
-base e once per row (× ln 2).  A reference probability below 2⁻¹²⁶ of the running
+loop.  Maxima are taken on logit keys (±x without a softcap) and the exponentials in base 2
+(``u = z·log2 e``, log2 e folded into the scale) with flush-to-zero ``2^{u − m_u}``
+(``kernels/fast_math.py``); ``lse``/``lse_r`` use the exact max logits, ``a`` and the maxima
+of the KL return to base e once per row (× ln 2).  A reference probability below 2⁻¹²⁶ of the running
 maximum's counts as 0 (with ``tl.exp`` the threshold was 2⁻¹⁴⁹), which matters only for
 the ``z = −inf`` case above.
 """
 import triton
 import triton.language as tl
 
-from .fast_math import LN2, exp2_ftz, transform_log2
+from .fast_math import LN2, exp2_ftz, key_log2, key_logit, key_scales, logit_key
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
-from .tl_utils import row_target
+from .tl_utils import row_target, transform
 
 
 @triton.jit
-def _fold_max_sum(u, m_l):
-    """New per-lane-row max of ``[R, LANE]`` base-2 logits ``u``, the factor that rescales
-    the old sums to it and ``e = 2^{u − m}`` (−inf maxima exponentiate against 0)."""
-    m_new = tl.maximum(m_l, tl.max(u, axis=1))
+def _fold_max_sum(key, k_l, m_l, ku):
+    """New per-lane-row max key of a ``[R, LANE]`` block of logit keys (old: ``k_l``, its
+    base-2 logit ``m_l``), the new one's base-2 logit,
+    the factor that rescales the old sums to it, and ``e = 2^{u − m}`` with the block's
+    base-2 logits ``u`` (−inf maxima exponentiate against 0: no inf − inf)."""
+    k_new = tl.maximum(k_l, tl.max(key, axis=1))
+    m_new = key_log2(k_new, ku)
     m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-    return m_new, exp2_ftz(m_l - m_ref), exp2_ftz(u - m_ref[:, None])
+    u = key_log2(key, ku)
+    return k_new, m_new, exp2_ftz(m_l - m_ref), u, exp2_ftz(u - m_ref[:, None])
 
 
 @triton.jit
-def _fold_block(z, zr, m_l, s_l, mr_l, sr_l, a_l):
-    """Folds a block of policy ``z`` and reference ``zr`` base-2 logits (−inf where absent)."""
-    m_l, alpha, e = _fold_max_sum(z, m_l)
+def _fold_block(key, key_r, k_l, m_l, s_l, kr_l, mr_l, sr_l, a_l, ku):
+    """Folds a block of policy and reference logit keys (−inf where absent)."""
+    k_l, m_l, alpha, u, e = _fold_max_sum(key, k_l, m_l, ku)
     s_l = s_l * alpha + tl.sum(e, axis=1)
-    mr_l, alpha_r, er = _fold_max_sum(zr, mr_l)
+    kr_l, mr_l, alpha_r, ur, er = _fold_max_sum(key_r, kr_l, mr_l, ku)
     # p_ref = 0 entries contribute 0 (not 0·(−inf − z)); absent entries have er = 0 too.
-    diff = tl.where(er > 0.0, zr - z, 0.0)
+    diff = tl.where(er > 0.0, ur - u, 0.0)
     sr_l = sr_l * alpha_r + tl.sum(er, axis=1)
     a_l = a_l * alpha_r + tl.sum(er * diff, axis=1)
-    return m_l, s_l, mr_l, sr_l, a_l
+    return k_l, m_l, s_l, kr_l, mr_l, sr_l, a_l
 
 
 @triton.jit
-def _combine(m_l, s_l):
-    """Row max (0 when −inf) and Σ 2^{u − max} from per-lane-row ``(m_l, s_l)``, and the
-    lane weights."""
-    m = tl.max(m_l, axis=0)
-    m_fin = tl.where(m == -float("inf"), 0.0, m)
-    w = exp2_ftz(m_l - m_fin)
-    return m_fin, tl.sum(s_l * w, axis=0), w
+def _combine(k_l, s_l, kz, ku, HAS_SOFTCAP: tl.constexpr):
+    """From per-lane-row ``(max key, Σ 2^{u − m})``: the row's base-2 max (0 when −inf), its
+    natural max logit (exactly as ``transform`` computes it; 0 when −inf), Σ 2^{u − max}
+    and the lane weights."""
+    k_max = tl.max(k_l, axis=0)
+    m_u = key_log2(k_max, ku)
+    m_u = tl.where(m_u == -float("inf"), 0.0, m_u)
+    w = exp2_ftz(key_log2(k_l, ku) - m_u)
+    m = key_logit(k_max, kz, HAS_SOFTCAP)
+    return m_u, tl.where(m == -float("inf"), 0.0, m), tl.sum(s_l * w, axis=0), w
 
 
 @triton.jit
@@ -89,6 +97,7 @@ def token_kl_forward_kernel(
     LANE: tl.constexpr,
     ALIGN: tl.constexpr,
     SAME_ROWS: tl.constexpr,
+    FLIP: tl.constexpr,
 ):
     row, b, t, out, has_label, y = row_target(y_ptr, stride_yb, stride_yt, T, ignore_index, SHIFT)
     if y != ignore_index:
@@ -103,6 +112,9 @@ def token_kl_forward_kernel(
         else:
             r_body = r_row + head.to(tl.int64) * stride_rv
         k = lane_offsets(BLOCK_V, LANE)
+        kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
+        k_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
+        kr_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
         m_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
         mr_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
         s_l = tl.zeros([BLOCK_V // LANE], tl.float32)
@@ -110,32 +122,35 @@ def token_kl_forward_kernel(
         a_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         for i in range(0, n_full):
             j = vocab_offset(i * BLOCK_V + k, ALIGN)
-            z = transform_log2(tl.load(x_body + j * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
-            zr = transform_log2(tl.load(r_body + j * stride_rv), scale, inv_temp, softcap, HAS_SOFTCAP)
-            m_l, s_l, mr_l, sr_l, a_l = _fold_block(z, zr, m_l, s_l, mr_l, sr_l, a_l)
+            key = logit_key(tl.load(x_body + j * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            key_r = logit_key(tl.load(r_body + j * stride_rv), scale, inv_temp, softcap, HAS_SOFTCAP,
+                              FLIP)
+            k_l, m_l, s_l, kr_l, mr_l, sr_l, a_l = _fold_block(key, key_r, k_l, m_l, s_l, kr_l, mr_l,
+                                                               sr_l, a_l, ku)
         for e0 in range(0, n_edge, BLOCK_V):
             inside = e0 + k < n_edge
             idx64 = edge_index(e0 + k, head, tail_start).to(tl.int64)  # strided vocab: > 2³¹
-            z = transform_log2(tl.load(x_row + idx64 * stride_xv, mask=inside, other=0.0),
-                               scale, inv_temp, softcap, HAS_SOFTCAP)
-            zr = transform_log2(tl.load(r_row + idx64 * stride_rv, mask=inside, other=0.0),
-                                scale, inv_temp, softcap, HAS_SOFTCAP)
-            z = tl.where(inside, z, -float("inf"))
-            zr = tl.where(inside, zr, -float("inf"))
-            m_l, s_l, mr_l, sr_l, a_l = _fold_block(z, zr, m_l, s_l, mr_l, sr_l, a_l)
-        m_fin, s, _ = _combine(m_l, s_l)
-        mr_fin, sr, w_r = _combine(mr_l, sr_l)
+            key = logit_key(tl.load(x_row + idx64 * stride_xv, mask=inside, other=0.0),
+                            scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            key_r = logit_key(tl.load(r_row + idx64 * stride_rv, mask=inside, other=0.0),
+                              scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            key = tl.where(inside, key, -float("inf"))
+            key_r = tl.where(inside, key_r, -float("inf"))
+            k_l, m_l, s_l, kr_l, mr_l, sr_l, a_l = _fold_block(key, key_r, k_l, m_l, s_l, kr_l, mr_l,
+                                                               sr_l, a_l, ku)
+        m_u, m, s, _ = _combine(k_l, s_l, kz, ku, HAS_SOFTCAP)
+        mr_u, mr, sr, w_r = _combine(kr_l, sr_l, kz, ku, HAS_SOFTCAP)
         a = tl.sum(a_l * w_r, axis=0)
-        lse_u = m_fin + tl.log2(s)
-        lse = lse_u * LN2
-        lse_r = (mr_fin + tl.log2(sr)) * LN2
-        kl = (a / sr + (m_fin - mr_fin)) * LN2 + tl.log(s / sr)
+        lse = m + tl.log(s)
+        lse_r = mr + tl.log(sr)
+        # In base 2 like the sums: identical rows give exactly 0.
+        kl = (a / sr + (m_u - mr_u)) * LN2 + tl.log(s / sr)
         tl.store(kl_ptr + out, kl)
         tl.store(lse_ptr + row, lse)
         tl.store(lse_r_ptr + row, lse_r)
         if WANT_LOGP:
-            u_y = transform_log2(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
-            tl.store(logp_ptr + out, (u_y - lse_u) * LN2)
+            z_y = transform(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
+            tl.store(logp_ptr + out, z_y - lse)
     else:
         tl.store(lse_ptr + row, 0.0)
         tl.store(lse_r_ptr + row, 0.0)

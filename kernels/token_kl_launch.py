@@ -8,7 +8,7 @@ import torch
 
 from .token_kl_backward import token_kl_backward_kernel
 from .token_kl_forward import token_kl_forward_kernel
-from .token_launch import launch_config, row_layout
+from .token_launch import flip_key, launch_config, row_layout
 
 
 def _softcap_args(softcap):
@@ -37,6 +37,7 @@ def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, tempera
         float(logit_scale), 1.0 / float(temperature), cap,
         SHIFT=int(shift), HAS_SOFTCAP=has_cap, WANT_LOGP=bool(want_logp),
         BLOCK_V=block, num_warps=warps, **row_layout(block, logits, ref_logits),
+        FLIP=flip_key(logit_scale, temperature, softcap),
     )
     return kl, logp, lse, lse_r
 

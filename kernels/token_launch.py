@@ -46,6 +46,11 @@ def row_layout(block_v, *rows):
     return dict(LANE=min(per16, block_v), ALIGN=per16 if unit else 1, SAME_ROWS=same)
 
 
+def flip_key(logit_scale, temperature, softcap) -> bool:
+    """Whether the forward kernels' max key is −x (``z = x·scale/T`` decreasing in x)."""
+    return softcap is None and float(logit_scale) / float(temperature) < 0
+
+
 def _softcap_args(softcap):
     return (0.0 if softcap is None else float(softcap)), softcap is not None
 
@@ -83,6 +88,7 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
         WANT_MEAN="mean_logit" in outs, WANT_TOP1="is_top1" in outs,
         VOCAB_SHARD=bool(vocab_shard), BLOCK_V=block, num_warps=warps,
         LANE=layout["LANE"], ALIGN=layout["ALIGN"],
+        FLIP=flip_key(logit_scale, temperature, softcap),
     )
     return logp, lse, outs
 

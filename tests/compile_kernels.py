@@ -41,8 +41,9 @@ def flag_variants(names):
         yield {m: m == n for m in names}
 
 
-def transform(softcap):
-    return dict(ignore_index=-100, temperature=0.7, logit_scale=1.5, softcap=30.0 if softcap else None)
+def transform(softcap, negative_scale=False):
+    return dict(ignore_index=-100, temperature=0.7, logit_scale=-1.5 if negative_scale else 1.5,
+                softcap=30.0 if softcap else None)
 
 
 def token_cases():
@@ -54,12 +55,12 @@ def token_cases():
     for dtype in DTYPES:
         x = meta(B, T, V, dtype=dtype)
         x_strided = meta(V, B, T, dtype=dtype).permute(1, 2, 0)  # vocabulary axis not contiguous
-        for fl in flag_variants(("shift", "softcap", *tk.EXTRA_NAMES, "vocab_shard", "strided")):
+        for fl in flag_variants(("shift", "softcap", *tk.EXTRA_NAMES, "vocab_shard", "strided", "flip")):
             extras = tuple(n for n in tk.EXTRA_NAMES if fl[n])
             logits = x_strided if fl["strided"] else x
             yield token_forward_kernel, lambda logits=logits, fl=fl, extras=extras: tk.token_forward(
                 logits, y, shift=fl["shift"], extras=extras, vocab_shard=fl["vocab_shard"],
-                **transform(fl["softcap"]))
+                **transform(fl["softcap"], negative_scale=fl["flip"]))
         for fl in flag_variants(("shift", "softcap", "g", "g_ent", "g_lsq", "g_mean", "other_out")):
             out = meta(B, T, V + 3, dtype=dtype)[..., :V] if fl["other_out"] else torch.empty_like(x)
             grads = dict(grad_logp=f if fl["g"] else None,
@@ -79,10 +80,11 @@ def token_kl_cases():
     for dtype in DTYPES:
         x = meta(B, T, V, dtype=dtype)
         r_other = meta(B, T, V + 5, dtype=dtype)[..., :V]
-        for fl in flag_variants(("shift", "softcap", "logp", "other_ref")):
+        for fl in flag_variants(("shift", "softcap", "logp", "other_ref", "flip")):
             r = r_other if fl["other_ref"] else meta(B, T, V, dtype=dtype)
             yield token_kl_forward_kernel, lambda r=r, fl=fl: kl.token_kl_forward(
-                x, r, y, shift=fl["shift"], want_logp=fl["logp"], **transform(fl["softcap"]))
+                x, r, y, shift=fl["shift"], want_logp=fl["logp"],
+                **transform(fl["softcap"], negative_scale=fl["flip"]))
         for fl in flag_variants(("shift", "softcap", "g_kl", "g_logp", "other_ref")):
             r = r_other if fl["other_ref"] else meta(B, T, V, dtype=dtype)
             yield token_kl_backward_kernel, lambda r=r, fl=fl: kl.token_kl_backward(
