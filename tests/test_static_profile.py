@@ -171,7 +171,5 @@ def test_main_loops_cost_no_more_than_committed(profile):
 
 
 @pytest.mark.static_sass
-@pytest.mark.xfail(strict=False, reason="fused-linear backward still uses acq_rel atomics "
-                   "(MEMBAR.ALL.GPU per atomic); relaxed REDG is issue 15 item 4 (helper i15b)")
 def test_fused_backward_has_no_gpu_scope_fences(profile):
     assert not profile[2]["membar_gpu"], profile[2]["membar_gpu"]
