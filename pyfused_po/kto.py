@@ -9,6 +9,10 @@ Per example with r = ℓ − ℓʳ and the detached reference point z₀ = max(0
 The KL estimate comes from *mismatched* pairs (a completion scored under another
 example's prompt); computing those log-probs is the caller's (e.g. with
 :func:`pyfused_po.token_logprobs` under ``torch.no_grad()``): pass them, or the scalar.
+
+:class:`FusedKTOLoss` takes the policy as ``logits=`` or, logits never materialized, as
+``hidden=`` with the LM head ``weight=`` (``bias=``) through
+:func:`pyfused_po.linear_token_logprobs`; padded ``[B, T]`` or packed (``cu_seqlens=``).
 """
 from dataclasses import dataclass
 from typing import Dict
@@ -18,9 +22,10 @@ from torch import nn
 
 from . import packed_columns
 from .distributed.options import ParallelOptions
+from .head_source import check_head_shapes, resolve_sources, run_token_stage
+from .linear_token_logprobs import IMPLS
 from .objectives.checks import check_number
 from .sequence import sequence_sums
-from .token_logprobs import token_logprobs
 from .validation import as_number, check_positive, check_same_device, check_shape, check_tensor, checked_labels
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -143,23 +148,26 @@ def kto_loss(policy_logps, ref_logps, is_desirable, *, beta=0.1, kl=None, policy
 
 
 class FusedKTOLoss(nn.Module):
-    """KTO straight from logits: token stage → per-sequence sums → :func:`kto_loss`.
+    """KTO straight from logits — or from hidden states and the LM head, the logits never
+    materialized: token stage → per-sequence sums → :func:`kto_loss`.
 
     Args:
         beta, desirable_weight, undesirable_weight, loss_type, reduction: as :func:`kto_loss`.
         ignore_index, shift, temperature, logit_scale, softcap, backend, inplace_backward:
             as :func:`pyfused_po.token_logprobs`.
+        linear_impl: for ``hidden=``/``weight=`` inputs, the fused-linear implementation
+            (``"auto"``, ``"chunked"`` or ``"fused"``; see :func:`pyfused_po.linear_token_logprobs`).
         vocab_parallel_group, vocab_start, sequence_parallel_group: as in
             :class:`pyfused_po.FusedPreferenceLoss`.  Under sequence parallelism ``logits``,
-            ``labels`` and ``ref_logits`` are this rank's token slices, ``ref_logps`` holds full
+            ``labels`` and ``ref_logits`` (or ``hidden`` / ``ref_hidden``) are this rank's token slices, ``ref_logps`` holds full
             per-sequence sums, and ``policy_kl_logps`` / ``ref_kl_logps`` are this rank's partial
             sums, summed over the group (same all-reduce) before the KL estimate is taken.
     """
 
     def __init__(self, beta=0.1, *, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
                  reduction="mean", ignore_index=-100, shift=False, temperature=1.0, logit_scale=1.0,
-                 softcap=None, backend="auto", inplace_backward=False, vocab_parallel_group=None,
-                 vocab_start=None, sequence_parallel_group=None):
+                 softcap=None, backend="auto", inplace_backward=False, linear_impl="auto",
+                 vocab_parallel_group=None, vocab_start=None, sequence_parallel_group=None):
         super().__init__()
         beta, desirable_weight, undesirable_weight = (as_number(n, v) for n, v in (
             ("beta", beta), ("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)))
@@ -175,51 +183,65 @@ class FusedKTOLoss(nn.Module):
         self.token_kwargs = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
                                  logit_scale=logit_scale, softcap=softcap, backend=backend)
         self.inplace_backward = inplace_backward
+        if linear_impl not in IMPLS:
+            raise ValueError(f"linear_impl must be one of {IMPLS}, got {linear_impl!r}")
+        self.linear_impl = linear_impl
         self.parallel = ParallelOptions(vocab_parallel_group, vocab_start, sequence_parallel_group)
         self.parallel.check_sequence_parallel(shift=shift)
 
-    def _token_stage(self, logits, labels, *, inplace=False):
-        """The one call into the token stage (vocabulary-parallel when asked)."""
-        if self.parallel.vocab_parallel:
-            return self.parallel.token_stage(logits, labels, extras=(), inplace=inplace,
-                                             token_kwargs=self.token_kwargs)
-        return token_logprobs(logits, labels, inplace_backward=inplace, **self.token_kwargs)
+    def _token_stage(self, source, labels, *, inplace=False):
+        """The one call into the token stage: logits or ``(hidden, weight, bias)``
+        (vocabulary-parallel when asked)."""
+        return run_token_stage(self, source, labels, inplace=inplace).logps
 
     def _sums(self, token_logps, labels):
         return sequence_sums(token_logps, labels, ignore_index=self.token_kwargs["ignore_index"],
                              shift=self.token_kwargs["shift"]).logps
 
     def forward(self, logits=None, labels=None, is_desirable=None, ref_logps=None, ref_logits=None, *,
+                hidden=None, weight=None, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                 kl=None, policy_kl_logps=None, ref_kl_logps=None, cu_seqlens=None, position_ids=None,
                 token_offset=None) -> KTOLossOutput:
-        """``logits`` ``[B, T, V]``, ``labels`` ``[B, T]``, ``is_desirable`` ``[B]`` bool; the
-        reference as ``ref_logps`` ``[B]`` or ``ref_logits`` like ``logits`` (forward only);
-        the KL estimate as in :func:`kto_loss`.  Packed: ``logits`` ``[1, N, V]``, ``labels``
-        ``[1, N]`` with ``cu_seqlens`` ``[S + 1]`` or ``position_ids``; ``is_desirable`` /
-        ``ref_logps`` are ``[S]``, one per packed sequence (:mod:`pyfused_po.packing`)."""
-        if logits is None or labels is None or is_desirable is None:
-            raise ValueError("FusedKTOLoss.forward needs logits=, labels= and is_desirable=")
+        """``logits`` ``[B, T, V]`` or ``hidden`` ``[B, T, D]`` with the LM head ``weight``
+        ``[V, D]`` (and ``bias`` ``[V]``); ``labels`` ``[B, T]``, ``is_desirable`` ``[B]`` bool.
+        The reference as ``ref_logps`` ``[B]``, ``ref_logits`` like ``logits``, or ``ref_hidden``
+        with ``ref_weight``/``ref_bias`` (default: the policy's head, detached); logits or hidden
+        states run forward only, no gradient.  The KL estimate as in :func:`kto_loss`.  Packed:
+        ``logits`` ``[1, N, V]`` (``hidden`` ``[1, N, D]``), ``labels`` ``[1, N]`` with ``cu_seqlens``
+        ``[S + 1]`` or ``position_ids``; ``is_desirable`` / ``ref_logps`` are ``[S]``, one per packed
+        sequence (:mod:`pyfused_po.packing`)."""
+        source, ref_source = resolve_sources("FusedKTOLoss", logits, hidden, weight, bias, ref_logits, ref_hidden,
+                                             ref_weight, ref_bias)
+        if labels is None or is_desirable is None:
+            raise ValueError("FusedKTOLoss.forward needs labels= and is_desirable= (and logits= or hidden=)")
         labels = checked_labels("labels", labels, self.token_kwargs["ignore_index"])
         if labels.dim() != 2 and cu_seqlens is None and position_ids is None:
             raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
-        if (ref_logps is None) == (ref_logits is None):
-            raise ValueError("pass exactly one of ref_logps and ref_logits")
-        if ref_logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
+        if (ref_logps is None) == (ref_source is None):
+            raise ValueError("pass exactly one of ref_logps, ref_logits and ref_hidden")
+        if ref_logits is not None and logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
             raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
                              f"got {tuple(ref_logits.shape)}")
+        if ref_logits is not None and logits is None and tuple(ref_logits.shape[:-1]) != tuple(labels.shape):
+            raise ValueError(f"ref_logits must have shape labels.shape + (vocab,) = {tuple(labels.shape)} + (·,), "
+                             f"got {tuple(ref_logits.shape)}")
+        check_head_shapes(source, labels)
+        check_head_shapes(ref_source, labels, prefix="ref_")
+        if ref_logits is not None:
+            ref_source = ref_logits.detach()
         if cu_seqlens is not None or position_ids is not None or token_offset is not None:
-            columns = packed_columns.kto_columns(self, logits, labels, is_desirable, ref_logits, cu_seqlens=cu_seqlens,
+            columns = packed_columns.kto_columns(self, source, labels, is_desirable, ref_source, cu_seqlens=cu_seqlens,
                                                  position_ids=position_ids, token_offset=token_offset)
         else:
-            columns = {"policy": self._sums(self._token_stage(logits, labels, inplace=self.inplace_backward), labels)}
-            if ref_logits is not None:
+            columns = {"policy": self._sums(self._token_stage(source, labels, inplace=self.inplace_backward), labels)}
+            if ref_source is not None:
                 with torch.no_grad():
-                    columns["ref"] = self._sums(self._token_stage(ref_logits.detach(), labels), labels)
+                    columns["ref"] = self._sums(self._token_stage(ref_source, labels), labels)
         if policy_kl_logps is not None and ref_kl_logps is not None:
             # Under sequence parallelism these are this rank's partial sums of the mismatched pairs.
             columns["policy_kl"], columns["ref_kl"] = policy_kl_logps.detach(), ref_kl_logps.detach()
         total = self.parallel.reduce_columns(columns)  # one all-reduce under sequence parallelism
-        if ref_logits is not None:
+        if ref_source is not None:
             ref_logps = total["ref"].detach()
         if "policy_kl" in total:
             policy_kl_logps, ref_kl_logps = total["policy_kl"], total["ref_kl"]

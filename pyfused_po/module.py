@@ -23,10 +23,10 @@ from .sequence import (
 from . import fused_pairs
 from .distributed.options import ParallelOptions
 from .float64_state import apply_keeping_float64
-from .linear_token_logprobs import linear_token_logprobs
+from .head_source import resolve_sources, run_token_stage
 from .objectives import get_objective
 from .token_kl import token_kl
-from .token_logprobs import TokenLogprobs, token_logprobs
+from .token_logprobs import TokenLogprobs
 from .validation import as_number, check_same_device, check_shape, check_tensor, checked_labels
 
 
@@ -138,41 +138,13 @@ class FusedPreferenceLoss(nn.Module):
     def _token_stage(self, source, labels, *, extras=(), inplace=False) -> TokenLogprobs:
         """The one call into the token stage: ``source`` is a logits tensor or a
         ``(hidden, weight, bias)`` triple for the fused-linear path."""
-        kwargs = dict(extras=tuple(extras), **self.token_kwargs)
-        if self.parallel.vocab_parallel:
-            out = self.parallel.token_stage(source, labels, extras=extras, inplace=inplace,
-                                            token_kwargs=self.token_kwargs)
-        elif isinstance(source, tuple):
-            hidden, weight, bias = source
-            out = linear_token_logprobs(hidden, weight, labels, bias=bias, impl=self.linear_impl, **kwargs)
-        else:
-            out = token_logprobs(source, labels, inplace_backward=inplace, **kwargs)
-        return out if extras else TokenLogprobs(out)
+        return run_token_stage(self, source, labels, extras=extras, inplace=inplace)
 
     @staticmethod
     def _sources(logits, hidden, weight, bias, ref_logits, ref_hidden, ref_weight, ref_bias):
         """(policy source, reference source or None) from the forward's keyword arguments."""
-        if (logits is None) == (hidden is None):
-            raise ValueError("FusedPreferenceLoss.forward needs exactly one of logits= or hidden= "
-                             f"(got {'both' if logits is not None else 'neither'})")
-        if hidden is None and (weight is not None or bias is not None):
-            raise ValueError("weight=/bias= go with hidden=, not with logits=")
-        if hidden is not None and weight is None:
-            raise ValueError("hidden= needs weight= (the LM head, [vocab, hidden_dim])")
-        if ref_logits is not None and ref_hidden is not None:
-            raise ValueError("pass one reference source, not both: got ref_logits and ref_hidden")
-        if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
-            raise ValueError("ref_weight=/ref_bias= go with ref_hidden=")
-        policy = logits if hidden is None else (hidden, weight, bias)
-        reference = ref_logits
-        if ref_hidden is not None:
-            if ref_weight is None and weight is None:
-                raise ValueError("ref_hidden= needs ref_weight= (or weight= to share the head)")
-            # Without ref_weight the reference shares the policy's head (frozen under LoRA).
-            head, head_bias = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
-            reference = (ref_hidden.detach(), head.detach(),
-                         None if head_bias is None else head_bias.detach())
-        return policy, reference
+        return resolve_sources("FusedPreferenceLoss", logits, hidden, weight, bias, ref_logits, ref_hidden,
+                               ref_weight, ref_bias)
 
     def _mask(self, labels):
         return label_mask(labels, ignore_index=self.token_kwargs["ignore_index"], shift=self.token_kwargs["shift"])

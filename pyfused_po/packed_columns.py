@@ -13,7 +13,7 @@ rows, and every per-sequence sum is a segment sum (:mod:`pyfused_po.packing`).
 """
 import torch
 
-from .linear_token_logprobs import linear_token_logprobs
+from .head_source import run_token_stage
 from .packing import (
     PackedLayout,
     check_desirable_flags,
@@ -23,7 +23,7 @@ from .packing import (
 )
 from .sequence import merge_labels
 from .token_kl import token_kl
-from .token_logprobs import TokenLogprobs, token_logprobs
+from .token_logprobs import TokenLogprobs
 from .validation import check_same_device, check_tensor
 
 LAYOUT_ARGS = ("cu_seqlens", "position_ids", "pair_layout", "chosen_index", "rejected_index", "token_offset")
@@ -102,19 +102,10 @@ def _packed_batch(module, labels, cu_seqlens, position_ids, token_offset):
 
 
 def _token_stage(module, source, labels, extras=(), inplace=False):
-    """The module's token stage on the stream, with ``shift=False`` (the labels
-    are shifted already).  Mirrors the modules' own dispatch (vocabulary-parallel,
-    fused-linear, logits)."""
-    token_kwargs = dict(module.token_kwargs, shift=False)
-    if module.parallel.vocab_parallel:
-        out = module.parallel.token_stage(source, labels, extras=extras, inplace=inplace, token_kwargs=token_kwargs)
-    elif isinstance(source, tuple):
-        hidden, weight, bias = source
-        out = linear_token_logprobs(hidden, weight, labels, bias=bias, impl=getattr(module, "linear_impl", "auto"),
-                                    extras=tuple(extras), **token_kwargs)
-    else:
-        out = token_logprobs(source, labels, inplace_backward=inplace, extras=tuple(extras), **token_kwargs)
-    return out if extras else TokenLogprobs(out)
+    """The module's token stage (:func:`~pyfused_po.head_source.run_token_stage`) on the stream,
+    with ``shift=False`` (the labels are shifted already)."""
+    return run_token_stage(module, source, labels, extras=extras, inplace=inplace,
+                           token_kwargs=dict(module.token_kwargs, shift=False))
 
 
 def _product(a, b):
@@ -201,22 +192,24 @@ def preference_columns(module, policy_source, ref_source, labels, *, ref_logits,
     return columns
 
 
-def kto_columns(module, logits, labels, is_desirable, ref_logits, *, cu_seqlens=None, position_ids=None,
+def kto_columns(module, source, labels, is_desirable, ref_source, *, cu_seqlens=None, position_ids=None,
                 token_offset=None):
     """:class:`FusedKTOLoss`'s per-sequence sums of a packed stream: ``policy`` (and ``ref``)
-    ``[S]`` in sequence order; ``is_desirable`` is ``[S]``, one flag per packed sequence."""
+    ``[S]`` in sequence order; ``is_desirable`` is ``[S]``, one flag per packed sequence.
+    ``source`` / ``ref_source``: logits ``[1, N, V]`` or ``(hidden [1, N, D], weight, bias)``."""
     if cu_seqlens is None and position_ids is None:
         raise ValueError("FusedKTOLoss takes token_offset= only with cu_seqlens= (a packed stream)")
     batch = _packed_batch(module, labels, cu_seqlens, position_ids, token_offset)
     check_desirable_flags(is_desirable, batch.layout.num_sequences)
     y = batch.labels
     mask = y != batch.ignore_index
-    source = batch.source(logits, "logits")
+    source = batch.source(source, "hidden" if isinstance(source, tuple) else "logits")
+    ref_source = batch.source(ref_source, "ref_hidden" if isinstance(ref_source, tuple) else "ref_logits")
     zero = torch.zeros((), dtype=torch.float32, device=y.device)
     policy = _token_stage(module, source, y, (), module.inplace_backward).logps
     columns = {"policy": batch.layout.sums(torch.where(mask, policy, zero.to(policy.dtype)))}
-    if ref_logits is not None:
+    if ref_source is not None:
         with torch.no_grad():
-            ref = _token_stage(module, batch.source(ref_logits.detach(), "ref_logits"), y).logps
+            ref = _token_stage(module, ref_source, y).logps
         columns["ref"] = batch.layout.sums(torch.where(mask, ref, zero.to(ref.dtype)))
     return columns
