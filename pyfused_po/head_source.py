@@ -36,6 +36,10 @@ def resolve_sources(owner, logits, hidden, weight, bias, ref_logits, ref_hidden,
     if ref_hidden is not None:
         if ref_weight is None and weight is None:
             raise ValueError("ref_hidden= needs ref_weight= (or weight= to share the head)")
+        if ref_weight is None and ref_bias is not None:
+            # Without ref_weight the reference shares the policy's head and bias: a lone ref_bias would be ignored.
+            raise ValueError("ref_bias= goes with ref_weight= (without ref_weight the reference uses the "
+                             "policy's weight and bias)")
         head, head_bias = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
         reference = (ref_hidden.detach() if isinstance(ref_hidden, torch.Tensor) else ref_hidden,
                      head.detach() if isinstance(head, torch.Tensor) else head,
