@@ -158,10 +158,11 @@ class FusedKTOLoss(nn.Module):
         linear_impl: for ``hidden=``/``weight=`` inputs, the fused-linear implementation
             (``"auto"``, ``"chunked"`` or ``"fused"``; see :func:`pyfused_po.linear_token_logprobs`).
         vocab_parallel_group, vocab_start, sequence_parallel_group: as in
-            :class:`pyfused_po.FusedPreferenceLoss`.  Under sequence parallelism ``logits``,
-            ``labels`` and ``ref_logits`` (or ``hidden`` / ``ref_hidden``) are this rank's token slices, ``ref_logps`` holds full
-            per-sequence sums, and ``policy_kl_logps`` / ``ref_kl_logps`` are this rank's partial
-            sums, summed over the group (same all-reduce) before the KL estimate is taken.
+            :class:`pyfused_po.FusedPreferenceLoss`.  Under sequence parallelism ``logits``
+            (or ``hidden``), ``labels`` and ``ref_logits`` (or ``ref_hidden``) are this rank's
+            token slices, ``ref_logps`` holds full per-sequence sums, and ``policy_kl_logps`` /
+            ``ref_kl_logps`` are this rank's partial sums, summed over the group (same
+            all-reduce) before the KL estimate is taken.
     """
 
     def __init__(self, beta=0.1, *, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",

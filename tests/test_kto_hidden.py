@@ -188,10 +188,11 @@ def _bad_cases():
         (dict(ok, ref_hidden=ref_hidden, ref_weight=weight[:, :3]), r"ref_hidden must have shape .* ref_weight"),
         (dict(ok, ref_bias=bias), "ref_bias= goes with ref_weight="),
         (dict(ok, labels=labels[0]), r"labels must be \[batch, seq\]"),
+        (dict(ok, ref_hidden=None, ref_logits=logits[:, :-1]), r"ref_logits must have shape labels.shape"),
     ]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(16))
 def test_bad_inputs_are_named_before_any_kernel(case, monkeypatch):
     import pyfused_po.head_source as hs
 
