@@ -1,6 +1,6 @@
 """pyfused_po: fused Triton kernels for preference-optimization losses (DPO and family).
 
-Three stages (see ARCHITECTURE in the repository): the token stage
+Three stages (see docs/architecture.md in the repository): the token stage
 (:func:`token_logprobs`, Triton), the sequence stage (:mod:`pyfused_po.sequence`) and
 the objective stage (:func:`preference_loss` over a registry of losses), chained by
 the drop-in :class:`FusedPreferenceLoss`.
