@@ -15,7 +15,7 @@ from .kto import FusedKTOLoss, KTOLossOutput, kto_loss
 from .linear_token_logprobs import linear_token_logprobs
 from .module import FusedPreferenceLoss
 from .objectives import F_DIVERGENCE_TYPES, ObjectiveOutput, PairBatch, loss_types, register_objective
-from .objectives.expo import expo_from_logits, expo_loss
+from .expo import expo_from_logits, expo_loss
 from .preference_loss import PreferenceLossOutput, preference_loss
 from .sequence import SequenceSums, sequence_sums
 from .token_kl import TokenKL, token_kl

@@ -27,6 +27,7 @@ head under LoRA): one GEMM less per chunk.
 """
 import torch
 
+from . import _dispatch
 from .mixed_precision import autocast_off, cast_operands, head_matmul_dtype
 from .token_logprobs import TokenConfig, make_token_config, pack_results, resolve_backend, validate_token_config
 from .torch_backend import linear as _chunked
@@ -241,8 +242,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
     """
     if vocab_parallel_group is not None or vocab_start is not None:
-        from .distributed import vocab_parallel_linear_token_logprobs
-
+        vocab_parallel_linear_token_logprobs = _dispatch.entry("vocab_parallel_linear_token_logprobs")
         if impl == "fused":
             raise ValueError("vocab_parallel_group runs the chunked implementation; got impl='fused'")
         return vocab_parallel_linear_token_logprobs(
@@ -255,7 +255,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
                                                       chunk_tokens)
     if torch.compiler.is_compiling():
         # Under torch.compile the fused-linear stage is an opaque custom op pair (no graph break).
-        from .ops import compiled_linear_token_logprobs
+        compiled_linear_token_logprobs = _dispatch.entry("compiled_linear_token_logprobs")  # pyfused_po.ops
         results = compiled_linear_token_logprobs(hidden, weight, bias, labels, config, resolved, impl, chunk_tokens,
                                                  mm_dtype)
     else:

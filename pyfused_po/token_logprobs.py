@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _backend
+from . import _backend, _dispatch
 from .validation import (
     check_finite_nonzero,
     check_label_range,
@@ -229,8 +229,7 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
         backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
     """
     if vocab_parallel_group is not None or vocab_start is not None:
-        from .distributed import vocab_parallel_token_logprobs
-
+        vocab_parallel_token_logprobs = _dispatch.entry("vocab_parallel_token_logprobs")  # pyfused_po.distributed
         return vocab_parallel_token_logprobs(
             logits, labels, group=vocab_parallel_group, vocab_start=vocab_start, ignore_index=ignore_index,
             shift=shift, temperature=temperature, logit_scale=logit_scale, softcap=softcap, extras=extras,
@@ -240,7 +239,7 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
     if torch.compiler.is_compiling():
         # Under torch.compile the token stage is an opaque custom op pair (no graph break);
         # the compiled graph owns its buffers, so the in-place backward does not apply.
-        from .ops import compiled_token_logprobs
+        compiled_token_logprobs = _dispatch.entry("compiled_token_logprobs")  # pyfused_po.ops
         results = compiled_token_logprobs(logits, labels, config, resolved)
     else:
         results = TokenLogprobsFunction.apply(logits, labels, config, resolved, bool(inplace_backward))
