@@ -6,6 +6,7 @@ the objective stage (:func:`preference_loss` over a registry of losses), chained
 the drop-in :class:`FusedPreferenceLoss`.
 """
 from . import ops  # noqa: F401  (registers the torch.library custom ops used under torch.compile)
+from . import packing  # noqa: F401  (registers the packed form of sequence_sums)
 from .distributed import (
     sequence_parallel_sums,
     vocab_parallel_linear_token_logprobs,

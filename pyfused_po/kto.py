@@ -16,6 +16,7 @@ from typing import Dict
 import torch
 from torch import nn
 
+from . import packed_columns
 from .distributed.options import ParallelOptions
 from .objectives.checks import check_number
 from .sequence import sequence_sums
@@ -184,24 +185,31 @@ class FusedKTOLoss(nn.Module):
                              shift=self.token_kwargs["shift"]).logps
 
     def forward(self, logits=None, labels=None, is_desirable=None, ref_logps=None, ref_logits=None, *,
-                kl=None, policy_kl_logps=None, ref_kl_logps=None) -> KTOLossOutput:
+                kl=None, policy_kl_logps=None, ref_kl_logps=None, cu_seqlens=None, position_ids=None,
+                token_offset=None) -> KTOLossOutput:
         """``logits`` ``[B, T, V]``, ``labels`` ``[B, T]``, ``is_desirable`` ``[B]`` bool; the
         reference as ``ref_logps`` ``[B]`` or ``ref_logits`` like ``logits`` (forward only);
-        the KL estimate as in :func:`kto_loss`."""
+        the KL estimate as in :func:`kto_loss`.  Packed: ``logits`` ``[1, N, V]``, ``labels``
+        ``[1, N]`` with ``cu_seqlens`` ``[S + 1]`` or ``position_ids``; ``is_desirable`` /
+        ``ref_logps`` are ``[S]``, one per packed sequence (:mod:`pyfused_po.packing`)."""
         if logits is None or labels is None or is_desirable is None:
             raise ValueError("FusedKTOLoss.forward needs logits=, labels= and is_desirable=")
         check_tensor("labels", labels, floating=False)
-        if labels.dim() != 2:
+        if labels.dim() != 2 and cu_seqlens is None and position_ids is None:
             raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
         if (ref_logps is None) == (ref_logits is None):
             raise ValueError("pass exactly one of ref_logps and ref_logits")
         if ref_logits is not None and tuple(ref_logits.shape) != tuple(logits.shape):
             raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
                              f"got {tuple(ref_logits.shape)}")
-        columns = {"policy": self._sums(self._token_stage(logits, labels, inplace=self.inplace_backward), labels)}
-        if ref_logits is not None:
-            with torch.no_grad():
-                columns["ref"] = self._sums(self._token_stage(ref_logits.detach(), labels), labels)
+        if cu_seqlens is not None or position_ids is not None or token_offset is not None:
+            columns = packed_columns.kto_columns(self, logits, labels, is_desirable, ref_logits, cu_seqlens=cu_seqlens,
+                                                 position_ids=position_ids, token_offset=token_offset)
+        else:
+            columns = {"policy": self._sums(self._token_stage(logits, labels, inplace=self.inplace_backward), labels)}
+            if ref_logits is not None:
+                with torch.no_grad():
+                    columns["ref"] = self._sums(self._token_stage(ref_logits.detach(), labels), labels)
         if policy_kl_logps is not None and ref_kl_logps is not None:
             # Under sequence parallelism these are this rank's partial sums of the mismatched pairs.
             columns["policy_kl"], columns["ref_kl"] = policy_kl_logps.detach(), ref_kl_logps.detach()

@@ -29,6 +29,7 @@ import torch
 
 from . import _dispatch
 from .mixed_precision import autocast_off, cast_operands, head_matmul_dtype
+from .packed_layout import run_packed
 from .token_logprobs import TokenConfig, make_token_config, pack_results, resolve_backend, validate_token_config
 from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold
@@ -210,7 +211,7 @@ def validate_linear_inputs(hidden, weight, bias, labels, config: TokenConfig, ba
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=False,
                           temperature=1.0, logit_scale=1.0, softcap=None, extras=(),
                           backend="auto", impl="auto", chunk_tokens=None, vocab_parallel_group=None,
-                          vocab_start=None, reduce_grad_hidden=True):
+                          vocab_start=None, reduce_grad_hidden=True, cu_seqlens=None, position_ids=None):
     """Per-token log-probs of ``logits = hidden @ weight.T (+ bias)``, logits never materialized.
 
     Same results as ``token_logprobs(hidden @ weight.T + bias, labels, ...)``: the logit
@@ -236,11 +237,20 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             the process group (:func:`pyfused_po.distributed.vocab_parallel_linear_token_logprobs`).
         chunk_tokens: tokens per chunk for ``"chunked"`` (default: a ``[C, V]`` chunk of
             about 128M elements on CUDA, 4M on the CPU).
+        cu_seqlens, position_ids: a packed stream (``hidden`` ``[1, N, D]`` or ``[N, D]``), as in
+            :func:`pyfused_po.token_logprobs`: ``shift`` stays inside each sequence.
 
     Returns:
         float32 log-probs shaped like ``labels`` (float64 for float64 inputs on the torch
         backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
     """
+    if cu_seqlens is not None or position_ids is not None:
+        return run_packed(lambda y, s: linear_token_logprobs(
+            hidden, weight, y, bias=bias, ignore_index=ignore_index, shift=s, temperature=temperature,
+            logit_scale=logit_scale, softcap=softcap, extras=extras, backend=backend, impl=impl,
+            chunk_tokens=chunk_tokens, vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
+            reduce_grad_hidden=reduce_grad_hidden),
+            labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift, ignore_index=ignore_index)
     if vocab_parallel_group is not None or vocab_start is not None:
         vocab_parallel_linear_token_logprobs = _dispatch.entry("vocab_parallel_linear_token_logprobs")
         if impl == "fused":

@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from . import packed_columns
 from .objectives.checks import check_range
 from .objectives.transforms import f_divergence_scores
 from .preference_loss import (
@@ -218,7 +219,9 @@ class FusedPreferenceLoss(nn.Module):
     def forward(self, logits=None, labels=None, ref_chosen_logps=None, ref_rejected_logps=None,
                 ref_logits=None, *, hidden=None, weight=None, bias=None, ref_hidden=None,
                 ref_weight=None, ref_bias=None, ref_token_logps=None, token_weights=None,
-                nll_labels=None, weights=None, label_smoothing=None) -> PreferenceLossOutput:
+                nll_labels=None, weights=None, label_smoothing=None, cu_seqlens=None, position_ids=None,
+                pair_layout=None, chosen_index=None, rejected_index=None,
+                token_offset=None) -> PreferenceLossOutput:
         """``logits``: ``[2P, T, V]``, or ``hidden`` ``[2P, T, D]`` with the LM head ``weight``
         ``[V, D]`` (and ``bias`` ``[V]``); ``labels``: ``[2P, T]`` (``ignore_index`` marks prompt
         and padding).  Reference: ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]`` each,
@@ -232,13 +235,26 @@ class FusedPreferenceLoss(nn.Module):
         other tokens than ``labels`` (e.g. the prompt); default the chosen rows of ``labels``.
         ``weights``: ``[P]`` per-pair loss weights; ``label_smoothing``: overrides the module's
         (a number or a ``[P]`` tensor of soft labels).
+
+        Packed batches (:mod:`pyfused_po.packing`): ``cu_seqlens=`` or ``position_ids=`` with every
+        per-token input flattened to ``[1, N]``; ``pair_layout=`` (``"halves"``, ``"interleaved"``)
+        or ``chosen_index=`` / ``rejected_index=`` map sequences (or padded rows) to pairs;
+        ``token_offset=`` places a sequence-parallel rank's slice in the stream.
         """
         policy_source, ref_source = self._sources(logits, hidden, weight, bias, ref_logits, ref_hidden,
                                                   ref_weight, ref_bias)
-        self._check_forward_inputs(policy_source, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
-                                   ref_token_logps, token_weights, nll_labels, ref_source)
-        columns = self._sequence_columns(policy_source, ref_source, labels, ref_token_logps, token_weights,
-                                         nll_labels)
+        layout = dict(cu_seqlens=cu_seqlens, position_ids=position_ids, pair_layout=pair_layout,
+                      chosen_index=chosen_index, rejected_index=rejected_index, token_offset=token_offset)
+        if packed_columns.layout_requested(layout):
+            columns = packed_columns.preference_columns(
+                self, policy_source, ref_source, labels, ref_logits=ref_logits, ref_chosen_logps=ref_chosen_logps,
+                ref_rejected_logps=ref_rejected_logps, ref_token_logps=ref_token_logps,
+                token_weights=token_weights, nll_labels=nll_labels, **layout)
+        else:
+            self._check_forward_inputs(policy_source, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
+                                       ref_token_logps, token_weights, nll_labels, ref_source)
+            columns = self._sequence_columns(policy_source, ref_source, labels, ref_token_logps, token_weights,
+                                             nll_labels)
         # Under sequence parallelism the sums are partial: one all-reduce makes them whole.
         total = self.parallel.reduce_columns(columns)
         return self._objective(total, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing)

@@ -6,6 +6,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import _dispatch
+
 
 class SequenceSums(NamedTuple):
     """``logps``: Σ_t w_t · logp_t over labelled tokens; ``lengths``: their count (float32)."""
@@ -24,9 +26,16 @@ def label_mask(labels, *, ignore_index=-100, shift=False):
 
 
 def sequence_sums(token_values, labels, *, ignore_index=-100, shift=False,
-                  token_weights: Optional[torch.Tensor] = None):
+                  token_weights: Optional[torch.Tensor] = None, cu_seqlens=None, position_ids=None):
     """Sums ``token_values`` (0 where ignored, as the token stage returns them) over the
-    last dimension, optionally weighted per token, and counts the labelled tokens."""
+    last dimension, optionally weighted per token, and counts the labelled tokens.
+
+    With ``cu_seqlens`` / ``position_ids`` the inputs are a packed stream ``[1, N]`` / ``[N]``
+    and the sums are per packed sequence, ``[S]`` (:func:`pyfused_po.packing.packed_sequence_sums`)."""
+    if cu_seqlens is not None or position_ids is not None:
+        packed_sequence_sums = _dispatch.entry("packed_sequence_sums")  # pyfused_po.packing builds on this module
+        return packed_sequence_sums(token_values, labels, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                    ignore_index=ignore_index, shift=shift, token_weights=token_weights)
     mask = label_mask(labels, ignore_index=ignore_index, shift=shift)
     values = token_values if token_weights is None else token_values * token_weights
     values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))

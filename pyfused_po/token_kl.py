@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from .packed_layout import run_packed
 from .token_logprobs import TokenConfig, _rows_view, logits_view, validate_token_inputs
 from .validation import check_same_device, check_tensor
 
@@ -91,7 +92,7 @@ def _validate_ref(logits, ref_logits, backend):
 
 
 def token_kl(logits, ref_logits, labels, *, ignore_index=-100, shift=False, temperature=1.0,
-             logit_scale=1.0, softcap=None, backend="auto", with_logps=False):
+             logit_scale=1.0, softcap=None, backend="auto", with_logps=False, cu_seqlens=None, position_ids=None):
     """Per-token KL(π_ref ‖ π_θ) = Σ_v p_ref,v (log p_ref,v − log p_θ,v) over the full vocabulary.
 
     Both distributions are softmaxes of transformed logits
@@ -115,11 +116,17 @@ def token_kl(logits, ref_logits, labels, *, ignore_index=-100, shift=False, temp
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` as in ``token_logprobs``.
         with_logps: also return the policy's per-token log p(label) from the same pass
             (differentiable), as a :class:`TokenKL`.
+        cu_seqlens, position_ids: a packed stream, as in :func:`pyfused_po.token_logprobs`.
 
     Returns:
         float32 per-token KL shaped like ``labels`` (float64 for float64 logits on the
         torch backend), or a :class:`TokenKL` with ``with_logps=True``.
     """
+    if cu_seqlens is not None or position_ids is not None:
+        return run_packed(lambda y, s: token_kl(
+            logits, ref_logits, y, ignore_index=ignore_index, shift=s, temperature=temperature,
+            logit_scale=logit_scale, softcap=softcap, backend=backend, with_logps=with_logps),
+            labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift, ignore_index=ignore_index)
     config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
                          logit_scale=logit_scale, softcap=softcap)
     resolved = validate_token_inputs(logits, labels, config, backend)

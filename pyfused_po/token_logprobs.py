@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _backend, _dispatch
+from .packed_layout import run_packed
 from .validation import (
     check_finite_nonzero,
     check_label_range,
@@ -199,7 +200,8 @@ def validate_token_inputs(logits, labels, config: TokenConfig, backend: str):
 
 def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperature=1.0,
                    logit_scale=1.0, softcap=None, extras=(), inplace_backward=False,
-                   backend="auto", vocab_parallel_group=None, vocab_start=None):
+                   backend="auto", vocab_parallel_group=None, vocab_start=None, cu_seqlens=None,
+                   position_ids=None):
     """Per-token ``log softmax(z)[label]`` of logits ``[..., V]``, fused, without an fp32 copy.
 
     ``z = softcap(logits · logit_scale) / temperature`` with ``softcap(u) = c·tanh(u/c)``
@@ -223,11 +225,20 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
             ``[vocab_start, vocab_start + V_r)`` of a vocabulary sharded over the process
             group (labels are full-vocabulary ids): one all-gather per forward, none in the
             backward (:func:`pyfused_po.distributed.vocab_parallel_token_logprobs`).
+        cu_seqlens, position_ids: a packed stream (``logits`` ``[1, N, V]`` or ``[N, V]``) of
+            sequences delimited by ``cu_seqlens`` ``[S + 1]`` or by ``position_ids`` restarting
+            at 0; ``shift`` then stays inside each sequence (:mod:`pyfused_po.packed_layout`).
 
     Returns:
         float32 log-probs shaped like ``labels`` (float64 for float64 logits on the torch
         backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
     """
+    if cu_seqlens is not None or position_ids is not None:
+        return run_packed(lambda y, s: token_logprobs(
+            logits, y, ignore_index=ignore_index, shift=s, temperature=temperature, logit_scale=logit_scale,
+            softcap=softcap, extras=extras, inplace_backward=inplace_backward, backend=backend,
+            vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start),
+            labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift, ignore_index=ignore_index)
     if vocab_parallel_group is not None or vocab_start is not None:
         vocab_parallel_token_logprobs = _dispatch.entry("vocab_parallel_token_logprobs")  # pyfused_po.distributed
         return vocab_parallel_token_logprobs(

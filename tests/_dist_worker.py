@@ -401,8 +401,118 @@ def check_mesh_losses(rank, world, backend):
     close(w.grad, fw.grad[s0:s1], GRAD_TOL, "2-D simpo grad weight shard (summed over the sequence group)")
 
 
+# ----------------------------------------------------------------------------- packed streams
+
+def _packed_twin(seed, D=None):
+    """A padded [chosen; rejected] batch of random lengths and its packed stream."""
+    from _packed_data import Batch
+
+    b = Batch(S=4, V=37, D=D, seed=seed, dtype=torch.float64)
+    rows, cu = b.pack(torch.arange(b.S))
+    return b, rows, cu
+
+
+def _packed_grad(full_grad, rows):
+    return full_grad.reshape(-1, full_grad.shape[-1])[rows]
+
+
+def check_packed_vp(rank, world, backend):
+    """Vocabulary parallel on a packed stream: the same rows on every rank, this rank's
+    vocabulary slice (logits, or the head's rows)."""
+    from pyfused_po.module import FusedPreferenceLoss
+
+    b, rows, cu = _packed_twin(seed=7, D=6)
+    s0, s1 = my_range(b.V, world, rank)
+    labels = b.take(b.labels, rows)
+    cfg = dict(PAIRED_LOSSES["dpo"], shift=True)
+    refs = dict(ref_logits=b.take(b.ref_logits, rows)[..., s0:s1].float())
+    x = b.take(b.logits, rows)[..., s0:s1].float().requires_grad_()
+    out = FusedPreferenceLoss(**cfg, backend=backend, vocab_parallel_group=dist.group.WORLD, vocab_start=s0)(
+        x, labels, cu_seqlens=cu, pair_layout="halves", **refs)
+    expect_counts("packed dpo vocab-parallel forward", all_gather=2)  # policy and reference
+    out.loss.backward()
+    expect_counts("packed dpo vocab-parallel backward")
+    full = b.logits.clone().requires_grad_()
+    ref = FusedPreferenceLoss(**cfg, backend="torch")(full, b.labels, ref_logits=b.ref_logits)
+    ref.loss.backward()
+    _compare_outputs(out, ref, "packed vp dpo")
+    close(x.grad[0], _packed_grad(full.grad, rows)[:, s0:s1], GRAD_TOL, "packed vp dpo grad logits shard")
+
+    h = b.take(b.hidden, rows).float().requires_grad_()
+    w = b.weight[s0:s1].float().clone().requires_grad_()
+    cfg = dict(PAIRED_LOSSES["simpo"], shift=True)
+    out = FusedPreferenceLoss(**cfg, backend=backend, vocab_parallel_group=dist.group.WORLD, vocab_start=s0)(
+        labels=labels, hidden=h, weight=w, position_ids=_position_ids(cu))
+    expect_counts("packed simpo fused-linear vocab-parallel forward", all_gather=1)
+    out.loss.backward()
+    expect_counts("packed simpo fused-linear vocab-parallel backward", all_reduce=1)
+    fh, fw = b.hidden.clone().requires_grad_(), b.weight.clone().requires_grad_()
+    ref = FusedPreferenceLoss(**cfg, backend="torch")(labels=b.labels, hidden=fh, weight=fw)
+    ref.loss.backward()
+    _compare_outputs(out, ref, "packed vp simpo fused-linear")
+    close(h.grad[0], _packed_grad(fh.grad, rows), GRAD_TOL, "packed vp simpo grad hidden")
+    close(w.grad, fw.grad[s0:s1], GRAD_TOL, "packed vp simpo grad weight shard")
+
+
+def _position_ids(cu):
+    from pyfused_po.packed_layout import cu_seqlens_to_position_ids
+
+    return cu_seqlens_to_position_ids(cu, int(cu[-1]))
+
+
+def check_packed_sp(rank, world, backend):
+    """Sequence parallel on a packed stream: each rank holds a contiguous slice of the N
+    tokens (sequences cut anywhere), labels shifted per sequence before splitting; the
+    segment sums are all-reduced once."""
+    from pyfused_po.kto import FusedKTOLoss
+    from pyfused_po.module import FusedPreferenceLoss
+    from pyfused_po.packed_layout import packed_shift
+
+    b, rows, cu = _packed_twin(seed=8)
+    n = rows.numel()
+    n0, n1 = my_range(n, world, rank)
+    shifted = {"labels": packed_shift(b.take(b.labels, rows), cu, -100),
+               "token_weights": packed_shift(b.take(b.token_weights, rows), cu, 0.0),
+               "ref_token_logps": packed_shift(b.take(b.ref_token_logps, rows), cu, 0.0),
+               "nll_labels": packed_shift(b.take(b.nll_labels, rows), cu, -100)}
+    local = {k: (v.float() if v.is_floating_point() else v)[:, n0:n1] for k, v in shifted.items()}
+    ref_logits = b.take(b.ref_logits, rows).float()[:, n0:n1]
+    cases = [("dpo", dict(ref_token_logps=local["ref_token_logps"], token_weights=local["token_weights"]),
+              ("ref_token_logps", "token_weights")),
+             ("simpo", dict(nll_labels=local["nll_labels"]), ("nll_labels",)),
+             ("aot_unpaired", dict(ref_logits=ref_logits), ("ref_logits",))]
+    for name, inputs, padded_names in cases:
+        module = FusedPreferenceLoss(**PAIRED_LOSSES[name], backend=backend, sequence_parallel_group=dist.group.WORLD)
+        x = b.take(b.logits, rows).float()[:, n0:n1].requires_grad_()
+        out = module(x, local["labels"], cu_seqlens=cu, token_offset=n0, **inputs)
+        expect_counts(f"packed {name} sequence-parallel forward", all_reduce=1)
+        out.loss.backward()
+        expect_counts(f"packed {name} sequence-parallel backward")
+        full = b.logits.clone().requires_grad_()
+        ref = FusedPreferenceLoss(**PAIRED_LOSSES[name], shift=True, backend="torch")(
+            full, b.labels, **{k: getattr(b, k) for k in padded_names})
+        ref.loss.backward()
+        _compare_outputs(out, ref, f"packed sp {name}")
+        close(x.grad[0], _packed_grad(full.grad, rows)[n0:n1], GRAD_TOL, f"packed sp {name} grad logits slice")
+
+    desirable = torch.tensor([True, False, False, True])
+    x = b.take(b.logits, rows).float()[:, n0:n1].requires_grad_()
+    out = FusedKTOLoss(beta=0.2, backend=backend, sequence_parallel_group=dist.group.WORLD)(
+        x, local["labels"], desirable, ref_logits=ref_logits, cu_seqlens=cu, token_offset=n0)
+    expect_counts("packed kto sequence-parallel forward", all_reduce=1)
+    out.loss.backward()
+    full = b.logits.clone().requires_grad_()
+    ref = FusedKTOLoss(beta=0.2, shift=True, backend="torch")(full, b.labels, desirable, ref_logits=b.ref_logits)
+    ref.loss.backward()
+    _compare_outputs(out, ref, "packed sp kto")
+    close(x.grad[0], _packed_grad(full.grad, rows)[n0:n1], GRAD_TOL, "packed sp kto grad logits slice")
+
+
+PACKED_CHECKS = {"packed_vp": check_packed_vp, "packed_sp": check_packed_sp}
+
+
 VP_CHECKS = {"vp_token": check_vp_token, "vp_linear": check_vp_linear, "vp_losses": check_vp_losses}
-SP_CHECKS = {"sp_losses": check_sp_losses, "sp_sums": check_sp_sums}
+SP_CHECKS = {"sp_losses": check_sp_losses, "sp_sums": check_sp_sums, **PACKED_CHECKS}
 MESH_CHECKS = {"mesh_losses": check_mesh_losses}
 CHECK_NAMES = [f"{name}[{backend}]" for name in {**VP_CHECKS, **SP_CHECKS} for backend in BACKENDS]
 MESH_CHECK_NAMES = [f"{name}[{backend}]" for name in MESH_CHECKS for backend in BACKENDS]

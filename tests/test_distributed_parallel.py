@@ -6,7 +6,9 @@ DPO / SimPO / AOT-unpaired / KTO losses, each compared — loss, metrics and eve
 gradient — with the single-process float64 result, and with the collectives counted
 (one all-gather per vocabulary-parallel forward, one all-reduce per sequence-parallel
 forward, none in either backward).  With 3 ranks the 37-entry vocabulary splits
-13/12/12 and the 7-token sequences 3/2/2.  A world of 4 runs the 2 × 2 mesh (vocabulary ×
+13/12/12 and the 7-token sequences 3/2/2.  Packed streams (``cu_seqlens``) run under both options
+too: the same rows on every vocabulary rank; contiguous token slices (sequences cut anywhere) per
+sequence rank.  A world of 4 runs the 2 × 2 mesh (vocabulary ×
 sequence groups at once) alone.
 """
 import pytest

@@ -26,8 +26,11 @@ RANKS = {
     "pyfused_po.token_logprobs": 1,
     "pyfused_po.linear_token_logprobs": 1,
     "pyfused_po.token_kl": 1,
+    "pyfused_po.packed_layout": 1,
     "pyfused_po.sequence": 2,
     "pyfused_po.ops": 2,
+    "pyfused_po.packing": 2,
+    "pyfused_po.packed_columns": 3,
     "pyfused_po.distributed": 3,
     "pyfused_po.objectives": 3,
     "pyfused_po.preference_loss": 3,
@@ -35,6 +38,7 @@ RANKS = {
     "pyfused_po.expo": 5,
     "pyfused_po.kto": 5,
     "pyfused_po.integrations": 6,
+    "pyfused_po.testing": 7,
 }
 
 
@@ -141,3 +145,20 @@ def test_no_stage_imports_a_higher_one():
     upward = [(a, b) for a, edges in import_graph().items() for b in edges
               if _rank(a) is not None and _rank(b) is not None and _rank(b) > _rank(a)]
     assert upward == []
+
+
+def test_every_dispatched_entry_is_registered_by_the_package():
+    """The lower modules look these up by name (pyfused_po._dispatch); importing the package
+    (and its integrations) must register every one of them."""
+    import pyfused_po  # noqa: F401
+    import pyfused_po.integrations  # noqa: F401
+    from pyfused_po import _dispatch
+
+    names = set()
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "entry"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "_dispatch"):
+                names.add(node.args[0].value)
+    assert names >= {"vocab_parallel_token_logprobs", "compiled_token_logprobs", "packed_sequence_sums"}
+    assert names <= set(_dispatch._ENTRIES)

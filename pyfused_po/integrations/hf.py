@@ -22,6 +22,8 @@ import dataclasses
 
 import torch
 
+from .. import _dispatch
+
 __all__ = ["lm_head_transform", "backbone", "last_hidden_states", "gathered_lm_head", "with_lm_head",
            "model_preference_loss"]
 
@@ -170,7 +172,8 @@ def _full(t):
 
 
 def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None, *, ref_model=None,
-                          ref_chosen_logps=None, ref_rejected_logps=None, shift=True, **loss_kwargs):
+                          ref_chosen_logps=None, ref_rejected_logps=None, shift=True, position_ids=None,
+                          cu_seqlens=None, **loss_kwargs):
     """``loss_fn`` (a :class:`~pyfused_po.FusedPreferenceLoss`) on ``model``'s hidden states and head.
 
     Args:
@@ -186,6 +189,9 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
         ref_model: a frozen reference model, run forward-only through the same path; or
             ``ref_chosen_logps`` / ``ref_rejected_logps`` precomputed.  Reference-free losses
             need neither.
+        position_ids, cu_seqlens: a packed batch, ``input_ids`` / ``labels`` ``[1, N]`` and no
+            ``attention_mask`` (:mod:`pyfused_po.integrations.hf_packed`); pair layouts go in
+            ``loss_kwargs`` (``pair_layout=``, ``chosen_index=`` / ``rejected_index=``).
         **loss_kwargs: passed to ``loss_fn`` (``weights``, ``token_weights``, …).
 
     Returns:
@@ -198,6 +204,12 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
                          "build it with FusedPreferenceLoss(..., **lm_head_transform(model))")
     if loss_fn.token_kwargs["shift"]:
         raise ValueError("model_preference_loss shifts labels itself; build loss_fn with shift=False")
+    if position_ids is not None or cu_seqlens is not None:
+        packed_model_preference_loss = _dispatch.entry("packed_model_preference_loss")  # .hf_packed builds on hf
+        return packed_model_preference_loss(
+            model, loss_fn, input_ids, labels, attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+            ref_model=ref_model, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+            shift=shift, loss_kwargs=loss_kwargs)
     if shift:
         # Hidden state t predicts token t + 1: move the labels (and any per-token argument)
         # one place left instead of slicing the hidden states, which would copy them.
