@@ -54,7 +54,15 @@ CHECKS = {
     "Use it with a Hugging Face model": lambda i, out: _check_hf(out),
     "Use it": _check_use_it,
 }
+# Sections whose block a dedicated test runs (and checks): not run twice.
+RUN_ELSEWHERE = {"Packed sequences": "test_packed_docs.py"}
 NEEDS = {"Use it with TRL": ("trl", "datasets"), "Use it with a Hugging Face model": ("transformers",)}
+
+
+def test_blocks_run_elsewhere_are_run_there():
+    for title, test_file in RUN_ELSEWHERE.items():
+        path = Path(__file__).with_name(test_file)
+        assert path.is_file() and f"## {title}" in path.read_text(), (title, test_file)
 
 
 def test_readme_has_the_core_examples():
@@ -63,7 +71,10 @@ def test_readme_has_the_core_examples():
     assert "Use it with TRL" in titles and "Use it with a Hugging Face model" in titles
 
 
-@pytest.mark.parametrize("title, index, code", BLOCKS, ids=[f"{t}[{i}]" for t, i, _ in BLOCKS])
+RUN_HERE = [b for b in BLOCKS if b[0] not in RUN_ELSEWHERE]
+
+
+@pytest.mark.parametrize("title, index, code", RUN_HERE, ids=[f"{t}[{i}]" for t, i, _ in RUN_HERE])
 def test_readme_block_runs(title, index, code, capsys, tmp_path, monkeypatch):
     for module in NEEDS.get(title, ()):
         pytest.importorskip(module)
