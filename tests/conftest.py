@@ -14,7 +14,25 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+# Test files marked `slow` as a whole (`pytest -m "not slow"` is the quick subset; CI runs
+# everything).  Each takes seconds per test on 2 CPU cores: it loads the real model, builds
+# TRL trainers, spawns gloo process groups or runs torch.compile.  Single slow tests
+# elsewhere carry @pytest.mark.slow themselves.
+SLOW_FILES = {
+    "test_real_model.py",
+    "test_integration_trl.py",
+    "test_integration_deepspeed.py",
+    "test_distributed_parallel.py",
+    "test_compile_loss.py",
+    "test_compile_sm90.py",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(slow)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -71,10 +71,11 @@ def test_readme_has_the_core_examples():
     assert "Use it with TRL" in titles and "Use it with a Hugging Face model" in titles
 
 
-RUN_HERE = [b for b in BLOCKS if b[0] not in RUN_ELSEWHERE]
+RUN_HERE = [pytest.param(*b, marks=[pytest.mark.slow] if b[0] == "Use it with TRL" else [])  # trains two trainers
+            for b in BLOCKS if b[0] not in RUN_ELSEWHERE]
 
 
-@pytest.mark.parametrize("title, index, code", RUN_HERE, ids=[f"{t}[{i}]" for t, i, _ in RUN_HERE])
+@pytest.mark.parametrize("title, index, code", RUN_HERE, ids=[f"{p.values[0]}[{p.values[1]}]" for p in RUN_HERE])
 def test_readme_block_runs(title, index, code, capsys, tmp_path, monkeypatch):
     for module in NEEDS.get(title, ()):
         pytest.importorskip(module)
