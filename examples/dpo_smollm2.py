@@ -15,7 +15,7 @@ the process high-water mark) belongs to that run alone.  The script prints the p
 metrics side by side, the wall time of ``trainer.train()`` and the peak memory, writes them
 as JSON and saves a plot (loss and margin curves, memory bars) under ``--out``.
 
-    python examples/dpo_smollm2.py                 # 4 steps, about 2-3 minutes on 2 CPU cores
+    python examples/dpo_smollm2.py                 # 3 steps of 4 pairs per run, three runs
     python examples/dpo_smollm2.py --steps 10 --out /tmp/dpo
 """
 import argparse
@@ -122,6 +122,11 @@ def print_table(results):
             cells = "".join(f"{r['steps'][i].get(metric, float('nan')):>16.6f}" if i < len(r["steps"]) else " " * 16
                             for r in results)
             print(f"{i + 1:>4}  {cells}")
+    by_mode = {r["mode"]: r["steps"] for r in results}
+    if "trl" in by_mode and "trl+pyfused_po" in by_mode:
+        for metric in ("loss", "rewards/margins"):
+            diff = max(abs(a[metric] - b[metric]) for a, b in zip(by_mode["trl"], by_mode["trl+pyfused_po"]))
+            print(f"max |{metric}(trl+pyfused_po) - {metric}(trl)| over the steps: {diff:.2e}")
     print()
     print(f"{'run':<16}{'train wall s':>14}{'RSS before train MB':>22}{'peak RSS MB':>14}")
     for r in results:
@@ -162,8 +167,8 @@ def plot(results, path, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (default 4)")
-    parser.add_argument("--batch-size", type=int, default=2, help="preference pairs per step (default 2)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3)")
+    parser.add_argument("--batch-size", type=int, default=4, help="preference pairs per step (default 4)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--out", default=str(Path(__file__).with_name("output")),
@@ -178,15 +183,15 @@ def main(argv=None):
         Path(args.result).write_text(json.dumps(train_one(args.worker, args)))
         return
 
+    modes = [m.strip() for m in args.runs.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(RUNS))
+    if unknown or not modes:
+        parser.error(f"--runs: unknown {unknown or modes}; choose from {list(RUNS)}")
     from pyfused_po.testing import smollm2
 
     reason = smollm2.unavailable_reason()
     if reason is not None:
         sys.exit(f"error: {reason}")
-    modes = [m.strip() for m in args.runs.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(RUNS))
-    if unknown:
-        parser.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
     results = []
     for mode in modes:
         print(f"[{mode}] {RUNS[mode]} ...", flush=True)
