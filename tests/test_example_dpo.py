@@ -20,7 +20,7 @@ def _results(example):
     def steps(offset):
         return [{"step": i + 1, "loss": 0.69 - 0.01 * i + offset, "rewards/margins": 0.02 * i,
                  "rewards/accuracies": 0.5} for i in range(3)]
-    return [dict(mode=m, label=example.RUNS[m], steps=steps(off), train_s=10.0, rss_before_train_mb=1600.0,
+    return [dict(mode=m, label=example.RUNS[m], steps=steps(off), train_s=10.0, train_cpu_s=19.0, rss_before_train_mb=1600.0,
                  peak_rss_mb=peak, threads=2)
             for m, off, peak in (("trl", 0.0, 3300.0), ("trl+pyfused_po", 3e-6, 3100.0), ("hdpo", -0.01, 3100.0))]
 
