@@ -11,13 +11,20 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PATHS = ("logits", "linear")
-KINDS = ("random", "realistic")
+SYNTHETIC_KINDS = ("random", "realistic")
+KINDS = SYNTHETIC_KINDS + ("smollm2",)  # smollm2: the real model's hidden states, head and text
 
 HEADLINE_VOCAB = 128_256  # Llama-3 vocabulary
 HEADLINE_HIDDEN = 4096
 HEADLINE_PAIRS, HEADLINE_SEQ = 8, 1024  # 16,384 token rows
 SWEEP_VOCABS = (32_000, 128_256, 256_000)
 SWEEP_TOKENS_PER_PAIR = tuple(1024 << i for i in range(8))  # 1k … 128k
+
+# The CPU form runs at the shapes of the real model the project ships (SmolLM2-135M):
+# V = 49,152, D = 576.  4 pairs × 32 tokens per sequence = 256 token rows keeps the three
+# 256 × 576 × 49,152 GEMMs of a linear-path step near a second on two cores.
+SMOLLM2_VOCAB, SMOLLM2_HIDDEN = 49_152, 576
+CPU_PAIRS, CPU_SEQ = 4, 32
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ def headline_cases():
     paths, on random (flat softmax) and realistic (peaked, few-nat entropy) inputs."""
     base = dict(pairs=HEADLINE_PAIRS, seq_len=HEADLINE_SEQ, vocab=HEADLINE_VOCAB, dtype="bf16")
     return [Case(path=p, hidden=HEADLINE_HIDDEN if p == "linear" else 0, kind=k, **base)
-            for p in PATHS for k in KINDS]
+            for p in PATHS for k in SYNTHETIC_KINDS]
 
 
 def _sweep(tokens_per_pair, vocabs, dtypes):
@@ -107,13 +114,20 @@ def quick_cases():
     return headline_cases() + _sweep((1024, 4096, 16384, 65536), (HEADLINE_VOCAB,), ("bf16",))
 
 
-def cpu_cases():
-    """Tiny shapes for the CPU form (torch backend vs eager PyTorch); fp32 only."""
-    cases = []
-    for tpp in (64, 128, 256):
-        cases.append(Case(path="logits", pairs=2, seq_len=tpp // 2, vocab=2003, dtype="fp32"))
-        cases.append(Case(path="linear", pairs=2, seq_len=tpp // 2, vocab=2003, dtype="fp32", hidden=64))
-    return cases
+def cpu_cases(kind="smollm2", pairs=CPU_PAIRS, seq_len=CPU_SEQ):
+    """The CPU form: SmolLM2-135M's head shapes (V = 49,152, D = 576), fp32, both paths.
+
+    ``kind="smollm2"`` asks for the real model's activations (``bench/real_inputs.py``);
+    the runner falls back to ``"random"`` at the same shapes when the model is missing.
+    """
+    base = dict(pairs=pairs, seq_len=seq_len, vocab=SMOLLM2_VOCAB, dtype="fp32", kind=kind)
+    return [Case(path="logits", **base), Case(path="linear", hidden=SMOLLM2_HIDDEN, **base)]
+
+
+def toy_cpu_cases():
+    """Tiny random shapes (V = 2,003, D = 64) for the runner's own tests (``--toy``)."""
+    base = dict(pairs=2, seq_len=16, vocab=2003, dtype="fp32")
+    return [Case(path="logits", **base), Case(path="linear", hidden=64, **base)]
 
 
 def select(cases, *, paths=None, vocabs=None, dtypes=None, kinds=None, max_tokens_per_pair=None):

@@ -1,6 +1,7 @@
 """The stamp written into every result file: device, driver, library versions, date, command."""
 import datetime
 import importlib.metadata
+import os
 import platform
 import re
 import shlex
@@ -54,6 +55,10 @@ def environment(device, argv=None) -> dict:
         "libraries": {name: _version(name) for name in LIBRARIES},
         "git_commit": _run(["git", "rev-parse", "HEAD"]),
     }
+    if device.type != "cuda":
+        info["cpu_threads"] = torch.get_num_threads()
+        if hasattr(os, "getloadavg"):
+            info["load_average"] = list(os.getloadavg())  # CPU times move with other processes' load
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(

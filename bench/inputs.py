@@ -28,7 +28,10 @@ class _GradSink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, holder):
         ctx.holder = holder
-        return x.view_as(x)
+        # A tensor on x's memory that autograd does not see as a view of the leaf (as an LM
+        # head's output is not): the in-place backward refuses views of leaves requiring grad.
+        return torch.empty(0, dtype=x.dtype, device=x.device).set_(x.untyped_storage(), x.storage_offset(),
+                                                                    x.shape, x.stride())
 
     @staticmethod
     def backward(ctx, grad):
@@ -97,20 +100,55 @@ def _linear(case, labels, generator, device):
     return hidden, weight
 
 
-def make_inputs(case, device, *, seed=0, copies=1):
-    """``copies`` clones of one draw (same values, different memory), leaves requiring grad."""
+def _check_tensors(case, tensors):
+    """Prepared tensors (real activations) must have the case's shapes and dtype."""
+    names = ("labels", "logits") if case.path == "logits" else ("labels", "hidden", "weight")
+    rows, cols = 2 * case.pairs, case.seq_len
+    want = {"labels": (rows, cols), "logits": (rows, cols, case.vocab),
+            "hidden": (rows, cols, case.hidden), "weight": (case.vocab, case.hidden)}
+    if set(tensors) != set(names):
+        raise ValueError(f"tensors for a {case.path}-path case need keys {names}, got {sorted(tensors)}")
+    for name in names:
+        t = tensors[name]
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"tensors[{name!r}] must have shape {want[name]} for {case.key}, got {tuple(t.shape)}")
+        dtype = torch.int64 if name == "labels" else case.torch_dtype
+        if t.dtype != dtype:
+            raise ValueError(f"tensors[{name!r}] must be {dtype}, got {t.dtype}")
+
+
+def base_tensors(case, device, *, seed=0):
+    """One draw of a synthetic case's tensors: ``labels`` and ``logits`` or ``hidden``, ``weight``."""
+    if case.kind not in ("random", "realistic"):
+        raise ValueError(f"kind {case.kind!r} has no generator here: pass its tensors (bench/real_inputs.py)")
     generator = torch.Generator(device=device).manual_seed(seed)
     labels = torch.randint(0, case.vocab, (2 * case.pairs, case.seq_len), generator=generator,
                            device=device)
     if case.path == "logits":
-        base = dict(logits=_logits(case, labels, generator, device))
+        return dict(labels=labels, logits=_logits(case, labels, generator, device))
+    hidden, weight = _linear(case, labels, generator, device)
+    return dict(labels=labels, hidden=hidden, weight=weight)
+
+
+def make_inputs(case, device, *, seed=0, copies=1, tensors=None, copy_tensors=True):
+    """``copies`` clones of one draw (same values, different memory), leaves requiring grad.
+
+    ``tensors``: prepared base tensors (e.g. the real model's activations) instead of a draw;
+    they are copied (an in-place backward must not clobber the caller's) unless
+    ``copy_tensors=False`` hands them over (the memory probe: no transient second copy).
+    """
+    if tensors is None:
+        base = base_tensors(case, device, seed=seed)
     else:
-        hidden, weight = _linear(case, labels, generator, device)
-        base = dict(hidden=hidden, weight=weight)
+        _check_tensors(case, tensors)
+        base = {k: v.detach().to(device) for k, v in tensors.items()}
+        if copy_tensors:
+            base = {k: v.clone() for k, v in base.items()}
+    labels = base.pop("labels")
     out = []
     for i in range(copies):
-        tensors = {k: (v if i == 0 else v.clone()).requires_grad_(True) for k, v in base.items()}
-        out.append(Inputs(labels=labels if i == 0 else labels.clone(), **tensors))
+        leaves = {k: (v if i == 0 else v.clone()).requires_grad_(True) for k, v in base.items()}
+        out.append(Inputs(labels=labels if i == 0 else labels.clone(), **leaves))
     return out
 
 

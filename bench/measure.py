@@ -18,8 +18,9 @@ def base_record(method, case, status, note=""):
     return {"method": method.name, "label": method.label, "case": case.key,
             **dataclasses.asdict(case), "tokens": case.tokens, "tokens_per_pair": case.tokens_per_pair,
             "headline": case.is_headline(), "input_bytes": case.input_bytes(),
-            "status": status, "note": note or method.note, "time_s": None, "times_s": [],
-            "peak_extra_bytes": None, "loss": None, "loss_error": None, "agrees": None,
+            "status": status, "note": note or method.note, "reference_free": method.reference_free,
+            "time_s": None, "times_s": [],
+            "peak_extra_bytes": None, "loss": None, "reference_loss": None, "loss_error": None, "agrees": None,
             "score_pct": None}
 
 
@@ -36,6 +37,7 @@ def measure_method(method, case, inputs_list, device, expected, tol, roof, *, wa
         loss = run_step(loss_fn, inputs_list[0]).item()  # before any in-place backward clobbers
         rec["loss"] = loss
         if method.compares_loss:
+            rec["reference_loss"] = expected
             rec["loss_error"] = abs(loss - expected)
             rec["agrees"] = bool(rec["loss_error"] <= tol)
         times = time_steps(loss_fn, inputs_list, device, warmup=warmup, reps=reps)
@@ -53,8 +55,11 @@ def measure_method(method, case, inputs_list, device, expected, tol, roof, *, wa
     return rec
 
 
-def measure_case(case, methods, device, roof, *, warmup, reps, seed=0):
-    """Records for every method on ``case`` (unavailable ones reported, never dropped)."""
+def measure_case(case, methods, device, roof, *, warmup, reps, seed=0, tensors=None):
+    """Records for every method on ``case`` (unavailable ones reported, never dropped).
+
+    ``tensors``: prepared base tensors (the real model's activations) instead of a draw.
+    """
     records, runnable = [], []
     for m in methods:
         reason = m.unavailable(device)
@@ -65,7 +70,8 @@ def measure_case(case, methods, device, roof, *, warmup, reps, seed=0):
     if not runnable:
         return records
     try:
-        inputs_list = make_inputs(case, device, seed=seed, copies=rotation_copies(case, device))
+        inputs_list = make_inputs(case, device, seed=seed, copies=rotation_copies(case, device),
+                                  tensors=tensors)
         sums = reference_pair_sums(case, inputs_list[0])
         expected, scale = attach_reference(inputs_list, sums)
         expected_free = expected_reference_free(sums)

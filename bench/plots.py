@@ -64,3 +64,51 @@ def write_plots(records, out_dir, *, title_prefix=""):
         plt.close(fig)
         paths.append(name)
     return paths
+
+
+def write_cpu_plots(records, out_dir):
+    """CPU runs (one shape per path): per case, median time with min–max whiskers and peak
+    extra memory as bars, one bar per measured method.  Returns the PNG paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plots skipped (pip install matplotlib)")
+        return []
+    out, paths = Path(out_dir), []
+    out.mkdir(parents=True, exist_ok=True)
+    for key in dict.fromkeys(r["case"] for r in records):
+        rows = [r for r in records if r["case"] == key and r["status"] == "ok"]
+        if not rows:
+            continue
+        labels = [r["label"] for r in rows]
+        y = list(range(len(rows)))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(rows) + 1.8))
+        med = [r["time_s"] * 1e3 for r in rows]
+        lo = [m - min(r["times_s"]) * 1e3 for m, r in zip(med, rows)]
+        hi = [max(r["times_s"]) * 1e3 - m for m, r in zip(med, rows)]
+        axes[0].barh(y, med, xerr=[lo, hi], capsize=3, color="tab:blue")
+        axes[0].set_xlabel("forward + backward on the CPU (ms): median, min – max")
+        mem = [(r["peak_extra_bytes"] or 0) / 1e6 for r in rows]
+        axes[1].barh(y, mem, color="tab:orange")
+        for yi, r, m in zip(y, rows, mem):
+            if r["peak_extra_bytes"] is None:
+                axes[1].text(0, yi, " not measured", va="center", fontsize=8)
+            else:
+                axes[1].text(m, yi, f" {m:,.0f}", va="center", fontsize=8)
+        axes[1].set_xlabel("peak extra memory (MB): RSS high-water − baseline")
+        axes[1].set_xlim(0, 1.18 * max(mem + [1e-3]))
+        for ax in axes:
+            ax.set_yticks(y)
+            ax.set_yticklabels(labels if ax is axes[0] else [])
+            ax.invert_yaxis()
+            ax.grid(True, axis="x", alpha=0.3)
+        fig.suptitle(f"CPU, {key} (CPU times say nothing about GPU speed)", fontsize=10)
+        fig.tight_layout()
+        name = out / f"cpu-{key}.png"
+        fig.savefig(name, dpi=110)
+        plt.close(fig)
+        paths.append(name)
+    return paths

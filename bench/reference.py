@@ -1,4 +1,7 @@
-"""Independent reference for the value check: per-sequence summed log-probs in fp32/fp64.
+"""Independent reference for the value check: per-sequence summed log-probs.
+
+On a GPU the per-token pass runs in fp32 (fp64 is slow there) and sums in fp64; on the CPU
+everything is fp64, so the CPU table's agreement is with a float64 reference.
 
 Computed chunk by chunk without autograd (bounded memory), straight from the formula
 ``log p(y) = z_y − logsumexp(z)``; none of the benchmarked methods is called.  The
@@ -16,26 +19,27 @@ CHUNK_ELEMENTS = 1 << 26
 
 
 def _token_logps(z, labels):
-    z = z.float()
     return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
 @torch.no_grad()
 def reference_pair_sums(case, inputs):
-    """``(chosen_sums, rejected_sums)``, float64 ``[P]`` each, for one ``Inputs``."""
+    """``(chosen_sums, rejected_sums)``, float64 ``[P]`` each, for one ``Inputs``
+    (per-token pass in fp32 on CUDA, fp64 elsewhere)."""
     labels = inputs.labels.reshape(-1)
     n = labels.numel()
-    out = torch.empty(n, dtype=torch.float32, device=labels.device)
+    work = torch.float32 if labels.device.type == "cuda" else torch.float64
+    out = torch.empty(n, dtype=work, device=labels.device)
     step = max(1, CHUNK_ELEMENTS // case.vocab)
     if case.path == "logits":
         flat = inputs.logits.detach().reshape(n, case.vocab)
         for i in range(0, n, step):
-            out[i:i + step] = _token_logps(flat[i:i + step], labels[i:i + step])
+            out[i:i + step] = _token_logps(flat[i:i + step].to(work), labels[i:i + step])
     else:
-        w = inputs.weight.detach().float()
+        w = inputs.weight.detach().to(work)
         flat = inputs.hidden.detach().reshape(n, case.hidden)
         for i in range(0, n, step):
-            out[i:i + step] = _token_logps(flat[i:i + step].float() @ w.t(), labels[i:i + step])
+            out[i:i + step] = _token_logps(flat[i:i + step].to(work) @ w.t(), labels[i:i + step])
         del w
     sums = out.view(2 * case.pairs, case.seq_len).double().sum(-1)
     return sums[:case.pairs], sums[case.pairs:]

@@ -3,10 +3,13 @@
 On a CUDA machine it measures every method (peers included; missing ones are reported
 as "not installed") and writes JSON, Markdown and PNG plots to
 ``bench/results/<gpu-name>/``, merged with what is already there.  Without CUDA it runs the
-CPU form: pyfused_po's torch backend against eager PyTorch at toy sizes, prints the table
-and points to the committed GPU results.
+CPU form (``cpu_run``) at the real model's head shapes (SmolLM2-135M, V = 49,152, D = 576)
+on its activations: pyfused_po's torch backend, eager PyTorch, TRL's CPU path and Liger,
+timed (median, min–max) and with peak memory from each method's own process
+(``bench/cpu_memory.py``), written to ``bench/results/cpu/``.
 """
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -21,16 +24,20 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench import cases as cases_mod  # noqa: E402
-from bench import max_context, roofline  # noqa: E402
+from bench import max_context, real_inputs, roofline, work_counters  # noqa: E402
+from bench.cpu_memory import measure_memory  # noqa: E402
 from bench.env_info import environment, slug  # noqa: E402
 from bench.measure import measure_case  # noqa: E402
 from bench.methods import methods_for  # noqa: E402
-from bench.plots import write_plots  # noqa: E402
+from bench.plots import write_cpu_plots, write_plots  # noqa: E402
 from bench.progress import progress  # noqa: E402
 from bench.report_json import load_summary, merge_records, write_json  # noqa: E402
+from bench.inputs import base_tensors  # noqa: E402
+from bench.report_cpu import render_cpu  # noqa: E402
 from bench.report_md import render  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+CPU_RESULTS = RESULTS / "cpu"
 
 
 def _csv(kind):
@@ -57,6 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results folder (default on GPU: bench/results/<gpu>)")
     p.add_argument("--fresh", action="store_true", help="replace, not merge with, existing results")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--toy", action="store_true",
+                   help="CPU only: tiny random shapes instead of the real model's (the runner's tests)")
+    p.add_argument("--no-memory", action="store_true", help="CPU only: skip the per-process peak-memory probe")
+    p.add_argument("--cpu-pairs", type=int, default=cases_mod.CPU_PAIRS,
+                   help="CPU only: pairs per batch (real inputs: at most the shipped pairs)")
+    p.add_argument("--cpu-seq-len", type=int, default=cases_mod.CPU_SEQ, help="CPU only: tokens per sequence")
     return p.parse_args(argv)
 
 
@@ -64,7 +77,8 @@ def pick_cases(args, device):
     if args.only_max_context:
         return []
     if device.type != "cuda":
-        sweep = cases_mod.cpu_cases()
+        sweep = (cases_mod.toy_cpu_cases() if args.toy
+                 else cases_mod.cpu_cases(pairs=args.cpu_pairs, seq_len=args.cpu_seq_len))
     elif args.headline_only:
         sweep = cases_mod.headline_cases()
     else:
@@ -73,15 +87,17 @@ def pick_cases(args, device):
                             kinds=args.kinds, max_tokens_per_pair=args.max_tokens_per_pair)
 
 
-def sweep(cases, args, device, roof):
+def sweep(cases, args, device, roof, tensors=None):
+    """Records of every method on every case; ``tensors``: prepared inputs by case key."""
     names = args.methods
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
-    reps = args.reps if args.reps is not None else ((5 if args.quick else 10) if device.type == "cuda" else 7)
+    reps = args.reps if args.reps is not None else (5 if args.quick else 10)
     records = []
     bar = progress(len(cases), "bench", enabled=not args.no_progress)
     for case in cases:
         bar.set_postfix_str(case.key)
-        records += measure_case(case, methods_for(case.path, names), device, roof, warmup=warmup, reps=reps)
+        records += measure_case(case, methods_for(case.path, names), device, roof, warmup=warmup, reps=reps,
+                                tensors=(tensors or {}).get(case.key))
         bar.update()
     bar.close()
     return records
@@ -100,6 +116,14 @@ def run_max_context(args, device):
     return out
 
 
+def _is_cuda(summary):
+    return summary["environment"].get("device_type") == "cuda"
+
+
+def render_any(summary):
+    return render(summary) if _is_cuda(summary) else render_cpu(summary)
+
+
 def save(out_dir, summary, fresh):
     old = None if fresh else load_summary(out_dir)
     if old is not None:
@@ -112,9 +136,56 @@ def save(out_dir, summary, fresh):
         summary["environment"] = {**summary["environment"], "merged_runs": len(summary["runs"])}
     paths = write_json(out_dir, summary)
     md = Path(out_dir) / "README.md"
-    md.write_text(render(summary))
-    pngs = write_plots(summary["records"], Path(out_dir) / "plots")
+    md.write_text(render_any(summary))
+    plot = write_plots if _is_cuda(summary) else write_cpu_plots
+    pngs = plot(summary["records"], Path(out_dir) / "plots")
     return paths + [md] + pngs
+
+
+def cpu_inputs(cases):
+    """Step 1 of the CPU form: each case's base tensors, from the real model when it is
+    installed, else a random draw at the same shapes (``kind`` says which) and a note."""
+    notes, tensors, out = [], {}, []
+    reason = real_inputs.unavailable_reason() if any(c.kind == "smollm2" for c in cases) else None
+    if reason is not None:
+        notes.append(f"real model unavailable ({reason}): random inputs at its shapes instead")
+        print("note: " + notes[-1])
+    for case in cases:
+        if case.kind == "smollm2" and reason is not None:
+            case = dataclasses.replace(case, kind="random")
+        tensors[case.key] = (real_inputs.case_tensors(case) if case.kind == "smollm2"
+                             else base_tensors(case, torch.device("cpu")))
+        out.append(case)
+    return out, tensors, notes
+
+
+def cpu_run(args, env, cases):
+    """The CPU form as a sequence of steps; each adds to ``summary``."""
+    cpu = torch.device("cpu")
+    summary = {"environment": env, "roofline": {}, "records": [], "max_context": [], "runs": [env]}
+    # 1. inputs: the real model's activations at its head shapes (or random, noted)
+    cases, tensors, summary["notes"] = cpu_inputs(cases)
+    # 2. value check against a float64 reference, then timings (median, min–max of the reps)
+    summary["records"] = sweep(cases, args, cpu, {}, tensors)
+    # 3. peak memory: each method's own fresh process, above a baseline process
+    if not args.no_memory:
+        print("memory: one fresh process per method and a baseline per case ...", flush=True)
+        measure_memory([(c, [r for r in summary["records"] if r["case"] == c.key], tensors[c.key]) for c in cases])
+    # 4. work by construction: GEMMs, peak live bytes, accumulator traffic vs TRL 1.16 / Liger (one DPO step)
+    if args.quick:
+        work_counters.main(["--no-save"] + (["--seq", "64", "--vocab", "2048"] if args.toy else []))
+    return summary
+
+
+def _pointers(out_dir):
+    """Where to read further: result folders that exist (never a placeholder path)."""
+    gpu = sorted(p.parent for p in RESULTS.glob("*/README.md") if p.parent.name != "cpu")
+    lines = [f"CPU results: {Path(out_dir) / 'README.md'}"] if out_dir is not None else []
+    if gpu:
+        lines.append("GPU results: " + ", ".join(str(p / "README.md") for p in gpu))
+    else:
+        lines.append(f"GPU results: none committed yet ({RESULTS / 'README.md'})")
+    return lines
 
 
 def main(argv=None):
@@ -123,23 +194,23 @@ def main(argv=None):
     if device.type == "cuda":
         os.environ.pop("TRITON_INTERPRET", None)
     env = environment(device, ["python", "bench/run.py"] + list(argv if argv is not None else sys.argv[1:]))
-    roof = roofline.measure(device)
     cases = pick_cases(args, device)
-    summary = {"environment": env, "roofline": roof, "records": sweep(cases, args, device, roof),
-               "max_context": [], "runs": [env]}
-    want_mc = args.only_max_context or (args.max_context if args.max_context is not None
-                                        else not (args.quick or args.headline_only))
-    if device.type == "cuda" and want_mc:
-        summary["max_context"] = run_max_context(args, device)
-    print(render(summary))
-    out_dir = args.out or (RESULTS / slug(env["device"]) if device.type == "cuda" else None)
-    if out_dir is not None:
-        for p in save(out_dir, summary, args.fresh):
-            print(f"wrote {p}")
     if device.type != "cuda":
-        print(f"CPU run: toy sizes, torch backend vs eager PyTorch; nothing saved"
-              f"{'' if out_dir is None else ' besides ' + str(out_dir)}.\n"
-              f"GPU results (every peer, real sizes): {RESULTS}/<gpu-name>/README.md")
+        summary = cpu_run(args, env, cases)
+    else:
+        roof = roofline.measure(device)
+        summary = {"environment": env, "roofline": roof, "records": sweep(cases, args, device, roof),
+                   "max_context": [], "runs": [env]}
+        want_mc = args.only_max_context or (args.max_context if args.max_context is not None
+                                            else not (args.quick or args.headline_only))
+        if want_mc:
+            summary["max_context"] = run_max_context(args, device)
+    print(render_any(summary))
+    out_dir = args.out or (RESULTS / slug(env["device"]) if device.type == "cuda" else CPU_RESULTS)
+    for p in save(out_dir, summary, args.fresh):
+        print(f"wrote {p}")
+    if device.type != "cuda":
+        print("\n".join(_pointers(out_dir)))
     return summary
 
 

@@ -155,3 +155,13 @@ def test_real_trl_adapters_cpu(name, monkeypatch):
     grads = [inp.logits_grad] if case.path == "logits" else [inp.hidden.grad, inp.weight.grad]
     for got, ref in zip(grads, leaves):
         assert torch.allclose(got.double(), ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_trl_chunked_on_cpu_needs_the_torch_fold(fake_peers, monkeypatch):
+    """TRL 1.16 folds its tiles in torch off CUDA (``_use_triton``); a release without it
+    would run the Triton interpreter on the CPU, so the CPU run marks it GPU only."""
+    method = next(m for m in all_methods() if m.name == "trl_chunked")
+    assert method.unavailable(CPU) == "GPU only"
+    monkeypatch.setattr(sys.modules["trl.kernels.chunked_logprob"], "_use_triton", lambda device: False,
+                        raising=False)
+    assert method.unavailable(CPU) is None

@@ -2,8 +2,10 @@
 installed, a wrong loss caught), result writers, plots, progress fallback, and the
 ``--quick`` CPU run end to end at toy sizes."""
 import json
+import re
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,20 +132,33 @@ def test_progress_falls_back_without_tqdm(monkeypatch, capsys):
     assert "[1/2] demo: first" in err and "1/2 done" in err
 
 
-def test_quick_cpu_run_writes_results(tmp_path):
+def test_quick_cpu_run_writes_results(tmp_path, capsys):
+    """The CPU form end to end at toy shapes (``--toy``): timings with their spread, memory
+    from the per-process probe (one subprocess: a few seconds), all files, honest pointers."""
     from bench.run import main
 
-    summary = main(["--quick", "--device", "cpu", "--no-progress", "--out", str(tmp_path),
-                    "--max-tokens-per-pair", "64", "--warmup", "0", "--reps", "1"])
+    summary = main(["--quick", "--device", "cpu", "--toy", "--no-progress", "--out", str(tmp_path),
+                    "--methods", "pyfused,torch_eager,torch_compile,torch_eager_linear", "--warmup", "0",
+                    "--reps", "5"])
     ok = [r for r in summary["records"] if r["status"] == "ok"]
-    assert {r["method"] for r in ok} >= {"pyfused", "torch_eager", "torch_eager_linear"}
-    assert all(r["agrees"] for r in ok if r["agrees"] is not None)
+    assert {r["method"] for r in ok} == {"pyfused", "torch_eager", "torch_eager_linear"}
+    assert all(r["agrees"] for r in ok)
+    assert all(len(r["times_s"]) == 5 for r in ok)
+    # every step allocates at least the gradient it returns
+    assert all(r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] > 0 for r in ok)
     assert any(r["status"] == "GPU only" for r in summary["records"])
     for name in (SUMMARY, PYTEST_BENCHMARK, "README.md"):
         assert (tmp_path / name).stat().st_size > 0
+    md = (tmp_path / "README.md").read_text()
+    assert "What they do not tell" in md and "GPU speed" in md and "min – max" in md
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith(("CPU results:", "GPU results:"))]
+    assert len(lines) == 2
+    paths = [Path(p) for line in lines for p in re.findall(r"(/\S+README\.md)", line)]
+    assert paths and all(p.is_file() for p in paths)  # it points to nothing that does not exist
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return  # plots are skipped with a message; the rest must still be written
-    pngs = list((tmp_path / "plots").glob("*.png"))
+    pngs = list((tmp_path / "plots").glob("cpu-*.png"))
     assert len(pngs) == 2 and all(p.stat().st_size > 1000 for p in pngs)

@@ -1,6 +1,7 @@
 """Fused-linear forward: per-token softmax statistics of ``x = H·Wᵀ (+ b)`` tile by tile.
 
-Grid ``(token blocks, vocabulary splits)``.  A program takes ``BLOCK_M`` labelled tokens
+A 1-D grid of ``token blocks × vocabulary splits`` programs in grouped order
+(:func:`grouped_program`: programs that run together share hidden rows in L2).  A program takes ``BLOCK_M`` labelled tokens
 (``rows[m]`` is the hidden row, ``y[m]`` the label: ignored tokens were compacted away
 and cost nothing, ``hidden`` is read in place) and loops over the vocabulary tiles of
 its split.  Each ``[BLOCK_M, BLOCK_V]`` logits tile is built on-chip by a ``tl.dot``
@@ -16,7 +17,7 @@ the vocabulary keeps the GPU busy when there are few token blocks.
 import triton
 import triton.language as tl
 
-from .linear_tile import logits_tile
+from .linear_tile import grouped_program, logits_tile
 from .tl_utils import transform
 
 
@@ -25,7 +26,7 @@ def linear_forward_kernel(
     h_ptr, stride_hn, stride_hd,
     w_ptr, stride_wv, stride_wd,
     b_ptr, rows_ptr, y_ptr, part_ptr,
-    M, V, D, tiles_per_split,
+    M, V, D, tiles_per_split, n_splits,
     scale, inv_temp, softcap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -37,10 +38,9 @@ def linear_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    n_splits = tl.num_programs(1).to(tl.int64)
+    pid_m, split = grouped_program(tl.cdiv(M, BLOCK_M), n_splits, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     in_m = offs_m < M
     rows = tl.load(rows_ptr + offs_m, mask=in_m, other=0).to(tl.int64)

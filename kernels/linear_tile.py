@@ -1,4 +1,4 @@
-"""The logits tile shared by the fused-linear forward and backward kernels."""
+"""The logits tile and the grouped program order shared by the fused-linear kernels."""
 import triton
 import triton.language as tl
 
@@ -31,3 +31,24 @@ def logits_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr,
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=in_v, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def grouped_program(n_m, n_v, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_v)`` of this program in a 1-D grid of ``n_m × n_v`` programs.
+
+    Programs are ordered in groups of ``GROUP_M`` token blocks; inside a group the token
+    block runs fastest, then the vocabulary index (a tile or a split).  The programs that
+    run at the same time therefore share a few token blocks (their hidden rows and dH rows
+    stay in L2 over the whole vocabulary sweep) and each vocabulary tile is touched by at
+    most ``GROUP_M`` of them at once (shared W reads, few reducers per dW tile).  The last
+    group may hold fewer than ``GROUP_M`` token blocks.  The index arithmetic is int32 (a
+    grid never exceeds 2³¹ programs; int64 division costs ~10× the instructions); the
+    results are widened to int64 for the offsets.
+    """
+    pid = tl.program_id(0)
+    per_group = GROUP_M * n_v
+    first_m = (pid // per_group) * GROUP_M
+    rows_here = tl.minimum(n_m - first_m, GROUP_M)
+    local = pid % per_group
+    return (first_m + local % rows_here).to(tl.int64), (local // rows_here).to(tl.int64)

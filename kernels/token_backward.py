@@ -11,11 +11,43 @@ and ∂/∂x_v = ∂/∂z_v · dz/dx (temperature, scale, softcap).  One program
 row; rows with no label are written as zeros without reading the logits.  The
 output may alias the logits (in-place backward): each element is read before it
 is written by the same program.
+
+Layout as the forward (``kernels/row_split.py``): unmasked 16-byte-aligned body, masked
+edge.  The one-hot term is not in the loop: the label's element is read before the
+loop, and after it (and a block barrier, so that no loop store to the same address
+lands later) rewritten with its full gradient.  p = 2^{(z − lse)·log2 e} with ``tl.exp2``,
+which keeps subnormal gradients (no flush-to-zero here).
 """
 import triton
 import triton.language as tl
 
+from .fast_math import LOG2E
+from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform, transform_grad
+
+
+@triton.jit
+def _grad_x(x, g, g_h, h, lse, g_q, inv_sum_p2, g_m, scale, inv_temp, softcap,
+            HAS_SOFTCAP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, GRAD_LSQ: tl.constexpr,
+            GRAD_MEAN: tl.constexpr):
+    """∂/∂x of the row's outputs, without the one-hot term ``g·dz/dx`` of the label.
+
+    Without a softcap dz/dx is the constant scale/T and every coefficient (``g``, ``g_h``,
+    ``g_q``, ``g_m``) arrives already multiplied by it."""
+    z = transform(x, scale, inv_temp, softcap, HAS_SOFTCAP)
+    # (z − lse) first, as tl.exp does: exact where z = lse (a one-entry row gives p = 1).
+    p = tl.exp2((z - lse) * LOG2E)
+    d = p * (-g)
+    if GRAD_ENTROPY:
+        # p·(z − lse + H) is 0·(−inf) at −inf logits: those entries get 0.
+        d -= g_h * p * (tl.where(p > 0.0, z, lse) - lse + h)
+    if GRAD_LSQ:
+        d += 2.0 * g_q * p * (p * inv_sum_p2 - 1.0)
+    if GRAD_MEAN:
+        d += g_m
+    if HAS_SOFTCAP:
+        d = d * transform_grad(x, scale, inv_temp, softcap, HAS_SOFTCAP)
+    return d
 
 
 @triton.jit
@@ -33,47 +65,78 @@ def token_backward_kernel(
     GRAD_LSQ: tl.constexpr,
     GRAD_MEAN: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    LANE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    SAME_ROWS: tl.constexpr,
 ):
     row, b, t, out, has_label, y = row_target(y_ptr, stride_yb, stride_yt, T, ignore_index, SHIFT)
-    dx_row = dx_ptr + b * stride_db + t * stride_dt
-    cols = tl.arange(0, BLOCK_V)
+    off_x = b * stride_xb + t * stride_xt
+    off_d = b * stride_db + t * stride_dt
+    k = lane_offsets(BLOCK_V, LANE)
+    out_ty = dx_ptr.dtype.element_ty
     if y != ignore_index:
-        x_row = x_ptr + b * stride_xb + t * stride_xt
+        body_off, head, n_full, tail_start, n_edge = row_split(off_x, V, ALIGN, BLOCK_V)
+        x_row = x_ptr + off_x
+        dx_row = dx_ptr + off_d
+        if SAME_ROWS:
+            dx_body = dx_ptr + body_off
+        else:
+            dx_body = dx_row + head.to(tl.int64) * stride_dv
         lse = tl.load(lse_ptr + row)
+        # Without a softcap the constant dz/dx = scale/T is folded into every coefficient.
+        gs = 1.0
+        if not HAS_SOFTCAP:
+            gs = scale * inv_temp
         g = 0.0
         if HAS_G:
-            g = tl.load(g_ptr + out)
+            g = tl.load(g_ptr + out) * gs
         g_h = 0.0
         h = 0.0
         if GRAD_ENTROPY:
-            g_h = tl.load(g_ent_ptr + out)
+            g_h = tl.load(g_ent_ptr + out) * gs
             h = tl.load(ent_ptr + out)
         g_q = 0.0
         inv_sum_p2 = 0.0
         if GRAD_LSQ:
-            g_q = tl.load(g_lsq_ptr + out)
+            g_q = tl.load(g_lsq_ptr + out) * gs
             inv_sum_p2 = tl.exp(-tl.load(lsq_ptr + out))
         g_m = 0.0
         if GRAD_MEAN:
-            g_m = tl.load(g_mean_ptr + out) / V
-        for start in range(0, V, BLOCK_V):
-            idx = start + cols
-            inside = idx < V
-            x = tl.load(x_row + idx * stride_xv, mask=inside, other=0.0)
-            z = transform(x, scale, inv_temp, softcap, HAS_SOFTCAP)
-            p = tl.exp(z - lse)
-            dz = tl.where(idx == y, g, 0.0) - g * p
-            if GRAD_ENTROPY:
-                # p·(z − lse + H) is 0·(−inf) at −inf logits: those entries get 0.
-                dz -= g_h * p * (tl.where(p > 0.0, z, lse) - lse + h)
-            if GRAD_LSQ:
-                dz += 2.0 * g_q * p * (p * inv_sum_p2 - 1.0)
-            if GRAD_MEAN:
-                dz += g_m
-            dx = dz * transform_grad(x, scale, inv_temp, softcap, HAS_SOFTCAP)
-            tl.store(dx_row + idx * stride_dv, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+            g_m = tl.load(g_mean_ptr + out) / V * gs
+        # The label's logit, read before any store can overwrite it (in-place backward).
+        y_in = (y >= 0) & (y < V)
+        y_safe = tl.where(y_in, y, 0)
+        x_y = tl.load(x_row + y_safe * stride_xv, mask=y_in, other=0.0)
+        x_body = x_ptr + body_off
+        for i in range(0, n_full):
+            j = i * BLOCK_V + k
+            x = tl.load(x_body + vocab_offset(j, ALIGN) * stride_xv)
+            dx = _grad_x(x, g, g_h, h, lse, g_q, inv_sum_p2, g_m, scale, inv_temp,
+                         softcap, HAS_SOFTCAP, GRAD_ENTROPY, GRAD_LSQ, GRAD_MEAN)
+            tl.store(dx_body + vocab_offset(j, ALIGN) * stride_dv, dx.to(out_ty))
+        for e0 in range(0, n_edge, BLOCK_V):
+            inside = e0 + k < n_edge
+            idx = edge_index(e0 + k, head, tail_start)
+            x = tl.load(x_row + vocab_offset(idx, ALIGN) * stride_xv, mask=inside, other=0.0)
+            dx = _grad_x(x, g, g_h, h, lse, g_q, inv_sum_p2, g_m, scale, inv_temp,
+                         softcap, HAS_SOFTCAP, GRAD_ENTROPY, GRAD_LSQ, GRAD_MEAN)
+            tl.store(dx_row + vocab_offset(idx, ALIGN) * stride_dv, dx.to(out_ty), mask=inside)
+        if HAS_G:
+            # The label: ∂/∂z_y gains +g (the one-hot term, in fp32 like the rest).
+            d_y = _grad_x(x_y, g, g_h, h, lse, g_q, inv_sum_p2, g_m, scale, inv_temp,
+                          softcap, HAS_SOFTCAP, GRAD_ENTROPY, GRAD_LSQ, GRAD_MEAN)
+            if HAS_SOFTCAP:
+                d_y += g * transform_grad(x_y, scale, inv_temp, softcap, HAS_SOFTCAP)
+            else:
+                d_y += g
+            tl.debug_barrier()  # every thread's loop store of element y is done
+            tl.store(dx_row + y_safe * stride_dv, d_y.to(out_ty), mask=y_in)
     else:
-        zeros = tl.zeros([BLOCK_V], dtype=dx_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
-            idx = start + cols
-            tl.store(dx_row + idx * stride_dv, zeros, mask=idx < V)
+        body_off, head, n_full, tail_start, n_edge = row_split(off_d, V, ALIGN, BLOCK_V)
+        zeros = tl.zeros([BLOCK_V // LANE, LANE], dtype=out_ty)
+        dx_body = dx_ptr + body_off
+        for i in range(0, n_full):
+            tl.store(dx_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_dv, zeros)
+        for e0 in range(0, n_edge, BLOCK_V):
+            idx = edge_index(e0 + k, head, tail_start)
+            tl.store(dx_ptr + off_d + vocab_offset(idx, ALIGN) * stride_dv, zeros, mask=e0 + k < n_edge)

@@ -20,11 +20,45 @@ vocabulary and the label, given relative to the slice, may fall outside
 entropy, log Σ p² and the mean are the *shard's* statistics, to be combined across
 ranks — and two outputs change meaning: ``logp`` holds the raw target logit z_y
 (0 when the label is not in the slice) and ``top1`` holds the shard's max logit.
+
+Layout (``kernels/row_split.py``): an unmasked, 16-byte-aligned body of whole blocks and
+a masked edge (head + tail).  Each block is ``[BLOCK_V // LANE, LANE]`` and every lane row
+keeps its own running max and sums (``m_l, s_l, …``); the lane rows are combined once
+after the loop (weights e^{m_l − m}).  The running max is taken on a key (±x without a
+softcap: no multiply) and the exponentials in base 2, e^{z − m} = 2^{u − m_u} with
+``u = x·(scale/T·log2 e)`` (log2 e folded into the scale) and a flush-to-zero MUFU.EX2
+(``kernels/fast_math.py``).  The maximum's own term is 2⁰ = 1 exactly and ``m`` is the max
+logit exactly as ``transform`` computes it, as before.
 """
 import triton
 import triton.language as tl
 
+from .fast_math import exp2_ftz, key_log2, key_logit, key_scales, logit_key
+from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
+
+
+@triton.jit
+def _fold_block(key, k_l, m_l, s_l, a_l, q_l, kz, ku, HAS_SOFTCAP: tl.constexpr,
+                WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr):
+    """Folds a ``[R, LANE]`` block of logit keys (``fast_math.logit_key``; −inf where absent)
+    into the per-lane-row running max key ``k_l`` (its base-2 logit ``m_l``) and sums
+    ``s_l`` (Σ2^{u−m}), ``a_l`` (Σ2^{u−m}·z), ``q_l`` (Σ2^{2(u−m)}), all ``[R]``."""
+    k_l = tl.maximum(k_l, tl.max(key, axis=1))
+    m_new = key_log2(k_l, ku)
+    # A lane row with nothing finite yet keeps m = −inf; exponentiate against 0 then so
+    # that 2^{−inf − (−inf)} never produces NaN.
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = exp2_ftz(m_l - m_ref)
+    e = exp2_ftz(key_log2(key, ku) - m_ref[:, None])
+    s_l = s_l * alpha + tl.sum(e, axis=1)
+    if WANT_ENTROPY:
+        # e·z is 0·(−inf) at −inf logits: count those entries as 0.
+        z = key_logit(key, kz, HAS_SOFTCAP)
+        a_l = a_l * alpha + tl.sum(e * tl.where(e > 0.0, z, 0.0), axis=1)
+    if WANT_LSQ:
+        q_l = q_l * (alpha * alpha) + tl.sum(e * e, axis=1)
+    return k_l, m_new, s_l, a_l, q_l
 
 
 @triton.jit
@@ -42,37 +76,49 @@ def token_forward_kernel(
     WANT_TOP1: tl.constexpr,
     VOCAB_SHARD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    LANE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    FLIP: tl.constexpr,
 ):
     row, b, t, out, has_label, y = row_target(y_ptr, stride_yb, stride_yt, T, ignore_index, SHIFT)
     if y != ignore_index:
-        x_row = x_ptr + b * stride_xb + t * stride_xt
-        cols = tl.arange(0, BLOCK_V)
-        m = -float("inf")
-        s = 0.0
-        a = 0.0
-        q = 0.0
-        zsum = 0.0
-        for start in range(0, V, BLOCK_V):
-            idx = start + cols
-            inside = idx < V
-            x = tl.load(x_row + idx * stride_xv, mask=inside, other=0.0)
-            z = transform(x, scale, inv_temp, softcap, HAS_SOFTCAP)
-            z = tl.where(inside, z, -float("inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            # A block (or row prefix) of -inf logits keeps m = -inf; exponentiate
-            # against 0 then so that e^{-inf − -inf} never produces NaN.
-            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_ref)
-            e = tl.exp(z - m_ref)
-            s = s * alpha + tl.sum(e, axis=0)
-            if WANT_ENTROPY:
-                # e·z is 0·(−inf) at −inf logits: count those entries as 0.
-                a = a * alpha + tl.sum(e * tl.where(z > -float("inf"), z, 0.0), axis=0)
-            if WANT_LSQ:
-                q = q * (alpha * alpha) + tl.sum(e * e, axis=0)
+        off = b * stride_xb + t * stride_xt
+        x_row = x_ptr + off
+        body_off, head, n_full, tail_start, n_edge = row_split(off, V, ALIGN, BLOCK_V)
+        k = lane_offsets(BLOCK_V, LANE)
+        kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
+        k_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
+        m_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
+        s_l = tl.zeros([BLOCK_V // LANE], tl.float32)
+        a_l = tl.zeros([BLOCK_V // LANE], tl.float32)
+        q_l = tl.zeros([BLOCK_V // LANE], tl.float32)
+        zs_l = tl.zeros([BLOCK_V // LANE], tl.float32)
+        x_body = x_ptr + body_off
+        for i in range(0, n_full):
+            x = tl.load(x_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_xv)
+            key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            k_l, m_l, s_l, a_l, q_l = _fold_block(key, k_l, m_l, s_l, a_l, q_l, kz, ku, HAS_SOFTCAP,
+                                                  WANT_ENTROPY, WANT_LSQ)
             if WANT_MEAN:
-                zsum += tl.sum(tl.where(inside, z, 0.0), axis=0)
-            m = m_new
+                zs_l += tl.sum(key_logit(key, kz, HAS_SOFTCAP), axis=1)
+        for e0 in range(0, n_edge, BLOCK_V):
+            inside = e0 + k < n_edge
+            idx = edge_index(e0 + k, head, tail_start)
+            x = tl.load(x_row + vocab_offset(idx, ALIGN) * stride_xv, mask=inside, other=0.0)
+            key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            if WANT_MEAN:
+                zs_l += tl.sum(tl.where(inside, key_logit(key, kz, HAS_SOFTCAP), 0.0), axis=1)
+            key = tl.where(inside, key, -float("inf"))
+            k_l, m_l, s_l, a_l, q_l = _fold_block(key, k_l, m_l, s_l, a_l, q_l, kz, ku, HAS_SOFTCAP,
+                                                  WANT_ENTROPY, WANT_LSQ)
+        # One combine of the lane rows: weights w_l = 2^{m_l − m}.  The row's largest logit
+        # m = z at the max key, computed as transform computes it, and the max's own term
+        # 2⁰ = 1: a one-entry row gives lse = z exactly.
+        k_max = tl.max(k_l, axis=0)
+        m_u = key_log2(k_max, ku)
+        w = exp2_ftz(m_l - tl.where(m_u == -float("inf"), 0.0, m_u))
+        s = tl.sum(s_l * w, axis=0)
+        m = key_logit(k_max, kz, HAS_SOFTCAP)
         lse = tl.where(m == -float("inf"), 0.0, m) + tl.log(s)
         if VOCAB_SHARD:
             # The label may belong to another rank's slice: read it only when it is ours.
@@ -85,11 +131,11 @@ def token_forward_kernel(
             tl.store(logp_ptr + out, z_y - lse)
         tl.store(lse_ptr + row, lse)
         if WANT_ENTROPY:
-            tl.store(ent_ptr + out, lse - a / s)
+            tl.store(ent_ptr + out, lse - tl.sum(a_l * w, axis=0) / s)
         if WANT_LSQ:
-            tl.store(lsq_ptr + out, tl.log(q) - 2.0 * tl.log(s))
+            tl.store(lsq_ptr + out, tl.log(tl.sum(q_l * (w * w), axis=0)) - 2.0 * tl.log(s))
         if WANT_MEAN:
-            tl.store(mean_ptr + out, zsum / V)
+            tl.store(mean_ptr + out, tl.sum(zs_l, axis=0) / V)
         if WANT_TOP1:
             if VOCAB_SHARD:
                 tl.store(top1_ptr + out, m)

@@ -11,11 +11,33 @@ transform.  p and p_ref are recomputed block by block from the saved lse and lse
 neither distribution is ever stored; e^{−inf − lse} = 0 handles −inf (padded) logits.
 One program per policy row; rows without a label get zeros without reading anything.
 The output may alias the policy logits (each element is read before it is written).
+
+Layout as the forward (``kernels/row_split.py``): unmasked 16-byte-aligned body, masked
+edge; the one-hot term is applied to the label's element after the loop (read before
+it, rewritten after a block barrier), as in ``token_backward.py``.
 """
 import triton
 import triton.language as tl
 
+from .fast_math import LOG2E
+from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform, transform_grad
+
+
+@triton.jit
+def _grad_x(x, r, lse, lse_r, g, g_kl_net, scale, inv_temp, softcap,
+            HAS_SOFTCAP: tl.constexpr, HAS_G_KL: tl.constexpr):
+    """∂/∂x without the label's one-hot term: ``(g − g_y)·p − g·p_ref`` times dz/dx.
+
+    ``g_kl_net = g − g_y`` and ``g`` arrive multiplied by scale/T when there is no
+    softcap (dz/dx is that constant then)."""
+    p = tl.exp2((transform(x, scale, inv_temp, softcap, HAS_SOFTCAP) - lse) * LOG2E)
+    d = g_kl_net * p
+    if HAS_G_KL:
+        d -= g * tl.exp2((transform(r, scale, inv_temp, softcap, HAS_SOFTCAP) - lse_r) * LOG2E)
+    if HAS_SOFTCAP:
+        d = d * transform_grad(x, scale, inv_temp, softcap, HAS_SOFTCAP)
+    return d
 
 
 @triton.jit
@@ -32,38 +54,80 @@ def token_kl_backward_kernel(
     HAS_G_KL: tl.constexpr,
     HAS_G_LOGP: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    LANE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    SAME_ROWS: tl.constexpr,
 ):
     row, b, t, out, has_label, y = row_target(y_ptr, stride_yb, stride_yt, T, ignore_index, SHIFT)
-    dx_row = dx_ptr + b * stride_db + t * stride_dt
-    cols = tl.arange(0, BLOCK_V)
+    off_x = b * stride_xb + t * stride_xt
+    off_r = b * stride_rb + t * stride_rt
+    off_d = b * stride_db + t * stride_dt
+    k = lane_offsets(BLOCK_V, LANE)
+    out_ty = dx_ptr.dtype.element_ty
     if y != ignore_index:
-        x_row = x_ptr + b * stride_xb + t * stride_xt
-        r_row = r_ptr + b * stride_rb + t * stride_rt
+        body_off, head, n_full, tail_start, n_edge = row_split(off_x, V, ALIGN, BLOCK_V)
+        x_row = x_ptr + off_x
+        r_row = r_ptr + off_r
+        dx_row = dx_ptr + off_d
+        if SAME_ROWS:
+            r_body = r_ptr + body_off
+            dx_body = dx_ptr + body_off
+        else:
+            r_body = r_row + head.to(tl.int64) * stride_rv
+            dx_body = dx_row + head.to(tl.int64) * stride_dv
+        x_body = x_ptr + body_off
         lse = tl.load(lse_ptr + row)
         lse_r = tl.load(lse_r_ptr + row)
+        gs = 1.0
+        if not HAS_SOFTCAP:
+            gs = scale * inv_temp  # the constant dz/dx, folded into the coefficients
         g = 0.0
         if HAS_G_KL:
-            g = tl.load(g_kl_ptr + out)
+            g = tl.load(g_kl_ptr + out) * gs
         g_y = 0.0
         if HAS_G_LOGP:
-            g_y = tl.load(g_logp_ptr + out)
-        for start in range(0, V, BLOCK_V):
-            idx = start + cols
-            inside = idx < V
-            idx64 = idx.to(tl.int64)  # a strided vocab axis can pass 2^31 elements
-            x = tl.load(x_row + idx64 * stride_xv, mask=inside, other=0.0)
-            p = tl.exp(transform(x, scale, inv_temp, softcap, HAS_SOFTCAP) - lse)
-            dz = (g - g_y) * p
+            g_y = tl.load(g_logp_ptr + out) * gs
+        g_net = g - g_y
+        # The label's logit, read before any store can overwrite it (in-place backward).
+        x_y = 0.0
+        r_y = 0.0
+        if HAS_G_LOGP:
+            x_y = tl.load(x_row + y * stride_xv)
             if HAS_G_KL:
-                zr = transform(tl.load(r_row + idx64 * stride_rv, mask=inside, other=0.0),
-                               scale, inv_temp, softcap, HAS_SOFTCAP)
-                dz -= g * tl.exp(zr - lse_r)
-            if HAS_G_LOGP:
-                dz += tl.where(idx == y, g_y, 0.0)
-            dx = dz * transform_grad(x, scale, inv_temp, softcap, HAS_SOFTCAP)
-            tl.store(dx_row + idx64 * stride_dv, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+                r_y = tl.load(r_row + y * stride_rv)
+        for i in range(0, n_full):
+            j = vocab_offset(i * BLOCK_V + k, ALIGN)
+            x = tl.load(x_body + j * stride_xv)
+            r = 0.0
+            if HAS_G_KL:
+                r = tl.load(r_body + j * stride_rv)
+            dx = _grad_x(x, r, lse, lse_r, g, g_net, scale, inv_temp, softcap, HAS_SOFTCAP, HAS_G_KL)
+            tl.store(dx_body + j * stride_dv, dx.to(out_ty))
+        for e0 in range(0, n_edge, BLOCK_V):
+            inside = e0 + k < n_edge
+            idx64 = edge_index(e0 + k, head, tail_start).to(tl.int64)  # strided vocab: > 2³¹
+            x = tl.load(x_row + idx64 * stride_xv, mask=inside, other=0.0)
+            r = 0.0
+            if HAS_G_KL:
+                r = tl.load(r_row + idx64 * stride_rv, mask=inside, other=0.0)
+            dx = _grad_x(x, r, lse, lse_r, g, g_net, scale, inv_temp, softcap, HAS_SOFTCAP, HAS_G_KL)
+            tl.store(dx_row + idx64 * stride_dv, dx.to(out_ty), mask=inside)
+        if HAS_G_LOGP:
+            # The label: ∂/∂z_y gains +g_y (the one-hot term of log p(y), in fp32).
+            d_y = _grad_x(x_y, r_y, lse, lse_r, g, g_net, scale, inv_temp, softcap, HAS_SOFTCAP,
+                          HAS_G_KL)
+            if HAS_SOFTCAP:
+                d_y += g_y * transform_grad(x_y, scale, inv_temp, softcap, HAS_SOFTCAP)
+            else:
+                d_y += g_y
+            tl.debug_barrier()  # every thread's loop store of element y is done
+            tl.store(dx_row + y * stride_dv, d_y.to(out_ty))
     else:
-        zeros = tl.zeros([BLOCK_V], dtype=dx_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
-            idx = start + cols
-            tl.store(dx_row + idx.to(tl.int64) * stride_dv, zeros, mask=idx < V)
+        body_off, head, n_full, tail_start, n_edge = row_split(off_d, V, ALIGN, BLOCK_V)
+        zeros = tl.zeros([BLOCK_V // LANE, LANE], dtype=out_ty)
+        dx_body = dx_ptr + body_off
+        for i in range(0, n_full):
+            tl.store(dx_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_dv, zeros)
+        for e0 in range(0, n_edge, BLOCK_V):
+            idx64 = edge_index(e0 + k, head, tail_start).to(tl.int64)
+            tl.store(dx_ptr + off_d + idx64 * stride_dv, zeros, mask=e0 + k < n_edge)

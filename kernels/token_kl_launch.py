@@ -8,7 +8,7 @@ import torch
 
 from .token_kl_backward import token_kl_backward_kernel
 from .token_kl_forward import token_kl_forward_kernel
-from .token_launch import launch_config
+from .token_launch import flip_key, launch_config, row_layout
 
 
 def _softcap_args(softcap):
@@ -36,7 +36,8 @@ def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, tempera
         T, V, ignore_index,
         float(logit_scale), 1.0 / float(temperature), cap,
         SHIFT=int(shift), HAS_SOFTCAP=has_cap, WANT_LOGP=bool(want_logp),
-        BLOCK_V=block, num_warps=warps,
+        BLOCK_V=block, num_warps=warps, **row_layout(block, logits, ref_logits),
+        FLIP=flip_key(logit_scale, temperature, softcap),
     )
     return kl, logp, lse, lse_r
 
@@ -62,6 +63,6 @@ def token_kl_backward(logits, ref_logits, labels, lse, lse_r, grad_out, *, ignor
         float(logit_scale), 1.0 / float(temperature), cap,
         SHIFT=int(shift), HAS_SOFTCAP=has_cap,
         HAS_G_KL=grad_kl is not None, HAS_G_LOGP=grad_logp is not None,
-        BLOCK_V=block, num_warps=warps,
+        BLOCK_V=block, num_warps=warps, **row_layout(block, logits, ref_logits, grad_out),
     )
     return grad_out

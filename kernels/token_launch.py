@@ -33,6 +33,24 @@ def launch_config(V: int, block_v: int | None = None) -> tuple[int, int]:
     return block_v, num_warps
 
 
+def row_layout(block_v, *rows):
+    """Constexprs of ``kernels/row_split.py`` for ``[B, T, V]`` row tensors ``rows`` (the first
+    one's offsets place the aligned body): ``LANE`` elements per 16 bytes (at most the
+    block); ``ALIGN`` the elements per 16 bytes when every vocabulary axis is contiguous
+    (else 1: no vector loads to align for);
+    ``SAME_ROWS`` when all share strides and element size, so one body offset aligns all."""
+    per16 = 16 // rows[0].element_size()
+    unit = all(r.stride(-1) == 1 for r in rows)
+    same = all(r.stride() == rows[0].stride() and r.element_size() == rows[0].element_size()
+               for r in rows)
+    return dict(LANE=min(per16, block_v), ALIGN=per16 if unit else 1, SAME_ROWS=same)
+
+
+def flip_key(logit_scale, temperature, softcap) -> bool:
+    """Whether the forward kernels' max key is −x (``z = x·scale/T`` decreasing in x)."""
+    return softcap is None and float(logit_scale) / float(temperature) < 0
+
+
 def _softcap_args(softcap):
     return (0.0 if softcap is None else float(softcap)), softcap is not None
 
@@ -56,6 +74,7 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
     block, warps = launch_config(V, block_v)
     if B * T == 0:
         return logp, lse, outs
+    layout = row_layout(block, logits)
     token_forward_kernel[(B * T,)](
         logits, *logits.stride(),
         labels, *labels.stride(),
@@ -68,6 +87,8 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
         WANT_ENTROPY="entropy" in outs, WANT_LSQ="log_sum_sq_probs" in outs,
         WANT_MEAN="mean_logit" in outs, WANT_TOP1="is_top1" in outs,
         VOCAB_SHARD=bool(vocab_shard), BLOCK_V=block, num_warps=warps,
+        LANE=layout["LANE"], ALIGN=layout["ALIGN"],
+        FLIP=flip_key(logit_scale, temperature, softcap),
     )
     return logp, lse, outs
 
@@ -90,6 +111,7 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
     dummy = lse
     cap, has_cap = _softcap_args(softcap)
     block, warps = launch_config(V, block_v)
+    layout = row_layout(block, logits, grad_out)
     token_backward_kernel[(B * T,)](
         logits, *logits.stride(),
         grad_out, *grad_out.stride(),
@@ -108,6 +130,6 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
         GRAD_ENTROPY=grad_entropy is not None,
         GRAD_LSQ=grad_log_sum_sq_probs is not None,
         GRAD_MEAN=grad_mean_logit is not None,
-        BLOCK_V=block, num_warps=warps,
+        BLOCK_V=block, num_warps=warps, **layout,
     )
     return grad_out

@@ -21,7 +21,7 @@ from .distributed.options import ParallelOptions
 from .objectives.checks import check_number
 from .sequence import sequence_sums
 from .token_logprobs import token_logprobs
-from .validation import check_positive, check_same_device, check_shape, check_tensor
+from .validation import as_number, check_positive, check_same_device, check_shape, check_tensor, checked_labels
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 REDUCTIONS = ("mean", "sum", "none")
@@ -47,6 +47,7 @@ def _kl_estimate(kl, policy_kl_logps, ref_kl_logps, like, wide):
                 raise ValueError(f"kl must be a number or a one-element tensor, got shape {tuple(kl.shape)}")
             value = kl.detach().reshape(()).to(device=like.device, dtype=wide)
         else:
+            kl = as_number("kl", kl)  # NumPy scalars are numbers
             check_number("kl", kl)
             value = torch.tensor(float(kl), dtype=wide, device=like.device)
     elif policy_kl_logps is not None or ref_kl_logps is not None:
@@ -84,6 +85,8 @@ def kto_loss(policy_logps, ref_logps, is_desirable, *, beta=0.1, kl=None, policy
         (means over each group, 0 when empty), ``rewards/chosen_sum``, ``rewards/rejected_sum``,
         ``logps/chosen_sum``, ``logps/rejected_sum``, ``count/chosen``, ``count/rejected``.
     """
+    beta, desirable_weight, undesirable_weight = (as_number(n, v) for n, v in (
+        ("beta", beta), ("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)))
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
     if reduction not in REDUCTIONS:
@@ -158,6 +161,8 @@ class FusedKTOLoss(nn.Module):
                  softcap=None, backend="auto", inplace_backward=False, vocab_parallel_group=None,
                  vocab_start=None, sequence_parallel_group=None):
         super().__init__()
+        beta, desirable_weight, undesirable_weight = (as_number(n, v) for n, v in (
+            ("beta", beta), ("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)))
         check_positive("beta", beta)
         check_number("desirable_weight", desirable_weight)
         check_number("undesirable_weight", undesirable_weight)
@@ -194,7 +199,7 @@ class FusedKTOLoss(nn.Module):
         ``ref_logps`` are ``[S]``, one per packed sequence (:mod:`pyfused_po.packing`)."""
         if logits is None or labels is None or is_desirable is None:
             raise ValueError("FusedKTOLoss.forward needs logits=, labels= and is_desirable=")
-        check_tensor("labels", labels, floating=False)
+        labels = checked_labels("labels", labels, self.token_kwargs["ignore_index"])
         if labels.dim() != 2 and cu_seqlens is None and position_ids is None:
             raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
         if (ref_logps is None) == (ref_logits is None):

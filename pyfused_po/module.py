@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from . import packed_columns
+from .objectives.aot import check_sorted_batch_options
 from .objectives.checks import check_range
 from .objectives.transforms import f_divergence_scores
 from .preference_loss import (
@@ -19,12 +20,14 @@ from .sequence import (
     sequence_sums,
     split_pairs,
 )
+from . import fused_pairs
 from .distributed.options import ParallelOptions
+from .float64_state import apply_keeping_float64
 from .linear_token_logprobs import linear_token_logprobs
 from .objectives import get_objective
 from .token_kl import token_kl
 from .token_logprobs import TokenLogprobs, token_logprobs
-from .validation import check_same_device, check_shape, check_tensor
+from .validation import as_number, check_same_device, check_shape, check_tensor, checked_labels
 
 
 class FusedPreferenceLoss(nn.Module):
@@ -69,6 +72,10 @@ class FusedPreferenceLoss(nn.Module):
             (default 0, TRL v1).  The mean lives in buffers and is saved with the state dict.
     """
 
+    # hidden=/weight= inputs: form the exact gradient during the forward when the objective
+    # separates over pairs (three GEMMs instead of four; :mod:`pyfused_po.fused_pairs`).
+    fused_gradient = True
+
     def __init__(self, loss_type="sigmoid", beta=0.1, *, ignore_index=-100, shift=False,
                  temperature=1.0, logit_scale=1.0, softcap=None, backend="auto",
                  inplace_backward=False, reduction="mean", logit_metrics=True, loss_weights=None,
@@ -77,6 +84,7 @@ class FusedPreferenceLoss(nn.Module):
                  linear_impl="auto", vocab_parallel_group=None, vocab_start=None,
                  sequence_parallel_group=None, reduce_grad_hidden=True, **hyperparameters):
         super().__init__()
+        beta, ld_alpha = as_number("beta", beta), as_number("ld_alpha", ld_alpha)  # NumPy / 0-d tensors
         # Fail at construction rather than at the first step.
         resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
                                 f_alpha_divergence_coef=f_alpha_divergence_coef)
@@ -95,6 +103,8 @@ class FusedPreferenceLoss(nn.Module):
             raise ValueError("loss_type 'expo' reads logits through the KL kernel, which supports "
                              "neither use_weighting nor inplace_backward")
         self.needs_reference = any(get_objective(t).needs_reference for t in types)
+        check_sorted_batch_options(types, use_weighting=use_weighting, reduction=reduction,
+                                   label_smoothing=hyperparameters.get("label_smoothing"))
         self.parallel = ParallelOptions(vocab_parallel_group, vocab_start, sequence_parallel_group,
                                         reduce_grad_hidden)
         self.parallel.check_sequence_parallel(shift=shift, ld_alpha=ld_alpha, use_weighting=use_weighting,
@@ -117,6 +127,10 @@ class FusedPreferenceLoss(nn.Module):
         if self.bco_running_mean:
             self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
             self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
+
+    def _apply(self, fn, recurse=True):
+        # The BCO running mean is float64 state: device moves apply to it, dtype casts do not.
+        return apply_keeping_float64(self, super()._apply, fn, recurse, ("bco_reward_sum", "bco_reward_count"))
 
     def extra_repr(self):
         return f"loss_type={self.loss_type!r}, beta={self.beta}, {self.token_kwargs}"
@@ -243,6 +257,10 @@ class FusedPreferenceLoss(nn.Module):
         """
         policy_source, ref_source = self._sources(logits, hidden, weight, bias, ref_logits, ref_hidden,
                                                   ref_weight, ref_bias)
+        if labels is not None:  # small label dtypes widened once, for every stage (validation.checked_labels)
+            labels = checked_labels("labels", labels, self.token_kwargs["ignore_index"])
+        if nll_labels is not None:
+            nll_labels = checked_labels("nll_labels", nll_labels, self.token_kwargs["ignore_index"])
         layout = dict(cu_seqlens=cu_seqlens, position_ids=position_ids, pair_layout=pair_layout,
                       chosen_index=chosen_index, rejected_index=rejected_index, token_offset=token_offset)
         if packed_columns.layout_requested(layout):
@@ -253,6 +271,14 @@ class FusedPreferenceLoss(nn.Module):
         else:
             self._check_forward_inputs(policy_source, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
                                        ref_token_logps, token_weights, nll_labels, ref_source)
+            if isinstance(policy_source, tuple) and fused_pairs.applies(self, policy_source, labels, ref_chosen_logps,
+                                                                        ref_rejected_logps, token_weights, weights,
+                                                                        label_smoothing):
+                fused = fused_pairs.fused_forward(self, policy_source, ref_source, labels, ref_chosen_logps,
+                                                  ref_rejected_logps, ref_token_logps, token_weights, nll_labels,
+                                                  weights, label_smoothing)
+                if fused is not None:  # None: a pair longer than the chunk budget
+                    return fused
             columns = self._sequence_columns(policy_source, ref_source, labels, ref_token_logps, token_weights,
                                              nll_labels)
         # Under sequence parallelism the sums are partial: one all-reduce makes them whole.
@@ -268,24 +294,36 @@ class FusedPreferenceLoss(nn.Module):
         per-token mean logit, detached).  Every value is a sum over tokens, so the sums of
         a sequence split across ranks add up to the unsplit ones.
         """
-        ignore_index = self.token_kwargs["ignore_index"]
-        mask = self._mask(labels)
-        half = labels.shape[0] // 2
-        token_labels = labels
-        if nll_labels is not None:
-            nll_chosen = nll_labels[:half]
-            padded = torch.cat([nll_chosen, torch.full_like(nll_chosen, ignore_index)], dim=0)
-            token_labels = merge_labels(labels, padded, ignore_index=ignore_index)
+        token_labels = self._token_labels(labels, nll_labels)
         kl_tokens = None
         if self.expo:
             # One pass of the KL kernel gives the policy log-probs and KL(π_ref ‖ π_θ) per token.
             both = token_kl(policy_source, ref_source.detach(), token_labels, with_logps=True, **self.token_kwargs)
             policy, kl_tokens = TokenLogprobs(both.logps), both.kl
         else:
-            extras = (("mean_logit",) if self.logit_metrics else ()) + \
-                (("log_sum_sq_probs",) if self.use_weighting else ())
-            policy = self._token_stage(policy_source, token_labels, extras=extras, inplace=self.inplace_backward)
+            policy = self._token_stage(policy_source, token_labels, extras=self._policy_extras(),
+                                       inplace=self.inplace_backward)
+        if ref_source is not None and self.needs_reference:
+            with torch.no_grad():  # the same sums as for given ref_token_logps
+                ref_token_logps = self._token_stage(ref_source, labels).logps
+        return self._columns_from_tokens(policy, kl_tokens, labels, ref_token_logps, token_weights, nll_labels)
 
+    def _token_labels(self, labels, nll_labels):
+        """The token stage's labels: ``labels`` with the chosen rows' NLL labels merged in."""
+        if nll_labels is None:
+            return labels
+        ignore_index = self.token_kwargs["ignore_index"]
+        nll_chosen = nll_labels[:labels.shape[0] // 2]
+        padded = torch.cat([nll_chosen, torch.full_like(nll_chosen, ignore_index)], dim=0)
+        return merge_labels(labels, padded, ignore_index=ignore_index)
+
+    def _policy_extras(self):
+        return (("mean_logit",) if self.logit_metrics else ()) + (("log_sum_sq_probs",) if self.use_weighting else ())
+
+    def _columns_from_tokens(self, policy, kl_tokens, labels, ref_token_logps, token_weights, nll_labels):
+        """The sequence stage of :meth:`_sequence_columns` on per-token values."""
+        mask = self._mask(labels)
+        half = labels.shape[0] // 2
         ld = ld_token_weights(mask, self.ld_alpha, dtype=policy.logps.dtype) if self.ld_alpha is not None else None
         ref_weights = _product(token_weights, ld if self.ld_alpha_reference else None)
         sums = self._sums(policy.logps, labels, _product(token_weights, ld))
@@ -294,11 +332,7 @@ class FusedPreferenceLoss(nn.Module):
         columns = {"logps": sums.logps, "lengths": sums.lengths,
                    "nll_logps": torch.where(nll_mask, policy.logps[:half], zero).sum(-1),
                    "nll_lengths": nll_mask.sum(-1).to(torch.float32)}
-        if ref_source is not None and self.needs_reference:
-            with torch.no_grad():
-                ref_tokens = self._token_stage(ref_source, labels).logps
-            columns["ref"] = self._sums(ref_tokens, labels, ref_weights).logps
-        elif ref_token_logps is not None:
+        if ref_token_logps is not None:
             columns["ref"] = self._sums(ref_token_logps.detach(), labels, ref_weights).logps
         if kl_tokens is not None:
             columns["kl"] = self._sums(kl_tokens, labels, None).logps

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _dispatch
+from .validation import check_label_range
 
 _SAVED = ("entropy", "log_sum_sq_probs")
 
@@ -47,6 +48,9 @@ def token_forward(logits: Tensor, labels: Tensor, ignore_index: int, shift: bool
     """``[logp, lse, *extras]``, each shaped like ``labels`` (compute dtype); ``extras`` is the
     comma-joined extras names (the op schema has no list of strings)."""
     extras = _names(extras)
+    # The value checks eager calls make before the kernel, made here too: under torch.compile
+    # this body runs on real tensors (the graph sees only the fake implementation).
+    check_label_range(labels, logits.shape[-1], ignore_index)
     B, T = _rows(labels)
     x3 = logits.reshape(B, T, logits.shape[-1])
     logp, lse, outs = _backend.token_ops(backend).token_forward(
@@ -138,18 +142,20 @@ def _linear_config(ignore_index, shift, temperature, logit_scale, softcap, extra
 def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
                    shift: bool, temperature: float, logit_scale: float, softcap: Optional[float], extras: str,
                    backend: str, impl: str, chunk_tokens: Optional[int],
-                   mm_dtype: Optional[torch.dtype]) -> List[Tensor]:
-    """``[logp, lse, *extras]`` shaped like ``labels`` (compute dtype)."""
+                   mm_dtype: Optional[torch.dtype], grad_filter: Optional[float]) -> List[Tensor]:
+    """``[logp, lse, *extras]`` shaped like ``labels`` (compute dtype); ``grad_filter`` is
+    only carried to the backward."""
     from .linear_token_logprobs import linear_forward as forward
 
     config = _linear_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
+    check_label_range(labels, weight.shape[0], ignore_index)  # as in token_forward above
     results, lse, _ = forward(hidden, weight, bias, labels, config, backend, impl, chunk_tokens, mm_dtype)
     return [results[0], lse] + results[1:]
 
 
 @linear_forward.register_fake
 def _(hidden, weight, bias, labels, ignore_index, shift, temperature, logit_scale, softcap, extras, backend, impl,
-      chunk_tokens, mm_dtype):
+      chunk_tokens, mm_dtype, grad_filter):
     cdt = _compute_dtype(hidden)
     return [labels.new_empty(labels.shape, dtype=cdt) for _ in range(2 + len(_names(extras)))]
 
@@ -161,7 +167,7 @@ def linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
                     grad_mean_logit: Optional[Tensor], need_hidden: bool, need_weight: bool, need_bias: bool,
                     ignore_index: int, shift: bool, temperature: float, logit_scale: float,
                     softcap: Optional[float], backend: str, impl: str, chunk_tokens: Optional[int],
-                    mm_dtype: Optional[torch.dtype]) -> List[Tensor]:
+                    mm_dtype: Optional[torch.dtype], grad_filter: Optional[float]) -> List[Tensor]:
     """``[grad_hidden, grad_weight, grad_bias]``; a gradient not asked for is a zero-size tensor."""
     from .linear_token_logprobs import linear_backward as backward
 
@@ -170,7 +176,8 @@ def linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
              "mean_logit": grad_mean_logit}
     saved = {"entropy": entropy, "log_sum_sq_probs": log_sum_sq_probs}
     out = backward(hidden, weight, bias, labels, lse, saved, grads, config, backend, impl,
-                                 chunk_tokens, needs=(need_hidden, need_weight, need_bias), mm_dtype=mm_dtype)
+                                 chunk_tokens, needs=(need_hidden, need_weight, need_bias), mm_dtype=mm_dtype,
+                                 grad_filter=grad_filter)
     empty = hidden.new_empty(0)
     return [empty if g is None else g.contiguous() for g in out]
 
@@ -187,11 +194,12 @@ def _(hidden, weight, bias, labels, lse, entropy, log_sum_sq_probs, grad_logp, g
 
 def _linear_setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, shift, temperature, logit_scale, softcap, extras, backend, impl, \
-        chunk_tokens, mm_dtype = inputs
+        chunk_tokens, mm_dtype, grad_filter = inputs
     named = dict(zip(_names(extras), output[2:]))
     ctx.save_for_backward(hidden, weight, bias, labels, output[1], *[named.get(n) for n in _SAVED])
     ctx.extras = _names(extras)
-    ctx.args = (ignore_index, shift, temperature, logit_scale, softcap, backend, impl, chunk_tokens, mm_dtype)
+    ctx.args = (ignore_index, shift, temperature, logit_scale, softcap, backend, impl, chunk_tokens, mm_dtype,
+                grad_filter)
 
 
 def _linear_backward(ctx, grads):
@@ -202,16 +210,17 @@ def _linear_backward(ctx, grads):
                                  named.get("log_sum_sq_probs"), named.get("mean_logit"), needs[0], needs[1],
                                  bool(needs[2] and bias is not None), *ctx.args)
     return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] and bias is not None else None,
-            *([None] * 11))
+            *([None] * 12))
 
 
 linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 @_dispatch.register
-def compiled_linear_token_logprobs(hidden, weight, bias, labels, config, backend, impl, chunk_tokens, mm_dtype=None):
+def compiled_linear_token_logprobs(hidden, weight, bias, labels, config, backend, impl, chunk_tokens, mm_dtype=None,
+                                   grad_filter=None):
     """``(logp, *extras)`` through the custom ops (the path taken under ``torch.compile``)."""
     outs = linear_forward(hidden, weight, bias, labels, config.ignore_index, config.shift, float(config.temperature),
                           float(config.logit_scale), None if config.softcap is None else float(config.softcap),
-                          ",".join(config.extras), backend, impl, chunk_tokens, mm_dtype)
+                          ",".join(config.extras), backend, impl, chunk_tokens, mm_dtype, grad_filter)
     return (outs[0],) + tuple(outs[2:])

@@ -4,10 +4,12 @@ from typing import Dict
 
 import torch
 
+from .compiled_checks import nonnegative
 from .objectives import PairBatch, get_objective
+from .objectives.aot import check_sorted_batch_options
 from .objectives.checks import check_number
-from .objectives.transforms import F_DIVERGENCE_TYPES
-from .validation import check_positive, check_same_device, check_tensor
+from .objectives.transforms import F_DIVERGENCE_TYPES, batch_mean
+from .validation import as_number, check_positive, check_same_device, check_tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -22,6 +24,10 @@ class PreferenceLossOutput:
     metrics: Dict[str, torch.Tensor]
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
+
+
+# Hyper-parameters that may be per-pair (or one-element) tensors; every other one is a number.
+TENSOR_HYPERPARAMETERS = ("label_smoothing", "bco_delta")
 
 
 def _loss_type_list(loss_type):
@@ -39,7 +45,7 @@ def resolve_loss_weights(loss_type, loss_weights):
     names = _loss_type_list(loss_type)
     if loss_weights is None:
         return [1.0] * len(names)
-    weights = list(loss_weights) if isinstance(loss_weights, (list, tuple)) else None
+    weights = [as_number("loss_weights", w) for w in loss_weights] if isinstance(loss_weights, (list, tuple)) else None
     if weights is None or len(weights) != len(names):
         raise ValueError(f"loss_weights must be a list with one number per loss type ({len(names)} for "
                          f"{names}), got {loss_weights!r}")
@@ -54,6 +60,11 @@ def resolve_hyperparameters(loss_type, beta, hyperparameters, *, f_divergence_ty
     validated.  A hyper-parameter applies to every listed loss that takes it."""
     names = _loss_type_list(loss_type)
     objectives = [get_objective(name) for name in names]
+    beta = as_number("beta", beta)
+    f_alpha_divergence_coef = as_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    # NumPy scalars and 0-d tensors are numbers; per-pair tensor hyper-parameters stay tensors.
+    hyperparameters = {k: as_number(k, v, keep_tensors=k in TENSOR_HYPERPARAMETERS)
+                       for k, v in hyperparameters.items()}
     accepted = set().union(*(o.hyperparameters for o in objectives))
     unknown = sorted(set(hyperparameters) - accepted)
     if unknown:
@@ -145,6 +156,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         the loss's own (e.g. ``nll_loss``, ``log_odds_ratio``).  With several loss types the
         rewards are the first loss's.
     """
+    beta = as_number("beta", beta)
+    f_alpha_divergence_coef = as_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
     resolved = resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
                                        f_alpha_divergence_coef=f_alpha_divergence_coef)
     mix = resolve_loss_weights(loss_type, loss_weights)
@@ -170,6 +183,12 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         rejected_wpo_logps=_as_pair_tensor("rejected_wpo_logps", rejected_wpo_logps, chosen_logps),
     )
     check_same_device(chosen_logps=chosen_logps, rejected_logps=rejected_logps, **inputs, **extra)
+    # Reference log-probs are constants, as every other reference input (ref_logits, ref_token_logps).
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        if inputs[name] is not None:
+            inputs[name] = inputs[name].detach()
+    check_sorted_batch_options(loss_type, weights=weights, use_weighting=use_weighting, reduction=reduction,
+                               label_smoothing=hyperparameters.get("label_smoothing"))
     needs_ref = [o.name for o, _ in resolved if o.needs_reference]
     if needs_ref and (inputs["ref_chosen_logps"] is None or inputs["ref_rejected_logps"] is None):
         raise ValueError(f"loss_type={needs_ref[0]!r} needs ref_chosen_logps and ref_rejected_logps")
@@ -178,10 +197,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
     if use_weighting and (extra["chosen_wpo_logps"] is None or extra["rejected_wpo_logps"] is None):
         raise ValueError("use_weighting=True (WPO) needs chosen_wpo_logps and rejected_wpo_logps")
     for name in ("chosen_lengths", "rejected_lengths", "nll_lengths"):
-        lengths = inputs[name]
-        if lengths is not None and not lengths.is_cuda and not torch.compiler.is_compiling() \
-                and bool((lengths < 0).any()):
-            raise ValueError(f"{name} must be >= 0, got {lengths.min().item()}")
+        if inputs[name] is not None:  # host-syncing: CPU tensors always, also under torch.compile
+            inputs[name] = nonnegative(inputs[name], name)
     # Math in fp32 (or float64 when given float64).
     wide = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     cast = {k: (None if v is None else v.to(wide)) for k, v in inputs.items()}
@@ -199,7 +216,7 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         pair_weight = torch.exp(extra["chosen_wpo_logps"].detach().to(wide)
                                 + extra["rejected_wpo_logps"].detach().to(wide))
         losses = losses * pair_weight
-        loss_metrics["wpo_weight"] = pair_weight.mean()
+        loss_metrics["wpo_weight"] = batch_mean(pair_weight)
     if extra["weights"] is not None:
         losses = losses * extra["weights"].to(wide)
     if reduction == "mean":
@@ -211,12 +228,12 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
     chosen_rewards = first.chosen_rewards.detach()
     rejected_rewards = first.rejected_rewards.detach()
     metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(wide).mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": batch.chosen_logps.detach().mean(),
-        "logps/rejected": batch.rejected_logps.detach().mean(),
+        "rewards/chosen": batch_mean(chosen_rewards),
+        "rewards/rejected": batch_mean(rejected_rewards),
+        "rewards/accuracies": batch_mean((chosen_rewards > rejected_rewards).to(wide)),
+        "rewards/margins": batch_mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": batch_mean(batch.chosen_logps.detach()),
+        "logps/rejected": batch_mean(batch.rejected_logps.detach()),
         **{k: v.detach() for k, v in loss_metrics.items()},
     }
     return PreferenceLossOutput(loss, losses, metrics, chosen_rewards, rejected_rewards)

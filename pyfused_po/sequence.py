@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _dispatch
+from .validation import checked_labels
 
 
 class SequenceSums(NamedTuple):
@@ -18,8 +19,8 @@ class SequenceSums(NamedTuple):
 
 def label_mask(labels, *, ignore_index=-100, shift=False):
     """True where a token contributes: its label is not ignored (and, with shift, t ≥ 1)."""
-    mask = labels != ignore_index
-    if shift:
+    mask = checked_labels("labels", labels, ignore_index) != ignore_index
+    if shift and mask.shape[-1] > 0:  # T = 0: nothing to unmask
         mask = mask.clone()
         mask[..., 0] = False
     return mask
@@ -72,6 +73,8 @@ def ld_token_weights(mask, ld_alpha, dtype=torch.float32):
 def merge_labels(labels, extra_labels, *, ignore_index=-100, name="nll_labels"):
     """Labels for one token pass that serves two masks: ``labels`` where set, else
     ``extra_labels``.  Where both are set they must agree (they name the same token)."""
+    labels = checked_labels("labels", labels, ignore_index)
+    extra_labels = checked_labels(name, extra_labels, ignore_index)
     both = (labels != ignore_index) & (extra_labels != ignore_index)
     if not labels.is_cuda and not torch.compiler.is_compiling() and bool((both & (labels != extra_labels)).any()):
         raise ValueError(f"{name} must equal labels wherever both are not ignore_index={ignore_index}")

@@ -10,9 +10,17 @@ from typing import NamedTuple
 import torch
 
 from . import _backend
+from .autograd_guard import first_derivative_only
 from .packed_layout import run_packed
-from .token_logprobs import TokenConfig, _rows_view, logits_view, validate_token_inputs
-from .validation import check_same_device, check_tensor
+from .token_logprobs import (
+    TokenConfig,
+    _rows_view,
+    gradient_buffer,
+    logits_view,
+    make_token_config,
+    validate_token_inputs,
+)
+from .validation import check_same_device, check_tensor, checked_labels
 
 
 class TokenKL(NamedTuple):
@@ -58,6 +66,7 @@ class TokenKLFunction(torch.autograd.Function):
         return kl, logp
 
     @staticmethod
+    @first_derivative_only("token_kl")
     def backward(ctx, grad_kl, grad_logp):
         nothing = (None,) * 6
         if not ctx.needs_input_grad[0] or (grad_kl is None and grad_logp is None):
@@ -71,7 +80,7 @@ class TokenKLFunction(torch.autograd.Function):
         grad_kl, grad_logp = flat(grad_kl), flat(grad_logp)
         if grad_kl is None and grad_logp is None:
             return nothing
-        grad_logits = torch.empty_like(logits)
+        grad_logits = gradient_buffer(logits, B, T)
         _kl_ops(ctx.backend).token_kl_backward(
             logits_view(logits, B, T), logits_view(ref_logits, B, T), y2, lse, lse_r,
             logits_view(grad_logits, B, T, inplace=True),
@@ -127,8 +136,8 @@ def token_kl(logits, ref_logits, labels, *, ignore_index=-100, shift=False, temp
             logits, ref_logits, y, ignore_index=ignore_index, shift=s, temperature=temperature,
             logit_scale=logit_scale, softcap=softcap, backend=backend, with_logps=with_logps),
             labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift, ignore_index=ignore_index)
-    config = TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
-                         logit_scale=logit_scale, softcap=softcap)
+    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, ())
+    labels = checked_labels("labels", labels, config.ignore_index)
     resolved = validate_token_inputs(logits, labels, config, backend)
     _validate_ref(logits, ref_logits, resolved)
     kl, logp = TokenKLFunction.apply(logits, ref_logits.detach(), labels, config, resolved,

@@ -7,12 +7,16 @@ import torch
 
 from . import _backend, _dispatch
 from .packed_layout import run_packed
+from .autograd_guard import first_derivative_only
 from .validation import (
+    as_number,
     check_finite_nonzero,
     check_label_range,
+    check_inplace_target,
     check_positive,
     check_same_device,
     check_tensor,
+    checked_labels,
 )
 
 EXTRA_NAMES = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
@@ -73,6 +77,18 @@ def logits_view(logits, B, T, *, inplace=False):
         return logits.reshape(B, T, V)
 
 
+def gradient_buffer(logits, B, T):
+    """An uninitialized gradient for ``logits`` that views as ``[B, T, V]``: the logits' own
+    layout where it can (``empty_like``), contiguous where their leading dimensions cannot
+    merge into one stride (the forward then read a reshaped copy)."""
+    grad = torch.empty_like(logits)
+    try:
+        grad.view(B, T, logits.shape[-1])
+    except RuntimeError:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return grad
+
+
 class TokenLogprobsFunction(torch.autograd.Function):
     """Per-token log-probs (and extras) with the hand-written backward of the token stage.
 
@@ -100,6 +116,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return tuple(results)
 
     @staticmethod
+    @first_derivative_only("token_logprobs")
     def backward(ctx, grad_logp, *grad_extras):
         logits, y2, lse, *saved = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
@@ -131,21 +148,28 @@ def run_token_backward(logits, y2, lse, saved, grad_logp, grad_extras, config: T
     }
     if all(g is None for g in grads.values()):
         return None
-    grad_logits = logits if inplace else torch.empty_like(logits)
+    grad_logits = logits if inplace else gradient_buffer(logits, B, T)
     kw = dict(vocab_shard=True) if vocab_shard else {}
     _backend.token_ops(backend).token_backward(
         logits_view(logits, B, T), y2, lse, logits_view(grad_logits, B, T, inplace=True),
         entropy=saved.get("entropy"), log_sum_sq_probs=saved.get("log_sum_sq_probs"),
         **grads, **config.kernel_kwargs(), **kw,
     )
+    if inplace:
+        # The kernel wrote into the logits behind autograd's back: bump their version so that
+        # any other op that saved them (e.g. a z-loss) fails its saved-tensor check instead of
+        # silently reading the gradient as logits.
+        torch.autograd.graph.increment_version(logits)
     return grad_logits
 
 
 def make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras) -> TokenConfig:
     """The :class:`TokenConfig` of a public entry point's keywords (``extras`` may be one name)."""
     extras = tuple(extras) if not isinstance(extras, str) else (extras,)
-    return TokenConfig(ignore_index=ignore_index, shift=bool(shift), temperature=temperature,
-                       logit_scale=logit_scale, softcap=softcap, extras=extras)
+    return TokenConfig(ignore_index=as_number("ignore_index", ignore_index), shift=bool(shift),
+                       temperature=as_number("temperature", temperature),
+                       logit_scale=as_number("logit_scale", logit_scale), softcap=as_number("softcap", softcap),
+                       extras=extras)
 
 
 def pack_results(results, extras):
@@ -246,7 +270,10 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
             shift=shift, temperature=temperature, logit_scale=logit_scale, softcap=softcap, extras=extras,
             inplace_backward=inplace_backward, backend=backend)
     config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
+    labels = checked_labels("labels", labels, config.ignore_index)
     resolved = validate_token_inputs(logits, labels, config, backend)
+    if inplace_backward:
+        check_inplace_target("logits", logits)
     if torch.compiler.is_compiling():
         # Under torch.compile the token stage is an opaque custom op pair (no graph break);
         # the compiled graph owns its buffers, so the in-place backward does not apply.

@@ -72,3 +72,91 @@ def check_label_range(labels, vocab_size, ignore_index, *, force=False):
             f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
             f"found {int(bad.sum())} out of range, e.g. {first}"
         )
+
+
+# Label dtypes the kernels and comparisons use as they are; smaller ones are widened first.
+_WIDE_LABEL_DTYPES = (torch.int32, torch.int64)
+
+
+def checked_labels(name, labels, ignore_index):
+    """``labels`` checked and widened so that every comparison sees their true values.
+
+    A comparison of a small integer tensor with a Python int casts the int to the tensor's
+    dtype (uint8(−100) = 156, int8(200) = −56), and the kernels load masked labels as
+    ``ignore_index`` in the labels' own dtype.  So: ``ignore_index`` must be representable
+    in the labels' dtype (uint8 labels cannot hold −100: ``TypeError``), and int8/int16/uint8
+    labels are widened to int64 (an O(tokens) copy) before any check or kernel.
+    """
+    check_tensor(name, labels, floating=False)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise TypeError(
+            f"{name} of dtype {labels.dtype} (values in [{info.min}, {info.max}]) cannot hold "
+            f"ignore_index={ignore_index}; pass int64 {name}, or an ignore_index inside that range"
+        )
+    if labels.dtype in _WIDE_LABEL_DTYPES:
+        return labels
+    return labels.to(torch.int64)
+
+
+def as_number(name, value, *, keep_tensors=False):
+    """A hyper-parameter given as a Python number, a NumPy scalar or a 0-d tensor → a Python
+    number (anything else is returned as it is, for the caller's check to reject; tensors
+    too with ``keep_tensors``).  ``name`` is for the caller's messages.
+
+    A CUDA tensor costs one host sync here; hyper-parameters are read once per call.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, torch.Tensor):
+        if keep_tensors:  # a hyper-parameter that may be a per-pair tensor stays one
+            return value
+        if value.numel() == 1 and value.dim() == 0 and (value.is_floating_point() or value.dtype in INT_DTYPES):
+            return value.item()
+        return value
+    item = getattr(value, "item", None)
+    # NumPy scalars and 0-d arrays (numpy is never imported here: duck-typed on .item/.dtype).
+    if callable(item) and hasattr(value, "dtype") and getattr(value, "ndim", None) == 0:
+        out = item()
+        if isinstance(out, (int, float)) and not isinstance(out, bool):
+            return out
+    return value
+
+
+def _may_overlap(x):
+    """True unless the strides prove that no two elements of ``x`` share memory: ordered
+    by stride, each dimension must step past the whole extent of the ones below it."""
+    dims = sorted((s, n) for s, n in zip(x.stride(), x.shape) if n > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
+def check_inplace_target(name, x):
+    """``inplace_backward=True`` writes the gradient into ``x``'s own memory; refuse where
+    that would be wrong or destroy something: elements sharing memory (expanded, stride 0,
+    or overlapping views: their gradients would overwrite each other), and a leaf that
+    requires grad, or a view of one (its values would be overwritten by its own gradient)."""
+    if not x.requires_grad:
+        return
+    if _may_overlap(x):
+        raise ValueError(
+            f"inplace_backward=True needs {name} whose elements do not share memory; got shape "
+            f"{tuple(x.shape)} with strides {x.stride()} (expanded or overlapping). Pass "
+            f"inplace_backward=False (or a contiguous copy)."
+        )
+    base = x._base
+    if x.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
+        what = "is a leaf tensor" if x.is_leaf else "is a view of a leaf tensor"
+        raise ValueError(
+            f"inplace_backward=True would overwrite {name}'s values with its gradient, but {name} "
+            f"{what} that requires grad (its .grad would alias its overwritten data). Use it on "
+            f"logits computed by the model (non-leaf), or pass inplace_backward=False."
+        )

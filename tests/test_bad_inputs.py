@@ -29,6 +29,12 @@ ltl = pyfused_po.linear_token_logprobs
 FPL = pyfused_po.FusedPreferenceLoss
 
 
+def _double_backward():
+    x = torch.randn(4, 3, V, requires_grad=True)
+    (g,) = torch.autograd.grad(tl(x, labels(), backend="torch").sum(), x, create_graph=True)
+    g.pow(2).sum().backward()
+
+
 def _inplace_unaddressable():
     x = torch.randn(3, 4, 5, V).permute(1, 0, 2, 3)[:, :, :4]
     tl(x, torch.randint(0, V, (4, 3, 4)), inplace_backward=True, backend="torch")
@@ -74,6 +80,13 @@ CASES = {
                                                         token_weights=torch.ones(4, 2)), ValueError, "token_weights must have shape"),
     "logits-and-hidden": (lambda: FPL(backend="torch")(logits=logits(), hidden=torch.randn(4, 3, 8), labels=labels()),
                           ValueError, "exactly one of logits= or hidden="),
+    # reliability, second round (tests/test_reliability_round2.py has the per-class tests)
+    "label-dtype-ignore-index": (lambda: tl(logits(), labels().to(torch.uint8)), TypeError, "cannot hold ignore_index"),
+    "inplace-shared-memory": (lambda: tl((logits(1, 3, V).requires_grad_() * 1).expand(4, 3, V), labels(),
+                                         inplace_backward=True), ValueError, "share memory"),
+    "inplace-leaf": (lambda: tl(logits().requires_grad_(), labels(), inplace_backward=True), ValueError, "leaf"),
+    "double-backward": (_double_backward, RuntimeError, "first derivative only"),
+    "aot-per-pair-options": (lambda: pl(z3, z3, z3, z3, loss_type="aot", reduction="none"), ValueError, "reduction"),
 }
 
 

@@ -129,7 +129,7 @@ def test_linear_custom_ops_pass_opcheck():
     labels = torch.randint(0, 11, (2, 5))
     for mm_dtype in (None, torch.bfloat16):
         args = (hidden, weight, None, labels, -100, True, 1.0, 1.0, None, "entropy", "torch", "chunked", None,
-                mm_dtype)
+                mm_dtype, None)
         torch.library.opcheck(ops.linear_forward, args, test_utils=("test_schema", "test_faketensor",
                                                                    "test_autograd_registration"))
 

@@ -87,7 +87,8 @@ def test_token_kl_on_gpu(dtype):
 def test_inplace_backward_allocates_no_logits_sized_buffer():
     """Issue 2's memory target: loss + backward add ≤ 1% of the logits' bytes (in-place)."""
     N, V = 8192, 128_256
-    logits = torch.randn(1, N, V, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    leaf = torch.randn(1, N, V, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    logits = leaf.clone()  # a non-leaf, as an lm_head's output (the in-place backward refuses leaves)
     labels = torch.randint(0, V, (1, N), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

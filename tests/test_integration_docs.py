@@ -49,7 +49,12 @@ def _check_use_it(index, out):
         assert float(last.split()[0]) > 0  # a positive loss comes first
 
 
+def _check_rl(out):
+    assert out.strip() == "torch.Size([2, 6]) torch.Size([2, 6])"
+
+
 CHECKS = {
+    "RL log-probs (PPO / GRPO actors, verl, OpenRLHF)": lambda i, out: _check_rl(out),
     "Use it with TRL": lambda i, out: _check_trl(out),
     "Use it with a Hugging Face model": lambda i, out: _check_hf(out),
     "Use it": _check_use_it,

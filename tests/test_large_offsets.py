@@ -26,6 +26,19 @@ def far_apart_rows(width, dtype, device="cpu"):
     return view
 
 
+class _NonLeafAlias(torch.autograd.Function):
+    """A non-leaf tensor on the same memory as its input (identity backward)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(),
+                                                                    t.shape, t.stride())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _big_buffers_allowed():
     return not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory > 16 * 2**30
 
@@ -56,7 +69,8 @@ def test_inplace_backward_writes_rows_past_2_pow_31():
     labels = torch.tensor([[5, 60, 96]])
     x_ref = x.detach().clone().double().requires_grad_()
     (grad_ref,) = torch.autograd.grad(token_logprobs_ref(x_ref, labels)["logps"].sum(), x_ref)
-    x.requires_grad_()
+    # The in-place backward refuses leaf logits; an lm_head's output is a non-leaf on its own memory.
+    x = _NonLeafAlias.apply(x.requires_grad_())
     out = pyfused_po.token_logprobs(x, labels, inplace_backward=True, backend="triton")
     out.sum().backward()
     # The gradient now lives in the far-apart rows of the storage itself.

@@ -238,8 +238,8 @@ def check_all(out, leaves, ref, ref_leaves, P):
 @pytest.mark.parametrize("loss_type,ref_fn,hp", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_loss_matches_formula(loss_type, ref_fn, hp, beta):
     d = make_inputs(beta)
-    if loss_type == "orpo":  # log(1 − e^ℓ̄) needs ℓ̄ < 0: no empty response here
-        d["pc"][0] = -0.3
+    if loss_type == "orpo":  # log(1 − e^ℓ̄) needs ℓ̄ < 0 and an empty response has no odds: none here
+        d["pc"][0], d["nc"][0] = -0.3, 1.0
     out, leaves, ref, ref_leaves = run_case(loss_type, ref_fn, hp, beta, d)
     check_all(out, leaves, ref, ref_leaves, d["pc"].numel())
 

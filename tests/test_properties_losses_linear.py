@@ -20,8 +20,8 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 def test_every_loss_matches_its_formula(case, beta, pairs, seed):
     loss_type, ref_fn, hp = case
     d = make_inputs(beta, P=pairs, seed=seed)
-    if loss_type == "orpo":  # the formula's log(1 − e^ℓ̄) is undefined for an empty response (ℓ̄ = 0)
-        d["pc"][0] = -0.3
+    if loss_type == "orpo":  # log(1 − e^ℓ̄) needs ℓ̄ < 0 and an empty response has no odds: none here
+        d["pc"][0], d["nc"][0] = -0.3, 1.0
     out, leaves, ref, ref_leaves = run_case(loss_type, ref_fn, hp, beta, d)
     check_all(out, leaves, ref, ref_leaves, pairs)
 

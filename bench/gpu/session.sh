@@ -1,50 +1,198 @@
 #!/usr/bin/env bash
-# A GPU session's work, run ON the GPU machine from the repository root (the device tool's
-# `run`, with `.whl` carried — see bench/gpu/fetch_peers.sh).  One step per device call,
-# each well inside the 10-minute limit; results are copied to $OUT so they come back.
+# A GPU session's work in ONE device call (bench/gpu/README.md has the plan and budgets):
 #
-#   bash bench/gpu/session.sh tests       # every gpu-marked test (all paths, dtypes)
-#   bash bench/gpu/session.sh headline    # 16k tokens x 128k vocab bf16, both paths, every peer
-#   bash bench/gpu/session.sh sweep PATH DTYPE   # e.g. "sweep logits bf16"
-#   bash bench/gpu/session.sh context     # max-context search
-#   bash bench/gpu/session.sh sanitizer   # compute-sanitizer memcheck on the kernels, mid size
+#   bash bench/gpu/session.sh all          # tests, headline, ablations, context, sanitizer: <= 9 min
+#   DRY_RUN=1 bash bench/gpu/session.sh all   # (or --dry-run) the same steps on the CPU, toy sizes
+#
+# One-step modes (each also packages its results into $OUT):
+#   tests | headline | ablations | context | sanitizer | sweep PATH DTYPE (e.g. "sweep logits bf16")
+#
+# Run from the repository root on the GPU machine with `.whl` carried (bench/gpu/fetch_peers.sh,
+# bench/gpu/pack_activations.py).  Each step runs under its own `timeout` (SIGINT, then SIGKILL),
+# cut further to what is left of SESSION_BUDGET_S; the results go to
+# $STAGE/bench/results/<gpu>/ and, after every step, into at most 7 files in $OUT (the device
+# tool brings back 8 files at most, none deeper than two folders):
+#   SUMMARY.md session.json results.tar.gz session.log headline.md ablations.md ablations.png
+# Exit status: 0 when every step is ok (or skipped with a recorded reason), else 1.
 set -uo pipefail
-step=${1:?step: tests | headline | sweep PATH DTYPE | context | sanitizer}
+cd "$(dirname "$0")/../.."
+
+DRY=${DRY_RUN:-0}
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+[ "$DRY" = 0 ] || DRY=1
+mode=${1:?usage: session.sh [--dry-run] all | tests | headline | ablations | context | sanitizer | sweep PATH DTYPE}
+case "$mode" in
+  all|tests|headline|ablations|context|sanitizer) ;;
+  sweep) : "${2:?sweep PATH DTYPE}" "${3:?sweep PATH DTYPE}" ;;
+  *) echo "unknown mode: $mode (all | tests | headline | ablations | context | sanitizer | sweep PATH DTYPE)" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+START=$(date +%s)
+BUDGET=${SESSION_BUDGET_S:-540}   # the whole command; the device tool's limit is 600 s
+RESERVE=15                        # kept for the last packaging
+MIN_STEP=10                       # a step with less time left than this is "not run" (a failure)
+OUT=${OUT:-/tmp/pyfused_session_out}
+mkdir -p "$OUT"
+rm -f "$OUT"/{SUMMARY.md,session.json,results.tar.gz,session.log,headline.md,ablations.md,ablations.png}
+export DRY_RUN=$DRY PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+
+# --- set-up: peers from carried wheels, the kernels link, the device's folder name ----------
+if [ "$DRY" = 0 ]; then
+  unset TRITON_INTERPRET
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || echo "[session] pip install of .whl failed: peers will show as not installed" >&2
+  fi
+else
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""   # a CPU check, also on a machine with a GPU
 fi
 export PYTHONPATH=/tmp/site:$PWD/.whl/flash_attn_ce:$PWD${PYTHONPATH:+:$PYTHONPATH}
 # A source checkout used in place: kernels/ installs as pyfused_po.kernels, so link it there.
 [ -e pyfused_po/kernels ] || ln -s ../kernels pyfused_po/kernels
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-unset TRITON_INTERPRET
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
+GPU=$("$PY" -c "import torch; from bench.env_info import device_name, slug
+print(slug(device_name(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))) if torch.cuda.is_available() else 'dry-run-cpu')" \
+  2> "$OUT/session.log") || { echo "[session] python/torch/bench does not start (see session.log)" | tee "$OUT/SUMMARY.md" >&2
+                              cat "$OUT/session.log" >&2; exit 1; }
+if [ "$DRY" = 0 ] && [ "$GPU" = dry-run-cpu ]; then
+  echo "[session] no CUDA device: run with DRY_RUN=1 for the CPU check" >&2; exit 1
+fi
+OWN_STAGE=0
+[ -n "${STAGE:-}" ] || { STAGE=$(mktemp -d /tmp/pyfused_session.XXXXXX); OWN_STAGE=1; }
+RES=$STAGE/bench/results/$GPU
+LOGS=$RES/logs
+mkdir -p "$LOGS"
+# Merge with results already committed for this device (run.py merges into its --out).
+if [ "$DRY" = 0 ] && [ -z "${FRESH:-}" ] && [ -d "bench/results/$GPU" ]; then cp -r "bench/results/$GPU/." "$RES/"; fi
+rm -f "$RES/steps.jsonl"
+ACTS=.whl/smollm2_activations.pt
+echo "[session] mode=$mode dry_run=$DRY device=$GPU results=$RES out=$OUT budget=${BUDGET}s"
 
-copy_results() {  # the device tool brings back files at most two folders below $OUT
-  for d in bench/results/*/; do
-    [ -d "$d" ] || continue
-    mkdir -p "$OUT/$(basename "$d")"
-    cp "$d"* "$OUT/$(basename "$d")/" 2>/dev/null
+package() {  # summary + tarball + copies into $OUT (cheap: no torch import)
+  "$PY" bench/gpu/summarize.py summary "$RES" "$OUT" > /dev/null 2>&1
+  local rc=$?
+  tar -czf "$OUT/results.tar.gz" -C "$STAGE" bench
+  : > "$OUT/session.log"
+  for f in "$LOGS"/*.log; do [ -f "$f" ] && { echo "===== $(basename "$f")"; tail -c 200000 "$f"; } >> "$OUT/session.log"; done
+  return $rc
+}
+
+# run_step NAME BUDGET_S "EXPECTED FILES" CMD...: runs CMD under timeout, logs, records.
+run_step() {
+  local name=$1 budget=$2 expect=$3; shift 3
+  local now left t log=$LOGS/$name.log
+  now=$(date +%s); left=$(( START + BUDGET - RESERVE - now )); t=$budget
+  (( left < t )) && t=$left
+  if (( t < MIN_STEP )); then
+    echo "no time left in the session budget (${left}s)" > "$log"
+    "$PY" bench/gpu/summarize.py step "$RES" "$name" "not run: no time left" 0 0 "$budget" 0 "$log" "$now"
+    package; return
+  fi
+  echo "[session] $name (timeout ${t}s): $*"
+  local t0 t1 rc status
+  t0=$(date +%s.%N)
+  { echo "\$ $*"; timeout -s INT -k 15 "$t" "$@"; } > "$log" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  case $rc in 0) status=ok ;; 124|137) status="timeout after ${t}s" ;; *) status="failed (rc $rc)" ;; esac
+  tail -n 4 "$log" | sed "s/^/    /"
+  # shellcheck disable=SC2086  # the expected files are a space-separated list
+  "$PY" bench/gpu/summarize.py step "$RES" "$name" "$status" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$budget" "$t" \
+    "$log" "$t0" $expect
+  package
+}
+
+# --- the steps ---------------------------------------------------------------------------------
+step_env() {
+  if [ "$DRY" = 0 ]; then nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
+    --format=csv > "$RES/device.txt" 2>&1; else echo "CPU dry run: no GPU" > "$RES/device.txt"; fi
+  run_step env 30 "$RES/session_env.json" "$PY" bench/gpu/summarize.py env "$RES"
+}
+
+step_tests() {
+  if [ "$DRY" = 0 ]; then
+    run_step tests 105 "$LOGS/gpu_tests.xml" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests bench \
+      --durations=15 --junitxml="$LOGS/gpu_tests.xml"
+  else  # the same selection, collected (the tests need CUDA); at least one must be selected
+    run_step tests 60 "$LOGS/gpu_tests_collected.txt" bash -c "set -o pipefail; '$PY' -m pytest -q -p no:cacheprovider \
+      -m gpu tests bench --collect-only | tee '$LOGS/gpu_tests_collected.txt' | tail -3 \
+      && grep -Eq '^[1-9][0-9]*(/[0-9]+)? tests? (collected|selected)' '$LOGS/gpu_tests_collected.txt'"
+  fi
+}
+
+# The headline in three runs that merge into one summary (run.py saves only at its end, so a
+# slow group cannot cost the others their numbers): fused-linear path, logits path, torch.compile.
+HEADLINE_GROUPS=("linear 75 pyfused_linear,pyfused_linear_fused,trl_chunked,liger,cce,torch_eager_linear"
+                 "logits 55 pyfused,pyfused_inplace,trl_selective,trl_kernel,flash_attn,torch_eager"
+                 "compile 45 torch_compile,torch_compile_linear")
+step_headline() {
+  local g name budget methods all=""
+  for g in "${HEADLINE_GROUPS[@]}"; do
+    read -r name budget methods <<< "$g"
+    if [ "$DRY" = 0 ]; then
+      run_step "headline_$name" "$budget" "$RES/summary.json $RES/README.md" "$PY" bench/run.py --headline-only \
+        --no-progress --methods "$methods" --out "$RES"
+    fi
+    all=$all${all:+,}$methods
+  done
+  # Dry run: one run over the same methods at toy sizes (same code path, a third of the start-ups).
+  [ "$DRY" = 0 ] || run_step headline 120 "$RES/summary.json $RES/README.md" "$PY" bench/run.py --headline-only \
+    --no-progress --methods "$all" --out "$RES" --max-tokens-per-pair 64 --reps 1 --warmup 0
+}
+
+step_ablations() {
+  local acts=()
+  [ -f "$ACTS" ] && acts=(--activations "$ACTS")
+  run_step ablations 70 "$RES/ablations/ablations.json $RES/ablations/ablations.md" \
+    "$PY" bench/ablations.py --out "$RES/ablations" "${acts[@]}"
+}
+
+step_context() {  # one run per method: a slow search cannot cost the others their result
+  local methods=(pyfused_linear trl_chunked liger cce) each=22 m
+  [ "$DRY" = 0 ] || methods=(pyfused_linear)
+  for m in "${methods[@]}"; do
+    run_step "context_$m" "$each" "$RES/max-context-80GB/summary.json" "$PY" bench/gpu/memcap.py 80e9 \
+      bench/run.py --only-max-context --methods "$m" --no-progress --out "$RES/max-context-80GB"
   done
 }
 
-case "$step" in
-  tests)
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests bench 2>&1 | tee "$OUT/gpu_tests.log" ;;
-  headline)
-    "$PY" bench/run.py --headline-only --no-progress 2>&1 | tee "$OUT/headline.log"; copy_results ;;
-  sweep)
-    "$PY" bench/run.py --paths "${2:?path}" --dtypes "${3:?dtype}" --no-max-context --no-progress 2>&1 \
-      | tee "$OUT/sweep_$2_$3.log"; copy_results ;;
-  context)
-    "$PY" bench/run.py --only-max-context --no-progress 2>&1 | tee "$OUT/context.log"; copy_results ;;
-  sanitizer)
-    compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
-      tests/test_token_logprobs.py tests/test_dpo.py -k "realistic or dpo_step" 2>&1 | tail -40 \
-      | tee "$OUT/sanitizer.log" ;;
-  *)
-    echo "unknown step: $step" >&2; exit 2 ;;
+step_sanitizer() {
+  if [ "$DRY" = 1 ]; then  # the case itself (Triton interpreter); the sanitizer needs a GPU
+    echo "compute-sanitizer on PATH: $(command -v compute-sanitizer || echo no)" > "$LOGS/sanitizer_binary.txt"
+    run_step sanitizer 60 "$LOGS/sanitizer.log" "$PY" bench/gpu/small_case.py
+  elif command -v compute-sanitizer > /dev/null; then
+    run_step sanitizer 40 "$LOGS/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
+      "$PY" bench/gpu/small_case.py
+  else
+    echo "compute-sanitizer not on PATH: memcheck not run" > "$LOGS/sanitizer.log"
+    "$PY" bench/gpu/summarize.py step "$RES" sanitizer "skipped: compute-sanitizer not on PATH" 0 0 40 0 \
+      "$LOGS/sanitizer.log" "$(date +%s)"
+    run_step small_case 30 "$LOGS/small_case.log" "$PY" bench/gpu/small_case.py
+  fi
+}
+
+step_sweep() {
+  run_step "sweep_$1_$2" 560 "$RES/summary.json" "$PY" bench/run.py --paths "$1" --dtypes "$2" --no-max-context \
+    --no-progress --out "$RES"
+}
+
+step_env
+case "$mode" in
+  all) step_tests; step_headline; step_ablations; step_context; step_sanitizer ;;
+  tests) step_tests ;;
+  headline) step_headline ;;
+  ablations) step_ablations ;;
+  context) step_context ;;
+  sanitizer) step_sanitizer ;;
+  sweep) step_sweep "$2" "$3" ;;
 esac
+
+package
+rc=$?
+echo "[session] done in $(( $(date +%s) - START ))s; results in $OUT ($(ls "$OUT" | tr '\n' ' '))"
+cat "$OUT/SUMMARY.md" | sed -n '/^## Steps/,/^total wall/p'
+# The dry run's scratch folder goes (everything is in $OUT/results.tar.gz); KEEP_STAGE=1 keeps it.
+if [ "$DRY" = 1 ] && [ "$OWN_STAGE" = 1 ] && [ -z "${KEEP_STAGE:-}" ]; then rm -rf "$STAGE"; fi
+if [ $rc -ne 0 ]; then
+  echo "[session] FAILED: a step did not finish ok (see the table above and $OUT/session.log)" >&2
+fi
+exit $rc

@@ -14,7 +14,8 @@ class Method:
     ``build(case, device)`` returns ``loss_fn(inputs) -> scalar loss`` (forward only; the
     runner calls ``backward``).  ``probe()`` returns ``None`` when the method can run, or the
     reason it cannot (``"not installed"``, ``"GPU only"`` for ``cuda_only`` methods on a
-    CPU run, an API mismatch).
+    CPU run, an API mismatch); ``cpu_probe()`` is asked too on a run off CUDA (a release
+    whose CPU path is the Triton interpreter says ``"GPU only"`` there).
     """
 
     name: str
@@ -23,6 +24,7 @@ class Method:
     build: Callable
     probe: Callable[[], Optional[str]] = lambda: None
     cuda_only: bool = False
+    cpu_probe: Callable[[], Optional[str]] = lambda: None  # extra check for a run off CUDA
     compares_loss: bool = True                 # False: its loss differs by design (see note)
     reference_free: bool = False               # takes no reference log-probs: DPO with ref = 0
     destroys_inputs: bool = False              # in-place backward: run last, value check first
@@ -31,10 +33,10 @@ class Method:
     def unavailable(self, device) -> Optional[str]:
         try:
             reason = self.probe()
+            if reason is None and device.type != "cuda":
+                reason = NEEDS_CUDA if self.cuda_only else self.cpu_probe()
         except Exception as err:  # a broken peer install is reported, not fatal
             reason = f"probe failed: {type(err).__name__}: {err}"[:200]
-        if reason is None and self.cuda_only and device.type != "cuda":
-            reason = NEEDS_CUDA
         return reason
 
 

@@ -11,12 +11,15 @@
   arguments (1.16 takes ``chunk_size`` sixth and ``outputs`` last; the trainer passes
   ``_CHUNKED_LOGPROB_CHUNK_SIZE = 32768`` and ``outputs=("log_probs",)``), so the call is
   assembled from the installed signature; an unknown required parameter marks the
-  adapter "API not verified".  Verified against trl 1.16.0 (CPU, Triton interpreter).
+  adapter "API not verified".  Verified against trl 1.16.0.  On the CPU, 1.16 folds its
+  tiles in torch ops (``_use_triton`` is false there), so the CPU run measures that path;
+  a release without the torch fold would run its Triton kernel under the interpreter
+  and is marked "GPU only" on a CPU run instead.
 """
 import importlib
 import inspect
 
-from .base import NOT_INSTALLED, Method, installed
+from .base import NEEDS_CUDA, NOT_INSTALLED, Method, installed
 from .common import token_dpo
 
 CHUNK_SIZE_FALLBACK = 32768  # TRL's vocabulary tile when the module does not name one
@@ -97,6 +100,9 @@ def _build_kernel(case, device):
 def _build_chunked(case, device):
     fn_cls = _chunked()
     module = inspect.getmodule(fn_cls)
+    # 1.16's backward imports trl.trainer.utils on first use; a TRL trainer has it loaded
+    # already, so load it here rather than charge its import to the first step's memory.
+    _trl_attr([("trl.trainer.utils", "selective_log_softmax")])
 
     def loss_fn(inp):
         hidden = inp.hidden.reshape(-1, case.hidden)
@@ -122,11 +128,20 @@ def _probe_chunked():
     return None
 
 
+def _cpu_probe_chunked():
+    """1.16 folds the tiles in torch ops off CUDA (``_use_triton``); older releases do not."""
+    try:
+        module = importlib.import_module("trl.kernels.chunked_logprob")
+    except ImportError:
+        return NEEDS_CUDA
+    return None if hasattr(module, "_use_triton") else NEEDS_CUDA
+
+
 METHODS = [
     Method("trl_selective", "TRL selective_log_softmax", "logits", _build_selective,
            probe=_probe(_selective)),
     Method("trl_kernel", "TRL logprob kernel", "logits", _build_kernel, probe=_probe(_kernel),
            cuda_only=True),
     Method("trl_chunked", "TRL ChunkedLogProbFunction", "linear", _build_chunked,
-           probe=_probe_chunked, cuda_only=True),
+           probe=_probe_chunked, cpu_probe=_cpu_probe_chunked),
 ]

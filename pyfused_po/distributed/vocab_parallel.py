@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from .. import _backend, _dispatch
+from .. import _backend
+from ..autograd_guard import first_derivative_only
 from ..linear_token_logprobs import validate_linear_inputs
 from ..mixed_precision import autocast_off, cast_operands
 from ..token_logprobs import (
@@ -31,7 +33,7 @@ from ..token_logprobs import (
     validate_token_config,
 )
 from ..torch_backend import linear as _chunked
-from ..validation import check_same_device, check_tensor
+from ..validation import check_inplace_target, check_same_device, check_tensor, checked_labels
 from .vocab_stats import all_gather_stats, check_layout, combine_stats, pack_stats, slice_labels
 
 
@@ -119,6 +121,7 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         return tuple(results)
 
     @staticmethod
+    @first_derivative_only("vocab_parallel_token_logprobs")
     def backward(ctx, grad_logp, *grad_extras):
         none = (None,) * 7
         if not ctx.needs_input_grad[0]:
@@ -161,6 +164,7 @@ def vocab_parallel_token_logprobs(logits_shard, labels, *, group, vocab_start, i
     config = _config(ignore_index, shift, temperature, logit_scale, softcap, extras)
     check_tensor("logits_shard", logits_shard, floating=True, min_dim=2)
     check_tensor("labels", labels, floating=False, min_dim=1)
+    labels = checked_labels("labels", labels, ignore_index)
     check_same_device(logits_shard=logits_shard, labels=labels)
     if tuple(logits_shard.shape[:-1]) != tuple(labels.shape):
         raise ValueError(f"logits_shard must have shape labels.shape + (V_r,) = {tuple(labels.shape)} + (V_r,), "
@@ -168,6 +172,8 @@ def vocab_parallel_token_logprobs(logits_shard, labels, *, group, vocab_start, i
     _check_group(group, vocab_start)
     resolved = resolve_backend(backend, logits_shard, "logits_shard")
     _check_label_floor(labels, ignore_index)
+    if inplace_backward:
+        check_inplace_target("logits_shard", logits_shard)
     results = VocabParallelTokenLogprobsFunction.apply(logits_shard, labels, config, resolved,
                                                        bool(inplace_backward), group, vocab_start)
     return pack_results(results, config.extras)
@@ -183,7 +189,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
                 reduce_grad_hidden, mm_dtype):
         fold = _SliceFold(_backend.token_ops(backend))
         D, T, v_local = hidden.shape[-1], labels.shape[-1], weight.shape[0]
-        rows, pos, targets = _chunked.labelled_tokens(labels.reshape(-1, T), config.ignore_index, config.shift)
+        rows, pos, targets = _chunked.labelled_tokens(_chunked.labels_2d(labels), config.ignore_index, config.shift)
         targets = slice_labels(targets, vocab_start, v_local, config.ignore_index)
         kw = dict(ignore_index=config.ignore_index, temperature=config.temperature,
                   logit_scale=config.logit_scale, softcap=config.softcap, chunk_tokens=chunk_tokens, fold=fold)
@@ -209,6 +215,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         return tuple(results)
 
     @staticmethod
+    @first_derivative_only("vocab_parallel_linear_token_logprobs")
     def backward(ctx, grad_logp, *grad_extras):
         hidden, weight, bias, rows, pos, targets, lse, *saved = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -271,6 +278,7 @@ def vocab_parallel_linear_token_logprobs(hidden, weight_shard, labels, *, group,
     # The single-device checks apply to the slice (its V_r rows); labels are checked
     # against the full vocabulary after the forward's gather.
     check_tensor("labels", labels, floating=False, min_dim=1)
+    labels = checked_labels("labels", labels, ignore_index)
     resolved, _, mm_dtype = validate_linear_inputs(hidden, weight_shard, bias_shard, labels.new_full(labels.shape, ignore_index)
                                          if labels.numel() else labels, config, backend, "chunked", chunk_tokens)
     _check_label_floor(labels, ignore_index)

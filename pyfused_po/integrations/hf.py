@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from .. import _dispatch
+from .lora_head import lora_head_operands
 
 __all__ = ["lm_head_transform", "backbone", "last_hidden_states", "gathered_lm_head", "with_lm_head",
            "model_preference_loss"]
@@ -227,6 +228,9 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
     refs = dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     if ref_model is not None:
         with torch.no_grad(), gathered_lm_head(ref_model) as (ref_w, ref_b):
+            ref_lora = lora_head_operands(_head(ref_model), ref_hidden)
+            if ref_lora is not None:
+                ref_hidden, ref_w, ref_b = ref_lora.hidden, ref_lora.weight, ref_lora.bias
             # Forward-only reference: per-sequence sums now, so nothing of its head is kept.
             refs = dict(zip(("ref_chosen_logps", "ref_rejected_logps"),
                             _reference_sums(loss_fn, ref_hidden, ref_w, ref_b, labels)))
@@ -234,6 +238,9 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
     def policy_loss(hidden, labels, weight, bias):
         return loss_fn(labels=labels, hidden=hidden, weight=weight, bias=bias, **refs, **loss_kwargs)
 
+    lora = lora_head_operands(_head(model), hidden)
+    if lora is not None:  # a LoRA adapter on the head: its delta enters as extra columns (see lora_head.py)
+        return policy_loss(lora.hidden, labels, lora.weight, lora.bias)
     return with_lm_head(model, policy_loss, hidden, labels)
 
 

@@ -14,6 +14,7 @@ from .. import _dispatch
 from ..linear_token_logprobs import linear_token_logprobs
 from ..packed_layout import cu_seqlens_to_position_ids, packed_shift, resolve_cu_seqlens
 from . import hf
+from .lora_head import lora_head_operands
 
 PER_TOKEN_ARGS = ("token_weights", "ref_token_logps", "nll_labels")
 
@@ -50,6 +51,9 @@ def packed_model_preference_loss(model, loss_fn, input_ids, labels, attention_ma
         with torch.no_grad():
             ref_hidden = hf.last_hidden_states(ref_model, input_ids, None, position_ids=position_ids)
             with hf.gathered_lm_head(ref_model) as (ref_w, ref_b):
+                ref_lora = lora_head_operands(hf._head(ref_model), ref_hidden)
+                if ref_lora is not None:
+                    ref_hidden, ref_w, ref_b = ref_lora.hidden, ref_lora.weight, ref_lora.bias
                 # Forward-only reference per token; the loss sums it like the policy (LD weights too).
                 kw = dict(loss_fn.token_kwargs, shift=False)
                 refs = dict(ref_token_logps=linear_token_logprobs(ref_hidden, ref_w, labels, bias=ref_b,
@@ -58,4 +62,7 @@ def packed_model_preference_loss(model, loss_fn, input_ids, labels, attention_ma
     def policy_loss(hidden, labels, weight, bias):
         return loss_fn(labels=labels, hidden=hidden, weight=weight, bias=bias, cu_seqlens=cu, **refs, **loss_kwargs)
 
+    lora = lora_head_operands(hf._head(model), hidden)
+    if lora is not None:  # a LoRA adapter on the head: its delta enters as extra columns (see lora_head.py)
+        return policy_loss(lora.hidden, labels, lora.weight, lora.bias)
     return hf.with_lm_head(model, policy_loss, hidden, labels)

@@ -1,40 +1,55 @@
 """TRL: route the trainers' per-token log-probs through pyfused_po's fused-linear path.
 
-TRL ≥ 1.16 never asks a model for logits in its preference trainers: ``DPOTrainer`` and
-``KTOTrainer`` patch ``model.forward`` with ``trl.trainer.utils.add_fused_lm_head`` and call
-``model(..., labels=labels, fused_lm_head=True)``, which returns a ``FusedCausalLMOutput``
-of per-token ``log_probs`` (and ``entropy``, ``mean_logits``, ``is_top1``,
-``log_sum_sq_probs`` for the metrics and WPO).  :func:`apply` replaces that patched
-forward with one of the same contract computed by :func:`pyfused_po.linear_token_logprobs`
-(hand-written backward; no ``dW`` GEMM under LoRA's frozen head), so every ``loss_type``,
-``ld_alpha``, ``use_weighting`` and logged metric of the trainer works unchanged.
+Since TRL 1.15 no trainer asks a model for logits to score tokens: ``SFTTrainer``,
+``DPOTrainer``, ``KTOTrainer``, ``GRPOTrainer``, ``RLOOTrainer`` (and the experimental
+``AsyncGRPOTrainer``) patch ``model.forward`` with ``trl.trainer.utils.add_fused_lm_head``
+and call ``model(..., labels=labels, fused_lm_head=True)``, which returns a
+``FusedCausalLMOutput`` of per-token ``log_probs`` (and ``entropy``, ``mean_logits``,
+``is_top1``, ``log_sum_sq_probs`` for the metrics and WPO).  :func:`apply` replaces that
+patched forward with one of the same contract computed by
+:func:`pyfused_po.linear_token_logprobs` (hand-written backward; no ``dW`` GEMM under LoRA's
+frozen head), keeping the settings TRL gave it (temperature, ``cast_lm_head_to_fp32``, the
+outputs the trainer asked for), so every loss and logged metric of the trainer works unchanged.
 
-:func:`use_preference_loss` goes one step further and makes a
-:class:`~pyfused_po.FusedPreferenceLoss` the trainer's loss, for the loss types TRL lacks
-(H-DPO, SimPO, EXPO's pairwise-free variants, …); its metrics are logged under TRL's names.
+:func:`use_preference_loss` (:mod:`.trl_preference_loss`) goes one step further and makes a
+:class:`~pyfused_po.FusedPreferenceLoss` the ``DPOTrainer``'s loss.
 
-Supported: TRL ``>= 1.16, < 2`` (:data:`SUPPORTED_TRL`); other versions raise.
+Supported: every TRL release with the fused-LM-head protocol (TRL ``>= 1.15``; checked on the
+protocol itself, :func:`check_trl_version`).  Older releases raise, naming what to use instead.
 """
 import contextlib
 import functools
+import inspect
 import types
 import warnings
 from importlib import metadata
 
 import torch
 
+from .. import _dispatch
 from ..linear_token_logprobs import linear_token_logprobs
 from .hf import backbone, lm_head_transform, with_lm_head
+from .lora_head import lora_head_operands
+from .trl_head import PATCH_MARK, head_owner, trl_head_settings
 
-__all__ = ["SUPPORTED_TRL", "apply", "patch_model", "use_preference_loss", "check_trl_version"]
+__all__ = ["SUPPORTED_TRL", "apply", "patch_model", "use_preference_loss", "check_trl_version",
+           "trl_head_settings"]
 
-SUPPORTED_TRL = (">=1.16", "<2")
-_MIN, _MAX = (1, 16), (2, 0)
+SUPPORTED_TRL = (">=1.15",)
+_MIN = (1, 15)  # the release that introduced add_fused_lm_head / FusedCausalLMOutput
 # TRL's output names → pyfused_po's extras (TRL says "mean_logits", the kernel "mean_logit").
 _EXTRAS = {"entropy": "entropy", "log_sum_sq_probs": "log_sum_sq_probs", "mean_logits": "mean_logit",
            "is_top1": "is_top1"}
 _ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-_MARK = "_pyfused_po_fused_forward"
+_PROTOCOL_FIELDS = {"loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask",
+                    "aux_loss"}
+_PROTOCOL_ARGS = {"temperature", "cast_lm_head_to_fp32", "outputs"}
+_OLD_TRL_ROUTE = (
+    "upgrade to 'trl>=1.15', or leave the trainer's loss alone and compute the preference loss yourself with "
+    "pyfused_po.integrations.hf.model_preference_loss(model, FusedPreferenceLoss(...), input_ids, labels, "
+    "attention_mask, ref_model=...) (e.g. in an overridden compute_loss), or per-token log-probs with "
+    "pyfused_po.linear_token_logprobs on pyfused_po.integrations.hf.last_hidden_states(model, ...) and the LM head "
+    "(README: 'Use it with TRL')")
 
 
 def _release(version):
@@ -46,27 +61,38 @@ def _release(version):
 
 
 def check_trl_version():
-    """Raise ``RuntimeError`` unless the installed TRL has the fused-LM-head protocol this
-    module replaces (TRL ``>= 1.16, < 2``); return the version string."""
+    """Raise ``RuntimeError`` unless the installed TRL has the fused-LM-head protocol this module
+    replaces; return the version string.
+
+    The protocol: ``trl.trainer.utils.add_fused_lm_head(model, temperature, cast_lm_head_to_fp32,
+    outputs)`` and ``FusedCausalLMOutput`` with TRL 1.15's fields.  Releases before 1.15 (e.g. 1.8,
+    which axolotl pins; ≤ 0.24, which LLaMA-Factory pins) have neither; the error says what to use.
+    """
     try:
         version = metadata.version("trl")
     except metadata.PackageNotFoundError:
-        raise RuntimeError("pyfused_po.integrations.trl needs TRL (pip install 'trl>=1.16,<2')") from None
-    if not (_MIN <= _release(version) < _MAX):
+        raise RuntimeError("pyfused_po.integrations.trl needs TRL (pip install 'trl>=1.15')") from None
+    if _release(version) < _MIN:
         raise RuntimeError(
-            f"pyfused_po.integrations.trl supports TRL {','.join(SUPPORTED_TRL)} (the trainers that call "
-            f"model(..., fused_lm_head=True)); found trl=={version}. Install 'trl>=1.16,<2'.")
+            f"found trl=={version}, which predates TRL 1.15's fused-LM-head protocol (trainers calling "
+            f"model(..., fused_lm_head=True)) that pyfused_po.integrations.trl plugs into: {_OLD_TRL_ROUTE}")
     from trl.trainer import utils
-    if not hasattr(utils, "add_fused_lm_head") or not hasattr(utils, "FusedCausalLMOutput"):
-        raise RuntimeError(f"trl=={version} lacks trl.trainer.utils.add_fused_lm_head / FusedCausalLMOutput, "
-                           "the protocol pyfused_po.integrations.trl plugs into")
+    add, output = getattr(utils, "add_fused_lm_head", None), getattr(utils, "FusedCausalLMOutput", None)
+    problems = []
+    if add is None or output is None:
+        problems.append("no trl.trainer.utils.add_fused_lm_head / FusedCausalLMOutput")
+    else:
+        missing_args = _PROTOCOL_ARGS - set(inspect.signature(add).parameters)
+        fields = set(getattr(output, "__dataclass_fields__", {}))
+        missing_fields = _PROTOCOL_FIELDS - fields
+        if missing_args:
+            problems.append(f"add_fused_lm_head lacks {sorted(missing_args)}")
+        if missing_fields:
+            problems.append(f"FusedCausalLMOutput lacks {sorted(missing_fields)}")
+    if problems:
+        raise RuntimeError(f"trl=={version}'s fused-LM-head protocol differs from TRL 1.15's ({'; '.join(problems)}), "
+                           f"so pyfused_po.integrations.trl cannot replace it: {_OLD_TRL_ROUTE}")
     return version
-
-
-def _inner(model):
-    """The model whose ``forward`` TRL patched: the base model under a PEFT wrapper."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _prepared_with_autocast(target):
@@ -75,22 +101,24 @@ def _prepared_with_autocast(target):
     return "_original_forward" in vars(target)
 
 
-def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto", linear_impl="auto",
-                autocast=None):
-    """Give ``model`` (a Transformers causal LM, or a PEFT model wrapping one) TRL's fused-head
-    call: ``model(..., labels=labels, fused_lm_head=True)`` returns a
-    ``trl.trainer.utils.FusedCausalLMOutput`` computed by pyfused_po.  Without
+def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=None, backend="auto",
+                linear_impl="auto", autocast=None):
+    """Give ``model`` (a Transformers causal LM, or a PEFT model wrapping one, or an FSDP1 / DDP
+    wrapper around either) TRL's fused-head call: ``model(..., labels=labels, fused_lm_head=True)``
+    returns a ``trl.trainer.utils.FusedCausalLMOutput`` computed by pyfused_po.  Without
     ``fused_lm_head=True`` the previous forward runs (generation is unchanged).
 
-    ``outputs``: TRL names of the per-token fields to compute (``log_probs`` always).
-    ``temperature``: the logits are divided by it (TRL's DPO/KTO use 1).
+    ``outputs``, ``temperature``, ``cast_lm_head_to_fp32``: as TRL's ``add_fused_lm_head``.  Each
+    left ``None`` keeps what TRL set on this model (:func:`trl_head_settings`), or on a model TRL
+    did not patch: every output, temperature 1, the head in the model's precision.
     ``backend`` / ``linear_impl``: as :func:`pyfused_po.linear_token_logprobs`.
     ``autocast``: a zero-argument callable returning a context manager to run the fused forward
     in, e.g. ``accelerator.autocast``.  Needed only when the model was already prepared by
     ``accelerate`` with mixed precision: that autocast lives in the ``forward`` this patch
     replaces (:func:`apply` passes the trainer's).  A model prepared after patching is wrapped
     by ``accelerate`` as usual.
-    The model config's logit softcap / scale is applied as Transformers applies it.
+    The model config's logit softcap / scale is applied as Transformers applies it.  A PEFT LoRA
+    adapter on the LM head is applied (:mod:`.lora_head`; TRL's own head reads the base weight).
 
     Extra keyword ``pyfused_po_loss=callable`` (used by :func:`use_preference_loss`) calls
     ``callable(hidden=..., weight=..., bias=..., labels=...)`` on the shifted hidden states
@@ -99,10 +127,16 @@ def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto",
     check_trl_version()
     from trl.trainer.utils import FusedCausalLMOutput
 
-    target = _inner(model)
+    target = head_owner(model)
+    found = trl_head_settings(target) or dict(temperature=1.0, cast_lm_head_to_fp32=False, outputs=_ALL_OUTPUTS)
+    outputs = tuple(found["outputs"] if outputs is None else outputs)
+    temperature = float(found["temperature"] if temperature is None else temperature)
+    cast_fp32 = bool(found["cast_lm_head_to_fp32"] if cast_lm_head_to_fp32 is None else cast_lm_head_to_fp32)
     unknown = [o for o in outputs if o not in _ALL_OUTPUTS]
     if unknown:
         raise ValueError(f"outputs must be names from {_ALL_OUTPUTS}, got unknown {unknown}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     extras = tuple(_EXTRAS[o] for o in _ALL_OUTPUTS[1:] if o in outputs)
     transform = lm_head_transform(target)
     text_config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
@@ -129,21 +163,34 @@ def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto",
         # Hidden state t predicts token t + 1 unless the labels come pre-shifted (context parallelism).
         hidden, shift = out.last_hidden_state, shift_labels is None
         labels = labels if shift else shift_labels
-        head_weight = self.get_output_embeddings().weight
+        head = self.get_output_embeddings()
+        head_weight = head.weight
         hidden, labels = hidden.to(head_weight.device), labels.to(head_weight.device)
-        if not torch.is_autocast_enabled(head_weight.device.type):  # under autocast the head GEMMs cast (F.linear's rule)
+        if cast_fp32:
+            hidden = hidden.float()
+        elif not torch.is_autocast_enabled(head_weight.device.type):  # under autocast the head GEMMs cast (F.linear)
             hidden = hidden.to(head_weight.dtype)
 
         def head_stage(hidden, labels, weight, bias):  # runs where ZeRO-3 expects the head to be used
-            if pyfused_po_loss is not None:
-                if shift:  # the loss module takes pre-shifted inputs
-                    hidden, labels = hidden[:, :-1], labels[:, 1:]
-                return pyfused_po_loss(hidden=hidden, weight=weight, bias=bias, labels=labels)
-            # shift=True reads hidden row t for label t + 1 in place: no copy of the hidden states.
-            return linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras, temperature=temperature,
-                                         backend=backend, impl=linear_impl, shift=shift, **transform)
+            head_context = contextlib.nullcontext()
+            if cast_fp32:  # TRL's cast_lm_head_to_fp32: the head's GEMMs in float32, outside autocast
+                head_context = torch.autocast(hidden.device.type, enabled=False)
+                weight, bias = weight.float(), None if bias is None else bias.float()
+            with head_context:
+                if pyfused_po_loss is not None:
+                    if shift:  # the loss module takes pre-shifted inputs
+                        hidden, labels = hidden[:, :-1], labels[:, 1:]
+                    return pyfused_po_loss(hidden=hidden, weight=weight, bias=bias, labels=labels)
+                # shift=True reads hidden row t for label t + 1 in place: no copy of the hidden states.
+                return linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras,
+                                             temperature=temperature, backend=backend, impl=linear_impl,
+                                             shift=shift, **transform)
 
-        res = with_lm_head(self, head_stage, hidden, labels)
+        lora = lora_head_operands(head, hidden)
+        if lora is not None:  # a LoRA adapter on the head: its delta enters as extra columns
+            res = head_stage(lora.hidden, labels, lora.weight, lora.bias)
+        else:
+            res = with_lm_head(self, head_stage, hidden, labels)
         if pyfused_po_loss is not None:
             return res
         if shift:  # TRL's fields are aligned with labels[:, 1:]
@@ -169,125 +216,56 @@ def patch_model(model, *, outputs=_ALL_OUTPUTS, temperature=1.0, backend="auto",
 
     target.forward = types.MethodType(forward, target)
     target._pyfused_po_previous_forward = previous
-    setattr(target, _MARK, dict(outputs=tuple(outputs), temperature=temperature, backend=backend))
+    setattr(target, PATCH_MARK, dict(outputs=outputs, temperature=temperature, cast_lm_head_to_fp32=cast_fp32,
+                                     backend=backend))
     return model
 
 
-def _trainer_classes():
-    from trl import DPOTrainer, KTOTrainer
-    return DPOTrainer, KTOTrainer
+# The trainers of TRL 1.15 / 1.16 that call model(..., fused_lm_head=True); any other trainer
+# whose model carries TRL's fused head is switched too.
+KNOWN_TRAINERS = ("SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer", "RLOOTrainer", "AsyncGRPOTrainer")
 
 
 def apply(trainer_or_model, *, backend="auto", linear_impl="auto"):
     """One-call switch: route a TRL trainer's (or a model's) per-token log-probs through pyfused_po.
 
-    ``trainer_or_model``: a ``trl.DPOTrainer`` or ``trl.KTOTrainer`` (policy and reference
-    model both switched; for PEFT without a reference model the adapter-disabled policy is
-    the reference, and goes through the same path), or a Transformers causal LM (all TRL
-    per-token outputs available).  Returns its argument.  Call it after constructing the
-    trainer and before ``train()``.  Raises ``RuntimeError`` on unsupported TRL versions,
-    ``TypeError`` on other trainers.
+    ``trainer_or_model``: a TRL trainer whose model TRL gave a fused LM head (``SFTTrainer``,
+    ``DPOTrainer``, ``KTOTrainer``, ``GRPOTrainer``, ``RLOOTrainer``, ``AsyncGRPOTrainer``, and any
+    later one that uses ``add_fused_lm_head``): its ``model`` and, when TRL patched it,
+    ``ref_model`` are switched with TRL's settings for each (temperature, ``cast_lm_head_to_fp32``,
+    the outputs the trainer reads); for PEFT without a reference model the adapter-disabled policy
+    is the reference and goes through the same path.  Or a Transformers causal LM: TRL's settings
+    on it are kept, and a model TRL did not patch gets every per-token output at temperature 1.
+    Returns its argument.  Call it after constructing the trainer and before ``train()``.  Raises
+    ``RuntimeError`` on TRL releases without the protocol, ``TypeError`` on a trainer that does not
+    use TRL's fused head (there is nothing to switch).
     """
     check_trl_version()
-    DPOTrainer, KTOTrainer = _trainer_classes()
     kw = dict(backend=backend, linear_impl=linear_impl)
     if isinstance(trainer_or_model, torch.nn.Module):
         return patch_model(trainer_or_model, **kw)
     trainer = trainer_or_model
-    if isinstance(trainer, DPOTrainer):
-        # The fields DPOTrainer asks add_fused_lm_head for (its metrics, and WPO's weights).
-        outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
-        outputs += ("log_sum_sq_probs",) if trainer.use_weighting else ()
-    elif isinstance(trainer, KTOTrainer):
-        outputs = ("log_probs", "entropy", "mean_logits")
-    else:
-        raise TypeError(f"pyfused_po.integrations.trl.apply supports trl.DPOTrainer and trl.KTOTrainer "
-                        f"(or a model), got {type(trainer).__name__}")
-    # The trainer prepares the reference model at construction (the policy only in train()): its
+    model = getattr(trainer, "model", None)
+    if not isinstance(model, torch.nn.Module) or trl_head_settings(model) is None:
+        raise TypeError(
+            f"pyfused_po.integrations.trl.apply switches TRL trainers whose model carries TRL's fused LM head "
+            f"(trl.trainer.utils.add_fused_lm_head: {', '.join(KNOWN_TRAINERS)} in TRL >= 1.15), or a model; "
+            f"{type(trainer).__name__} has none, so it never calls model(..., fused_lm_head=True)")
+    # The trainer may prepare the reference model at construction (the policy only in train()): its
     # forward already carries accelerate's autocast, which the patch must keep.  Entering the
     # trainer's autocast again inside a model prepared later is the same autocast, nested.
-    kw["autocast"] = trainer.accelerator.autocast
-    patch_model(trainer.model, outputs=outputs, **kw)
-    if getattr(trainer, "ref_model", None) is not None:
-        patch_model(trainer.ref_model, outputs=("log_probs",), **kw)
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None:
+        kw["autocast"] = accelerator.autocast
+    patch_model(model, **kw)
+    ref_model = getattr(trainer, "ref_model", None)
+    if isinstance(ref_model, torch.nn.Module) and trl_head_settings(ref_model) is not None:
+        patch_model(ref_model, **kw)
     return trainer
-
-
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
 def use_preference_loss(trainer, loss_fn, *, backend=None):
-    """Make ``loss_fn`` (a :class:`~pyfused_po.FusedPreferenceLoss`) the loss of a TRL ``DPOTrainer``.
-
-    The policy's hidden states and LM head go straight into ``loss_fn`` inside the model's
-    forward; the reference comes from the trainer as TRL computes it (precomputed
-    ``ref_chosen_logps`` / ``ref_rejected_logps``, the reference model, or the PEFT policy
-    with its adapter disabled), as per-token log-probs through the fused path.  The trainer's
-    ``loss_type``/``beta``/... are ignored: ``loss_fn`` decides.  ``loss_fn`` must use
-    ``shift=False`` (labels are shifted here), ``ignore_index=-100`` and the model config's
-    logit transform.  Every metric ``loss_fn`` returns is logged under its (TRL) name.
-    Returns the trainer, with :func:`apply` already applied.
-    """
-    check_trl_version()
-    DPOTrainer, _ = _trainer_classes()
-    if not isinstance(trainer, DPOTrainer):
-        raise TypeError(f"use_preference_loss supports trl.DPOTrainer, got {type(trainer).__name__}")
-    kw = loss_fn.token_kwargs
-    if kw["shift"] or kw["ignore_index"] != -100:
-        raise ValueError("loss_fn must be built with shift=False and ignore_index=-100 (TRL's labels), got "
-                         f"shift={kw['shift']}, ignore_index={kw['ignore_index']}")
-    expected = lm_head_transform(_inner(trainer.model))
-    got = dict(logit_scale=float(kw["logit_scale"]), softcap=None if kw["softcap"] is None else float(kw["softcap"]))
-    if got != expected:
-        raise ValueError(f"loss_fn's logit transform {got} differs from the model config's {expected}; build it "
-                         "with FusedPreferenceLoss(..., **pyfused_po.integrations.hf.lm_head_transform(model))")
-    if getattr(trainer, "aux_loss_enabled", False):
-        raise ValueError("use_preference_loss does not add the MoE router aux loss; use apply() with TRL's loss")
-    apply(trainer, backend=backend or kw["backend"], linear_impl=loss_fn.linear_impl)
-    trainer.pyfused_po_loss = loss_fn
-    trainer._compute_loss = types.MethodType(_compute_loss_with_fused_loss, trainer)
-    return trainer
-
-
-def _reference_token_logps(trainer, model_kwargs, labels):
-    """Per-token reference log-probs ``[2P, T-1]`` the way DPOTrainer obtains them."""
-    import contextlib
-    from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import use_adapter
-    from trl.trainer.dpo_trainer import is_peft_model
-
-    ctx = contextlib.nullcontext()
-    model = trainer.ref_model
-    if model is None:
-        model = trainer.model
-        if is_peft_model(trainer.model):
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), ctx:
-        return model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
-
-
-def _compute_loss_with_fused_loss(self, model, inputs, return_outputs=False):
-    """DPOTrainer._compute_loss with ``self.pyfused_po_loss`` as the objective."""
-    if return_outputs:
-        raise ValueError("use_preference_loss computes no logits; evaluate with prediction_loss_only=True")
-    mode = "train" if self.model.training else "eval"
-    loss_fn = self.pyfused_po_loss
-    model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-    model_kwargs["use_cache"] = False
-    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-    refs = {}
-    if loss_fn.needs_reference:
-        if self.precompute_ref_logps:
-            refs = dict(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
-        else:
-            refs = dict(ref_token_logps=_reference_token_logps(self, model_kwargs, labels))
-
-    def objective(hidden, weight, bias, labels):
-        return loss_fn(labels=labels, hidden=hidden, weight=weight, bias=bias, **refs)
-
-    result = model(**model_kwargs, labels=labels, fused_lm_head=True, pyfused_po_loss=objective)
-    for name, value in result.metrics.items():
-        value = torch.as_tensor(value, device=self.accelerator.device).detach().float().reshape(1)
-        self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
-    return result.loss
+    """Make ``loss_fn`` (a :class:`~pyfused_po.FusedPreferenceLoss`) the loss of a TRL ``DPOTrainer``;
+    see :func:`pyfused_po.integrations.trl_preference_loss.use_preference_loss`."""
+    use = _dispatch.entry("use_preference_loss")  # .trl_preference_loss builds on this module
+    return use(trainer, loss_fn, backend=backend)

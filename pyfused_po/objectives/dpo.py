@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .checks import check_range
 from .registry import ObjectiveOutput, PairBatch, register_objective
-from .transforms import smoothed_sigmoid_loss
+from .transforms import smoothed_sigmoid_loss, weighted_log
 
 
 def _dpo_rewards(batch, beta):
@@ -63,7 +63,7 @@ def robust(batch: PairBatch, *, beta, label_smoothing):
     an unbiased loss under labels flipped with probability ε."""
     chosen, rejected = batch.scores()
     x = beta * (chosen - rejected)
-    losses = (-(1.0 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) \
+    losses = (-weighted_log(1.0 - label_smoothing, F.logsigmoid(x)) + weighted_log(label_smoothing, F.logsigmoid(-x))) \
         / (1.0 - 2.0 * label_smoothing)
     return ObjectiveOutput(losses, *_dpo_rewards(batch, beta))
 
@@ -80,8 +80,9 @@ def exo_pair(batch: PairBatch, *, beta, label_smoothing):
     chosen, rejected = batch.scores()
     x = beta * (chosen - rejected)
     eps = torch.as_tensor(label_smoothing, dtype=x.dtype, device=x.device)
-    losses = (torch.sigmoid(x) * (F.logsigmoid(x) - torch.log1p(-eps))
-              + torch.sigmoid(-x) * (F.logsigmoid(-x) - torch.log(eps)))
+    # q·(log q − log p) per outcome, 0 where q = 0 (an infinite margin), not 0·(−∞).
+    losses = (weighted_log(torch.sigmoid(x), F.logsigmoid(x) - torch.log1p(-eps))
+              + weighted_log(torch.sigmoid(-x), F.logsigmoid(-x) - torch.log(eps)))
     return ObjectiveOutput(losses, *_dpo_rewards(batch, beta))
 
 

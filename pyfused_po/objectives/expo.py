@@ -24,6 +24,7 @@ are in :mod:`pyfused_po.expo` (they call the higher stages: this file is the obj
 import torch.nn.functional as F
 
 from .registry import ObjectiveOutput, PairBatch, register_objective
+from .transforms import batch_mean
 
 
 def _check_expo(*, beta, expo_lambda):
@@ -52,10 +53,10 @@ def expo(batch: PairBatch, *, beta, expo_lambda):
     """−log σ(ℓ_w − ℓ_l) + λ·½(KL_w + KL_l); rewards are the policy log-probs ℓ_w, ℓ_l."""
     del beta
     bt = -F.logsigmoid(batch.chosen_logps - batch.rejected_logps)
-    metrics = {"expo/bt_loss": bt.detach().mean()}
+    metrics = {"expo/bt_loss": batch_mean(bt.detach())}
     losses = bt
     kl = _pair_kl(batch, expo_lambda)
     if kl is not None:
         losses = bt + expo_lambda * kl
-        metrics["expo/kl"] = kl.detach().mean()
+        metrics["expo/kl"] = batch_mean(kl.detach())
     return ObjectiveOutput(losses, batch.chosen_logps, batch.rejected_logps, metrics)

@@ -30,9 +30,18 @@ def f_divergence_scores(logratio, f_divergence_type="reverse_kl", alpha=1.0):
     raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCE_TYPES}, got {f_divergence_type!r}")
 
 
+def weighted_log(weight, log_value):
+    """weight · log_value, with 0 where ``weight`` is 0: a term of weight 0 is absent, so an
+    infinite margin (log σ(−∞) = −∞) with ε = 0 gives its limit, not 0·(−∞) = NaN.  The
+    gradient of the absent term is 0 too."""
+    weight = torch.as_tensor(weight, dtype=log_value.dtype, device=log_value.device)
+    # Zeroed before the product: 0·(−∞) would be NaN in the value and in both gradients.
+    return weight * torch.where(weight == 0, torch.zeros_like(log_value), log_value)
+
+
 def smoothed_sigmoid_loss(x, label_smoothing):
     """−(1−ε)·log σ(x) − ε·log σ(−x): the Bradley–Terry loss with soft label 1−ε."""
-    return -(1.0 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+    return -weighted_log(1.0 - label_smoothing, F.logsigmoid(x)) - weighted_log(label_smoothing, F.logsigmoid(-x))
 
 
 def log1mexp(x):
@@ -42,3 +51,8 @@ def log1mexp(x):
     safe_near = torch.where(near_zero, x, torch.full_like(x, -1.0))
     safe_far = torch.where(near_zero, torch.full_like(x, -1.0), x)
     return torch.where(near_zero, torch.log(-torch.expm1(safe_near)), torch.log1p(-torch.exp(safe_far)))
+
+
+def batch_mean(x):
+    """Mean over pairs; 0 (not NaN) for an empty batch, as the reduced loss is."""
+    return x.sum() / max(x.numel(), 1)

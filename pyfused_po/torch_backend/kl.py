@@ -5,7 +5,7 @@ Math runs in float32, or float64 when the policy logits are float64.
 """
 import torch
 
-from .token import _compute_dtype, _row_chunks, _transform, _transform_grad, backward_chunks
+from .token import _compute_dtype, _row_chunks, _transform, _transform_grad, backward_chunks, log_probs
 
 
 def _finite_max(z):
@@ -36,7 +36,7 @@ def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, tempera
     tkw = dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap)
     for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
         z, zr, row_lse, row_lse_r = _log_softmax_pair(logits, ref_logits, b, rows, cdt, tkw)
-        p_ref = (zr - row_lse_r.unsqueeze(-1)).exp()
+        p_ref = log_probs(zr, row_lse_r, exact=True).exp()
         # log p_ref − log p_θ = (zr − z) − (lse_r − lse), with the LSE difference taken as
         # (m_r − m) + log(s_r / s) around each row's max: both LSEs are ~log V + max logit,
         # so subtracting them directly would cost eps·|lse| of accuracy when KL is small.
@@ -50,7 +50,7 @@ def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, tempera
         lse[b, rows] = row_lse
         lse_r[b, rows] = row_lse_r
         if want_logp:
-            log_p = z - row_lse.unsqueeze(-1)
+            log_p = log_probs(z, row_lse, exact=True)
             logp[b, pos] = log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     return kl, logp, lse, lse_r
 
@@ -64,11 +64,11 @@ def token_kl_backward(logits, ref_logits, labels, lse, lse_r, grad_out, *, ignor
     for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
         x = logits[b, rows].to(cdt)
         z = _transform(x, logit_scale, temperature, softcap)
-        p = (z - lse[b, rows].to(cdt).unsqueeze(-1)).exp()
+        p = log_probs(z, lse[b, rows].to(cdt), exact=True).exp()
         dz = torch.zeros_like(z)
         if grad_kl is not None:
             zr = _transform(ref_logits[b, rows].to(cdt), logit_scale, temperature, softcap)
-            p_ref = (zr - lse_r[b, rows].to(cdt).unsqueeze(-1)).exp()
+            p_ref = log_probs(zr, lse_r[b, rows].to(cdt), exact=True).exp()
             dz += grad_kl[b, pos].to(cdt).unsqueeze(-1) * (p - p_ref)
         if grad_logp is not None:
             g_y = grad_logp[b, pos].to(cdt).unsqueeze(-1)

@@ -11,17 +11,25 @@ Per-token log-probs of ``x = H·Wᵀ (+ b)`` without ever holding ``[N, V]``:
   ``G = ∂L/∂X_c`` (``g·(onehot − softmax)·dz/dx`` plus the extras' terms), then
 
       dH[rows_c] = G·W          (each row finished inside its chunk)
-      dW        += Gᵀ·H[rows_c] (fp32 accumulator across chunks)
+      dW        += Gᵀ·H[rows_c] (fp32, accumulated inside the GEMM: addmm_ / out=)
       db        += Σ_rows G     (fp32)
 
+  or, with fewer labelled tokens than vocabulary entries, vocabulary-outer: per slice of the
+  head, all tokens' ``G`` (global lse), ``dW``/``db`` of the slice written once, ``dH += G·W_s``
+  (see :func:`linear_backward` for the choice).
+* Frozen head (``input_grad_rows``): the forward also stores ``∂ log p/∂h`` (two GEMMs a step).
+
 Peak extra memory is one ``[C, V]`` chunk in the input dtype, one ``[C, D]`` gather of
-hidden rows, the ``[V, D]`` fp32 weight accumulator and O(N) per-token vectors.
+hidden rows (``[M, D]`` vocabulary-outer, plus the fp32 ``[M, D]`` dH accumulator), the
+``[V, D]`` fp32 weight accumulator and O(N) per-token vectors.
 
 ``fold`` is any module with the token-stage contract (``token_forward`` /
 ``token_backward`` on ``[B, T, V]`` views): :mod:`pyfused_po.torch_backend` makes this
 the pure-PyTorch backend (CPU users, float64 references); :mod:`pyfused_po.kernels`
 makes it the "chunked" Triton variant (cuBLAS GEMMs + Triton fold).
 """
+import types
+
 import torch
 
 from . import token as _torch_fold
@@ -30,10 +38,21 @@ from . import token as _torch_fold
 # at a 128k vocabulary, large enough for cuBLAS to run near peak); 4M on the CPU.
 CUDA_CHUNK_ELEMENTS = 1 << 27
 CPU_CHUNK_ELEMENTS = 1 << 22
+# Chunk edges (tokens, vocabulary entries) are multiples of this when the shape allows it:
+# the GEMM tiles (cuBLAS 128/256, CPU micro-kernels) then never get a ragged edge mid-stream.
+GEMM_TILE = 256
 
 
 def compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def labels_2d(labels):
+    """``[..., T]`` labels as ``[rows, T]`` (also for T = 0, where ``reshape(-1, T)`` is ambiguous)."""
+    rows = 1
+    for n in labels.shape[:-1]:
+        rows *= n
+    return labels.reshape(rows, labels.shape[-1])
 
 
 def labelled_tokens(labels2d, ignore_index, shift):
@@ -47,7 +66,7 @@ def labelled_tokens(labels2d, ignore_index, shift):
     replaces copying ``hidden[mask]``, which would also sync.
     """
     valid = labels2d != ignore_index
-    if shift:
+    if shift and valid.shape[1] > 0:
         valid[:, 0] = False  # position 0 has no prediction
     pos = valid.reshape(-1).nonzero().squeeze(1)
     rows = pos - int(shift)
@@ -55,12 +74,33 @@ def labelled_tokens(labels2d, ignore_index, shift):
     return rows, pos, targets
 
 
+def chunk_budget(V, device, chunk_tokens=None):
+    """Elements of one logits tile: ``chunk_tokens · V`` when given, else the device budget."""
+    if chunk_tokens is not None:
+        return max(1, int(chunk_tokens)) * max(V, 1)
+    return CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
+
+
+def _round_to_tile(n):
+    return n - n % GEMM_TILE if n >= GEMM_TILE else max(1, n)
+
+
 def chunk_size(M, V, device, chunk_tokens=None):
-    """Tokens per chunk: ``chunk_tokens`` or as many as fit the per-device element budget."""
+    """Tokens per chunk: ``chunk_tokens``, or as many as fit the per-device element budget,
+    rounded down to a multiple of :data:`GEMM_TILE`."""
     if chunk_tokens is not None:
         return max(1, int(chunk_tokens))
-    budget = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
-    return max(1, min(max(M, 1), budget // max(V, 1)))
+    budget = chunk_budget(V, device)
+    return max(1, min(max(M, 1), _round_to_tile(budget // max(V, 1))))
+
+
+def vocab_slice_width(M, V, budget):
+    """Vocabulary entries per slice for the vocabulary-outer backward (all M tokens × one slice
+    in one tile), or ``None`` when a slice of at least :data:`GEMM_TILE` entries does not fit."""
+    width = budget // max(M, 1)
+    if width < min(GEMM_TILE, V):
+        return None
+    return min(V, _round_to_tile(width))
 
 
 def _chunk_logits(hidden2d, weight, bias, idx):
@@ -84,36 +124,85 @@ def _mm(a, b, dtype):
     return torch.mm(a.to(dtype), b.to(dtype))  # CPU: widen the operands (exact products)
 
 
-def _accumulate_mm(acc, a, b):
-    """``acc += a·b`` with ``acc`` fp32/fp64 and ``a``, ``b`` in the input dtype."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+def gemm_into(out, a, b, *, accumulate):
+    """``out (+)= a·b`` inside the GEMM, in ``out``'s (fp32/fp64) dtype: no temporary product.
+
+    bf16/fp16 operands on CUDA use cuBLAS's fp32 output (``out_dtype``); elsewhere the
+    operands are widened first (exact products, the CPU path), then ``addmm_`` / ``mm(out=)``.
+    """
+    if a.dtype != out.dtype and out.is_cuda:
+        try:
+            if accumulate:
+                torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            else:
+                torch.mm(a, b, out_dtype=out.dtype, out=out)
+            return out
+        except (TypeError, RuntimeError):
+            pass
+    a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        out.addmm_(a, b)
     else:
-        acc.add_(_mm(a, b, acc.dtype))
+        torch.mm(a, b, out=out)
+    return out
+
+
+def _accumulate_mm(acc, a, b):
+    """``acc += a·b`` with ``acc`` fp32/fp64, in place inside the GEMM."""
+    gemm_into(acc, a, b, accumulate=True)
 
 
 def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, temperature,
-                   logit_scale, softcap, extras=(), chunk_tokens=None, fold=_torch_fold):
-    """Per labelled token: ``(logp [M], lse [M], {extra: [M]})`` in the compute dtype."""
+                   logit_scale, softcap, extras=(), chunk_tokens=None, fold=_torch_fold,
+                   input_grad_rows=False):
+    """Per labelled token: ``(logp [M], lse [M], {extra: [M]})`` in the compute dtype.
+
+    ``input_grad_rows=True`` (frozen head: only ``hidden`` wants a gradient, only ``logp``
+    gets one) appends ``J [M, D]`` (compute dtype), ``J_t = ∂ log p_t / ∂h_t =
+    (W[y_t] − Σ_v softmax_tv·W_v)·dz/dx``: while the chunk's logits are in memory the fold
+    turns them into ``∂ log p / ∂X`` (upstream gradient 1) and one more GEMM gives ``J``, so
+    the backward is ``dH[rows] = g ⊙ J`` with no GEMM — two GEMMs per step instead of three.
+    """
     M, V = rows.numel(), weight.shape[0]
     cdt = compute_dtype(hidden2d)
     dev = hidden2d.device
     logp = torch.zeros(M, device=dev, dtype=cdt)
     lse = torch.zeros(M, device=dev, dtype=cdt)
     outs = {name: torch.zeros(M, device=dev, dtype=cdt) for name in extras}
+    J = torch.empty(M, hidden2d.shape[1], device=dev, dtype=cdt) if input_grad_rows else None
     C = chunk_size(M, V, dev, chunk_tokens)
     kw = dict(ignore_index=ignore_index, shift=False, temperature=temperature,
               logit_scale=logit_scale, softcap=softcap)
     for c0 in range(0, M, C):
         c1 = min(M, c0 + C)
         _, x = _chunk_logits(hidden2d, weight, bias, rows[c0:c1])
-        lp, ls, ex = fold.token_forward(x.unsqueeze(0), targets[c0:c1].unsqueeze(0),
-                                        extras=extras, **kw)
+        y = targets[c0:c1].unsqueeze(0)
+        lp, ls, ex = fold.token_forward(x.unsqueeze(0), y, extras=extras, **kw)
         logp[c0:c1] = lp[0]
         lse[c0:c1] = ls[0]
         for name in extras:
             outs[name][c0:c1] = ex[name][0]
+        if J is not None:
+            x3 = x.unsqueeze(0)
+            fold.token_backward(x3, y, ls, x3, grad_logp=torch.ones_like(ls), **kw)
+            gemm_into(J[c0:c1], x, weight, accumulate=False)
+    if J is not None:
+        return logp, lse, outs, J
     return logp, lse, outs
+
+
+def _is_plain_fold(fold):
+    """The token-stage modules (PyTorch, Triton) take labels over the whole vocabulary; a
+    wrapper such as the distributed slice fold already runs in ``vocab_shard`` mode."""
+    return isinstance(fold, types.ModuleType)
+
+
+def _slice_targets(targets, v0, width, ignore_index):
+    """Labels relative to the slice ``[v0, v0 + width)``; others become a negative sentinel
+    (never ``ignore_index``: the row is still reduced, without a one-hot term)."""
+    sentinel = -1 if ignore_index != -1 else -2
+    rel = targets - v0
+    return torch.where((rel >= 0) & (rel < width), rel, torch.full_like(rel, sentinel))
 
 
 def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=None,
@@ -126,18 +215,37 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     ``grad_hidden`` is in ``grad_hidden_dtype`` (default: the input dtype; fp32 when the
     operands were cast down from fp32 by autocast, so that rounding is not added).
     Per-token upstream gradients and saved values are ``[M]`` aligned with ``rows``;
-    a gradient not needed is returned as ``None``.
+    a gradient not needed is returned as ``None``.  Every GEMM writes or accumulates
+    straight into its fp32 result (:func:`gemm_into`); no ``[V, D]`` product per chunk.
     """
     M, V = rows.numel(), weight.shape[0]
     cdt = compute_dtype(hidden2d)
     dev = hidden2d.device
     gh_dtype = grad_hidden_dtype or hidden2d.dtype
-    gh = torch.zeros(hidden2d.shape, device=dev, dtype=gh_dtype) if need_hidden else None
-    gw = torch.zeros(weight.shape, device=dev, dtype=cdt) if need_weight else None
-    gb = torch.zeros(V, device=dev, dtype=cdt) if (need_bias and bias is not None) else None
-    C = chunk_size(M, V, dev, chunk_tokens)
+    upstream = dict(grad_logp=grad_logp, entropy=entropy, grad_entropy=grad_entropy,
+                    log_sum_sq_probs=log_sum_sq_probs, grad_log_sum_sq_probs=grad_log_sum_sq_probs,
+                    grad_mean_logit=grad_mean_logit)
     kw = dict(ignore_index=ignore_index, shift=False, temperature=temperature,
               logit_scale=logit_scale, softcap=softcap)
+    gh = torch.zeros(hidden2d.shape, device=dev, dtype=gh_dtype) if need_hidden else None
+    # dW and db are written by the first chunk's GEMM (or each slice's), not zero-filled first.
+    alloc = torch.zeros if M == 0 else torch.empty
+    gw = alloc(weight.shape, device=dev, dtype=cdt) if need_weight else None
+    gb = alloc(V, device=dev, dtype=cdt) if (need_bias and bias is not None) else None
+    # Loop order.  Token-outer finishes each chunk's dH rows inside the chunk and adds every
+    # chunk's Gᵀ·H into the whole fp32 dW: dW is read and written once per token chunk,
+    # 2·V·D·⌈M/C⌉ words.  Vocabulary-outer takes all M tokens against one slice of the head:
+    # that slice's dW (and db) is written once, and the fp32 dH [M, D] is read and written once
+    # per slice, 2·M·D·⌈V/S⌉ words.  With fewer labelled tokens than vocabulary entries
+    # (M < V: every preference batch against a 32k–256k vocabulary) the accumulator that is
+    # re-read is the smaller one; it needs a slice of ≥ GEMM_TILE entries for all M tokens
+    # within the chunk budget, and the lse the forward saved (each slice sees the global one).
+    width = vocab_slice_width(M, V, chunk_budget(V, dev, chunk_tokens)) \
+        if need_weight and M < V and _is_plain_fold(fold) else None
+    if width is not None and M > 0:
+        _vocab_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, width, gh, gw, gb, cdt)
+        return gh, gw, gb
+    C = chunk_size(M, V, dev, chunk_tokens)
 
     def part(t, c0, c1):
         return None if t is None else t[c0:c1].unsqueeze(0)
@@ -148,19 +256,45 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
         h, x = _chunk_logits(hidden2d, weight, bias, idx)
         x3 = x.unsqueeze(0)
         # In place: the recomputed logits chunk becomes G = ∂L/∂X_c.
-        fold.token_backward(
-            x3, targets[c0:c1].unsqueeze(0), lse[c0:c1].unsqueeze(0), x3,
-            grad_logp=part(grad_logp, c0, c1), entropy=part(entropy, c0, c1),
-            grad_entropy=part(grad_entropy, c0, c1),
-            log_sum_sq_probs=part(log_sum_sq_probs, c0, c1),
-            grad_log_sum_sq_probs=part(grad_log_sum_sq_probs, c0, c1),
-            grad_mean_logit=part(grad_mean_logit, c0, c1), **kw,
-        )
+        fold.token_backward(x3, targets[c0:c1].unsqueeze(0), lse[c0:c1].unsqueeze(0), x3,
+                            **{k: part(v, c0, c1) for k, v in upstream.items()}, **kw)
         G = x
-        if gh is not None:
+        if gh is not None:  # rows finished inside the chunk: written once
             gh.index_copy_(0, idx, _mm(G, weight, gh_dtype))
         if gw is not None:
-            _accumulate_mm(gw, G.t(), h)
+            gemm_into(gw, G.t(), h, accumulate=c0 > 0)
         if gb is not None:
-            gb += G.sum(0, dtype=cdt)
+            if c0 > 0:
+                gb += G.sum(0, dtype=cdt)
+            else:
+                torch.sum(G, 0, dtype=cdt, out=gb)
     return gh, gw, gb
+
+
+def _vocab_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, width, gh, gw, gb, cdt):
+    """The vocabulary-outer backward: per slice ``[v0, v1)``, ``G = ∂L/∂X[:, v0:v1]`` for all
+    labelled tokens (the fold in ``vocab_shard`` mode with the global lse), then
+    ``dW[v0:v1] = Gᵀ·H`` and ``db[v0:v1] = Σ G`` written once, ``dH += G·W[v0:v1]`` in fp32."""
+    M, V = rows.numel(), weight.shape[0]
+    h = hidden2d.index_select(0, rows)
+    acc_h = torch.zeros(M, h.shape[1], device=h.device, dtype=cdt) if gh is not None else None
+    up = {k: None if v is None else v.unsqueeze(0) for k, v in upstream.items()}
+    lse3 = lse.unsqueeze(0)
+    for v0 in range(0, V, width):
+        v1 = min(V, v0 + width)
+        w = weight[v0:v1]
+        x = torch.matmul(h, w.t()) if bias is None else torch.addmm(bias[v0:v1], h, w.t())
+        x3 = x.unsqueeze(0)
+        if up["grad_mean_logit"] is not None:  # the fold divides by its own width, not V
+            up["grad_mean_logit"] = upstream["grad_mean_logit"].unsqueeze(0) * ((v1 - v0) / V)
+        fold.token_backward(x3, _slice_targets(targets, v0, v1 - v0, kw["ignore_index"]).unsqueeze(0), lse3, x3,
+                            vocab_shard=True, **up, **kw)
+        G = x
+        if gw is not None:
+            gemm_into(gw[v0:v1], G.t(), h, accumulate=False)
+        if gb is not None:
+            gb[v0:v1] = G.sum(0, dtype=cdt)
+        if acc_h is not None:
+            gemm_into(acc_h, G, w, accumulate=v0 > 0)
+    if gh is not None:
+        gh.index_copy_(0, rows, acc_h.to(gh.dtype))

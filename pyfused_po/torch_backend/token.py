@@ -70,6 +70,25 @@ def backward_chunks(logits, labels, ignore_index, shift, grad_out):
     grad_out[(~labelled).nonzero(as_tuple=True)] = 0
 
 
+def row_stats(z):
+    """``(m, log s)`` per row of ``z``: its finite max (0 for a row without one) and
+    log Σ_v e^{z_v − m}.  ``log p = (z − m) − log s`` is exact in fp32 at any offset, where
+    ``z − (m + log s)`` is not: the one-value LSE ``m + log s`` rounds log s away at large
+    |m| (its ulp is ~2e-3 at |m| = 3e4)."""
+    m = z.max(dim=-1).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m, torch.logsumexp(z - m.unsqueeze(-1), dim=-1)
+
+
+def log_probs(z, lse, exact):
+    """log softmax of the rows of ``z``: exact from :func:`row_stats` when ``exact``, else
+    ``z − lse`` with the given (e.g. vocabulary-global) LSE."""
+    if not exact:
+        return z - lse.unsqueeze(-1)
+    m, log_s = row_stats(z)
+    return (z - m.unsqueeze(-1)) - log_s.unsqueeze(-1)
+
+
 def _owned(targets, V, vocab_shard):
     """``(in_slice mask or None, safe index)``: under ``vocab_shard`` a label outside
     ``[0, V)`` belongs to another rank's vocabulary slice."""
@@ -93,17 +112,18 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
     outs = {name: torch.zeros(B, T, device=dev, dtype=cdt) for name in extras}
     for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
         z = _transform(logits[b, rows].to(cdt), logit_scale, temperature, softcap)
-        row_lse = torch.logsumexp(z, dim=-1)
+        m, log_s = row_stats(z)
+        row_lse = m + log_s  # the one-value LSE of the contract (for the backward)
         mine, index = _owned(targets, V, vocab_shard)
         z_y = z.gather(-1, index.unsqueeze(-1)).squeeze(-1)
         if vocab_shard:
             z_y = torch.where(mine, z_y, torch.zeros_like(z_y))
             logp[b, pos] = z_y
         else:
-            logp[b, pos] = z_y - row_lse
+            logp[b, pos] = (z_y - m) - log_s
         lse[b, rows] = row_lse
         if "entropy" in outs or "log_sum_sq_probs" in outs:
-            logq = z - row_lse.unsqueeze(-1)
+            logq = (z - m.unsqueeze(-1)) - log_s.unsqueeze(-1)
             p = logq.exp()
             if "entropy" in outs:
                 # p·log p is 0·(−inf) for −inf logits: count those entries as 0.
@@ -130,7 +150,8 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
     for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
         x = logits[b, rows].to(cdt)
         z = _transform(x, logit_scale, temperature, softcap)
-        logq = z - lse[b, rows].to(cdt).unsqueeze(-1)
+        # The row's own exact log softmax; a vocabulary slice needs the given global LSE.
+        logq = log_probs(z, lse[b, rows].to(cdt), exact=not vocab_shard)
         p = logq.exp()
         if grad_logp is None:
             dz = torch.zeros_like(z)

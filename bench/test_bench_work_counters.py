@@ -1,0 +1,95 @@
+"""The work counters themselves: FLOPs of every matmul form, the live-bytes peak, the traffic model."""
+import gc
+
+import torch
+
+from bench.work_counters import WorkCounter, run
+
+
+def _ab(m=3, k=5, n=7):
+    return torch.randn(m, k), torch.randn(k, n)
+
+
+def test_every_matmul_form_is_counted():
+    a, b = _ab()
+    flops = 2 * 3 * 5 * 7
+    acc = torch.zeros(3, 7)
+    out = torch.empty(3, 7)
+    with WorkCounter() as c:
+        torch.mm(a, b)
+        torch.mm(a, b, out=out)  # mm.out: missed by torch.utils.flop_counter
+        torch.addmm(acc, a, b)
+        torch.addmm(acc, a, b, out=acc)
+        acc.addmm_(a, b)  # addmm_: missed by torch.utils.flop_counter
+        torch.matmul(a, b)
+        torch.nn.functional.linear(a, b.t())
+    assert c.gemm_flops == 7 * flops
+    with WorkCounter() as c:
+        x, y = torch.randn(4, 3, 5), torch.randn(4, 5, 2)
+        torch.bmm(x, y)
+        torch.baddbmm(torch.zeros(4, 3, 2), x, y)
+        torch.mv(a, torch.randn(5))
+    assert c.gemm_flops == 2 * (2 * 4 * 3 * 5 * 2) + 2 * 3 * 5
+
+
+def test_backward_matmuls_are_counted():
+    a = torch.randn(6, 4, requires_grad=True)
+    b = torch.randn(4, 9, requires_grad=True)
+    with WorkCounter() as c:
+        (a @ b).sum().backward()
+    assert c.gemm_flops == 3 * 2 * 6 * 4 * 9  # forward, dA, dB
+
+
+def test_live_bytes_peak_and_release():
+    with WorkCounter() as c:
+        x = torch.zeros(1000)  # 4000 bytes
+        y = torch.zeros(500)  # 6000 alive
+        v = x[10:]  # a view allocates nothing
+        del x
+        gc.collect()
+        assert c.live_bytes == 6000  # the view keeps x's storage alive
+        del v
+        gc.collect()
+        z = torch.zeros(200)  # 2000 + 800
+        assert c.live_bytes == 2800
+        del y, z
+    assert c.peak_bytes == 6000
+    assert c.live_bytes == 0
+
+
+def test_traffic_model_in_place_against_temporary():
+    h, g = torch.randn(64, 8), torch.randn(64, 16)
+    acc = torch.zeros(16, 8)
+    n = acc.numel() * 4
+    with WorkCounter(hidden_dim=8) as c:
+        acc.addmm_(g.t(), h)  # read + write the accumulator
+    assert c.acc_bytes == 2 * n
+    with WorkCounter(hidden_dim=8) as c:
+        acc.add_(torch.mm(g.t(), h))  # write temp, read temp, read acc, write acc
+    assert c.acc_bytes == 4 * n
+    with WorkCounter(hidden_dim=16) as c:
+        torch.mm(h, torch.randn(8, 32))  # last dim != D: a logits GEMM, not a gradient GEMM
+    assert c.acc_bytes == 0
+
+
+def test_table_runs_at_a_tiny_shape():
+    result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 12, liger=False)
+    trl = [r for r in result["rows"] if r["method"].startswith("TRL")]
+    assert [r["gemms"] for r in trl] == [4.0, 3.0]  # TRL: logits, recompute, dH (, dW)
+    frozen = [r for r in result["rows"] if r["method"].startswith("pyfused_po") and r["head"] == "frozen"]
+    assert [r["gemms"] for r in frozen] == [2.0] * 3  # logits, ∂log p/∂h in the forward; no backward GEMM
+    assert all(r["peak_bytes"] > 0 for r in result["rows"])
+
+
+def test_frozen_head_with_metric_extras_counts_two_gemms():
+    # TRL's DPOTrainer asks the switch for entropy, mean logits and top-1 as metrics: still 2 GEMMs.
+    from pyfused_po import linear_token_logprobs
+
+    hidden = torch.randn(2, 50, 16, requires_grad=True)
+    weight = torch.randn(300, 16)
+    labels = torch.randint(0, 300, (2, 50))
+    M = labels.numel()
+    with WorkCounter() as c:
+        out = linear_token_logprobs(hidden, weight, labels, backend="torch", extras=("entropy", "mean_logit", "is_top1"))
+        out.logps.sum().backward()
+    assert c.gemm_flops == 2 * (2 * M * 16 * 300)

@@ -1,0 +1,400 @@
+"""Work counters for one DPO step on the fused-linear path, counted on the CPU.
+
+``python bench/work_counters.py`` runs one step (hidden states + LM head → per-token log-probs →
+DPO loss → backward) for each method under a :class:`WorkCounter` and prints, side by side:
+
+* **GEMM FLOPs** over every matmul-family aten op — ``mm``, ``addmm``, ``bmm``, ``baddbmm``,
+  ``mv``/``addmv``/``dot`` and their in-place (``addmm_``) and ``out=`` (``mm.out``,
+  ``addmm.out``) forms; ``matmul``/``linear`` decompose into these before the dispatcher.
+  ``torch.utils.flop_counter`` has no entry for ``mm.out`` nor ``addmm_``, which TRL uses, so it
+  would undercount TRL.  Reported in units of one ``[M, D] × [D, V]`` GEMM (``2·M·D·V``
+  FLOPs, M = labelled tokens).
+* **Peak live tensor bytes**: every storage an op creates during the step is tracked from its
+  creation to its release (a weakref finalizer on the storage), so the peak is exactly the
+  largest sum of simultaneously alive bytes allocated inside the step (inputs excluded,
+  parameter ``.grad`` included).
+* **Accumulator traffic** (a model): bytes moved by the gradient GEMMs (output last dim = D: dH,
+  dW, ∂log p/∂h) — the output written, the accumulator read when the GEMM adds into it
+  (``addmm_``, ``addmm(out=acc)``, ``baddbmm``), and, when the product lands in a fresh
+  temporary, the temporary read again plus the target read (for an add) and written by the op
+  that consumes it.  It is what the GEMMs cost in memory traffic beyond their operands.
+
+Every method runs at the same chunk budget (elements of one logits tile).
+"""
+import argparse
+import json
+import math
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "cpu-work"
+
+_MATMUL_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "mv", "addmv", "addmv_",
+               "dot", "vdot", "_addmm_activation"}
+# Ops that add the product they read into a target (so the target is also read).
+_ACCUMULATING = {"add", "add_", "sub", "sub_", "index_add", "index_add_", "index_put_", "index_put"}
+
+
+def _matmul_operands(name, args):
+    """The two multiplied tensors of a matmul-family op (the additive input skipped)."""
+    if name in ("mm", "bmm", "mv", "dot", "vdot"):
+        return args[0], args[1]
+    return args[1], args[2]  # addmm / addmm_ / baddbmm / addmv / _addmm_activation(self, a, b)
+
+
+def matmul_flops(name, a, b):
+    """2·(output elements)·(reduced length) for ``a @ b`` (batched for bmm/baddbmm)."""
+    if name in ("dot", "vdot"):
+        return 2 * a.numel()
+    if name in ("mv", "addmv", "addmv_"):
+        return 2 * a.shape[0] * a.shape[1]
+    if a.dim() == 3:  # bmm / baddbmm
+        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for x in tree:
+            yield from _tensors(x)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            yield from _tensors(x)
+
+
+class WorkCounter(TorchDispatchMode):
+    """Counts matmul FLOPs, live tensor bytes and gradient-GEMM traffic of the ops run under it.
+
+    ``hidden_dim``: D; a matmul whose output's last dimension is D is a gradient GEMM for the
+    traffic model (dH, dW, ∂log p/∂h).  Results: ``gemm_flops``, ``ops`` (op name → calls),
+    ``peak_bytes``, ``live_bytes`` (still alive now), ``acc_bytes``.
+    """
+
+    def __init__(self, hidden_dim=None):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.gemm_flops = 0
+        self.ops = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.acc_bytes = 0
+        self._live = {}  # data_ptr → (weakref to storage, nbytes)
+        self._products = {}  # data_ptr of a fresh gradient-GEMM output not yet consumed → nbytes
+
+    # -- live bytes -------------------------------------------------------------------
+    def _free(self, key, nbytes):
+        entry = self._live.get(key)
+        if entry is not None and entry[0]() is None:
+            del self._live[key]
+            self.live_bytes -= nbytes
+        self._products.pop(key, None)
+
+    def _track(self, t):
+        if t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        nbytes, key = st.nbytes(), st.data_ptr()
+        if nbytes == 0:
+            return
+        entry = self._live.get(key)
+        if entry is not None and entry[0]() is st:
+            if nbytes > entry[1]:  # an out= tensor resized in place
+                self.live_bytes += nbytes - entry[1]
+                self._live[key] = (entry[0], nbytes)
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            return
+        if entry is not None:  # a dead storage whose finalizer has not run yet
+            self.live_bytes -= entry[1]
+        self._live[key] = (weakref.ref(st), nbytes)
+        weakref.finalize(st, self._free, key, nbytes)
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    # -- dispatch ---------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        before = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs)) if t.device.type != "meta"}
+        consumed = [p for p in before if p in self._products]
+        out = func(*args, **kwargs)
+        outputs = list(_tensors(out))
+        if name in _MATMUL_OPS:
+            a, b = _matmul_operands(name, args)
+            self.gemm_flops += matmul_flops(name, a, b)
+            self._gemm_traffic(name, args, kwargs, outputs)
+        elif consumed:
+            out_ptrs = {t.untyped_storage().data_ptr() for t in outputs if t.device.type != "meta"}
+            for p in consumed:
+                if p in out_ptrs:
+                    continue  # a view of the product (t, view, ...) moves nothing
+                # A fresh gradient product read back: read it and write the result, reading
+                # the target first when the op adds into it.
+                n = self._products.pop(p)
+                self.acc_bytes += n * (3 if name in _ACCUMULATING else 2)
+        for t in outputs:
+            self._track(t)
+        return out
+
+    def _gemm_traffic(self, name, args, kwargs, outputs):
+        if not outputs or self.hidden_dim is None or outputs[0].shape[-1] != self.hidden_dim:
+            return
+        o = outputs[0]
+        nbytes = o.numel() * o.element_size()
+        ptr = o.untyped_storage().data_ptr()
+        accumulates = name in ("addmm_", "baddbmm_", "addmv_") or (
+            name in ("addmm", "baddbmm", "addmv") and kwargs.get("beta", 1) != 0)
+        self.acc_bytes += nbytes * (2 if accumulates else 1)
+        if not accumulates:
+            # A product written (fresh, or out= into a buffer kept for later): whoever reads
+            # it back pays for it again.
+            self._products[ptr] = self._products.get(ptr, 0) + nbytes
+
+
+# -----------------------------------------------------------------------------------------
+# One DPO step per method
+# -----------------------------------------------------------------------------------------
+
+def make_batch(pairs=2, seq=256, vocab=8192, dim=128, seed=0, dtype=torch.float32):
+    """``[2P, T]`` labels (variable prompt lengths ignored, the rest labelled, no shift), hidden
+    states ``[2P, T, D]``, a head ``[V, D]`` and precomputed reference sums ``[P]`` each."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * pairs
+    labels = torch.randint(0, vocab, (n, seq), generator=g)
+    prompts = torch.randint(8, max(9, seq // 4), (n,), generator=g)
+    for i in range(n):
+        labels[i, : int(prompts[i])] = -100
+    hidden = torch.randn(n, seq, dim, generator=g, dtype=dtype)
+    weight = torch.randn(vocab, dim, generator=g, dtype=dtype) / math.sqrt(dim)
+    ref = -torch.rand(n, generator=g, dtype=torch.float64) * 50 - 300
+    return dict(hidden=hidden, weight=weight, labels=labels, ref_chosen=ref[:pairs].to(dtype),
+                ref_rejected=ref[pairs:].to(dtype), beta=0.1)
+
+
+def _dpo(seq_logps, batch):
+    """−log σ(β((ℓ_w − ℓʳ_w) − (ℓ_l − ℓʳ_l))), mean over pairs (TRL's sigmoid loss)."""
+    P = seq_logps.shape[0] // 2
+    margin = (seq_logps[:P] - batch["ref_chosen"]) - (seq_logps[P:] - batch["ref_rejected"])
+    return -F.logsigmoid(batch["beta"] * margin).mean()
+
+
+def _pyfused_module(batch, budget, *, fused):
+    from pyfused_po import FusedPreferenceLoss
+
+    V = batch["weight"].shape[0]
+
+    def step(hidden, weight):
+        module = FusedPreferenceLoss("sigmoid", beta=batch["beta"], backend="torch", linear_impl="chunked",
+                                     logit_metrics=False)
+        module.fused_gradient = fused
+        module.chunk_tokens = max(1, budget // V)
+        out = module(hidden=hidden, weight=weight, labels=batch["labels"],
+                     ref_chosen_logps=batch["ref_chosen"], ref_rejected_logps=batch["ref_rejected"])
+        out.loss.backward()
+    return step
+
+
+def _pyfused_token_stage(batch, budget):
+    from pyfused_po import linear_token_logprobs
+
+    V = batch["weight"].shape[0]
+
+    def step(hidden, weight):
+        logps = linear_token_logprobs(hidden, weight, batch["labels"], backend="torch", impl="chunked",
+                                      chunk_tokens=max(1, budget // V))
+        _dpo(logps.sum(-1), batch).backward()
+    return step
+
+
+def _trl(batch, budget):
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, ChunkedLogProbFunction
+
+    labels = batch["labels"]
+    mask = labels != -100
+    # TRL's tile is [min(M, TOKEN_CHUNK_SIZE), chunk_size]: the same element budget as the others.
+    chunk = max(1, budget // min(int(mask.sum()), TOKEN_CHUNK_SIZE))
+
+    def step(hidden, weight):
+        logps = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk, None, 1.0, ())[0]
+        per_token = logps.new_zeros(mask.shape).masked_scatter(mask, logps)
+        _dpo(per_token.sum(-1), batch).backward()
+    return step
+
+
+def liger_unavailable_reason():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss  # noqa: F401
+    except Exception as err:  # noqa: BLE001  (any import failure means "skip")
+        return f"liger-kernel not importable ({type(err).__name__}: {err})"
+    return None
+
+
+def _liger(batch, budget):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    # Liger takes no precomputed reference log-probs: it runs the reference head on ref_input
+    # (one more forward GEMM) and chunks by pair, whatever the budget.
+    loss_fn = LigerFusedLinearDPOLoss(beta=batch["beta"], compiled=False, use_ref_model=True)
+    ref_hidden = batch["hidden"] * 0.5
+
+    def step(hidden, weight):
+        out = loss_fn(weight, hidden, batch["labels"], ref_input=ref_hidden, ref_weight=weight.detach())
+        (out[0] if isinstance(out, tuple) else out).backward()
+    return step
+
+
+def methods(batch, budget, liger=True):
+    """``[(name, head_trainable, step factory)]``; a step is ``step(hidden, weight)``."""
+    out = []
+    for trainable in (True, False):
+        head = "trainable" if trainable else "frozen"
+        out += [
+            (f"pyfused_po module, fused_gradient=False ({head})", trainable, _pyfused_module(batch, budget, fused=False)),
+            (f"pyfused_po module, fused gradient (default) ({head})", trainable, _pyfused_module(batch, budget, fused=True)),
+            (f"pyfused_po linear_token_logprobs ({head})", trainable, _pyfused_token_stage(batch, budget)),
+            (f"TRL 1.16 ChunkedLogProbFunction + DPO ({head})", trainable, _trl(batch, budget)),
+        ]
+        if liger and liger_unavailable_reason() is None:
+            out.append((f"Liger LigerFusedLinearDPOLoss ({head})", trainable, _liger(batch, budget)))
+    return out
+
+
+def count_step(step, batch, trainable):
+    """Runs ``step`` once under a :class:`WorkCounter` on fresh leaf inputs."""
+    hidden = batch["hidden"].clone().requires_grad_(True)
+    weight = batch["weight"].clone().requires_grad_(trainable)
+    counter = WorkCounter(hidden_dim=hidden.shape[-1])
+    with counter:
+        step(hidden, weight)
+        grads = [hidden.grad, weight.grad]  # kept alive to the end: part of the step's memory
+    assert hidden.grad is not None and (weight.grad is not None) == trainable
+    del grads
+    return counter
+
+
+def run(pairs=2, seq=256, vocab=8192, dim=128, budget=1 << 22, liger=True):
+    """The table as a dict: one row per method, ratios against TRL with the same head."""
+    torch.manual_seed(0)
+    batch = make_batch(pairs, seq, vocab, dim)
+    M = int((batch["labels"] != -100).sum())
+    unit = 2 * M * dim * vocab
+    rows = []
+    for name, trainable, step in methods(batch, budget, liger):
+        c = count_step(step, batch, trainable)
+        rows.append(dict(method=name, head="trainable" if trainable else "frozen", gemm_flops=c.gemm_flops,
+                         gemms=c.gemm_flops / unit, peak_bytes=c.peak_bytes, acc_bytes=c.acc_bytes,
+                         mm_calls={k: v for k, v in sorted(c.ops.items()) if k in _MATMUL_OPS}))
+    for r in rows:
+        trl = next(x for x in rows if x["method"].startswith("TRL") and x["head"] == r["head"])
+        r["gemm_vs_trl"] = r["gemm_flops"] / trl["gemm_flops"]
+        r["peak_vs_trl"] = r["peak_bytes"] / trl["peak_bytes"]
+        r["acc_vs_trl"] = r["acc_bytes"] / max(trl["acc_bytes"], 1)
+    shape = dict(pairs=pairs, seq=seq, labelled_tokens=M, vocab=vocab, hidden_dim=dim, chunk_budget=budget,
+                 unit_flops=unit, torch=torch.__version__)
+    skipped = liger_unavailable_reason() if liger else "not asked for"
+    return dict(shape=shape, rows=rows, liger_skipped=skipped)
+
+
+def traffic_model(M, V, D, budget, trl_tokens=4096, trl_vocab=32768, hidden_bytes=2):
+    """Gradient-accumulator bytes per step by formula (the counters' rules at any shape):
+    a GEMM writing its fp32 result counts it once, accumulating into it twice (read + write);
+    dH rows finished inside a chunk are written once in hidden's dtype (plus a gather copy)."""
+    f32, dw, dh = 4, V * D, M * D
+    kt, kv = math.ceil(M / trl_tokens), math.ceil(V / trl_vocab)
+    c = max(1, budget // V)
+    c -= c % 256 if c >= 256 else 0
+    k = math.ceil(M / c)  # token chunks of pyfused_po
+    width = budget // M
+    width -= width % 256 if width >= 256 else 0
+    slices = math.ceil(V / max(width, 1))
+    return {
+        "TRL 1.16 (trainable)": 2 * f32 * (dw * kt + dh * kv),
+        "pyfused_po before: temporary per chunk (trainable)": 4 * f32 * dw * k + 3 * hidden_bytes * dh,
+        "pyfused_po staged, vocabulary-outer (trainable)": f32 * dw + (2 * slices - 1) * f32 * dh + 3 * hidden_bytes * dh,
+        "pyfused_po fused module, chunks of pairs (trainable)": (2 * k - 1) * f32 * dw + 3 * hidden_bytes * dh,
+        "TRL 1.16 (frozen)": 2 * f32 * dh * kv,
+        "pyfused_po frozen head (J stored, scaled)": 3 * f32 * dh,
+    }
+
+
+def render_model(shape=dict(M=16384, V=128256, D=4096, budget=1 << 27)):
+    model = traffic_model(**shape)
+    lines = [f"Accumulator traffic by formula at M={shape['M']}, V={shape['V']}, D={shape['D']}, bf16 hidden, "
+             f"chunk budget {shape['budget']} logits (TRL: 4096 × 32768 tiles):", "",
+             "| method | GB | × TRL |", "|---|---|---|"]
+    for name, b in model.items():
+        trl = model["TRL 1.16 (frozen)" if "frozen" in name else "TRL 1.16 (trainable)"]
+        lines.append(f"| {name} | {b / 1e9:.1f} | {b / trl:.2f} |")
+    return "\n".join(lines)
+
+
+NOTES = """Notes.
+* TRL's peak on the CPU includes the temporaries of its torch fold (`_forward_tile`/`_backward_tile`,
+  several `[tile]` fp32 tensors); on a GPU that fold is a Triton kernel without them.
+* Liger takes no precomputed reference log-probs: it runs the reference head (one more forward GEMM)
+  and scores prompt rows too (its GEMMs are over all B·T rows, not the labelled M).
+* The fused module (trainable) does one GEMM less but holds a `[C, V]` chunk of whole pairs until
+  their gradient is known, so its fp32 dW is re-read once per chunk of pairs ((2K−1)·|dW| for K chunks);
+  the staged path loops vocabulary-outer and writes dW once. At equal chunk budget the fused plan's
+  accumulator traffic is above TRL's; a larger budget (`module.chunk_tokens`) trades memory for it.
+* The fused module holds dW (fp32 `[V, D]`), db and dH from its forward to the backward; the
+  staged path allocates them in the backward only."""
+
+
+def render(result):
+    s = result["shape"]
+    lines = [f"One DPO step, {s['pairs']} pairs × 2 × {s['seq']} rows ({s['labelled_tokens']} labelled), "
+             f"V={s['vocab']}, D={s['hidden_dim']}, chunk budget {s['chunk_budget']} logits; "
+             f"1 GEMM = 2·M·D·V = {s['unit_flops']:.3g} FLOPs", "",
+             "| method | GEMMs | × TRL | peak live MiB | × TRL | acc. traffic MiB | × TRL |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['gemms']:.2f} | {r['gemm_vs_trl']:.2f} | "
+                     f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_vs_trl']:.2f} | "
+                     f"{r['acc_bytes'] / 2**20:.1f} | {r['acc_vs_trl']:.2f} |")
+    if result["liger_skipped"]:
+        lines += ["", f"Liger skipped: {result['liger_skipped']}"]
+    return "\n".join(lines)
+
+
+def save(result, out_dir=RESULTS):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "work_counters.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = ["# Work counters (CPU): one DPO step on the fused-linear path", "",
+          "Written by `python bench/work_counters.py` (see its docstring for what each column counts).", "",
+          render(result), "", NOTES, "", render_model(), ""]
+    (out_dir / "README.md").write_text("\n".join(md))
+    return [out_dir / "work_counters.json", out_dir / "README.md"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--budget", type=int, default=1 << 22, help="elements of one logits tile")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    result = run(args.pairs, args.seq, args.vocab, args.dim, args.budget)
+    print(render(result))
+    print()
+    print(render_model())
+    if not args.no_save:
+        for path in save(result):
+            print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
