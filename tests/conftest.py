@@ -21,6 +21,8 @@ HAS_CUDA = torch.cuda.is_available()
 SLOW_FILES = {
     "test_real_model.py",
     "test_integration_trl.py",
+    "test_integration_trl_trainers.py",
+    "test_integration_trl_smollm2.py",
     "test_integration_deepspeed.py",
     "test_distributed_parallel.py",
     "test_compile_loss.py",
