@@ -1,11 +1,12 @@
 """pyfused_po: fused Triton kernels for preference-optimization losses (DPO and family).
 
-Three stages (see ARCHITECTURE in the repository): the token stage
+Three stages (see docs/architecture.md in the repository): the token stage
 (:func:`token_logprobs`, Triton), the sequence stage (:mod:`pyfused_po.sequence`) and
 the objective stage (:func:`preference_loss` over a registry of losses), chained by
 the drop-in :class:`FusedPreferenceLoss`.
 """
 from . import ops  # noqa: F401  (registers the torch.library custom ops used under torch.compile)
+from . import packing  # noqa: F401  (registers the packed form of sequence_sums)
 from .distributed import (
     sequence_parallel_sums,
     vocab_parallel_linear_token_logprobs,
@@ -15,7 +16,7 @@ from .kto import FusedKTOLoss, KTOLossOutput, kto_loss
 from .linear_token_logprobs import linear_token_logprobs
 from .module import FusedPreferenceLoss
 from .objectives import F_DIVERGENCE_TYPES, ObjectiveOutput, PairBatch, loss_types, register_objective
-from .objectives.expo import expo_from_logits, expo_loss
+from .expo import expo_from_logits, expo_loss
 from .preference_loss import PreferenceLossOutput, preference_loss
 from .sequence import SequenceSums, sequence_sums
 from .token_kl import TokenKL, token_kl

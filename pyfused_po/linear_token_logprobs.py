@@ -30,6 +30,7 @@ so the backward is an elementwise scale: two GEMMs per step instead of three
 """
 import torch
 
+from . import _dispatch
 from .autograd_guard import first_derivative_only
 from .grad_filter import resolve_grad_filter, validate_grad_filter
 from .mixed_precision import autocast_off, cast_operands, head_matmul_dtype
@@ -307,8 +308,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             reduce_grad_hidden=reduce_grad_hidden, grad_filter=grad_filter),
             labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift, ignore_index=ignore_index)
     if vocab_parallel_group is not None or vocab_start is not None:
-        from .distributed import vocab_parallel_linear_token_logprobs
-
+        vocab_parallel_linear_token_logprobs = _dispatch.entry("vocab_parallel_linear_token_logprobs")
         if impl == "fused":
             raise ValueError("vocab_parallel_group runs the chunked implementation; got impl='fused'")
         return vocab_parallel_linear_token_logprobs(
@@ -323,7 +323,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
     grad_filter = resolve_grad_filter(grad_filter, mm_dtype or hidden.dtype)
     if torch.compiler.is_compiling():
         # Under torch.compile the fused-linear stage is an opaque custom op pair (no graph break).
-        from .ops import compiled_linear_token_logprobs
+        compiled_linear_token_logprobs = _dispatch.entry("compiled_linear_token_logprobs")  # pyfused_po.ops
         results = compiled_linear_token_logprobs(hidden, weight, bias, labels, config, resolved, impl, chunk_tokens,
                                                  mm_dtype, grad_filter)
     else:

@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _dispatch
 from .validation import check_label_range
 
 _SAVED = ("entropy", "log_sum_sq_probs")
@@ -116,6 +116,7 @@ def _backward(ctx, grads):
 token_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+@_dispatch.register
 def compiled_token_logprobs(logits, labels, config, backend):
     """``(logp, *extras)`` through the custom ops (the path taken under ``torch.compile``)."""
     outs = token_forward(logits, labels, config.ignore_index, config.shift, float(config.temperature),
@@ -215,6 +216,7 @@ def _linear_backward(ctx, grads):
 linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
+@_dispatch.register
 def compiled_linear_token_logprobs(hidden, weight, bias, labels, config, backend, impl, chunk_tokens, mm_dtype=None,
                                    grad_filter=None):
     """``(logp, *extras)`` through the custom ops (the path taken under ``torch.compile``)."""

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import _dispatch
 from .packed_layout import (
     LAYOUT_INT_DTYPES,
     _values_checkable,
@@ -69,6 +70,7 @@ def packed_layout(labels, cu_seqlens=None, position_ids=None, *, token_offset=No
     return PackedLayout(cu, segment_ids(cu, labels.numel(), offset), offset)
 
 
+@_dispatch.register  # sequence_sums(..., cu_seqlens=) runs it
 def packed_sequence_sums(token_values, labels, *, cu_seqlens=None, position_ids=None, ignore_index=-100,
                          shift=False, token_weights=None):
     """:func:`pyfused_po.sequence.sequence_sums` of a packed stream: ``[S]`` sums and counts.

@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import _dispatch
 from .validation import checked_labels
 
 
@@ -33,8 +34,7 @@ def sequence_sums(token_values, labels, *, ignore_index=-100, shift=False,
     With ``cu_seqlens`` / ``position_ids`` the inputs are a packed stream ``[1, N]`` / ``[N]``
     and the sums are per packed sequence, ``[S]`` (:func:`pyfused_po.packing.packed_sequence_sums`)."""
     if cu_seqlens is not None or position_ids is not None:
-        from .packing import packed_sequence_sums  # packing builds on this module
-
+        packed_sequence_sums = _dispatch.entry("packed_sequence_sums")  # pyfused_po.packing builds on this module
         return packed_sequence_sums(token_values, labels, cu_seqlens=cu_seqlens, position_ids=position_ids,
                                     ignore_index=ignore_index, shift=shift, token_weights=token_weights)
     mask = label_mask(labels, ignore_index=ignore_index, shift=shift)

@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _backend
+from . import _backend, _dispatch
 from .packed_layout import run_packed
 from .autograd_guard import first_derivative_only
 from .validation import (
@@ -264,8 +264,7 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
             vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start),
             labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift, ignore_index=ignore_index)
     if vocab_parallel_group is not None or vocab_start is not None:
-        from .distributed import vocab_parallel_token_logprobs
-
+        vocab_parallel_token_logprobs = _dispatch.entry("vocab_parallel_token_logprobs")  # pyfused_po.distributed
         return vocab_parallel_token_logprobs(
             logits, labels, group=vocab_parallel_group, vocab_start=vocab_start, ignore_index=ignore_index,
             shift=shift, temperature=temperature, logit_scale=logit_scale, softcap=softcap, extras=extras,
@@ -278,7 +277,7 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
     if torch.compiler.is_compiling():
         # Under torch.compile the token stage is an opaque custom op pair (no graph break);
         # the compiled graph owns its buffers, so the in-place backward does not apply.
-        from .ops import compiled_token_logprobs
+        compiled_token_logprobs = _dispatch.entry("compiled_token_logprobs")  # pyfused_po.ops
         results = compiled_token_logprobs(logits, labels, config, resolved)
     else:
         results = TokenLogprobsFunction.apply(logits, labels, config, resolved, bool(inplace_backward))

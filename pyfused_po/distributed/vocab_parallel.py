@@ -17,6 +17,7 @@ group (see ``reduce_grad_hidden``).
 import torch
 import torch.distributed as dist
 
+from .. import _backend, _dispatch
 from .. import _backend
 from ..autograd_guard import first_derivative_only
 from ..linear_token_logprobs import validate_linear_inputs
@@ -140,6 +141,7 @@ def _config(ignore_index, shift, temperature, logit_scale, softcap, extras):
     return config
 
 
+@_dispatch.register  # token_logprobs(..., vocab_parallel_group=) runs it
 def vocab_parallel_token_logprobs(logits_shard, labels, *, group, vocab_start, ignore_index=-100,
                                   shift=False, temperature=1.0, logit_scale=1.0, softcap=None, extras=(),
                                   inplace_backward=False, backend="auto"):
@@ -249,6 +251,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         return (gh, gw, gb) + none[3:]
 
 
+@_dispatch.register
 def vocab_parallel_linear_token_logprobs(hidden, weight_shard, labels, *, group, vocab_start, bias_shard=None,
                                          ignore_index=-100, shift=False, temperature=1.0, logit_scale=1.0,
                                          softcap=None, extras=(), backend="auto", chunk_tokens=None,

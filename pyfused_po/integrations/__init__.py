@@ -3,4 +3,5 @@
 Imported lazily: ``import pyfused_po.integrations.trl`` needs ``trl``; ``.hf`` needs nothing
 beyond torch until called with a Transformers model.
 """
-
+from . import hf_packed  # noqa: F401  (needs only torch; registers the packed form of hf.model_preference_loss)
+from . import trl_preference_loss  # noqa: F401  (needs only torch to import; registers use_preference_loss)

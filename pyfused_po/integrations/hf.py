@@ -22,6 +22,7 @@ import dataclasses
 
 import torch
 
+from .. import _dispatch
 from .lora_head import lora_head_operands
 
 __all__ = ["lm_head_transform", "backbone", "last_hidden_states", "gathered_lm_head", "with_lm_head",
@@ -205,7 +206,7 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
     if loss_fn.token_kwargs["shift"]:
         raise ValueError("model_preference_loss shifts labels itself; build loss_fn with shift=False")
     if position_ids is not None or cu_seqlens is not None:
-        from .hf_packed import packed_model_preference_loss
+        packed_model_preference_loss = _dispatch.entry("packed_model_preference_loss")  # .hf_packed builds on hf
         return packed_model_preference_loss(
             model, loss_fn, input_ids, labels, attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
             ref_model=ref_model, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,

@@ -10,18 +10,19 @@ no padding rows anywhere — with the labels shifted inside each sequence.
 """
 import torch
 
+from .. import _dispatch
 from ..linear_token_logprobs import linear_token_logprobs
 from ..packed_layout import cu_seqlens_to_position_ids, packed_shift, resolve_cu_seqlens
+from . import hf
 from .lora_head import lora_head_operands
 
 PER_TOKEN_ARGS = ("token_weights", "ref_token_logps", "nll_labels")
 
 
+@_dispatch.register  # hf.model_preference_loss(..., position_ids=/cu_seqlens=) runs it
 def packed_model_preference_loss(model, loss_fn, input_ids, labels, attention_mask, *, position_ids, cu_seqlens,
                                  ref_model, ref_chosen_logps, ref_rejected_logps, shift, loss_kwargs):
     """:func:`pyfused_po.integrations.hf.model_preference_loss` on a packed batch (module docstring)."""
-    from . import hf
-
     if attention_mask is not None:
         raise ValueError("a packed batch (position_ids= or cu_seqlens=) takes no attention_mask: the model "
                          "derives the block-diagonal mask from position_ids; got an attention_mask of shape "

@@ -26,6 +26,7 @@ from importlib import metadata
 
 import torch
 
+from .. import _dispatch
 from ..linear_token_logprobs import linear_token_logprobs
 from .hf import backbone, lm_head_transform, with_lm_head
 from .lora_head import lora_head_operands
@@ -266,5 +267,5 @@ def apply(trainer_or_model, *, backend="auto", linear_impl="auto"):
 def use_preference_loss(trainer, loss_fn, *, backend=None):
     """Make ``loss_fn`` (a :class:`~pyfused_po.FusedPreferenceLoss`) the loss of a TRL ``DPOTrainer``;
     see :func:`pyfused_po.integrations.trl_preference_loss.use_preference_loss`."""
-    from .trl_preference_loss import use_preference_loss as use
+    use = _dispatch.entry("use_preference_loss")  # .trl_preference_loss builds on this module
     return use(trainer, loss_fn, backend=backend)

@@ -15,6 +15,7 @@ import types
 
 import torch
 
+from .. import _dispatch
 from .hf import lm_head_transform
 from .trl_head import head_owner
 
@@ -81,6 +82,7 @@ def dpo_config_mismatches(trainer, loss_fn):
     return out
 
 
+@_dispatch.register  # integrations.trl.use_preference_loss runs it
 def use_preference_loss(trainer, loss_fn, *, backend=None):
     """Make ``loss_fn`` (a :class:`~pyfused_po.FusedPreferenceLoss`) the loss of a TRL ``DPOTrainer``.
 

@@ -15,6 +15,7 @@ take a few seconds.
 Shared by the tests (``tests/conftest.py`` skips with :func:`unavailable_reason`), the
 benchmark and the examples.
 """
+import hashlib
 import importlib.util
 import json
 import os
@@ -158,18 +159,56 @@ def pair_batch(tokenizer, pairs, ignore_index=-100):
 
 
 @torch.no_grad()
+def _final_hidden(model, input_ids, attention_mask, rows_per_batch=8):
+    """Final hidden states ``[N, T, D]``; zero at padding.
+
+    Rows run in batches of similar length, each cut to its own longest row: with right
+    padding and causal attention a row's hidden states at its real tokens do not depend
+    on the padding, and half the padded batch's work is saved.
+    """
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    hidden = torch.zeros(*input_ids.shape, model.config.hidden_size)
+    for start in range(0, len(order), rows_per_batch):
+        rows = order[start: start + rows_per_batch]
+        t = int(lengths[rows].max())
+        out = model.model(input_ids=input_ids[rows, :t], attention_mask=attention_mask[rows, :t])
+        hidden[rows, :t] = out.last_hidden_state.float() * attention_mask[rows, :t, None]
+    return hidden
+
+
+def _activations_cache_file():
+    # Keyed by the shipped text, so editing the pairs never reads stale activations.
+    digest = hashlib.sha256(PAIRS_FILE.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"activations-{digest}.pt"
+
+
+@torch.no_grad()
 def activations(model=None, tokenizer=None, pairs=None):
     """Realistic fused-linear inputs from the real model on the shipped pairs.
 
     Returns a dict: ``hidden`` ``[2P, T, D]`` (final hidden states, after the last norm: the
-    LM head's input), ``weight`` ``[V, D]`` (the head, tied to the embeddings), ``input_ids``,
-    ``labels`` (unshifted, see :func:`pair_batch`) and ``attention_mask``.  fp32, CPU.
+    LM head's input; zero at padding), ``weight`` ``[V, D]`` (the head, tied to the
+    embeddings), ``input_ids``, ``labels`` (unshifted, see :func:`pair_batch`) and
+    ``attention_mask``.  fp32, CPU.
+
+    With no arguments (the stock model on all shipped pairs) the hidden states are computed
+    once (about a minute on two cores) and kept beside the model's cache.
     """
+    default = model is None and pairs is None
     if model is None:
         model, tokenizer = load()
+    weight = model.get_output_embeddings().weight.detach()
+    cached = _activations_cache_file() if default else None
+    if cached is not None and cached.is_file():
+        data = torch.load(cached, weights_only=True)
+        return dict(data, weight=weight)
     pairs = preference_pairs() if pairs is None else pairs
     input_ids, labels, attention_mask = pair_batch(tokenizer, pairs)
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask)
-    weight = model.get_output_embeddings().weight.detach()
-    return dict(hidden=out.last_hidden_state.detach(), weight=weight, input_ids=input_ids, labels=labels,
-                attention_mask=attention_mask)
+    hidden = _final_hidden(model, input_ids, attention_mask)
+    data = dict(hidden=hidden, input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+    if cached is not None:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        torch.save(data, tmp)
+        os.replace(tmp, cached)  # atomic: a concurrent reader sees the whole file or none
+    return dict(data, weight=weight)
