@@ -49,6 +49,7 @@ if not torch.cuda.is_available():  # Triton kernels under the interpreter; set b
 from bench.cases import HEADLINE_HIDDEN, HEADLINE_PAIRS, HEADLINE_SEQ, HEADLINE_VOCAB, Case  # noqa: E402
 from bench.env_info import environment  # noqa: E402
 from bench.inputs import make_inputs  # noqa: E402
+from bench.timing import time_calls_ms  # noqa: E402
 
 BETA = 0.1
 NAMES = ("impl", "accumulate", "atomics", "grad_filter")
@@ -68,23 +69,7 @@ def _sync(device):
 
 def time_ms(fn, device, warmup, reps):
     """Per-rep milliseconds of ``fn()`` after ``warmup`` calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    out = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            out.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(1e3 * (time.perf_counter() - t0))
-    return out
+    return time_calls_ms(fn, device, warmup=warmup, reps=reps)
 
 
 def peak_extra(fn, device):

@@ -11,22 +11,14 @@ import statistics
 
 import torch
 
+from .timing import time_calls_ms
+
 COPY_BYTES = 1 << 30
 GEMM_SHAPE = (16384, 4096, 32768)  # M (tokens), K (hidden), N (a vocabulary tile)
 
 
 def _median_ms(fn, device, reps):
-    fn()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    return statistics.median(time_calls_ms(fn, device, warmup=1, reps=reps))
 
 
 def copy_bandwidth(device, nbytes=COPY_BYTES, reps=20):

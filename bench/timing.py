@@ -27,6 +27,30 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def time_calls_ms(fn, device, *, warmup=1, reps=5):
+    """Per-call milliseconds of ``fn()`` after ``warmup`` calls: CUDA events on a GPU (each
+    rep synchronized, so a rep is one call's device time), the wall clock elsewhere."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            import torch
+
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            out.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
 def time_steps(loss_fn, inputs_list, device, *, warmup=3, reps=10):
     """Per-rep seconds of ``run_step`` over rotated inputs (``reps`` values)."""
     n = len(inputs_list)

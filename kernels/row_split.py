@@ -59,3 +59,18 @@ def vocab_offset(j, ALIGN: tl.constexpr):
         return j.to(tl.int64)
     else:
         return j
+
+
+@triton.jit
+def zero_row(dx_ptr, off_d, V, stride_dv, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr, LANE: tl.constexpr):
+    """Zeros one row's ``V`` gradient entries (a row with no label), split as the backward
+    kernels' loops split a row: an aligned unmasked body, a masked head and tail."""
+    k = lane_offsets(BLOCK_V, LANE)
+    body_off, head, n_full, tail_start, n_edge = row_split(off_d, V, ALIGN, BLOCK_V)
+    zeros = tl.zeros([BLOCK_V // LANE, LANE], dtype=dx_ptr.dtype.element_ty)
+    dx_body = dx_ptr + body_off
+    for i in range(0, n_full):
+        tl.store(dx_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_dv, zeros)
+    for e0 in range(0, n_edge, BLOCK_V):
+        idx = edge_index(e0 + k, head, tail_start)
+        tl.store(dx_ptr + off_d + vocab_offset(idx, ALIGN) * stride_dv, zeros, mask=e0 + k < n_edge)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .fast_math import LOG2E
-from .row_split import edge_index, lane_offsets, row_split, vocab_offset
+from .row_split import edge_index, lane_offsets, row_split, vocab_offset, zero_row
 from .tl_utils import row_target, transform, transform_grad
 
 
@@ -123,11 +123,4 @@ def token_kl_backward_kernel(
             tl.debug_barrier()  # every thread's loop store of element y is done
             tl.store(dx_row + y * stride_dv, d_y.to(out_ty))
     else:
-        body_off, head, n_full, tail_start, n_edge = row_split(off_d, V, ALIGN, BLOCK_V)
-        zeros = tl.zeros([BLOCK_V // LANE, LANE], dtype=out_ty)
-        dx_body = dx_ptr + body_off
-        for i in range(0, n_full):
-            tl.store(dx_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_dv, zeros)
-        for e0 in range(0, n_edge, BLOCK_V):
-            idx64 = edge_index(e0 + k, head, tail_start).to(tl.int64)
-            tl.store(dx_ptr + off_d + idx64 * stride_dv, zeros, mask=e0 + k < n_edge)
+        zero_row(dx_ptr, off_d, V, stride_dv, ALIGN, BLOCK_V, LANE)
