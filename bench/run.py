@@ -9,6 +9,7 @@ timed (median, min–max) and with peak memory from each method's own process
 (``bench/cpu_memory.py``), written to ``bench/results/cpu/``.
 """
 import argparse
+import json
 import dataclasses
 import os
 import sys
@@ -177,9 +178,19 @@ def cpu_run(args, env, cases):
     return summary
 
 
+def _is_gpu_run(summary_path):
+    """A results folder written by a CUDA run (CPU runs and the CPU-only studies beside them —
+    work counters, static profile, grad filter, packed — are not GPU results)."""
+    try:
+        env = json.loads(Path(summary_path).read_text()).get("environment", {})
+    except (OSError, ValueError):
+        return False
+    return env.get("device_type") == "cuda" and (Path(summary_path).parent / "README.md").is_file()
+
+
 def _pointers(out_dir):
     """Where to read further: result folders that exist (never a placeholder path)."""
-    gpu = sorted(p.parent for p in RESULTS.glob("*/README.md") if p.parent.name != "cpu")
+    gpu = sorted(p.parent for p in RESULTS.glob("*/summary.json") if _is_gpu_run(p))
     lines = [f"CPU results: {Path(out_dir) / 'README.md'}"] if out_dir is not None else []
     if gpu:
         lines.append("GPU results: " + ", ".join(str(p / "README.md") for p in gpu))
