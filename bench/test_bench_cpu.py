@@ -40,7 +40,10 @@ def test_memory_probe_measures_a_known_allocation():
                                                         "bench.test_bench_cpu:NOOP": "ok"}
     alloc, noop = res["bench.test_bench_cpu:ALLOC"], res["bench.test_bench_cpu:NOOP"]
     above = alloc["hwm_bytes"] - res["baseline"]["hwm_bytes"]
-    assert ALLOC_BYTES <= above <= ALLOC_BYTES + 12 * 2**20  # plus first-call code pages
+    # Below by at most 1 MiB: the baseline's own high-water mark can hold transient pages (input
+    # building) that the method's process reuses for its buffer (seen: 92 KiB in one CI run).
+    # Reading current RSS instead of the mark would give ~0 here: the buffer is freed on return.
+    assert ALLOC_BYTES - 2**20 <= above <= ALLOC_BYTES + 12 * 2**20  # plus first-call code pages
     assert noop["hwm_bytes"] - res["baseline"]["hwm_bytes"] <= 12 * 2**20
     if alloc["step_hwm_bytes"] is not None:  # mark reset before the step (Linux >= 4.0)
         assert abs(alloc["step_hwm_bytes"] - alloc["rss_before_step_bytes"] - ALLOC_BYTES) <= 2 * 2**20
