@@ -49,7 +49,7 @@ if not torch.cuda.is_available():  # Triton kernels under the interpreter; set b
 from bench.cases import HEADLINE_HIDDEN, HEADLINE_PAIRS, HEADLINE_SEQ, HEADLINE_VOCAB, Case  # noqa: E402
 from bench.env_info import environment  # noqa: E402
 from bench.inputs import make_inputs  # noqa: E402
-from bench.timing import time_calls_ms  # noqa: E402
+from bench.timing import _sync, time_calls_ms  # noqa: E402
 
 BETA = 0.1
 NAMES = ("impl", "accumulate", "atomics", "grad_filter")
@@ -60,11 +60,6 @@ GRAD_FILTER_TIME_TOKENS = 16_384  # GPU: real rows replicated to about this many
 
 # ----------------------------------------------------------------------------------------------
 # measurement
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_ms(fn, device, warmup, reps):

@@ -147,11 +147,6 @@ def gemm_into(out, a, b, *, accumulate):
     return out
 
 
-def _accumulate_mm(acc, a, b):
-    """``acc += a·b`` with ``acc`` fp32/fp64, in place inside the GEMM."""
-    gemm_into(acc, a, b, accumulate=True)
-
-
 def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, temperature,
                    logit_scale, softcap, extras=(), chunk_tokens=None, fold=_torch_fold,
                    input_grad_rows=False):
