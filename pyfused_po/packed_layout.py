@@ -18,7 +18,7 @@ package's stages, so the token stage may call it.
 """
 import torch
 
-from .validation import INT_DTYPES, check_same_device, debug_checks_enabled
+from .validation import INT_DTYPES, check_same_device, checked_labels, debug_checks_enabled
 
 LAYOUT_INT_DTYPES = tuple(d for d in INT_DTYPES if d != torch.uint8)
 
@@ -171,6 +171,8 @@ def run_packed(call, labels, *, cu_seqlens, position_ids, shift, ignore_index):
     ``shift`` the layout changes nothing (it is only validated); with it, the labels move
     within each sequence and the token stage runs with ``shift=False``.
     """
+    # Before the shift writes ignore_index into a copy of the labels' own dtype.
+    labels = checked_labels("labels", labels, ignore_index)
     cu = resolve_cu_seqlens(labels, cu_seqlens, position_ids)
     if not shift:
         return call(labels, False)

@@ -29,6 +29,7 @@ from .packed_layout import (
     segment_ids,
 )
 from .sequence import SequenceSums
+from .validation import checked_labels
 
 PAIR_LAYOUTS = ("halves", "interleaved")
 
@@ -79,6 +80,7 @@ def packed_sequence_sums(token_values, labels, *, cu_seqlens=None, position_ids=
     the labels (as :func:`pyfused_po.token_logprobs` returns them); with ``shift`` the first
     token of every sequence has no prediction and does not count.
     """
+    labels = checked_labels("labels", labels, ignore_index)  # as sequence_sums does on padded batches
     layout = packed_layout(labels, cu_seqlens, position_ids)
     if layout is None:
         raise ValueError("packed_sequence_sums needs cu_seqlens= or position_ids=")

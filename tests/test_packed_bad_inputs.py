@@ -162,3 +162,21 @@ def test_sequence_parallel_packed_needs_token_offset():
         module(logits, labels, cu_seqlens=torch.tensor([0, 3, 8]))
     with pytest.raises(ValueError, match="must end at or after token_offset"):
         module(logits, labels, cu_seqlens=torch.tensor([0, 3, 8]), token_offset=2)
+
+
+def test_packed_entry_points_check_small_label_dtypes():
+    """The packed route widens / refuses small label dtypes as the padded route does: uint8
+    cannot hold ignore_index −100 (a label 156 would read as ignored), int8 gives int64's result."""
+    cu = torch.tensor([0, 3, 7])
+    labels = torch.tensor([[4, 1, 156, 2, 0, 3, 5]])
+    values = torch.randn(1, 7, dtype=torch.float64)
+    with pytest.raises(TypeError, match="cannot hold ignore_index"):
+        pyfused_po.sequence_sums(values, labels.to(torch.uint8), shift=True, cu_seqlens=cu)
+    with pytest.raises(TypeError, match="cannot hold ignore_index"):
+        pyfused_po.token_logprobs(torch.randn(1, 7, 200), labels.to(torch.uint8), shift=True, cu_seqlens=cu,
+                                  backend="torch")
+    small = torch.tensor([[4, 1, -100, 2, 0, 3, 5]])
+    want = pyfused_po.sequence_sums(values, small, shift=True, cu_seqlens=cu)
+    got = pyfused_po.sequence_sums(values, small.to(torch.int8), shift=True, cu_seqlens=cu)
+    torch.testing.assert_close(got.logps, want.logps)
+    torch.testing.assert_close(got.lengths, want.lengths)
