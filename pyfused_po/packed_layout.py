@@ -87,6 +87,17 @@ def position_ids_to_cu_seqlens(position_ids, *, name="position_ids"):
     n = pos.numel()
     if n and int(pos[0]) != 0:
         raise ValueError(f"{name} must start a sequence at the first token ({name}[0] == 0), got {int(pos[0])}")
+    if n > 1 and _values_checkable(pos):
+        # Inside a sequence each position is the previous one + 1.  Any other step that is not a
+        # restart at 0 is ambiguous: Transformers' packed-sequence mask (sdpa / eager) starts a new
+        # sequence there, while counting only restarts would make it one sequence whose shift
+        # predicts across the boundary.  Refuse it rather than pick one reading.
+        step_ok = (pos[1:] == pos[:-1] + 1) | (pos[1:] == 0)
+        if not bool(step_ok.all()):
+            t = int(torch.nonzero(~step_ok)[0, 0]) + 1
+            raise ValueError(f"{name} must count 0, 1, 2, … inside each sequence and restart at 0 where the next "
+                             f"one starts; got {name}[{t - 1}] = {int(pos[t - 1])} followed by {name}[{t}] = "
+                             f"{int(pos[t])} (neither +1 nor a restart at 0)")
     starts = torch.nonzero(pos == 0).reshape(-1).to(torch.int64)
     return torch.cat([starts, torch.tensor([n], dtype=torch.int64, device=pos.device)])
 

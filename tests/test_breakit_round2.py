@@ -5,6 +5,7 @@ layouts).  Each test compares against a float64 reference written from the formu
 import pytest
 import torch
 
+import pyfused_po
 from pyfused_po import linear_token_logprobs
 
 
@@ -55,3 +56,100 @@ def test_vocab_outer_backward_with_a_nonnegative_ignore_index(backend, ignore_in
     torch.testing.assert_close(lp.double(), ref, **tol)
     torch.testing.assert_close(h.grad.double(), hr.grad, **tol)
     torch.testing.assert_close(w.grad.double(), wr.grad, **tol)
+
+
+# ------------------------------------------------------------------ vocabulary parallelism
+
+_VOCAB_PARALLEL_WORKER = r'''
+import json, sys, torch, torch.distributed as dist
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+from pyfused_po import linear_token_logprobs, token_logprobs
+g = torch.Generator().manual_seed(0)
+V, D, ii = 10, 3, 0
+logits = torch.randn(1, 4, V, generator=g, dtype=torch.float64)
+hidden = torch.randn(1, 4, D, generator=g, dtype=torch.float64)
+weight = torch.randn(V, D, generator=g, dtype=torch.float64)
+labels = torch.tensor([[5, 0, 7, 2]])  # id 5 = rank 1's vocab_start + ignore_index
+lo, hi = 5 * rank, 5 * rank + 5
+shard = logits[..., lo:hi].clone().requires_grad_(True)
+lp = token_logprobs(shard, labels, ignore_index=ii, backend="torch", vocab_parallel_group=dist.group.WORLD,
+                    vocab_start=lo)
+lp.sum().backward()
+h = hidden.clone().requires_grad_(True)
+w = weight[lo:hi].clone().requires_grad_(True)
+lin = linear_token_logprobs(h, w, labels, ignore_index=ii, backend="torch", vocab_parallel_group=dist.group.WORLD,
+                            vocab_start=lo)
+lin.sum().backward()
+json.dump(dict(logps=lp.tolist(), grad=shard.grad.tolist(), lin=lin.tolist(), grad_h=h.grad.tolist(),
+               grad_w=w.grad.tolist()), open(f"{out}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+'''
+
+
+def test_vocab_parallel_with_a_nonnegative_ignore_index(tmp_path):
+    """Rank r's kernels read labels relative to its slice; with ``ignore_index=0`` the id
+    ``vocab_start_r`` became relative label 0 = ignore_index and its owner skipped it: a wrong
+    lse and log-prob for that token.  Two gloo ranks (about 4 s: two interpreter starts)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from _dist_spawn import free_port
+
+    script = tmp_path / "worker.py"
+    script.write_text(_VOCAB_PARALLEL_WORKER)
+    port = str(free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 4, 10, generator=g, dtype=torch.float64)
+    hidden = torch.randn(1, 4, 3, generator=g, dtype=torch.float64)
+    weight = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[5, 0, 7, 2]])
+    x = _leaf(logits)
+    ref = _logps_ref(x, torch.eye(10, dtype=torch.float64), labels, ignore_index=0)
+    ref.sum().backward()
+    h, w = _leaf(hidden), _leaf(weight)
+    ref_lin = _logps_ref(h, w, labels, ignore_index=0)
+    ref_lin.sum().backward()
+    for r, out in enumerate(ranks):
+        torch.testing.assert_close(torch.tensor(out["logps"], dtype=torch.float64), ref)
+        torch.testing.assert_close(torch.tensor(out["grad"], dtype=torch.float64), x.grad[..., 5 * r:5 * r + 5])
+        torch.testing.assert_close(torch.tensor(out["lin"], dtype=torch.float64), ref_lin)
+        torch.testing.assert_close(torch.tensor(out["grad_h"], dtype=torch.float64), h.grad)
+        torch.testing.assert_close(torch.tensor(out["grad_w"], dtype=torch.float64), w.grad[5 * r:5 * r + 5])
+
+
+# ------------------------------------------------------------------ packed layouts
+
+@pytest.mark.parametrize("positions", [[0, 1, 2, 5, 6, 7], [0, 1, 2, 3, 1, 2], [0, 1, 1, 2]])
+def test_position_ids_with_a_jump_that_is_not_a_restart_are_refused(positions):
+    """Transformers' packed mask (sdpa / eager) starts a sequence wherever the position does not
+    grow by one; counting only restarts at 0 made ``[0, 1, 2, 5, 6, 7]`` one sequence, so under
+    ``shift`` hidden state 2 predicted token 3 of another sequence it never attended to."""
+    g = torch.Generator().manual_seed(1)
+    n = len(positions)
+    logits = torch.randn(1, n, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (1, n), generator=g)
+    with pytest.raises(ValueError, match=r"position_ids.*restart at 0"):
+        pyfused_po.token_logprobs(logits, labels, shift=True, backend="torch",
+                                  position_ids=torch.tensor([positions]))
+
+
+def test_position_ids_restarts_and_single_token_sequences_still_accepted():
+    g = torch.Generator().manual_seed(2)
+    positions = torch.tensor([[0, 0, 1, 2, 0, 0, 1]])  # sequences of 1, 3, 1 and 2 tokens
+    logits = torch.randn(1, 7, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (1, 7), generator=g)
+    got = pyfused_po.token_logprobs(logits, labels, shift=True, backend="torch", position_ids=positions)
+    expected = torch.zeros(1, 7, dtype=torch.float64)
+    for a, b in ((1, 4), (5, 7)):  # only the multi-token sequences have predictions
+        lq = torch.log_softmax(logits[0, a:b - 1], -1)
+        expected[0, a + 1:b] = lq.gather(-1, labels[0, a + 1:b].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
