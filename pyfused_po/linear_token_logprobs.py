@@ -287,7 +287,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             about 128M elements on CUDA, 4M on the CPU).
         cu_seqlens, position_ids: a packed stream (``hidden`` ``[1, N, D]`` or ``[N, D]``), as in
             :func:`pyfused_po.token_logprobs`: ``shift`` stays inside each sequence.
-        grad_filter: ``None`` (default, exact), a float ``≥ 0`` or ``"auto"`` (``eps / 32`` of
+        grad_filter: ``None`` (default, exact), a float in ``[0, 1)`` or ``"auto"`` (``eps / 32`` of
             the GEMM dtype), ``impl="fused"`` only: the backward skips the dH/dW dots of
             ``128 × 128`` (token, id) tiles whose every logits gradient is below the threshold
             relative to its token's upstream gradient (Cut Cross-Entropy's gradient filtering).

@@ -153,3 +153,16 @@ def test_position_ids_restarts_and_single_token_sequences_still_accepted():
         lq = torch.log_softmax(logits[0, a:b - 1], -1)
         expected[0, a + 1:b] = lq.gather(-1, labels[0, a + 1:b].unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ gradient filtering
+
+@pytest.mark.parametrize("threshold", [1.0, 5.0])
+def test_grad_filter_of_one_or_more_is_refused(threshold):
+    """|onehot − p| < 1 everywhere, so a threshold ≥ 1 skipped every tile: dH = dW = 0 with a
+    normal loss.  Refused before any kernel launch."""
+    hidden = torch.randn(1, 4, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (1, 4))
+    with pytest.raises(ValueError, match="grad_filter must be below 1"):
+        linear_token_logprobs(hidden, weight, labels, backend="triton", impl="fused", grad_filter=threshold)
