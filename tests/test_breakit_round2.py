@@ -212,3 +212,52 @@ def test_fused_pairs_bf16_gradient_is_not_scaled_by_a_rounded_upstream_gradient(
         assert abs(a - 1) < 1e-3, scales
     for a in scales[True]:
         assert abs(a - 1) < 1e-3, scales
+
+
+# ------------------------------------------------------------------ packed layouts under torch.compile
+
+_BAD_CU_SEQLENS = [([0, 5, 3, 8], "be non-decreasing"), ([1, 3, 8], "start at 0"), ([0, 3, 6], "end at the number")]
+
+
+@pytest.mark.parametrize("cu, match", _BAD_CU_SEQLENS)
+def test_compiled_packed_call_checks_cu_seqlens(cu, match):
+    """Under torch.compile the cu_seqlens value checks were skipped (they read values back) and a
+    non-monotone / not-from-0 / short cu_seqlens gave a finite, wrong result.  The checks now run
+    in the graph (``pyfused_po::check_packed_values``).  ``backend="eager"``: Dynamo traces, no
+    Inductor codegen (fast)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 8, 5, generator=g)
+    labels = torch.randint(0, 5, (1, 8), generator=g)
+
+    def step(cu_seqlens):
+        return pyfused_po.token_logprobs(logits, labels, shift=True, backend="torch", cu_seqlens=cu_seqlens)
+
+    with pytest.raises(ValueError, match=f"cu_seqlens must {match}"):
+        torch.compile(step, backend="eager")(torch.tensor(cu))
+
+
+def test_compiled_packed_module_checks_position_ids_and_pair_indices():
+    torch._dynamo.reset()
+    from pyfused_po import FusedPreferenceLoss
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 8, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (1, 8), generator=g)
+    module = FusedPreferenceLoss("simpo", backend="torch", shift=True)
+
+    def step(**layout):
+        return module(hidden=hidden, weight=weight, labels=labels, **layout).loss
+
+    compiled = torch.compile(step, backend="eager")
+    with pytest.raises(ValueError, match="position_ids must count"):
+        compiled(position_ids=torch.tensor([[0, 1, 2, 0, 1, 5, 6, 7]]))
+    cu = torch.tensor([0, 2, 4, 6, 8])
+    with pytest.raises(ValueError, match="must not overlap or repeat"):
+        compiled(cu_seqlens=cu, chosen_index=torch.tensor([0, 1]), rejected_index=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"sequence ids in \[0, 4\)"):
+        compiled(cu_seqlens=cu, chosen_index=torch.tensor([0, 1]), rejected_index=torch.tensor([2, 4]))
+    eager = step(cu_seqlens=cu, chosen_index=torch.tensor([0, 1]), rejected_index=torch.tensor([2, 3]))
+    torch.testing.assert_close(compiled(cu_seqlens=cu, chosen_index=torch.tensor([0, 1]),
+                                        rejected_index=torch.tensor([2, 3])), eager)
