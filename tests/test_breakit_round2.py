@@ -261,3 +261,24 @@ def test_compiled_packed_module_checks_position_ids_and_pair_indices():
     eager = step(cu_seqlens=cu, chosen_index=torch.tensor([0, 1]), rejected_index=torch.tensor([2, 3]))
     torch.testing.assert_close(compiled(cu_seqlens=cu, chosen_index=torch.tensor([0, 1]),
                                         rejected_index=torch.tensor([2, 3])), eager)
+
+
+def test_compiled_module_checks_that_nll_labels_agree_with_labels():
+    """``merge_labels`` skipped its agreement check while Dynamo traced: nll_labels naming another
+    token than labels at a position silently used the labels' log-prob in the NLL term."""
+    torch._dynamo.reset()
+    from pyfused_po import FusedPreferenceLoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, generator=g)
+    labels = torch.randint(0, 6, (2, 4), generator=g)
+    labels[:, 0] = -100
+    nll_labels = labels[:1].clone()
+    nll_labels[0, 2] = (labels[0, 2] + 1) % 6
+    module = FusedPreferenceLoss(["simpo", "sft"], backend="torch")
+
+    def step():
+        return module(logits=logits, labels=labels, nll_labels=nll_labels).loss
+
+    with pytest.raises(ValueError, match="nll_labels must equal labels"):
+        torch.compile(step, backend="eager")()
