@@ -38,7 +38,7 @@ from .packed_layout import run_packed
 from .token_logprobs import TokenConfig, make_token_config, pack_results, resolve_backend, validate_token_config
 from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold
-from .validation import check_label_range, check_same_device, check_tensor, checked_labels
+from .validation import as_number, check_label_range, check_same_device, check_tensor, checked_labels
 
 IMPLS = ("auto", "chunked", "fused")
 
@@ -299,6 +299,8 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         float32 log-probs shaped like ``labels`` (float64 for float64 inputs on the torch
         backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
     """
+    # NumPy scalars / 0-d tensors as numbers, as for every hyper-parameter (validation.as_number).
+    chunk_tokens, grad_filter = as_number("chunk_tokens", chunk_tokens), as_number("grad_filter", grad_filter)
     validate_grad_filter(grad_filter, impl)
     if cu_seqlens is not None or position_ids is not None:
         return run_packed(lambda y, s: linear_token_logprobs(

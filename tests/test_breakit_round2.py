@@ -282,3 +282,22 @@ def test_compiled_module_checks_that_nll_labels_agree_with_labels():
 
     with pytest.raises(ValueError, match="nll_labels must equal labels"):
         torch.compile(step, backend="eager")()
+
+
+def test_chunk_tokens_and_grad_filter_as_numpy_or_0d_tensor():
+    """Like every hyper-parameter since round two: ``np.int64(3)`` got "must be None or an int
+    >= 1, got 3", a 0-d tensor threshold a TypeError."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 5, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (1, 5), generator=g)
+    expected = _logps_ref(hidden, weight, labels)
+    for chunk in (np.int64(3), torch.tensor(3)):
+        got = linear_token_logprobs(hidden, weight, labels, backend="torch", chunk_tokens=chunk)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    pytest.importorskip("triton")
+    for threshold in (np.float32(0.0), torch.tensor(0.0)):
+        got = linear_token_logprobs(hidden.float(), weight.float(), labels, backend="triton", impl="fused",
+                                    grad_filter=threshold)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
