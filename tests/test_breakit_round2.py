@@ -301,3 +301,38 @@ def test_chunk_tokens_and_grad_filter_as_numpy_or_0d_tensor():
         got = linear_token_logprobs(hidden.float(), weight.float(), labels, backend="triton", impl="fused",
                                     grad_filter=threshold)
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ Hugging Face integration
+
+def test_model_preference_loss_weighs_the_reference_model_sums_by_token_weights():
+    """``token_weights`` weigh the policy and the reference sums (the module's contract, and the
+    packed path's).  With ``ref_model=`` the padded path summed the reference unweighted, so a
+    token weighted 0 still counted on the reference side (loss 0.12 against 0.70 here)."""
+    pytest.importorskip("transformers")
+    from _hf_tiny import tiny_model
+
+    from pyfused_po import FusedPreferenceLoss
+    from pyfused_po.integrations import hf
+
+    model, ref_model = tiny_model(0).double(), tiny_model(1).double()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (4, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    weights = torch.rand(ids.shape, generator=g, dtype=torch.float64) + 0.25
+    weights[0, 5] = 0.0
+    beta = 0.5
+    loss_fn = FusedPreferenceLoss("sigmoid", beta=beta, backend="torch", **hf.lm_head_transform(model))
+    with torch.no_grad():
+        got = hf.model_preference_loss(model, loss_fn, ids, labels, ref_model=ref_model, token_weights=weights)
+
+        def sums(m):  # float64, from the model's own logits: hidden state t predicts token t + 1
+            logq = torch.log_softmax(m(input_ids=ids).logits.double()[:, :-1], -1)
+            y = labels[:, 1:]
+            lp = logq.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -100)
+            return (lp * weights[:, 1:]).sum(-1)
+
+        s, r = sums(model), sums(ref_model)
+        expected = -torch.nn.functional.logsigmoid(beta * ((s[:2] - r[:2]) - (s[2:] - r[2:])))
+    torch.testing.assert_close(got.losses.double(), expected, rtol=1e-6, atol=1e-8)
