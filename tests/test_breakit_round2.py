@@ -336,3 +336,37 @@ def test_model_preference_loss_weighs_the_reference_model_sums_by_token_weights(
         s, r = sums(model), sums(ref_model)
         expected = -torch.nn.functional.logsigmoid(beta * ((s[:2] - r[:2]) - (s[2:] - r[2:])))
     torch.testing.assert_close(got.losses.double(), expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("layout", [dict(pair_layout="interleaved"),
+                                    dict(chosen_index=torch.tensor([3, 0]), rejected_index=torch.tensor([1, 2]))])
+def test_model_preference_loss_reference_model_follows_the_pair_layout(layout):
+    """With ``ref_model=`` the padded path split its reference sums as ``[chosen; rejected]``
+    halves whatever the pair layout: under ``pair_layout="interleaved"`` (or explicit indices)
+    each pair got another pair's reference log-probs."""
+    pytest.importorskip("transformers")
+    from _hf_tiny import tiny_model
+
+    from pyfused_po import FusedPreferenceLoss
+    from pyfused_po.integrations import hf
+
+    model, ref_model = tiny_model(0).double(), tiny_model(1).double()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (4, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    beta = 0.5
+    loss_fn = FusedPreferenceLoss("sigmoid", beta=beta, backend="torch", **hf.lm_head_transform(model))
+    with torch.no_grad():
+        got = hf.model_preference_loss(model, loss_fn, ids, labels, ref_model=ref_model, **layout)
+
+        def sums(m):  # float64, from the model's own logits: hidden state t predicts token t + 1
+            logq = torch.log_softmax(m(input_ids=ids).logits.double()[:, :-1], -1)
+            y = labels[:, 1:]
+            return (logq.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -100)).sum(-1)
+
+        s, r = sums(model), sums(ref_model)
+    c, rj = ((torch.tensor([0, 2]), torch.tensor([1, 3])) if "pair_layout" in layout
+             else (layout["chosen_index"], layout["rejected_index"]))
+    expected = -torch.nn.functional.logsigmoid(beta * ((s[c] - r[c]) - (s[rj] - r[rj])))
+    torch.testing.assert_close(got.losses.double(), expected, rtol=1e-6, atol=1e-8)
