@@ -76,16 +76,27 @@ def group_chunks(group_of_token, groups, budget_tokens):
 
 class TokenCapture:
     """Asks a loss module's forward for the policy's per-token values (``logps`` and ``extras``,
-    shaped like the labels), whichever plan runs: set ``module.token_capture`` to one; the first
-    policy token stage (staged) or the fused plan fills :attr:`tokens` (a
-    :class:`~pyfused_po.TokenLogprobs`; detached from the fused plan)."""
+    shaped like the labels), whichever plan runs: set ``module.token_capture`` to one; the fused
+    plan (detached values) or the first policy token stage of the staged plan fills :attr:`tokens`
+    (a :class:`~pyfused_po.TokenLogprobs`)."""
 
     def __init__(self, extras=()):
         self.extras = tuple(extras)
         self.tokens = None
+        self._planned = False
 
-    def offer(self, tokens):
-        if self.tokens is None:
+    def planned(self):
+        """The fused plan will deliver the policy's values: token-stage calls from now on (the
+        reference's) are not the policy's."""
+        self._planned = True
+
+    @property
+    def waiting(self):
+        """True while a staged token-stage call would be the policy's."""
+        return self.tokens is None and not self._planned
+
+    def offer(self, tokens, *, from_plan=False):
+        if self.tokens is None and (from_plan or not self._planned):
             self.tokens = tokens
 
 

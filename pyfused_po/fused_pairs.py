@@ -65,6 +65,8 @@ def fused_forward(module, source, ref_source, labels, ref_chosen_logps, ref_reje
     chunks = head.chunks(pair, P)
     if chunks is None:
         return None
+    if capture is not None:
+        capture.planned()  # the plan delivers the policy's values; the reference stage below is not them
     if ref_source is not None and module.needs_reference:
         with torch.no_grad():  # forward only, once: the staged path's reference sums
             ref_token_logps = module._token_stage(ref_source, labels).logps
@@ -79,6 +81,6 @@ def fused_forward(module, source, ref_source, labels, ref_chosen_logps, ref_reje
                                               nll_labels)
         result = module._objective(columns, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing)
     if capture is not None:
-        capture.offer(head.tokens(capture.extras))
+        capture.offer(head.tokens(capture.extras), from_plan=True)
     result.loss = head.attach(result.loss)
     return result
