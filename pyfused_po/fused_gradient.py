@@ -75,10 +75,11 @@ def group_chunks(group_of_token, groups, budget_tokens):
 
 
 class TokenCapture:
-    """Asks a loss module's forward for the policy's per-token values (``logps`` and ``extras``,
-    shaped like the labels), whichever plan runs: set ``module.token_capture`` to one; the fused
-    plan (detached values) or the first policy token stage of the staged plan fills :attr:`tokens`
-    (a :class:`~pyfused_po.TokenLogprobs`)."""
+    """Asks a loss module's fused plan for the policy's per-token values (``logps`` and ``extras``,
+    shaped like the labels, detached, from the plan's own fold): set ``module.token_capture`` to
+    one and the plan fills :attr:`tokens` (a :class:`~pyfused_po.TokenLogprobs`).  The staged plan
+    does not fill it itself: a caller wrapping the module's ``_token_stage`` offers the first
+    policy call's result while :attr:`waiting` (``integrations.trl_preference_loss`` does)."""
 
     def __init__(self, extras=()):
         self.extras = tuple(extras)
