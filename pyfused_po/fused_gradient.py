@@ -176,7 +176,11 @@ class FusedHead:
                 for name in names:
                     self.real[name][where] = (lp if name == "logps" else outs[name])[0]
                 g = self._upstream(loss_of, lp[0], where, placeholder)
-                self.fold.token_backward(x3, y, lse, x3, grad_logp=g.unsqueeze(0), **self.kw)  # X becomes G
+                # X becomes G in place.  vocab_shard: p = exp(z − lse) from the forward's lse, as the
+                # staged vocabulary-outer backward does, instead of the torch fold's second exact
+                # log-softmax of the row (a max and a logsumexp over [C, V] more); every label is in
+                # [0, V), so the one-hot term is unchanged (the Triton fold always uses the given lse).
+                self.fold.token_backward(x3, y, lse, x3, grad_logp=g.unsqueeze(0), vocab_shard=True, **self.kw)
                 if gh is not None:
                     gh.index_copy_(0, idx, _chunked._mm(x, w, gh.dtype))  # GEMM 2
                 if gw is not None:
