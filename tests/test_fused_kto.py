@@ -147,6 +147,15 @@ def test_falls_back_for_a_vector_loss_a_long_sequence_and_no_grad():
     assert out.loss.shape == (B,) and "StoredGradient" not in type(out.loss.grad_fn).__name__
     with torch.no_grad():
         assert _module("kto")(hidden=hidden, weight=weight, bias=bias, **kw).loss.grad_fn is None
+    from pyfused_po import fused_kto
+
+    source = (hidden, weight, bias)
+    assert fused_kto.applies(_module("kto"), source)
+    assert not fused_kto.applies(_module("kto", linear_impl="fused"), source)  # the Triton kernel's own plan
+    assert not fused_kto.applies(_module("kto"), source, token_offset=3)  # a sequence-parallel slice
+    off = _module("kto")
+    off.fused_gradient = False
+    assert not fused_kto.applies(off, source)
 
 
 def test_bad_flags_raise_before_any_gemm():
@@ -216,3 +225,20 @@ def test_triton_fold_matches_staged():
     torch.testing.assert_close(fused.loss, staged.loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_fused, g_staged):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_logits_and_position_ids_equal_staged():
+    hidden, weight, bias, labels, _, kl = _batch(seed=11)
+    ref_logits = (hidden * 0.7) @ weight.T + bias
+    module = _module("kto", shift=True, chunk_tokens=10)
+    _assert_fused_equals_staged(module, hidden, weight, bias, labels=labels, is_desirable=DESIRABLE,
+                                ref_logits=ref_logits, **kl)
+    lengths = [8, 4, 7, 8, 5]  # packed by position_ids (each sequence restarts at 0)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    N = sum(lengths)
+    g = torch.Generator().manual_seed(3)
+    packed_labels = torch.randint(0, V, (1, N), generator=g)
+    packed_labels[0, :2] = -100
+    _assert_fused_equals_staged(module, torch.randn(1, N, D, generator=g, dtype=torch.float64), weight, bias,
+                                labels=packed_labels, is_desirable=DESIRABLE, position_ids=position_ids,
+                                ref_logps=-torch.rand(B, generator=g, dtype=torch.float64) * 5, kl=0.2)
