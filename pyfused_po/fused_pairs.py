@@ -21,8 +21,10 @@ as the staged path; the backward only multiplies the stored ``dH``/``dW``/``db``
 gradient (a scalar).  Only ``loss`` carries a gradient: ``losses``, rewards and metrics are
 detached (they are detached metrics in the staged path too, except ``losses``).
 
-Chunks hold at most ``chunk_size`` labelled tokens (the staged path's: a ``[C, V]`` tile of the
-device budget, or ``module.chunk_tokens`` when that attribute is set).
+Chunks hold at most ``C`` labelled tokens: ``module.chunk_tokens`` when that attribute is set,
+else :func:`~pyfused_po.torch_backend.linear.gradient_chunk_size` (min(4096, D) tokens: TRL's
+token tile, capped so the chunk is no larger than dW; or the staged chunk when that is larger): each chunk re-reads the fp32 dW,
+so the chunk's reduction length sets the accumulator traffic.
 
 Memory: ``dW`` (fp32 ``[V, D]``), ``db`` and ``dH`` (``[B·T, D]``, hidden's dtype) live from the
 forward to the backward instead of only during the backward.
@@ -35,8 +37,8 @@ is weighted by every pair's WPO weight), ``expo`` (logits only), ``reduction="no
 loss), vocabulary or sequence parallelism, ``linear_impl="fused"``, any other input that
 requires grad (``weights``, ``token_weights``, reference tensors, soft labels), grad mode off,
 ``torch.compile`` tracing, a pair with more labelled tokens than one chunk holds, and on CUDA
-chunks under :data:`MIN_CUDA_CHUNK_TOKENS` tokens (the per-chunk fp32 dW traffic would cost
-more than the GEMM saved).
+chunks under :data:`MIN_CUDA_CHUNK_TOKENS` tokens when the batch needs more than one (the
+per-chunk fp32 dW traffic would cost more than the GEMM saved).
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -53,8 +55,10 @@ PLACEHOLDER_LOGP = -1.0
 # On CUDA each chunk's dW GEMM reads and writes the fp32 [V, D] accumulator: with a reduction
 # over C tokens it does 2·C·V·D FLOPs for 8·V·D bytes, C/4 FLOP/byte.  Under ~1024 tokens that is
 # below an H100's bf16 balance (~200–300 FLOP/byte) and the accumulator traffic costs more than
-# the saved GEMM: the staged path (vocabulary-outer, dW written once) is faster.  A prediction
-# from the model in bench/work_counters.py, to be checked on a GPU.
+# the saved GEMM: the staged path (vocabulary-outer, dW written once) is faster.  The default
+# chunk (torch_backend.linear.gradient_chunk_size, min(4096, D) tokens) is above it at real heads; only an explicit
+# ``module.chunk_tokens`` below it falls back, when the batch needs more than one chunk.  A
+# prediction from the model in bench/work_counters.py, to be checked on a GPU.
 MIN_CUDA_CHUNK_TOKENS = 1024
 
 
@@ -114,8 +118,10 @@ def fused_forward(module, source, ref_source, labels, ref_chosen_logps, ref_reje
     rows, pos, targets = _chunked.labelled_tokens(token_labels.reshape(-1, T), config.ignore_index, config.shift)
     M, V = rows.numel(), weight.shape[0]
     C = _chunked.chunk_size(M, V, hidden.device, chunk_tokens)
+    if chunk_tokens is None and weight.requires_grad:  # only dW is re-read per chunk
+        C = _chunked.gradient_chunk_size(M, weight.shape[1], C)
     pair = torch.div(pos, T, rounding_mode="floor") % max(P, 1)
-    if hidden.is_cuda and C < MIN_CUDA_CHUNK_TOKENS:
+    if hidden.is_cuda and M > C and C < MIN_CUDA_CHUNK_TOKENS:  # a small head at a large vocabulary
         return None
     chunks = _pair_chunks(pair, P, C) if M else None
     if chunks is None:
@@ -165,6 +171,7 @@ def fused_forward(module, source, ref_source, labels, ref_chosen_logps, ref_reje
                     gb += x.sum(0, dtype=cdt)
                 else:
                     torch.sum(x, 0, dtype=cdt, out=gb)
+        del h_c, x, x3  # the last chunk is freed before dW is cast to the weight's dtype
     with torch.no_grad():
         policy = _token_values(real, extras, labels.shape)
         columns = module._columns_from_tokens(policy, None, labels, ref_token_logps, token_weights, nll_labels)
