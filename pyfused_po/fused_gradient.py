@@ -39,8 +39,10 @@ PLACEHOLDER_LOGP = -1.0
 # On CUDA each chunk's dW GEMM reads and writes the fp32 [V, D] accumulator: with a reduction
 # over C tokens it does 2·C·V·D FLOPs for 8·V·D bytes, C/4 FLOP/byte.  Under ~1024 tokens that is
 # below an H100's bf16 balance (~200–300 FLOP/byte) and the accumulator traffic costs more than
-# the saved GEMM: the staged path (vocabulary-outer, dW written once) is faster.  A prediction
-# from the model in bench/work_counters.py, to be checked on a GPU.
+# the saved GEMM: the staged path (vocabulary-outer, dW written once) is faster.  The default
+# chunk (torch_backend.linear.gradient_chunk_size, min(4096, D) tokens) is above it at real heads; only an explicit
+# ``module.chunk_tokens`` below it falls back, when the batch needs more than one chunk.  A
+# prediction from the model in bench/work_counters.py, to be checked on a GPU.
 MIN_CUDA_CHUNK_TOKENS = 1024
 
 
@@ -121,7 +123,11 @@ class FusedHead:
         T = self.shape[-1]
         self.rows, self.pos, self.targets = _chunked.labelled_tokens(token_labels.reshape(-1, T),
                                                                      config.ignore_index, config.shift)
-        self.chunk_tokens = _chunked.chunk_size(self.rows.numel(), weight.shape[0], hidden.device, chunk_tokens)
+        M = self.rows.numel()
+        C = _chunked.chunk_size(M, weight.shape[0], hidden.device, chunk_tokens)
+        if chunk_tokens is None and weight.requires_grad:  # only dW is re-read per chunk
+            C = _chunked.gradient_chunk_size(M, weight.shape[1], C)
+        self.chunk_tokens = C
         self.kw = dict(ignore_index=config.ignore_index, shift=False, temperature=config.temperature,
                        logit_scale=config.logit_scale, softcap=config.softcap)
         self.grads = None
@@ -130,12 +136,17 @@ class FusedHead:
     def build(cls, source, token_labels, token_kwargs, *, extras=(), upstream_extras=(), linear_impl="auto",
               chunk_tokens=None):
         """The plan for this call, or ``None`` to fall back: no tokens, or on CUDA chunks under
-        :data:`MIN_CUDA_CHUNK_TOKENS` tokens.  Raises on bad inputs before any kernel."""
+        :data:`MIN_CUDA_CHUNK_TOKENS` tokens when the batch needs more than one.  Chunks hold at
+        most ``chunk_tokens`` labelled tokens when given (a module's ``chunk_tokens`` attribute),
+        else :func:`~pyfused_po.torch_backend.linear.gradient_chunk_size` (min(4096, D) tokens, or
+        the staged chunk when that is larger; each chunk re-reads the fp32 dW).  Raises on bad
+        inputs before any kernel."""
         if token_labels.numel() == 0:  # no tokens (T = 0): the staged path defines the empty-batch result
             return None
         plan = cls(source, token_labels, token_kwargs, extras, upstream_extras, linear_impl, chunk_tokens)
-        if source[0].is_cuda and plan.chunk_tokens < MIN_CUDA_CHUNK_TOKENS:
-            return None
+        M = plan.rows.numel()
+        if source[0].is_cuda and M > plan.chunk_tokens and plan.chunk_tokens < MIN_CUDA_CHUNK_TOKENS:
+            return None  # a small head at a large vocabulary
         return plan
 
     def chunks(self, group, groups):
@@ -190,6 +201,7 @@ class FusedHead:
                         gb += x.sum(0, dtype=cdt)
                     else:
                         torch.sum(x, 0, dtype=cdt, out=gb)
+            del h_c, x, x3  # the last chunk is freed before dW is cast to the weight's dtype
         self.grads = (None if gh is None else gh.view(hidden.shape), None if gw is None else gw.to(weight.dtype),
                       None if gb is None else gb.to(bias.dtype))
 

@@ -8,8 +8,10 @@ objective as ``loss_of``.  The loss and metrics are then computed once on the wh
 by the same functions as the staged path.  Only ``loss`` carries a gradient: ``losses``, rewards
 and metrics are detached (they are detached metrics in the staged path too, except ``losses``).
 
-Chunks hold at most ``chunk_size`` labelled tokens (the staged path's: a ``[C, V]`` tile of the
-device budget, or ``module.chunk_tokens`` when that attribute is set).
+Chunks hold at most ``C`` labelled tokens: ``module.chunk_tokens`` when that attribute is set,
+else :func:`~pyfused_po.torch_backend.linear.gradient_chunk_size` (min(4096, D) tokens: TRL's
+token tile, capped so the chunk is no larger than dW; or the staged chunk when that is larger): each
+chunk re-reads the fp32 dW, so the chunk's reduction length sets the accumulator traffic.
 
 Falls back to the staged path (returns ``None`` or is not chosen, :func:`applies`) when the
 gradient does not separate over pairs or the plan cannot run: AOT (``aot``, ``aot_unpaired``
@@ -19,8 +21,8 @@ is weighted by every pair's WPO weight), ``expo`` (logits only), ``reduction="no
 loss), vocabulary or sequence parallelism, ``linear_impl="fused"``, any other input that
 requires grad (``weights``, ``token_weights``, reference tensors, soft labels), grad mode off,
 ``torch.compile`` tracing, a pair with more labelled tokens than one chunk holds, and on CUDA
-chunks under :data:`MIN_CUDA_CHUNK_TOKENS` tokens (the per-chunk fp32 dW traffic would cost
-more than the GEMM saved).
+chunks under :data:`MIN_CUDA_CHUNK_TOKENS` tokens when the batch needs more than one (the
+per-chunk fp32 dW traffic would cost more than the GEMM saved).
 
 ``module.token_capture`` (a :class:`~pyfused_po.fused_gradient.TokenCapture`) receives the
 policy's per-token log-probs and the extras it asks for, computed in the same fold.
