@@ -242,3 +242,19 @@ def test_reference_logits_and_position_ids_equal_staged():
     _assert_fused_equals_staged(module, torch.randn(1, N, D, generator=g, dtype=torch.float64), weight, bias,
                                 labels=packed_labels, is_desirable=DESIRABLE, position_ids=position_ids,
                                 ref_logps=-torch.rand(B, generator=g, dtype=torch.float64) * 5, kl=0.2)
+
+
+def test_autocast_bf16_matches_staged():
+    hidden, weight, bias, labels, ref_logps, kl = _batch(seed=13)
+    hidden, weight, bias, ref_logps = hidden.float(), weight.float(), bias.float(), ref_logps.float()
+    kl = {k: v.float() for k, v in kl.items()}
+    module = _module("kto", chunk_tokens=12)
+    kw = dict(labels=labels, is_desirable=DESIRABLE, ref_logps=ref_logps, **kl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        staged, g_staged = _run(module, False, hidden, weight, bias, **kw)
+        fused, g_fused = _run(module, True, hidden, weight, bias, **kw)
+    assert "StoredGradient" in type(fused.loss.grad_fn).__name__
+    assert [g.dtype for g in g_fused] == [torch.float32] * 3
+    torch.testing.assert_close(fused.loss, staged.loss, rtol=1e-6, atol=1e-6)  # same bf16 GEMM, same fold
+    for a, b in zip(g_fused, g_staged):  # G rounded to bf16 before the dH/dW GEMMs in both
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
