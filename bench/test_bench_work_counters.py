@@ -73,12 +73,14 @@ def test_traffic_model_in_place_against_temporary():
 
 
 def test_table_runs_at_a_tiny_shape():
-    result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 12, liger=False)
+    result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 15, liger=False)  # chunks hold a pair
     trl = [r for r in result["rows"] if r["method"].startswith("TRL")]
     assert [r["gemms"] for r in trl] == [4.0, 3.0]  # TRL: logits, recompute, dH (, dW)
     frozen = [r for r in result["rows"] if r["method"].startswith("pyfused_po") and r["head"] == "frozen"]
     assert [r["gemms"] for r in frozen] == [2.0] * 3  # logits, ∂log p/∂h in the forward; no backward GEMM
     assert all(r["peak_bytes"] > 0 for r in result["rows"])
+    kto = [r for r in result["rows"] if "FusedKTOLoss" in r["method"]]
+    assert [r["gemms"] for r in kto] == [4.0, 3.0]  # staged: logits, recompute, dH, dW; fused: no recompute
 
 
 def test_frozen_head_with_metric_extras_counts_two_gemms():

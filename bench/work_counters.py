@@ -1,5 +1,8 @@
 """Work counters for one DPO step on the fused-linear path, counted on the CPU.
 
+(Also one KTO step of :class:`~pyfused_po.FusedKTOLoss` on the same rows, trainable head,
+fused and staged plans: its ratios are against TRL's DPO step, the same GEMM shapes.)
+
 ``python bench/work_counters.py`` runs one step (hidden states + LM head → per-token log-probs →
 DPO loss → backward) for each method under a :class:`WorkCounter` and prints, side by side:
 
@@ -208,6 +211,30 @@ def _pyfused_module(batch, budget, *, fused):
     return step
 
 
+def _pyfused_kto(batch, budget, *, fused):
+    """FusedKTOLoss on the same rows: the chosen half desirable, the rejected half undesirable,
+    the precomputed reference sums, a given KL point."""
+    from pyfused_po import FusedKTOLoss
+    from pyfused_po.torch_backend.linear import gradient_chunk_size
+
+    V = batch["weight"].shape[0]
+    P = batch["ref_chosen"].shape[0]
+    desirable = torch.arange(2 * P) < P
+    ref = torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
+
+    def step(hidden, weight):
+        module = FusedKTOLoss(beta=batch["beta"], backend="torch", linear_impl="chunked")
+        module.fused_gradient = fused
+        staged = max(1, budget // V)
+        M, D = int((batch["labels"] != -100).sum()), batch["weight"].shape[1]
+        # As for the preference module: the three-GEMM plan's chunk is the library's rule at this budget.
+        module.chunk_tokens = gradient_chunk_size(M, D, min(staged, M)) if fused else staged
+        out = module(hidden=hidden, weight=weight, labels=batch["labels"], is_desirable=desirable, ref_logps=ref,
+                     kl=0.1)
+        out.loss.backward()
+    return step
+
+
 def _pyfused_token_stage(batch, budget):
     from pyfused_po import linear_token_logprobs
 
@@ -270,6 +297,8 @@ def methods(batch, budget, liger=True):
         ]
         if liger and liger_unavailable_reason() is None:
             out.append((f"Liger LigerFusedLinearDPOLoss ({head})", trainable, _liger(batch, budget)))
+    out += [("pyfused_po FusedKTOLoss, fused_gradient=False (trainable)", True, _pyfused_kto(batch, budget, fused=False)),
+            ("pyfused_po FusedKTOLoss, fused gradient (default) (trainable)", True, _pyfused_kto(batch, budget, fused=True))]
     return out
 
 
