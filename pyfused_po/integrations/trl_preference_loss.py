@@ -25,6 +25,8 @@ __all__ = ["use_preference_loss", "dpo_config_mismatches", "TRL_DPO_LOSS_TYPES"]
 # DPOTrainer's loss types in TRL 1.15 / 1.16 (the pyfused_po objectives of the same names compute the same losses).
 TRL_DPO_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                                 "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"})
+# The ones whose TRL loss reads DPOConfig.label_smoothing (TRL 1.15 / 1.16: not sigmoid).
+TRL_SMOOTHED_LOSS_TYPES = frozenset({"exo_pair", "robust", "aot", "aot_unpaired"})
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
@@ -78,7 +80,12 @@ def dpo_config_mismatches(trainer, loss_fn):
         if not takers or trl_value is None:
             continue
         value = loss_fn.hyperparameters.get(name, get_objective(takers[0]).hyperparameters[name])
-        if _differ(trl_value, value):
+        ignored = [t for t in takers if t in TRL_DPO_LOSS_TYPES and t not in TRL_SMOOTHED_LOSS_TYPES]
+        if name == "label_smoothing" and ignored and _differ(0.0, value):
+            # TRL's own loss is unsmoothed there, whatever DPOConfig says: smoothing would train differently.
+            out.append(f"label_smoothing: TRL's {ignored} ignores DPOConfig's label_smoothing "
+                       f"({trl_value}), loss_fn smooths with {value}; use label_smoothing=0.0")
+        elif not (name == "label_smoothing" and ignored) and _differ(trl_value, value):
             out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {takers})")
     return out
 
