@@ -257,5 +257,28 @@ class _StoredGradient(torch.autograd.Function):
                                "module.fused_gradient = False for retain_graph=True")
         gh, gw, gb = ctx.grads
         ctx.grads = None  # hand the buffers over (AccumulateGrad may then keep them without a copy)
-        out = [None if t is None else (t * grad.to(t.dtype) if bool(grad != 1) else t) for t in (gh, gw, gb)]
+        scale = bool(grad != 1)
+        out = [None if t is None else (_scale_in_place(t, grad) if scale else t) for t in (gh, gw, gb)]
         return (None, *out, None, None, None)
+
+
+# Rows per step of the widened scaling below: a temporary of at most 2^24 fp32 elements (64 MB).
+_SCALE_ELEMENTS = 1 << 24
+
+
+def _scale_in_place(t, grad):
+    """``t ·= grad`` with the product formed in fp32 (or t's wider dtype) and rounded once.
+
+    ``t * grad.to(t.dtype)`` would round the upstream gradient to bf16 first (1/3 becomes
+    0.33398): a systematic bias on every element, not rounding noise.  ``t`` is the stored
+    buffer being handed over, so it is overwritten; bf16/fp16 rows are widened a block at a time.
+    """
+    if t.dtype in (torch.float32, torch.float64):
+        return t.mul_(grad.to(t.dtype))
+    g = grad.float()
+    rows = t.view(-1, t.shape[-1]) if t.dim() > 1 else t.view(1, -1)
+    step = max(1, _SCALE_ELEMENTS // max(rows.shape[1], 1))
+    for r0 in range(0, rows.shape[0], step):
+        block = rows[r0:r0 + step]
+        block.copy_(block.float().mul_(g))
+    return t
