@@ -32,3 +32,19 @@ def nonnegative(x, name):
         if x.numel() and bool((x < 0).any()):
             raise ValueError(f"{name} must be >= 0, got {x.min().item()}")
     return x
+
+
+@torch.library.custom_op("pyfused_po::check_labels_agree", mutates_args=())
+def check_labels_agree(labels: Tensor, extra_labels: Tensor, ignore_index: int, name: str) -> Tensor:
+    """``labels`` (a copy) after checking that ``extra_labels`` equals it wherever both are set
+    (:func:`pyfused_po.sequence.merge_labels`; CPU tensors, CUDA with ``PYFUSED_PO_DEBUG=1``)."""
+    if not labels.is_cuda or debug_checks_enabled():
+        both = (labels != ignore_index) & (extra_labels != ignore_index)
+        if bool((both & (labels != extra_labels)).any()):
+            raise ValueError(f"{name} must equal labels wherever both are not ignore_index={ignore_index}")
+    return labels.clone()
+
+
+@check_labels_agree.register_fake
+def _(labels, extra_labels, ignore_index, name):
+    return torch.empty_like(labels)

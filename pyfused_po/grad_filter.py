@@ -45,7 +45,7 @@ AUTO = "auto"
 
 
 def validate_grad_filter(grad_filter, impl):
-    """Checks ``grad_filter`` (``None``, a float ``≥ 0`` or ``"auto"``) against the requested ``impl``."""
+    """Checks ``grad_filter`` (``None``, a float in ``[0, 1)`` or ``"auto"``) against the requested ``impl``."""
     if grad_filter is None:
         return
     if isinstance(grad_filter, str):
@@ -56,6 +56,11 @@ def validate_grad_filter(grad_filter, impl):
                         f"got {type(grad_filter).__name__} {grad_filter!r}")
     elif not grad_filter >= 0.0 or grad_filter == float("inf"):  # rejects NaN too
         raise ValueError(f"grad_filter must be a finite float >= 0 (or 'auto'), got {grad_filter!r}")
+    elif grad_filter >= 1.0:
+        # |onehot(y) − p| < 1 on every entry a finite logit reaches, so a threshold of 1 or more
+        # skips every tile: dH and dW would come back as zeros with a normal-looking loss.
+        raise ValueError(f"grad_filter must be below 1 (a threshold relative to the token's upstream "
+                         f"gradient; 1 or more skips every tile and the gradient is 0), got {grad_filter!r}")
     if impl != "fused":
         raise ValueError(f"grad_filter filters the fused kernels' backward tiles; it needs impl='fused', "
                          f"got impl={impl!r}")

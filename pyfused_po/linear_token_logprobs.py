@@ -38,7 +38,7 @@ from .packed_layout import run_packed
 from .token_logprobs import TokenConfig, make_token_config, pack_results, resolve_backend, validate_token_config
 from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold
-from .validation import check_label_range, check_same_device, check_tensor, checked_labels
+from .validation import as_number, check_label_range, check_same_device, check_tensor, checked_labels
 
 IMPLS = ("auto", "chunked", "fused")
 
@@ -287,7 +287,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             about 128M elements on CUDA, 4M on the CPU).
         cu_seqlens, position_ids: a packed stream (``hidden`` ``[1, N, D]`` or ``[N, D]``), as in
             :func:`pyfused_po.token_logprobs`: ``shift`` stays inside each sequence.
-        grad_filter: ``None`` (default, exact), a float ``≥ 0`` or ``"auto"`` (``eps / 32`` of
+        grad_filter: ``None`` (default, exact), a float in ``[0, 1)`` or ``"auto"`` (``eps / 32`` of
             the GEMM dtype), ``impl="fused"`` only: the backward skips the dH/dW dots of
             ``128 × 128`` (token, id) tiles whose every logits gradient is below the threshold
             relative to its token's upstream gradient (Cut Cross-Entropy's gradient filtering).
@@ -299,6 +299,8 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
         float32 log-probs shaped like ``labels`` (float64 for float64 inputs on the torch
         backend); with ``extras``, a :class:`TokenLogprobs` holding them too.
     """
+    # NumPy scalars / 0-d tensors as numbers, as for every hyper-parameter (validation.as_number).
+    chunk_tokens, grad_filter = as_number("chunk_tokens", chunk_tokens), as_number("grad_filter", grad_filter)
     validate_grad_filter(grad_filter, impl)
     if cu_seqlens is not None or position_ids is not None:
         return run_packed(lambda y, s: linear_token_logprobs(

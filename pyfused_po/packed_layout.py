@@ -18,14 +18,10 @@ package's stages, so the token stage may call it.
 """
 import torch
 
-from .validation import INT_DTYPES, check_same_device, checked_labels, debug_checks_enabled
+from .packed_checks import checked_values
+from .validation import INT_DTYPES, check_same_device, checked_labels
 
 LAYOUT_INT_DTYPES = tuple(d for d in INT_DTYPES if d != torch.uint8)
-
-
-def _values_checkable(x):
-    """Value checks read tensors back: always on the CPU, on CUDA only with PYFUSED_PO_DEBUG=1."""
-    return not torch.compiler.is_compiling() and (not x.is_cuda or debug_checks_enabled())
 
 
 def _check_layout_tensor(name, x, device):
@@ -53,30 +49,17 @@ def check_cu_seqlens(cu_seqlens, n_tokens, *, device=None, token_offset=None, na
     if token_offset is not None and (isinstance(token_offset, bool) or not isinstance(token_offset, int)
                                      or token_offset < 0):
         raise ValueError(f"token_offset must be an int >= 0, got {token_offset!r}")
-    if not _values_checkable(cu):
-        return cu
-    if int(cu[0]) != 0:
-        raise ValueError(f"{name} must start at 0, got {name}[0] = {int(cu[0])}")
-    steps = cu[1:] - cu[:-1]
-    if bool((steps < 0).any()):
-        s = int(torch.nonzero(steps < 0)[0, 0])
-        raise ValueError(f"{name} must be non-decreasing (sequence boundaries in order), got "
-                         f"{name}[{s}] = {int(cu[s])} > {name}[{s + 1}] = {int(cu[s + 1])}")
-    end = int(cu[-1])
-    if token_offset is None and end != n_tokens:
-        raise ValueError(f"{name} must end at the number of tokens N = {n_tokens}, got {name}[-1] = {end}")
-    if token_offset is not None and end < token_offset + n_tokens:
-        raise ValueError(f"{name} must end at or after token_offset + this slice's tokens = "
-                         f"{token_offset + n_tokens}, got {name}[-1] = {end}")
-    return cu
+    # Start at 0, non-decreasing, ending at N (or past the slice): packed_checks, also when compiled.
+    return checked_values(cu, "cu_seqlens", name, n_tokens, -1 if token_offset is None else token_offset)
 
 
 def position_ids_to_cu_seqlens(position_ids, *, name="position_ids"):
     """``cu_seqlens`` of a packed stream from its ``position_ids`` ``[1, N]`` or ``[N]``.
 
     A sequence starts wherever ``position_ids == 0`` (Hugging Face flash-attention varlen,
-    TRL's padding-free collator); the first token must start one.  A host sync on CUDA
-    (the number of sequences is data).
+    TRL's padding-free collator); the first token must start one, and inside a sequence each
+    position is the previous one + 1 (any other step is refused: Transformers' sdpa / eager
+    packed mask would start a sequence there).  A host sync on CUDA (the number of sequences is data).
     """
     _check_layout_tensor(name, position_ids, None)
     if position_ids.dim() == 2 and position_ids.shape[0] != 1:
@@ -87,6 +70,8 @@ def position_ids_to_cu_seqlens(position_ids, *, name="position_ids"):
     n = pos.numel()
     if n and int(pos[0]) != 0:
         raise ValueError(f"{name} must start a sequence at the first token ({name}[0] == 0), got {int(pos[0])}")
+    # Each step +1 or a restart at 0 (packed_checks.position_ids_problem), also when compiled.
+    pos = checked_values(pos, "position_ids", name)
     starts = torch.nonzero(pos == 0).reshape(-1).to(torch.int64)
     return torch.cat([starts, torch.tensor([n], dtype=torch.int64, device=pos.device)])
 

@@ -21,9 +21,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _dispatch
+from .packed_checks import checked_values
 from .packed_layout import (
     LAYOUT_INT_DTYPES,
-    _values_checkable,
     packed_shift,
     resolve_cu_seqlens,
     segment_ids,
@@ -129,13 +129,8 @@ def _check_index(name, index, num_sequences, device):
         raise ValueError(f"{name} must be 1-D [pairs], got shape {tuple(index.shape)}")
     if index.device != device:
         raise ValueError(f"{name} must be on the device of the tokens ({device}), got {index.device}")
-    index = index.to(torch.int64)
-    if _values_checkable(index) and index.numel():
-        bad = (index < 0) | (index >= num_sequences)
-        if bool(bad.any()):
-            raise ValueError(f"{name} must hold sequence ids in [0, {num_sequences}), got "
-                             f"{int(index[bad][0])}")
-    return index
+    # Ids in range (packed_checks.sequence_ids_problem), also inside a compiled graph.
+    return checked_values(index.to(torch.int64), "sequence_ids", name, num_sequences)
 
 
 def pair_index(num_sequences, device, pair_layout=None, chosen_index=None, rejected_index=None) -> PairIndex:
@@ -157,12 +152,9 @@ def pair_index(num_sequences, device, pair_layout=None, chosen_index=None, rejec
         if chosen.numel() != rejected.numel():
             raise ValueError(f"chosen_index and rejected_index must have one entry per pair each, got "
                              f"{chosen.numel()} and {rejected.numel()}")
-        both = torch.cat([chosen, rejected])
-        if _values_checkable(both) and torch.unique(both).numel() != both.numel():
-            raise ValueError("chosen_index and rejected_index must not overlap or repeat: each sequence "
-                             f"belongs to at most one pair side, got chosen {chosen.tolist()} and "
-                             f"rejected {rejected.tolist()}")
-        return PairIndex(chosen, rejected)
+        # No sequence on two pair sides (packed_checks.pair_sides_problem), also inside a compiled graph.
+        both = checked_values(torch.cat([chosen, rejected]), "pair_sides", "chosen_index/rejected_index")
+        return PairIndex(both[:chosen.numel()], both[chosen.numel():])
     layout = "halves" if pair_layout is None else pair_layout
     if layout not in PAIR_LAYOUTS:
         raise ValueError(f"pair_layout must be one of {PAIR_LAYOUTS} (or pass chosen_index/rejected_index), "

@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _dispatch
+from .compiled_checks import check_labels_agree
 from .validation import checked_labels
 
 
@@ -75,7 +76,10 @@ def merge_labels(labels, extra_labels, *, ignore_index=-100, name="nll_labels"):
     ``extra_labels``.  Where both are set they must agree (they name the same token)."""
     labels = checked_labels("labels", labels, ignore_index)
     extra_labels = checked_labels(name, extra_labels, ignore_index)
-    both = (labels != ignore_index) & (extra_labels != ignore_index)
-    if not labels.is_cuda and not torch.compiler.is_compiling() and bool((both & (labels != extra_labels)).any()):
-        raise ValueError(f"{name} must equal labels wherever both are not ignore_index={ignore_index}")
+    if torch.compiler.is_compiling():  # the same check, run by the compiled graph on the real tensors
+        labels = check_labels_agree(labels, extra_labels, ignore_index, name)
+    elif not labels.is_cuda:
+        both = (labels != ignore_index) & (extra_labels != ignore_index)
+        if bool((both & (labels != extra_labels)).any()):
+            raise ValueError(f"{name} must equal labels wherever both are not ignore_index={ignore_index}")
     return torch.where(labels != ignore_index, labels, extra_labels)

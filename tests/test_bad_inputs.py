@@ -87,6 +87,13 @@ CASES = {
     "inplace-leaf": (lambda: tl(logits().requires_grad_(), labels(), inplace_backward=True), ValueError, "leaf"),
     "double-backward": (_double_backward, RuntimeError, "first derivative only"),
     "aot-per-pair-options": (lambda: pl(z3, z3, z3, z3, loss_type="aot", reduction="none"), ValueError, "reduction"),
+    # third round (tests/test_breakit_round2.py has the per-class tests)
+    "position-ids-jump": (lambda: tl(logits(1, 5, V), labels(1, 5), shift=True, position_ids=torch.tensor([[0, 1, 2, 5, 6]])),
+                          ValueError, "position_ids must count"),
+    "packed-layout-compiled": (lambda: torch.compile(lambda cu: tl(logits(1, 5, V), labels(1, 5), shift=True, cu_seqlens=cu),
+                                                     backend="eager")(torch.tensor([0, 3, 2, 5])), ValueError, "non-decreasing"),
+    "grad-filter-ge-1": (lambda: ltl(torch.randn(4, 3, 8), torch.randn(V, 8), labels(), impl="fused", grad_filter=1.0),
+                         ValueError, "below 1"),
 }
 
 

@@ -5,7 +5,7 @@ import torch
 
 from pyfused_po import FusedKTOLoss, FusedPreferenceLoss
 from pyfused_po.distributed import vocab_parallel_token_logprobs
-from pyfused_po.distributed.vocab_stats import combine_stats, slice_labels
+from pyfused_po.distributed.vocab_stats import SLICE_IGNORE, combine_stats, slice_labels
 
 
 def test_vocab_start_goes_with_group():
@@ -34,14 +34,16 @@ def test_shape_mismatch_named():
 
 
 def test_slice_labels_never_collide_with_ignore_index():
-    labels = torch.tensor([0, 4, 5, 9, -100, -1])
-    for ignore in (-100, -1):
+    # The slice kernels run with ignore_index=SLICE_IGNORE: an owned label (relative, >= 0) and
+    # another rank's label must never take that value, whatever the caller's ignore_index (0 too).
+    labels = torch.tensor([0, 4, 5, 9, -100, -1, -2])
+    for ignore in (-100, -1, -2, 0, 5):
         local = slice_labels(labels, 5, 5, ignore)
-        owned = (labels >= 5) & (labels < 10)
+        owned = (labels >= 5) & (labels < 10) & (labels != ignore)
         assert torch.equal(local[owned], labels[owned] - 5)
-        assert bool((local[labels == ignore] == ignore).all())
+        assert bool((local[labels == ignore] == SLICE_IGNORE).all())
         others = ~owned & (labels != ignore)
-        assert bool(((local[others] < 0) & (local[others] != ignore)).all())
+        assert bool(((local[others] < 0) & (local[others] != SLICE_IGNORE)).all())
 
 
 def test_combine_stats_formula():

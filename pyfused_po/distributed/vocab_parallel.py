@@ -34,7 +34,15 @@ from ..token_logprobs import (
 )
 from ..torch_backend import linear as _chunked
 from ..validation import check_inplace_target, check_same_device, check_tensor, checked_labels
-from .vocab_stats import all_gather_stats, check_layout, combine_stats, pack_stats, slice_labels
+from .vocab_stats import (
+    SLICE_IGNORE,
+    all_gather_stats,
+    check_layout,
+    combine_stats,
+    pack_stats,
+    slice_config,
+    slice_labels,
+)
 
 
 def _check_group(group, vocab_start):
@@ -95,22 +103,23 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         x3 = logits_view(logits, B, T, inplace=inplace)
         v_local = x3.shape[-1]
         y2 = slice_labels(labels.reshape(B, T), vocab_start, v_local, config.ignore_index)
+        kernel_config = slice_config(config)  # the kernels see slice-relative labels
         target, lse, outs = ops.token_forward(x3, y2, extras=config.extras, vocab_shard=True,
-                                              **config.kernel_kwargs())
+                                              **kernel_config.kernel_kwargs())
         shift = int(config.shift)
         # lse is per logits row; the other outputs sit at the label's position (row + shift).
         lse_at_label = torch.zeros_like(lse)
         lse_at_label[:, shift:] = lse[:, :T - shift]
         logp, lse_all, extras, ratio = _combine(lse_at_label, target, outs, config, v_local, vocab_start,
                                                 group, labels)
-        valid = (y2 != config.ignore_index)
+        valid = (y2 != SLICE_IGNORE)
         valid[:, :shift] = False
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
         logp = torch.where(valid.reshape(-1), logp, zero).view(B, T)
         extras = {k: torch.where(valid.reshape(-1), v, zero).view(B, T) for k, v in extras.items()}
         lse_rows = torch.zeros_like(lse)
         lse_rows[:, :T - shift] = lse_all.view(B, T)[:, shift:]
-        ctx.config, ctx.backend, ctx.inplace, ctx.rows, ctx.ratio = config, backend, inplace, (B, T), ratio
+        ctx.config, ctx.backend, ctx.inplace, ctx.rows, ctx.ratio = kernel_config, backend, inplace, (B, T), ratio
         saved_names = [n for n in ("entropy", "log_sum_sq_probs") if n in extras]
         ctx.saved_names = saved_names
         ctx.save_for_backward(logits, y2, lse_rows, *[extras[n] for n in saved_names])
@@ -191,7 +200,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         D, T, v_local = hidden.shape[-1], labels.shape[-1], weight.shape[0]
         rows, pos, targets = _chunked.labelled_tokens(_chunked.labels_2d(labels), config.ignore_index, config.shift)
         targets = slice_labels(targets, vocab_start, v_local, config.ignore_index)
-        kw = dict(ignore_index=config.ignore_index, temperature=config.temperature,
+        kw = dict(ignore_index=SLICE_IGNORE, temperature=config.temperature,
                   logit_scale=config.logit_scale, softcap=config.softcap, chunk_tokens=chunk_tokens, fold=fold)
         h, w, b = cast_operands(mm_dtype, hidden, weight, bias)
         with autocast_off(hidden.device.type):

@@ -20,6 +20,8 @@ All statistics of one rank travel in one ``[K, n + 1]`` tensor (the last column
 carries the rank's ``V_r`` and ``start_r``), so the forward needs exactly one
 collective: an ``all_gather``.
 """
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -29,15 +31,29 @@ from ..validation import check_label_range
 STAT_EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
 
 
+# Slice-relative labels take values in [0, V_r) or these two negative codes, and the slice kernels
+# run with ignore_index=SLICE_IGNORE.  The caller's ignore_index must not reach them: a
+# non-negative one (e.g. 0, a pad id) equals the relative label of id vocab_start + ignore_index,
+# which the kernels would then skip on its owner rank (a wrong lse and log-prob for that token).
+OTHER_RANK = -1
+SLICE_IGNORE = -2
+
+
 def slice_labels(labels, vocab_start, vocab_local, ignore_index):
-    """Labels relative to this rank's slice, int64.  A label another rank owns becomes a
-    negative sentinel (never ``ignore_index``), so the kernels still reduce the row but
-    neither read a target logit nor apply the one-hot term there."""
-    sentinel = -1 if ignore_index != -1 else -2
+    """Labels relative to this rank's slice, int64, for kernels run with
+    ``ignore_index=SLICE_IGNORE`` (:func:`slice_config`).  A label another rank owns becomes
+    :data:`OTHER_RANK`, so the kernels still reduce the row but neither read a target logit nor
+    apply the one-hot term there; a label equal to ``ignore_index`` becomes :data:`SLICE_IGNORE`."""
     rel = labels.long() - int(vocab_start)
     mine = (rel >= 0) & (rel < vocab_local)
-    out = torch.where(mine, rel, torch.full_like(rel, sentinel))
-    return torch.where(labels == ignore_index, torch.full_like(rel, ignore_index), out)
+    out = torch.where(mine, rel, torch.full_like(rel, OTHER_RANK))
+    return torch.where(labels == ignore_index, torch.full_like(rel, SLICE_IGNORE), out)
+
+
+def slice_config(config):
+    """``config`` (a :class:`~pyfused_po.token_logprobs.TokenConfig`) for kernels reading
+    :func:`slice_labels` output: the same transform and extras, ``ignore_index=SLICE_IGNORE``."""
+    return dataclasses.replace(config, ignore_index=SLICE_IGNORE)
 
 
 def pack_stats(lse, target_logit, outs, extras, vocab_local, vocab_start):

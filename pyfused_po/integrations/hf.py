@@ -231,9 +231,9 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
             ref_lora = lora_head_operands(_head(ref_model), ref_hidden)
             if ref_lora is not None:
                 ref_hidden, ref_w, ref_b = ref_lora.hidden, ref_lora.weight, ref_lora.bias
-            # Forward-only reference: per-sequence sums now, so nothing of its head is kept.
-            refs = dict(zip(("ref_chosen_logps", "ref_rejected_logps"),
-                            _reference_sums(loss_fn, ref_hidden, ref_w, ref_b, labels)))
+            # Forward-only reference per token (nothing of its head is kept): the loss sums it like
+            # the policy, so its pair layout, token_weights and LD-DPO weights apply to both sides.
+            refs = dict(ref_token_logps=_reference_tokens(loss_fn, ref_hidden, ref_w, ref_b, labels))
 
     def policy_loss(hidden, labels, weight, bias):
         return loss_fn(labels=labels, hidden=hidden, weight=weight, bias=bias, **refs, **loss_kwargs)
@@ -249,14 +249,11 @@ def _shift_left(x, fill):
     return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
 
 
-def _reference_sums(loss_fn, ref_hidden, weight, bias, labels):
-    """Reference per-sequence log-prob sums ``(chosen, rejected)`` as ``loss_fn`` would form them."""
+def _reference_tokens(loss_fn, ref_hidden, weight, bias, labels):
+    """Reference per-token log-probs ``[2P, T]`` under ``loss_fn``'s token settings (forward only).
+
+    Per-sequence sums split as ``[chosen; rejected]`` here would ignore a ``pair_layout`` /
+    ``chosen_index`` and the ``token_weights`` the loss applies to its own reference sums."""
     from ..linear_token_logprobs import linear_token_logprobs
-    from ..sequence import ld_token_weights, sequence_sums, split_pairs
-    kw = loss_fn.token_kwargs
-    tokens = linear_token_logprobs(ref_hidden, weight, labels, bias=bias, impl=loss_fn.linear_impl, **kw)
-    weights = None
-    if loss_fn.ld_alpha is not None and loss_fn.ld_alpha_reference:
-        weights = ld_token_weights(loss_fn._mask(labels), loss_fn.ld_alpha, dtype=tokens.dtype)
-    sums = sequence_sums(tokens, labels, ignore_index=kw["ignore_index"], shift=kw["shift"], token_weights=weights)
-    return split_pairs(sums.logps)
+    return linear_token_logprobs(ref_hidden, weight, labels, bias=bias, impl=loss_fn.linear_impl,
+                                 **loss_fn.token_kwargs)

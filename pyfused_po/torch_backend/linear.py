@@ -209,12 +209,20 @@ def _is_plain_fold(fold):
     return isinstance(fold, types.ModuleType)
 
 
-def _slice_targets(targets, v0, width, ignore_index):
-    """Labels relative to the slice ``[v0, v0 + width)``; others become a negative sentinel
-    (never ``ignore_index``: the row is still reduced, without a one-hot term)."""
-    sentinel = -1 if ignore_index != -1 else -2
+# The vocabulary-outer backward relabels every (labelled) token relative to its slice: a label
+# in another slice becomes OTHER_SLICE, and the fold runs with ignore_index=SLICE_IGNORE, a value
+# no relative label takes.  The caller's ignore_index must not reach the fold there: a non-negative
+# one (e.g. 0, a pad id) equals the relative label of id v0 + ignore_index in the slice at v0, and
+# that token's gradient row would be dropped.
+OTHER_SLICE = -1
+SLICE_IGNORE = -2
+
+
+def _slice_targets(targets, v0, width):
+    """Labels relative to the slice ``[v0, v0 + width)``; others become :data:`OTHER_SLICE`
+    (the row is still reduced, without a one-hot term)."""
     rel = targets - v0
-    return torch.where((rel >= 0) & (rel < width), rel, torch.full_like(rel, sentinel))
+    return torch.where((rel >= 0) & (rel < width), rel, torch.full_like(rel, OTHER_SLICE))
 
 
 def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=None,
@@ -292,6 +300,7 @@ def _vocab_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold,
     acc_h = torch.zeros(M, h.shape[1], device=h.device, dtype=cdt) if gh is not None else None
     up = {k: None if v is None else v.unsqueeze(0) for k, v in upstream.items()}
     lse3 = lse.unsqueeze(0)
+    kw = dict(kw, ignore_index=SLICE_IGNORE)  # every row here is labelled (see OTHER_SLICE)
     for v0 in range(0, V, width):
         v1 = min(V, v0 + width)
         w = weight[v0:v1]
@@ -299,7 +308,7 @@ def _vocab_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold,
         x3 = x.unsqueeze(0)
         if up["grad_mean_logit"] is not None:  # the fold divides by its own width, not V
             up["grad_mean_logit"] = upstream["grad_mean_logit"].unsqueeze(0) * ((v1 - v0) / V)
-        fold.token_backward(x3, _slice_targets(targets, v0, v1 - v0, kw["ignore_index"]).unsqueeze(0), lse3, x3,
+        fold.token_backward(x3, _slice_targets(targets, v0, v1 - v0).unsqueeze(0), lse3, x3,
                             vocab_shard=True, **up, **kw)
         G = x
         if gw is not None:
