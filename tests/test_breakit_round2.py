@@ -304,21 +304,27 @@ def test_chunk_tokens_and_grad_filter_as_numpy_or_0d_tensor():
 
 # ------------------------------------------------------------------ Hugging Face integration
 
-def test_model_preference_loss_weighs_the_reference_model_sums_by_token_weights():
-    """``token_weights`` weigh the policy and the reference sums (the module's contract, and the
-    packed path's).  With ``ref_model=`` the padded path summed the reference unweighted, so a
-    token weighted 0 still counted on the reference side (loss 0.12 against 0.70 here)."""
+def _two_tiny_models():
+    """A tiny policy and reference (float64), 4 sequences of 9 ids, 3 prompt tokens each."""
     pytest.importorskip("transformers")
     from _hf_tiny import tiny_model
-
-    from pyfused_po import FusedPreferenceLoss
-    from pyfused_po.integrations import hf
 
     model, ref_model = tiny_model(0).double(), tiny_model(1).double()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (4, 9), generator=g)
     labels = ids.clone()
     labels[:, :3] = -100
+    return model, ref_model, ids, labels, g
+
+
+def test_model_preference_loss_weighs_the_reference_model_sums_by_token_weights():
+    """``token_weights`` weigh the policy and the reference sums (the module's contract, and the
+    packed path's).  With ``ref_model=`` the padded path summed the reference unweighted, so a
+    token weighted 0 still counted on the reference side (loss 0.12 against 0.70 here)."""
+    model, ref_model, ids, labels, g = _two_tiny_models()
+    from pyfused_po import FusedPreferenceLoss
+    from pyfused_po.integrations import hf
+
     weights = torch.rand(ids.shape, generator=g, dtype=torch.float64) + 0.25
     weights[0, 5] = 0.0
     beta = 0.5
@@ -343,17 +349,10 @@ def test_model_preference_loss_reference_model_follows_the_pair_layout(layout):
     """With ``ref_model=`` the padded path split its reference sums as ``[chosen; rejected]``
     halves whatever the pair layout: under ``pair_layout="interleaved"`` (or explicit indices)
     each pair got another pair's reference log-probs."""
-    pytest.importorskip("transformers")
-    from _hf_tiny import tiny_model
-
+    model, ref_model, ids, labels, g = _two_tiny_models()
     from pyfused_po import FusedPreferenceLoss
     from pyfused_po.integrations import hf
 
-    model, ref_model = tiny_model(0).double(), tiny_model(1).double()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, model.config.vocab_size, (4, 9), generator=g)
-    labels = ids.clone()
-    labels[:, :3] = -100
     beta = 0.5
     loss_fn = FusedPreferenceLoss("sigmoid", beta=beta, backend="torch", **hf.lm_head_transform(model))
     with torch.no_grad():
