@@ -80,11 +80,21 @@ def row_stats(z):
     return m, torch.logsumexp(z - m.unsqueeze(-1), dim=-1)
 
 
+def lse_pair(m, log_s):
+    """The LSE ``m + log_s`` as the ``[..., 2]`` pair ``(hi, lo)`` of the token-stage contract
+    (``kernels/lse_pair.py``): ``hi = fl(m + log_s)``, ``lo`` its rounding error (TwoSum), 0
+    where ``hi`` is not finite."""
+    hi = m + log_s
+    t = hi - m
+    lo = (m - (hi - t)) + (log_s - t)
+    return torch.stack([hi, torch.where(torch.isfinite(hi), lo, torch.zeros_like(lo))], dim=-1)
+
+
 def log_probs(z, lse, exact):
     """log softmax of the rows of ``z``: exact from :func:`row_stats` when ``exact``, else
-    ``z − lse`` with the given (e.g. vocabulary-global) LSE."""
+    ``(z − hi) − lo`` with the given (e.g. vocabulary-global) LSE pairs ``lse [..., 2]``."""
     if not exact:
-        return z - lse.unsqueeze(-1)
+        return (z - lse[..., :1]) - lse[..., 1:]
     m, log_s = row_stats(z)
     return (z - m.unsqueeze(-1)) - log_s.unsqueeze(-1)
 
@@ -101,19 +111,20 @@ def _owned(targets, V, vocab_shard):
 
 def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_scale, softcap,
                   extras=(), block_v=None, vocab_shard=False):
-    """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does (also its
-    ``vocab_shard`` mode: raw target logit in ``logp``, the slice's max in ``is_top1``)."""
+    """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does (``lse`` the
+    ``[B, T, 2]`` pairs of :func:`lse_pair`; also its ``vocab_shard`` mode: raw target logit in
+    ``logp``, the slice's max in ``is_top1``)."""
     del block_v  # Triton-only tuning knob
     B, T, V = logits.shape
     cdt = _compute_dtype(logits)
     dev = logits.device
     logp = torch.zeros(B, T, device=dev, dtype=cdt)
-    lse = torch.zeros(B, T, device=dev, dtype=cdt)
+    lse = torch.zeros(B, T, 2, device=dev, dtype=cdt)
     outs = {name: torch.zeros(B, T, device=dev, dtype=cdt) for name in extras}
     for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
         z = _transform(logits[b, rows].to(cdt), logit_scale, temperature, softcap)
         m, log_s = row_stats(z)
-        row_lse = m + log_s  # the one-value LSE of the contract (for the backward)
+        row_lse = lse_pair(m, log_s)  # the contract's LSE pair (for the backward)
         mine, index = _owned(targets, V, vocab_shard)
         z_y = z.gather(-1, index.unsqueeze(-1)).squeeze(-1)
         if vocab_shard:
