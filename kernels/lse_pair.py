@@ -17,13 +17,14 @@ import triton.language as tl
 
 
 @triton.jit
-def lse_pair(m, log_s):
+def lse_pair(m, log_s, m_err):
     """``(hi, lo)`` with ``hi + lo = m + log_s`` exactly (Knuth's TwoSum: no magnitude
-    order needed, ``m`` may be 0 while ``log_s`` is not).  ``lo = 0`` where ``hi`` is ±inf
-    (an all −inf row), so no NaN is made here."""
+    order needed, ``m`` may be 0 while ``log_s`` is not), plus ``m_err`` (the max logit's own
+    rounding error, ``fast_math.max_logit``; far below ulp(hi)) in ``lo``.  ``lo = 0`` where
+    ``hi`` is ±inf (an all −inf row), so no NaN is made here."""
     hi = m + log_s
     t = hi - m
-    lo = (m - (hi - t)) + (log_s - t)
+    lo = ((m - (hi - t)) + (log_s - t)) + m_err
     return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
 
 

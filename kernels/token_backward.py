@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .fast_math import LOG2E
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset, zero_row
-from .tl_utils import row_target, transform, transform_grad
+from .tl_utils import logit_minus, row_target, transform_grad
 
 
 @triton.jit
@@ -37,9 +37,8 @@ def _grad_x(x, g, g_h, h, hi, lo, lo2, g_q, inv_sum_p2, g_m, scale, inv_temp, so
     ``(hi, lo)`` is the row's LSE pair and ``lo2 = lo·log2 e``.  Without a softcap dz/dx is
     the constant scale/T and every coefficient (``g``, ``g_h``, ``g_q``, ``g_m``) arrives
     already multiplied by it."""
-    z = transform(x, scale, inv_temp, softcap, HAS_SOFTCAP)
-    # (z − hi) first, as tl.exp does: exact near the max (a one-entry row gives p = 1).
-    t = z - hi
+    # (z − hi) first, rounded once: exact near the max (a one-entry row gives p = 1).
+    t = logit_minus(x, hi, scale, inv_temp, softcap, HAS_SOFTCAP)
     p = tl.exp2(t * LOG2E - lo2)
     d = p * (-g)
     if GRAD_ENTROPY:

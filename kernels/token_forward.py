@@ -37,7 +37,7 @@ logit exactly as ``transform`` computes it, as before.
 import triton
 import triton.language as tl
 
-from .fast_math import exp2_ftz, key_logit, key_scales, logit_key
+from .fast_math import exp2_ftz, key_logit, key_scales, logit_key, max_logit
 from .lse_pair import lse_pair
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
@@ -126,10 +126,9 @@ def token_forward_kernel(
         k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
         w = exp2_ftz((k_l - k_ref) * ku)
         s = tl.sum(s_l * w, axis=0)
-        m = key_logit(k_max, kz, HAS_SOFTCAP)
-        m = tl.where(m == -float("inf"), 0.0, m)
+        m, m_err = max_logit(k_max, kz, HAS_SOFTCAP)
         log_s = tl.log(s)
-        hi, lo = lse_pair(m, log_s)  # kernels/lse_pair.py
+        hi, lo = lse_pair(m, log_s, m_err)  # kernels/lse_pair.py
         if VOCAB_SHARD:
             # The label may belong to another rank's slice: read it only when it is ours.
             mine = (y >= 0) & (y < V)
@@ -137,9 +136,11 @@ def token_forward_kernel(
             z_y = tl.where(mine, transform(x_y, scale, inv_temp, softcap, HAS_SOFTCAP), 0.0)
             tl.store(logp_ptr + out, z_y)
         else:
-            z_y = transform(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
-            # (z_y − m) is exact near the max; log s ∈ [0, log V] is never rounded to |m|'s ulp.
-            tl.store(logp_ptr + out, (z_y - m) - log_s)
+            key_y = logit_key(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            z_y = key_logit(key_y, kz, HAS_SOFTCAP)  # = transform(x_y), bit for bit
+            # z_y − m from the key difference, exact near the max, as the sums were; log s ∈
+            # [0, log V] is never rounded to the ulp of |m|.
+            tl.store(logp_ptr + out, (key_y - k_ref) * kz - log_s)
         tl.store(lse_ptr + 2 * row, hi)
         tl.store(lse_ptr + 2 * row + 1, lo)
         if WANT_ENTROPY:

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .fast_math import LOG2E
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset, zero_row
-from .tl_utils import row_target, transform, transform_grad
+from .tl_utils import logit_minus, row_target, transform_grad
 
 
 @triton.jit
@@ -33,10 +33,10 @@ def _grad_x(x, r, hi, lo2, hi_r, lo2_r, g, g_kl_net, scale, inv_temp, softcap,
     p = 2^{(z − hi)·log2 e − lo2}, exact near the max, one FFMA as with a one-value LSE.
     ``g_kl_net = g − g_y`` and ``g`` arrive multiplied by scale/T when there is no
     softcap (dz/dx is that constant then)."""
-    p = tl.exp2((transform(x, scale, inv_temp, softcap, HAS_SOFTCAP) - hi) * LOG2E - lo2)
+    p = tl.exp2(logit_minus(x, hi, scale, inv_temp, softcap, HAS_SOFTCAP) * LOG2E - lo2)
     d = g_kl_net * p
     if HAS_G_KL:
-        d -= g * tl.exp2((transform(r, scale, inv_temp, softcap, HAS_SOFTCAP) - hi_r) * LOG2E - lo2_r)
+        d -= g * tl.exp2(logit_minus(r, hi_r, scale, inv_temp, softcap, HAS_SOFTCAP) * LOG2E - lo2_r)
     if HAS_SOFTCAP:
         d = d * transform_grad(x, scale, inv_temp, softcap, HAS_SOFTCAP)
     return d

@@ -40,10 +40,10 @@ the ``z = −inf`` case above.
 import triton
 import triton.language as tl
 
-from .fast_math import exp2_ftz, key_logit, key_scales, logit_key
+from .fast_math import exp2_ftz, key_scales, logit_key, max_logit
 from .lse_pair import lse_pair
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
-from .tl_utils import row_target, transform
+from .tl_utils import row_target
 
 
 @triton.jit
@@ -75,13 +75,13 @@ def _fold_block(key, key_r, k_l, s_l, kr_l, sr_l, a_l, ku):
 @triton.jit
 def _combine(k_l, s_l, kz, ku, HAS_SOFTCAP: tl.constexpr):
     """From per-lane-row ``(max key, Σ e^{z − m})``: the row's max key (0 when −inf), its
-    natural max logit (exactly as ``transform`` computes it; 0 when −inf), Σ e^{z − max}
-    and the lane weights."""
+    max logit and that one's rounding error (``fast_math.max_logit``), Σ e^{z − max} and
+    the lane weights."""
     k_max = tl.max(k_l, axis=0)
     k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
     w = exp2_ftz((k_l - k_ref) * ku)
-    m = key_logit(k_max, kz, HAS_SOFTCAP)
-    return k_ref, tl.where(m == -float("inf"), 0.0, m), tl.sum(s_l * w, axis=0), w
+    m, m_err = max_logit(k_max, kz, HAS_SOFTCAP)
+    return k_ref, m, m_err, tl.sum(s_l * w, axis=0), w
 
 
 @triton.jit
@@ -136,22 +136,22 @@ def token_kl_forward_kernel(
             key = tl.where(inside, key, -float("inf"))
             key_r = tl.where(inside, key_r, -float("inf"))
             k_l, s_l, kr_l, sr_l, a_l = _fold_block(key, key_r, k_l, s_l, kr_l, sr_l, a_l, ku)
-        k_m, m, s, _ = _combine(k_l, s_l, kz, ku, HAS_SOFTCAP)
-        kr_m, mr, sr, w_r = _combine(kr_l, sr_l, kz, ku, HAS_SOFTCAP)
+        k_m, m, m_err, s, _ = _combine(k_l, s_l, kz, ku, HAS_SOFTCAP)
+        kr_m, mr, mr_err, sr, w_r = _combine(kr_l, sr_l, kz, ku, HAS_SOFTCAP)
         a = tl.sum(a_l * w_r, axis=0)
         log_s = tl.log(s)
         # In key units like a: identical rows give exactly 0.
         kl = (a / sr + (k_m - kr_m)) * kz + tl.log(s / sr)
         tl.store(kl_ptr + out, kl)
-        hi, lo = lse_pair(m, log_s)  # kernels/lse_pair.py
+        hi, lo = lse_pair(m, log_s, m_err)  # kernels/lse_pair.py
         tl.store(lse_ptr + 2 * row, hi)
         tl.store(lse_ptr + 2 * row + 1, lo)
-        hi_r, lo_r = lse_pair(mr, tl.log(sr))
+        hi_r, lo_r = lse_pair(mr, tl.log(sr), mr_err)
         tl.store(lse_r_ptr + 2 * row, hi_r)
         tl.store(lse_r_ptr + 2 * row + 1, lo_r)
         if WANT_LOGP:
-            z_y = transform(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
-            tl.store(logp_ptr + out, (z_y - m) - log_s)
+            key_y = logit_key(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            tl.store(logp_ptr + out, (key_y - k_m) * kz - log_s)  # key difference: exact near the max
     else:
         tl.store(lse_ptr + 2 * row, 0.0)
         tl.store(lse_ptr + 2 * row + 1, 0.0)
