@@ -81,20 +81,20 @@ def test_token_logprobs_shift_and_scale(backend, offset):
     assert max_err(grad, grad_ref) <= 2 * GRAD_TOL  # dz/dx = 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale,temperature", [(1.0, 0.7), (-1.0, 1.3)])
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_triton_exact_for_any_scale_and_temperature(scale, temperature, offset):
-    """z = x·scale/T is not representable in fp32 here; the kernels reduce the exact x·scale/T
-    (key differences; the max logit's rounding error rides in the pair's lo) against the
-    float64 reference.  (The torch backend computes the fp32 z first: its log-probs carry
-    z's own rounding, ulp(|z|)/2, see docs/reliability.md.)"""
+def test_exact_for_any_scale_and_temperature(backend, scale, temperature, offset):
+    """z = x·scale/T is not representable in fp32 here: rounding z first costs ulp(|z|)/2 per
+    logit.  Both backends reduce the exact x·scale/T minus its max (the max logit's own
+    rounding error rides in the pair's lo for the backward)."""
     x = offset_logits((2, 3, V), offset, seed=17)
     y = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(18))
     x64 = x.double().requires_grad_()
     ref = torch.log_softmax(x64 * scale / temperature, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
     (grad_ref,) = torch.autograd.grad(ref.sum(), x64)
     xx = x.clone().requires_grad_()
-    out = pyfused_po.token_logprobs(xx, y, logit_scale=scale, temperature=temperature, backend="triton")
+    out = pyfused_po.token_logprobs(xx, y, logit_scale=scale, temperature=temperature, backend=backend)
     (grad,) = torch.autograd.grad(out.sum(), xx)
     assert max_err(out, ref) <= TOL
     assert max_err(grad, grad_ref) <= GRAD_TOL / temperature

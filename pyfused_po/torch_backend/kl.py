@@ -5,14 +5,12 @@ Math runs in float32, or float64 when the policy logits are float64.
 """
 import torch
 
-from .token import (_compute_dtype, _row_chunks, _transform, _transform_grad, backward_chunks, log_probs, lse_pair,
-                    row_stats)
+from .token import _compute_dtype, _row_chunks, _transform_grad, backward_chunks, log_probs, lse_pair, row_stats
 
 
 def _log_softmax_pair(logits, ref_logits, b, rows, cdt, tkw):
-    z = _transform(logits[b, rows].to(cdt), **tkw)
-    zr = _transform(ref_logits[b, rows].to(cdt), **tkw)
-    return z, zr, row_stats(z), row_stats(zr)
+    """:func:`row_stats` of the policy's and the reference's rows."""
+    return (row_stats(logits[b, rows].to(cdt), **tkw), row_stats(ref_logits[b, rows].to(cdt), **tkw))
 
 
 def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, temperature, logit_scale,
@@ -29,20 +27,19 @@ def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, tempera
     lse_r = torch.zeros(B, T, 2, device=dev, dtype=cdt)
     tkw = dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap)
     for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
-        z, zr, (m, log_s), (m_r, log_s_r) = _log_softmax_pair(logits, ref_logits, b, rows, cdt, tkw)
-        p_ref = log_probs(zr, None, exact=True).exp()
-        # log p_ref − log p_θ = (zr − z) − (lse_r − lse), with the LSE difference taken as
-        # (m_r − m) + (log s_r − log s) around each row's max: both LSEs are ~log V + max logit,
-        # so subtracting them directly would cost eps·|lse| of accuracy when KL is small.
-        d_lse = (m_r - m) + (log_s_r - log_s)
+        (d, m, log_s, m_err), (d_r, m_r, log_s_r, m_err_r) = _log_softmax_pair(logits, ref_logits, b, rows, cdt,
+                                                                               tkw)
+        p_ref = (d_r - log_s_r.unsqueeze(-1)).exp()
+        # log p_ref − log p_θ = (zr − lse_r) − (z − lse) = (d_r − d) − (log s_r − log s) with
+        # d = z − m: relative to the rows' maxima, nothing of size |m| + log V is subtracted.
+        d_lse = log_s_r - log_s
         # Entries with p_ref = 0 contribute 0 (not 0·(−inf − z) = NaN).
-        terms = torch.where(p_ref > 0, p_ref * ((zr - z) - d_lse.unsqueeze(-1)), 0.0)
+        terms = torch.where(p_ref > 0, p_ref * ((d_r - d) - d_lse.unsqueeze(-1)), 0.0)
         kl[b, pos] = terms.sum(-1)
-        lse[b, rows] = lse_pair(m, log_s)
-        lse_r[b, rows] = lse_pair(m_r, log_s_r)
+        lse[b, rows] = lse_pair(m, log_s, m_err)
+        lse_r[b, rows] = lse_pair(m_r, log_s_r, m_err_r)
         if want_logp:
-            z_y = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-            logp[b, pos] = (z_y - m) - log_s
+            logp[b, pos] = d.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - log_s
     return kl, logp, lse, lse_r
 
 
@@ -54,12 +51,11 @@ def token_kl_backward(logits, ref_logits, labels, lse, lse_r, grad_out, *, ignor
     cdt = _compute_dtype(logits)
     for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
         x = logits[b, rows].to(cdt)
-        z = _transform(x, logit_scale, temperature, softcap)
-        p = log_probs(z, None, exact=True).exp()  # the row's own exact softmax
-        dz = torch.zeros_like(z)
+        tkw = dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap)
+        p = log_probs(x, None, exact=True, **tkw).exp()  # the row's own exact softmax
+        dz = torch.zeros_like(p)
         if grad_kl is not None:
-            zr = _transform(ref_logits[b, rows].to(cdt), logit_scale, temperature, softcap)
-            p_ref = log_probs(zr, None, exact=True).exp()
+            p_ref = log_probs(ref_logits[b, rows].to(cdt), None, exact=True, **tkw).exp()
             dz += grad_kl[b, pos].to(cdt).unsqueeze(-1) * (p - p_ref)
         if grad_logp is not None:
             g_y = grad_logp[b, pos].to(cdt).unsqueeze(-1)
