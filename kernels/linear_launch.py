@@ -129,7 +129,8 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
                     grad_mean_logit=None, need_hidden=True, need_weight=True, need_bias=True,
                     ignore_index, temperature, logit_scale, softcap, block_v=None, grad_hidden_dtype=None,
                     grad_filter=None):
-    """fp32 ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``, ``None`` where not needed.
+    """fp32 ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``, ``None`` where not needed;
+    ``lse``: the forward's ``[M, 2]`` LSE pairs.
 
     The accumulators are fp32 whatever ``grad_hidden_dtype`` asks (it is at most fp32).
     ``grad_filter``: ``None`` (exact) or a threshold ``≥ 0``: tiles whose every logits
@@ -139,6 +140,9 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     gradient is ``g_M / V`` on every id and would fall under any threshold above ``1/V``."""
     del ignore_index, grad_hidden_dtype
     M = rows.numel()
+    if tuple(lse.shape) != (M, 2) or not lse.is_contiguous() or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be the forward's contiguous float32 [M, 2] LSE pairs ({M}, 2), "
+                         f"got {lse.dtype} {tuple(lse.shape)} with strides {lse.stride()}")
     V, D = weight.shape
     dev = hidden2d.device
     f32 = dict(device=dev, dtype=torch.float32)
