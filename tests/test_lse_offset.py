@@ -224,3 +224,49 @@ def test_vocab_parallel_combine(backend, offset, monkeypatch):
     grad = torch.cat(grads, -1)
     assert max_err(grad, grad_ref) <= GRAD_TOL
     assert grad.double().sum(-1).abs().max().item() <= GRAD_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_vocab_parallel_linear_combine(backend, offset, monkeypatch):
+    """The fused-linear form with the LM head split 40 / 50 rows: log-probs, ``grad_hidden``
+    (the sum of the ranks' terms, which ``reduce_grad_hidden`` would all-reduce) and each
+    slice's weight and bias gradients equal the unsharded float64 values."""
+    h, w, b = dyadic_head(offset, seed=19)
+    y = torch.randint(0, w.shape[0], (1, h.shape[0]), generator=torch.Generator().manual_seed(20))
+    g = upstream((1, h.shape[0]), seed=21)
+    h64, w64, b64 = (t.double().requires_grad_() for t in (h, w, b))
+    ref = torch.log_softmax(h64 @ w64.t() + b64, -1).gather(-1, y[0].unsqueeze(-1)).squeeze(-1)
+    gh_ref, gw_ref, gb_ref = torch.autograd.grad((g[0] * ref).sum(), (h64, w64, b64))
+
+    bounds = (0, 40, w.shape[0])
+    fake = _FakeGather(len(bounds) - 1)
+    monkeypatch.setattr(vocab_parallel, "all_gather_stats", fake)
+    monkeypatch.setattr(vocab_parallel, "_check_group", lambda group, vocab_start: None)
+    slices = list(enumerate(zip(bounds[:-1], bounds[1:])))
+
+    def forward(rank, v0, v1):
+        fake.rank = rank
+        leaves = (h.clone().unsqueeze(0).requires_grad_(), w[v0:v1].clone().requires_grad_(),
+                  b[v0:v1].clone().requires_grad_())
+        out = vocab_parallel.vocab_parallel_linear_token_logprobs(
+            leaves[0], leaves[1], y, group=object(), vocab_start=v0, bias_shard=leaves[2], backend=backend,
+            reduce_grad_hidden=False)
+        return leaves, out
+
+    for rank, (v0, v1) in slices:
+        with pytest.raises(_Recorded):
+            forward(rank, v0, v1)
+    gh, gws, gbs = 0.0, [], []
+    for rank, (v0, v1) in slices:
+        leaves, out = forward(rank, v0, v1)
+        assert max_err(out[0], ref) <= TOL
+        d_h, d_w, d_b = torch.autograd.grad((g.float() * out).sum(), leaves)
+        gh = gh + d_h[0].double()
+        gws.append(d_w)
+        gbs.append(d_b)
+    gb, gw = torch.cat(gbs), torch.cat(gws)
+    assert max_err(gb, gb_ref) <= GRAD_TOL * h.shape[0]
+    assert gb.double().sum().abs().item() <= GRAD_TOL * h.shape[0]
+    for got, want in ((gh, gh_ref), (gw, gw_ref)):
+        assert max_err(got, want) <= 1e-5 * want.abs().max().item() + GRAD_TOL
