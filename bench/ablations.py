@@ -123,10 +123,12 @@ def _impl_variants(device, case):
                                               inp.ref_rejected, loss_type="sigmoid", beta=BETA).loss
         return step
 
-    def module(impl, fused_gradient):
+    def module(impl, fused_gradient, chunk_tokens=None):
         m = pyfused_po.FusedPreferenceLoss("sigmoid", beta=BETA, logit_metrics=False, linear_impl=impl,
                                            backend=_backend(device, impl))
         m.fused_gradient = fused_gradient  # False forces the staged path (the class attribute's switch)
+        if chunk_tokens is not None:
+            m.chunk_tokens = chunk_tokens
 
         def step(inp):
             return m(hidden=inp.hidden, weight=inp.weight, labels=inp.labels, ref_chosen_logps=inp.ref_chosen,
@@ -137,6 +139,9 @@ def _impl_variants(device, case):
         ("linear_token_logprobs impl=chunked", "4 GEMMs (recompute in bwd)", direct("chunked")),
         ("linear_token_logprobs impl=fused", "Triton tiles, recompute in bwd", direct("fused")),
         ("FusedPreferenceLoss(hidden=, weight=) default", "3 GEMMs expected", module("auto", True)),
+        # The chunk rule (torch_backend.linear.gradient_chunk_size: min(4096, D) tokens at the
+        # headline) against the staged budget's 1,024-token chunks: 4 against 16 dW re-reads.
+        ("FusedPreferenceLoss three-GEMM, chunk_tokens=1024", "3 GEMMs, 16 dW passes", module("auto", True, 1024)),
         ("FusedPreferenceLoss staged (fused_gradient=False)", "4 GEMMs", module("chunked", False)),
         ("FusedPreferenceLoss linear_impl=fused", "staged, Triton tiles", module("fused", True)),
     ]
@@ -144,6 +149,7 @@ def _impl_variants(device, case):
 
 _SHORT = {"linear_token_logprobs impl=chunked": "chunked", "linear_token_logprobs impl=fused": "fused",
           "FusedPreferenceLoss(hidden=, weight=) default": "module default (3-GEMM)",
+          "FusedPreferenceLoss three-GEMM, chunk_tokens=1024": "module 3-GEMM, 1k chunks",
           "FusedPreferenceLoss staged (fused_gradient=False)": "module staged chunked",
           "FusedPreferenceLoss linear_impl=fused": "module staged fused"}
 

@@ -73,12 +73,14 @@ def test_traffic_model_in_place_against_temporary():
 
 
 def test_table_runs_at_a_tiny_shape():
-    result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 12, liger=False)
+    result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 15, liger=False)  # chunks hold a pair
     trl = [r for r in result["rows"] if r["method"].startswith("TRL")]
     assert [r["gemms"] for r in trl] == [4.0, 3.0]  # TRL: logits, recompute, dH (, dW)
     frozen = [r for r in result["rows"] if r["method"].startswith("pyfused_po") and r["head"] == "frozen"]
     assert [r["gemms"] for r in frozen] == [2.0] * 3  # logits, ∂log p/∂h in the forward; no backward GEMM
     assert all(r["peak_bytes"] > 0 for r in result["rows"])
+    kto = [r for r in result["rows"] if "FusedKTOLoss" in r["method"]]
+    assert [r["gemms"] for r in kto] == [4.0, 3.0]  # staged: logits, recompute, dH, dW; fused: no recompute
 
 
 def test_frozen_head_with_metric_extras_counts_two_gemms():
@@ -93,3 +95,17 @@ def test_frozen_head_with_metric_extras_counts_two_gemms():
         out = linear_token_logprobs(hidden, weight, labels, backend="torch", extras=("entropy", "mean_logit", "is_top1"))
         out.logps.sum().backward()
     assert c.gemm_flops == 2 * (2 * M * 16 * 300)
+
+
+def test_models_at_the_headline_shape():
+    # M = 16,384, V = 128,256, D = 4096, bf16: the three-GEMM plan's 4096-token chunks re-read dW
+    # 4 times: 7·|dW| fp32 bytes + dH terms, under TRL's 2·4·|dW| + dH; its peak under TRL's.
+    from bench.work_counters import HEADLINE, peak_model, traffic_model
+
+    t, p = traffic_model(**HEADLINE), peak_model(**HEADLINE)
+    fused, trl = "pyfused_po fused module, chunks of pairs (trainable)", "TRL 1.16 (trainable)"
+    dw = HEADLINE["V"] * HEADLINE["D"] * 4
+    dh = HEADLINE["M"] * HEADLINE["D"]
+    assert t[fused] == 7 * dw + 3 * 2 * dh
+    assert t[trl] == 2 * (4 * dw + 4 * dh * 4)  # 4 token tiles × |dW|, 4 vocabulary tiles × |dH| fp32
+    assert t[fused] < t[trl] and p[fused] < p[trl]

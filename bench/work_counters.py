@@ -1,5 +1,8 @@
 """Work counters for one DPO step on the fused-linear path, counted on the CPU.
 
+(Also one KTO step of :class:`~pyfused_po.FusedKTOLoss` on the same rows, trainable head,
+fused and staged plans: its ratios are against TRL's DPO step, the same GEMM shapes.)
+
 ``python bench/work_counters.py`` runs one step (hidden states + LM head → per-token log-probs →
 DPO loss → backward) for each method under a :class:`WorkCounter` and prints, side by side:
 
@@ -188,6 +191,7 @@ def _dpo(seq_logps, batch):
 
 def _pyfused_module(batch, budget, *, fused):
     from pyfused_po import FusedPreferenceLoss
+    from pyfused_po.torch_backend.linear import gradient_chunk_size
 
     V = batch["weight"].shape[0]
 
@@ -195,9 +199,38 @@ def _pyfused_module(batch, budget, *, fused):
         module = FusedPreferenceLoss("sigmoid", beta=batch["beta"], backend="torch", linear_impl="chunked",
                                      logit_metrics=False)
         module.fused_gradient = fused
-        module.chunk_tokens = max(1, budget // V)
+        staged = max(1, budget // V)
+        # The staged plan's chunk fills the budget; the three-GEMM plan's is the library's rule
+        # (torch_backend.linear.gradient_chunk_size) at that budget.
+        M, D = int((batch["labels"] != -100).sum()), batch["weight"].shape[1]
+        wide = fused and weight.requires_grad  # (a frozen head keeps the staged chunk)
+        module.chunk_tokens = gradient_chunk_size(M, D, min(staged, M)) if wide else staged
         out = module(hidden=hidden, weight=weight, labels=batch["labels"],
                      ref_chosen_logps=batch["ref_chosen"], ref_rejected_logps=batch["ref_rejected"])
+        out.loss.backward()
+    return step
+
+
+def _pyfused_kto(batch, budget, *, fused):
+    """FusedKTOLoss on the same rows: the chosen half desirable, the rejected half undesirable,
+    the precomputed reference sums, a given KL point."""
+    from pyfused_po import FusedKTOLoss
+    from pyfused_po.torch_backend.linear import gradient_chunk_size
+
+    V = batch["weight"].shape[0]
+    P = batch["ref_chosen"].shape[0]
+    desirable = torch.arange(2 * P) < P
+    ref = torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
+
+    def step(hidden, weight):
+        module = FusedKTOLoss(beta=batch["beta"], backend="torch", linear_impl="chunked")
+        module.fused_gradient = fused
+        staged = max(1, budget // V)
+        M, D = int((batch["labels"] != -100).sum()), batch["weight"].shape[1]
+        # As for the preference module: the three-GEMM plan's chunk is the library's rule at this budget.
+        module.chunk_tokens = gradient_chunk_size(M, D, min(staged, M)) if fused else staged
+        out = module(hidden=hidden, weight=weight, labels=batch["labels"], is_desirable=desirable, ref_logps=ref,
+                     kl=0.1)
         out.loss.backward()
     return step
 
@@ -264,6 +297,8 @@ def methods(batch, budget, liger=True):
         ]
         if liger and liger_unavailable_reason() is None:
             out.append((f"Liger LigerFusedLinearDPOLoss ({head})", trainable, _liger(batch, budget)))
+    out += [("pyfused_po FusedKTOLoss, fused_gradient=False (trainable)", True, _pyfused_kto(batch, budget, fused=False)),
+            ("pyfused_po FusedKTOLoss, fused gradient (default) (trainable)", True, _pyfused_kto(batch, budget, fused=True))]
     return out
 
 
@@ -280,7 +315,7 @@ def count_step(step, batch, trainable):
     return counter
 
 
-def run(pairs=2, seq=256, vocab=8192, dim=128, budget=1 << 22, liger=True):
+def run(pairs=2, seq=256, vocab=8192, dim=1024, budget=1 << 22, liger=True):
     """The table as a dict: one row per method, ratios against TRL with the same head."""
     torch.manual_seed(0)
     batch = make_batch(pairs, seq, vocab, dim)
@@ -303,36 +338,85 @@ def run(pairs=2, seq=256, vocab=8192, dim=128, budget=1 << 22, liger=True):
     return dict(shape=shape, rows=rows, liger_skipped=skipped)
 
 
-def traffic_model(M, V, D, budget, trl_tokens=4096, trl_vocab=32768, hidden_bytes=2):
+def _tile(n):
+    return n - n % 256 if n >= 256 else max(1, n)
+
+
+def _plans(M, V, D, budget, trl_tokens):
+    """Chunking of each plan under the counters' rules: TRL's token tile and vocabulary tile, the
+    staged path's token chunk and vocabulary slice, the three-GEMM plan's token chunk
+    (``torch_backend.linear.gradient_chunk_size``: at least ``min(M, 4096, D)`` tokens)."""
+    from pyfused_po.torch_backend.linear import gradient_chunk_size
+
+    trl_t = min(M, trl_tokens)
+    trl_v = min(V, max(1, budget // trl_t))
+    c = _tile(max(1, budget // V))
+    cf = gradient_chunk_size(M, D, min(c, M))
+    width = _tile(budget // M)
+    return trl_t, trl_v, c, cf, width
+
+
+def traffic_model(M, V, D, budget, trl_tokens=4096, hidden_bytes=2):
     """Gradient-accumulator bytes per step by formula (the counters' rules at any shape):
     a GEMM writing its fp32 result counts it once, accumulating into it twice (read + write);
     dH rows finished inside a chunk are written once in hidden's dtype (plus a gather copy)."""
     f32, dw, dh = 4, V * D, M * D
-    kt, kv = math.ceil(M / trl_tokens), math.ceil(V / trl_vocab)
-    c = max(1, budget // V)
-    c -= c % 256 if c >= 256 else 0
-    k = math.ceil(M / c)  # token chunks of pyfused_po
-    width = budget // M
-    width -= width % 256 if width >= 256 else 0
+    trl_t, trl_v, c, cf, width = _plans(M, V, D, budget, trl_tokens)
+    kt, kv = math.ceil(M / trl_t), math.ceil(V / trl_v)
+    k, kf = math.ceil(M / c), math.ceil(M / cf)  # token chunks: staged budget, three-GEMM plan
     slices = math.ceil(V / max(width, 1))
     return {
         "TRL 1.16 (trainable)": 2 * f32 * (dw * kt + dh * kv),
         "pyfused_po before: temporary per chunk (trainable)": 4 * f32 * dw * k + 3 * hidden_bytes * dh,
         "pyfused_po staged, vocabulary-outer (trainable)": f32 * dw + (2 * slices - 1) * f32 * dh + 3 * hidden_bytes * dh,
-        "pyfused_po fused module, chunks of pairs (trainable)": (2 * k - 1) * f32 * dw + 3 * hidden_bytes * dh,
+        "pyfused_po fused module, chunks of pairs (trainable)": (2 * kf - 1) * f32 * dw + 3 * hidden_bytes * dh,
         "TRL 1.16 (frozen)": 2 * f32 * dh * kv,
         "pyfused_po frozen head (J stored, scaled)": 3 * f32 * dh,
     }
 
 
-def render_model(shape=dict(M=16384, V=128256, D=4096, budget=1 << 27)):
-    model = traffic_model(**shape)
-    lines = [f"Accumulator traffic by formula at M={shape['M']}, V={shape['V']}, D={shape['D']}, bf16 hidden, "
-             f"chunk budget {shape['budget']} logits (TRL: 4096 × 32768 tiles):", "",
-             "| method | GB | × TRL |", "|---|---|---|"]
+def peak_model(M, V, D, budget, trl_tokens=4096, hidden_bytes=2, weight_bytes=2):
+    """Peak extra bytes of the trainable-head step by formula, the largest of each plan's phases
+    (gradient buffers, the logits chunk, the gathered hidden rows; parameters and hidden excluded).
+    Both plans end the backward holding the fp32 dW and its copy in the weight's dtype (none when
+    the weight is fp32); TRL also holds its fp32 dH, the dH copy and its tile buffer there."""
+    f32, dw, dh = 4, V * D, M * D
+    trl_t, trl_v, _, cf, width = _plans(M, V, D, budget, trl_tokens)
+    dw_copy = 0 if weight_bytes == f32 else weight_bytes * dw
+    h = hidden_bytes
+    trl_tile = h * trl_t * trl_v
+    trl = f32 * dw + f32 * dh + trl_tile + max(h * trl_t * D, dw_copy + h * dh)
+    staged_loop = f32 * dw + f32 * dh + h * dh + h * M * min(width, V)
+    staged_end = f32 * dw + f32 * dh + dw_copy + h * dh
+    fused_loop = f32 * dw + h * dh + h * cf * (V + D)
+    fused_end = f32 * dw + h * dh + dw_copy
+    return {"TRL 1.16 (trainable)": trl,
+            "pyfused_po staged, vocabulary-outer (trainable)": max(staged_loop, staged_end),
+            "pyfused_po fused module, chunks of pairs (trainable)": max(fused_loop, fused_end)}
+
+
+HEADLINE = dict(M=16384, V=128256, D=4096, budget=1 << 27)
+
+
+def render_model(shape=HEADLINE):
+    model, peak = traffic_model(**shape), peak_model(**shape)
+    lines = [f"By formula at M={shape['M']}, V={shape['V']}, D={shape['D']}, bf16 hidden and weight, "
+             f"chunk budget {shape['budget']} logits (TRL: 4096-token tiles of the same budget); "
+             "the three-GEMM plan's chunk is 4096 tokens:", "",
+             "| method | accumulator GB | × TRL | peak extra GB | × TRL |", "|---|---|---|---|---|"]
     for name, b in model.items():
-        trl = model["TRL 1.16 (frozen)" if "frozen" in name else "TRL 1.16 (trainable)"]
-        lines.append(f"| {name} | {b / 1e9:.1f} | {b / trl:.2f} |")
+        ref = "TRL 1.16 (frozen)" if "frozen" in name else "TRL 1.16 (trainable)"
+        p = (f"{peak[name] / 1e9:.2f} | {peak[name] / peak[ref]:.2f}" if name in peak else "— | —")
+        lines.append(f"| {name} | {b / 1e9:.1f} | {b / model[ref]:.2f} | {p} |")
+    fused, trl = "pyfused_po fused module, chunks of pairs (trainable)", "TRL 1.16 (trainable)"
+    lines += ["", "The trade-off by hidden size (same M, V and budget): the chunk is min(4096, D) tokens, so "
+              "below D = 4096 the plan keeps its peak under TRL's and pays in accumulator traffic:", "",
+              "| D | chunk tokens | accumulator × TRL | peak extra × TRL |", "|---|---|---|---|"]
+    for d in (1024, 2048, 4096, 8192):
+        sh = dict(shape, D=d)
+        t, pk = traffic_model(**sh), peak_model(**sh)
+        cf = _plans(sh["M"], sh["V"], d, sh["budget"], 4096)[3]
+        lines.append(f"| {d} | {cf} | {t[fused] / t[trl]:.2f} | {pk[fused] / pk[trl]:.2f} |")
     return "\n".join(lines)
 
 
@@ -342,9 +426,12 @@ NOTES = """Notes.
 * Liger takes no precomputed reference log-probs: it runs the reference head (one more forward GEMM)
   and scores prompt rows too (its GEMMs are over all B·T rows, not the labelled M).
 * The fused module (trainable) does one GEMM less but holds a `[C, V]` chunk of whole pairs until
-  their gradient is known, so its fp32 dW is re-read once per chunk of pairs ((2K−1)·|dW| for K chunks);
-  the staged path loops vocabulary-outer and writes dW once. At equal chunk budget the fused plan's
-  accumulator traffic is above TRL's; a larger budget (`module.chunk_tokens`) trades memory for it.
+  their gradient is known, so its fp32 dW is re-read once per chunk of pairs ((2K−1)·|dW| for K
+  chunks); the staged path loops vocabulary-outer and writes dW once. Its chunk is therefore sized
+  in tokens, not by the budget: at least min(M, 4096, D) tokens (4096 is TRL's token tile: then
+  K ≤ TRL's number of token tiles and its dW traffic is (2K−1)/(2K) of TRL's; C ≤ D keeps the
+  `[C, V]` chunk no larger than dW). This counter shape has D = 128, so the rule gives the budget's
+  chunk and the ratio above 1; the model below is at a real head (D = 4096).
 * The fused module holds dW (fp32 `[V, D]`), db and dH from its forward to the backward; the
   staged path allocates them in the backward only."""
 
@@ -381,7 +468,7 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dim", type=int, default=1024, help="hidden size (the three-GEMM plan widens its chunk up to D tokens)")
     p.add_argument("--budget", type=int, default=1 << 22, help="elements of one logits tile")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)

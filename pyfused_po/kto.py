@@ -20,7 +20,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from . import packed_columns
+from . import fused_kto, packed_columns
 from .distributed.options import ParallelOptions
 from .head_source import check_head_shapes, resolve_sources, run_token_stage
 from .linear_token_logprobs import IMPLS
@@ -190,6 +190,10 @@ class FusedKTOLoss(nn.Module):
         self.parallel = ParallelOptions(vocab_parallel_group, vocab_start, sequence_parallel_group)
         self.parallel.check_sequence_parallel(shift=shift)
 
+    # hidden=/weight= inputs: form the exact gradient during the forward (three GEMMs instead of
+    # four, two for a frozen head; :mod:`pyfused_po.fused_kto`).  False: the staged plan.
+    fused_gradient = True
+
     def _token_stage(self, source, labels, *, inplace=False):
         """The one call into the token stage: logits or ``(hidden, weight, bias)``
         (vocabulary-parallel when asked)."""
@@ -230,6 +234,14 @@ class FusedKTOLoss(nn.Module):
         check_head_shapes(ref_source, labels, prefix="ref_")
         if ref_logits is not None:
             ref_source = ref_logits.detach()
+        if fused_kto.applies(self, source, token_offset):
+            fused = fused_kto.fused_forward(
+                self, source, ref_source, labels, is_desirable, ref_logps,
+                lambda policy, ref: kto_loss(policy, ref, is_desirable, kl=kl, policy_kl_logps=policy_kl_logps,
+                                             ref_kl_logps=ref_kl_logps, **self.loss_kwargs),
+                cu_seqlens=cu_seqlens, position_ids=position_ids)
+            if fused is not None:  # None: a sequence longer than the chunk budget
+                return fused
         if cu_seqlens is not None or position_ids is not None or token_offset is not None:
             columns = packed_columns.kto_columns(self, source, labels, is_desirable, ref_source, cu_seqlens=cu_seqlens,
                                                  position_ids=position_ids, token_offset=token_offset)

@@ -159,3 +159,26 @@ def test_triton_fold_matches_staged():
     torch.testing.assert_close(fused.loss, staged.loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_fused, g_staged):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_capture_gets_the_policy_tokens_from_the_fused_plan():
+    """The TRL switch's capture (module.token_capture plus its _token_stage wrapper) receives the
+    policy's per-token log-probs and the asked extras from the plan's own fold, not the reference's
+    (whose token stage runs first), equal to the token stage's, on both plans."""
+    _policy_token_extras = pytest.importorskip("pyfused_po.integrations.trl_preference_loss")._policy_token_extras
+    hidden, weight, bias, labels, _ = _batch(seed=12)
+    module = FusedPreferenceLoss("sigmoid", beta=0.3, backend="torch")
+    module.chunk_tokens = 16
+    expected = pyfused_po.linear_token_logprobs(hidden, weight, labels, bias=bias, backend="torch",
+                                                extras=("entropy", "is_top1"))
+    for fused in (True, False):
+        module.fused_gradient = fused
+        captured = {}
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with _policy_token_extras(module, ("entropy", "is_top1"), captured):
+            out = module(hidden=h, weight=w, bias=bias, labels=labels, ref_hidden=hidden * 0.5)
+        assert ("StoredGradient" in type(out.loss.grad_fn).__name__) == fused
+        assert "token_capture" not in vars(module) and "_token_stage" not in vars(module)
+        for name in ("logps", "entropy", "is_top1"):
+            torch.testing.assert_close(getattr(captured["policy"], name).detach(), getattr(expected, name),
+                                       rtol=1e-12, atol=1e-12)

@@ -5,6 +5,7 @@ optimizer steps on the CPU.  The reference is TRL's own fused-LM-head path (its 
 torch log-softmax); the switched run computes the same per-token quantities through
 ``pyfused_po.linear_token_logprobs``.
 """
+import contextlib
 import math
 import os
 
@@ -153,23 +154,6 @@ def test_kto_switch_matches_trl(tmp_path, bf16):
     _assert_same_logs(_logs(base), _logs(fused))
 
 
-def test_use_preference_loss_matches_trl_sigmoid(tmp_path):
-    """Loss, gradients and every logged metric, TRL's token metrics (entropy,
-    mean_token_accuracy, num_tokens) included."""
-    from pyfused_po import FusedPreferenceLoss
-
-    base, fused = _dpo(tmp_path, "base", loss_type="sigmoid"), _dpo(tmp_path, "fused", loss_type="sigmoid")
-    pfi.use_preference_loss(fused, FusedPreferenceLoss("sigmoid", beta=base.beta))
-    base_loss, base_grads = _grads(base)
-    fused_loss, fused_grads = _grads(fused)
-    torch.testing.assert_close(fused_loss, base_loss, rtol=RTOL, atol=ATOL)
-    for name, g in base_grads.items():
-        torch.testing.assert_close(fused_grads[name], g, rtol=RTOL, atol=1e-5, msg=name)
-    base_logs = _logs(base)
-    assert {"entropy", "mean_token_accuracy", "num_tokens"} <= set(base_logs[0])
-    _assert_same_logs(base_logs, _logs(fused))
-
-
 def test_use_preference_loss_refuses_dpo_config_mismatches(tmp_path):
     """DPOConfig's loss_type / beta / ld_alpha / use_weighting are TRL's too (its logged rewards,
     its precomputed reference sums): a loss_fn disagreeing on any is refused, each one named."""
@@ -298,3 +282,122 @@ def test_fsdp1_wrapped_reference_is_patched_inside_the_wrapper(tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+class _MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
+    """2·m·k·n of every matmul-family aten op run under it (mm, addmm, addmm_, bmm, baddbmm)."""
+
+    OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        where = self.OPERANDS.get(func.overloadpacket.__name__)
+        if where is not None:
+            a, b = args[where[0]], args[where[1]]
+            self.flops += 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+        return func(*args, **(kwargs or {}))
+
+
+def _one_step(trainer, count=False, batch=None):
+    """One compute_loss + backward on the first batch (or ``batch``): (loss, grads, logged metrics,
+    matmul FLOPs, the loss module's inputs when it ran)."""
+    batch = next(iter(trainer.get_train_dataloader())) if batch is None else batch
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.model.train()
+    for values in trainer._metrics.values():
+        values.clear()
+    seen, hook = {}, None
+    loss_fn = getattr(trainer, "pyfused_po_loss", None)
+    if loss_fn is not None:
+        hook = loss_fn.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    counter = _MatmulFlops()
+    with counter if count else contextlib.nullcontext():
+        loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+        loss.backward()
+    if hook is not None:
+        hook.remove()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if v}  # cleared keys stay, empty
+    trainer.model.zero_grad(set_to_none=True)
+    return loss, grads, metrics, counter.flops, seen
+
+
+def test_use_preference_loss_matches_trl_sigmoid(tmp_path):
+    """The three-GEMM plan runs under use_preference_loss (one LM-head GEMM fewer than the
+    staged plan, counted); its loss, gradients and every logged metric, TRL's token metrics
+    (entropy, mean_token_accuracy, num_tokens) included, equal TRL's own step and the staged
+    plan's; so does every other DPOTrainer loss type (one step each); then two training steps
+    log what TRL logs."""
+    from pyfused_po import FusedPreferenceLoss
+
+    base, fused = _dpo(tmp_path, "base", loss_type="sigmoid"), _dpo(tmp_path, "fused", loss_type="sigmoid")
+    loss_fn = FusedPreferenceLoss("sigmoid", beta=base.beta, backend="torch")
+    pfi.use_preference_loss(fused, loss_fn)
+    loss, grads, metrics, flops, seen = _one_step(fused, count=True)
+    assert "StoredGradient" in type(loss.grad_fn).__name__
+    assert "fused_gradient" not in vars(loss_fn) and "token_capture" not in vars(loss_fn)
+    loss_fn.fused_gradient = False
+    s_loss, s_grads, s_metrics, s_flops, _ = _one_step(fused, count=True)
+    assert "StoredGradient" not in type(s_loss.grad_fn).__name__
+    M = int((seen["labels"] != -100).sum())
+    V, D = seen["weight"].shape
+    assert s_flops - flops == 2 * M * D * V  # the backward's logits recompute is gone
+    b_loss, b_grads, b_metrics, _, _ = _one_step(base)
+    assert {"entropy", "mean_token_accuracy"} <= set(metrics) and metrics.keys() == b_metrics.keys()
+    for key in b_metrics:
+        if key != "num_tokens":  # a running total: the staged step was this trainer's second
+            assert math.isclose(metrics[key], s_metrics[key], rel_tol=1e-6, abs_tol=1e-7), key
+        assert math.isclose(metrics[key], b_metrics[key], rel_tol=RTOL, abs_tol=ATOL), (key, metrics[key], b_metrics[key])
+    torch.testing.assert_close(loss.detach(), b_loss.detach(), rtol=RTOL, atol=ATOL)
+    for name, g in b_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=1e-5, msg=name)
+        torch.testing.assert_close(grads[name], s_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    del loss_fn.fused_gradient
+    _every_trl_loss_type(base, fused)
+    for trainer in (base, fused):  # the checks above ran extra steps: restart the running token count
+        trainer._total_train_tokens = 0
+    base_logs = _logs(base)
+    assert {"entropy", "mean_token_accuracy", "num_tokens"} <= set(base_logs[0])
+    _assert_same_logs(base_logs, _logs(fused))
+
+
+def _every_trl_loss_type(base, fused):
+    """Every DPOTrainer loss type through use_preference_loss (``fused`` already switched): the
+    three-GEMM plan runs (the batch-sorting AOT losses fall back to the staged plan) and one step's
+    loss, gradients and logged metrics equal TRL's.  The loss type is switched on both trainers
+    (building trainers per type would cost seconds each); the caller's settings are restored."""
+    from pyfused_po import FusedPreferenceLoss
+    from pyfused_po.integrations.trl_preference_loss import TRL_DPO_LOSS_TYPES, dpo_config_mismatches
+    from pyfused_po.objectives import get_objective
+
+    saved = [(t, t.loss_types, t.loss_weights, t.label_smoothing) for t in (base, fused)]
+    own_loss = fused.pyfused_po_loss
+    for trainer in (base, fused):  # equal running token counts from here on
+        trainer._total_train_tokens = 0
+    batches = {id(t): next(iter(t.get_train_dataloader())) for t in (base, fused)}
+    for loss_type in sorted(TRL_DPO_LOSS_TYPES):
+        # TRL 1.16 smooths labels in exo_pair (where it must be > 0) and robust, not in sigmoid.
+        eps = 0.1 if loss_type in ("exo_pair", "robust") else 0.0
+        for trainer in (base, fused):
+            trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [loss_type], [1.0], eps
+        smoothing = {"label_smoothing": eps} if "label_smoothing" in get_objective(loss_type).hyperparameters else {}
+        loss_fn = FusedPreferenceLoss(loss_type, beta=base.beta, backend="torch", **smoothing)
+        fused.pyfused_po_loss = loss_fn
+        assert dpo_config_mismatches(fused, loss_fn) == []
+        loss, grads, metrics, _, _ = _one_step(fused, batch=batches[id(fused)])
+        assert ("StoredGradient" in type(loss.grad_fn).__name__) == (loss_type not in ("aot", "aot_unpaired"))
+        b_loss, b_grads, b_metrics, _, _ = _one_step(base, batch=batches[id(base)])
+        torch.testing.assert_close(loss.detach(), b_loss.detach(), rtol=RTOL, atol=ATOL, msg=loss_type)
+        for name, g in b_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=1e-5, msg=lambda m, n=name: f"{loss_type} {n}: {m}")
+        # pyfused_po logs its objective's own extras too (bco_pair: bco_delta, sft: nll_loss).
+        assert set(b_metrics) <= set(metrics) and set(metrics) - set(b_metrics) <= {"bco_delta", "nll_loss"}, loss_type
+        assert "entropy" in metrics and "mean_token_accuracy" in metrics
+        for key in b_metrics:
+            assert math.isclose(metrics[key], b_metrics[key], rel_tol=RTOL, abs_tol=ATOL), (loss_type, key)
+    for trainer, types, weights, eps in saved:
+        trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = types, weights, eps
+    fused.pyfused_po_loss = own_loss

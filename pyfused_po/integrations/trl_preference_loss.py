@@ -16,6 +16,7 @@ import types
 import torch
 
 from .. import _dispatch
+from ..fused_gradient import TokenCapture
 from .hf import lm_head_transform
 from .trl_head import head_owner
 
@@ -24,6 +25,8 @@ __all__ = ["use_preference_loss", "dpo_config_mismatches", "TRL_DPO_LOSS_TYPES"]
 # DPOTrainer's loss types in TRL 1.15 / 1.16 (the pyfused_po objectives of the same names compute the same losses).
 TRL_DPO_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                                 "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"})
+# The ones whose TRL loss reads DPOConfig.label_smoothing (TRL 1.15 / 1.16: not sigmoid).
+TRL_SMOOTHED_LOSS_TYPES = frozenset({"exo_pair", "robust", "aot", "aot_unpaired"})
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
@@ -77,7 +80,12 @@ def dpo_config_mismatches(trainer, loss_fn):
         if not takers or trl_value is None:
             continue
         value = loss_fn.hyperparameters.get(name, get_objective(takers[0]).hyperparameters[name])
-        if _differ(trl_value, value):
+        ignored = [t for t in takers if t in TRL_DPO_LOSS_TYPES and t not in TRL_SMOOTHED_LOSS_TYPES]
+        if name == "label_smoothing" and ignored and _differ(0.0, value):
+            # TRL's own loss is unsmoothed there, whatever DPOConfig says: smoothing would train differently.
+            out.append(f"label_smoothing: TRL's {ignored} ignores DPOConfig's label_smoothing "
+                       f"({trl_value}), loss_fn smooths with {value}; use label_smoothing=0.0")
+        elif not (name == "label_smoothing" and ignored) and _differ(trl_value, value):
             out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {takers})")
     return out
 
@@ -147,36 +155,33 @@ def _reference_token_logps(trainer, model_kwargs, labels):
 
 @contextlib.contextmanager
 def _policy_token_extras(loss_fn, extras, captured):
-    """While active, ``loss_fn``'s first token-stage call (the policy's) also computes ``extras``
-    (for TRL's token metrics, in the same kernel pass) and leaves its result in ``captured``."""
+    """While active, ``loss_fn``'s policy token values also include ``extras`` (for TRL's token
+    metrics, from the same fold) and land in ``captured["policy"]``: from the three-GEMM plan
+    (:class:`~pyfused_po.fused_gradient.TokenCapture`, detached values) or, when the staged plan
+    runs, from its first token-stage call (the policy's)."""
+    capture = TokenCapture(extras)
     had_own = "_token_stage" in vars(loss_fn)
     original = loss_fn._token_stage
-    extra_names = tuple(extras)
 
     def stage(source, labels, *, extras=(), inplace=False):
-        if "policy" in captured:
+        if not capture.waiting:
             return original(source, labels, extras=extras, inplace=inplace)
-        wanted = tuple(extras) + tuple(e for e in extra_names if e not in extras)
-        captured["policy"] = out = original(source, labels, extras=wanted, inplace=inplace)
+        wanted = tuple(extras) + tuple(e for e in capture.extras if e not in extras)
+        out = original(source, labels, extras=wanted, inplace=inplace)
+        capture.offer(out)
         return out
 
     loss_fn._token_stage = stage
-    # The three-GEMM plan (pyfused_po.fused_pairs) never calls _token_stage, so it would leave
-    # nothing to log: run the staged plan while TRL's token metrics are being captured.
-    had_flag = "fused_gradient" in vars(loss_fn)
-    flag = loss_fn.fused_gradient if had_flag else None
-    loss_fn.fused_gradient = False
+    loss_fn.token_capture = capture
     try:
         yield
+        captured["policy"] = capture.tokens
     finally:
         if had_own:
             loss_fn._token_stage = original
         else:
             del loss_fn._token_stage
-        if had_flag:
-            loss_fn.fused_gradient = flag
-        else:
-            del loss_fn.fused_gradient
+        del loss_fn.token_capture
 
 
 def _log_token_metrics(trainer, mode, tokens, labels, inputs):
@@ -205,7 +210,9 @@ def _compute_loss_with_fused_loss(self, model, inputs, return_outputs=False):
     model_kwargs["use_cache"] = False
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
     refs = {}
-    if loss_fn.needs_reference:
+    types = {loss_fn.loss_type} if isinstance(loss_fn.loss_type, str) else set(loss_fn.loss_type)
+    # TRL scores the reference for every loss type it has (sft too: its logged rewards are β·(ℓ − ℓʳ)).
+    if loss_fn.needs_reference or types <= TRL_DPO_LOSS_TYPES:
         if self.precompute_ref_logps:
             refs = dict(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
         else:

@@ -94,6 +94,23 @@ def chunk_size(M, V, device, chunk_tokens=None):
     return max(1, min(max(M, 1), _round_to_tile(budget // max(V, 1))))
 
 
+# Tokens per chunk of the three-GEMM plan (fused_pairs): its dW GEMM reduces over one chunk
+# and reads + writes the fp32 [V, D] accumulator once per chunk, 8 bytes per output element
+# for 2·C FLOPs, so C/4 FLOP per accumulator byte.  4096 is TRL 1.16's token tile (its dW is
+# read and written once per 4096 tokens, so (2K − 1)/(2K) of TRL's dW traffic for K chunks)
+# and 1024 FLOP/byte, several times an H100's ~300 balance: the accumulator stays off the
+# critical path.  The chunk is [C, V] in the input dtype; with C ≤ D it is no larger than the
+# copy of dW in the weight's dtype that the end of every trainable-head step holds next to the
+# fp32 dW, so it does not raise the step's peak (bench/work_counters.py's peak model).
+GRADIENT_CHUNK_TOKENS = 4096
+
+
+def gradient_chunk_size(M, D, staged):
+    """Tokens per chunk of the three-GEMM plan: the larger of the staged chunk ``staged``
+    (:func:`chunk_size`) and ``min(M, 4096, D)`` (D rounded to the GEMM tile)."""
+    return max(staged, min(max(M, 1), GRADIENT_CHUNK_TOKENS, _round_to_tile(max(D, 1))))
+
+
 def vocab_slice_width(M, V, budget):
     """Vocabulary entries per slice for the vocabulary-outer backward (all M tokens × one slice
     in one tile), or ``None`` when a slice of at least :data:`GEMM_TILE` entries does not fit."""

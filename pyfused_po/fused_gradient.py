@@ -1,0 +1,284 @@
+"""The three-GEMM engine: the exact LM-head gradient formed during the loss modules' forward.
+
+The staged fused-linear path runs four ``[M, D] × [D, V]`` GEMMs per step: the forward's
+logits, and in the backward the recomputed logits, ``dH`` and ``dW``.  The recompute exists
+only because the per-token upstream gradient ``g_t = ∂L/∂ log p_t`` is unknown while the
+forward holds the logits.  A loss module knows its objective: when ``g_t`` of a token depends
+only on its own group's sums (a pair for :class:`~pyfused_po.FusedPreferenceLoss`, a sequence
+for :class:`~pyfused_po.FusedKTOLoss`) and on batch constants, then per chunk of whole groups:
+
+1. ``X = H_c·Wᵀ (+ b)`` (GEMM 1) and the token fold: ``log p``, lse and the extras;
+2. ``g`` of the chunk's tokens: the module's own sequence stage and objective (``loss_of``) on
+   the whole batch, the chunk's log-probs as autograd leaves and placeholders (−1 per token)
+   for the other groups' tokens; exact because no group's gradient depends on another group's
+   values (the placeholders never reach it);
+3. the fold turns ``X`` in place into ``G = ∂L/∂X``; ``dH[rows] = G·W`` (GEMM 2) and
+   ``dW += Gᵀ·H_c`` (GEMM 3, fp32, in place), ``db += Σ G``.
+
+The caller then computes its loss once on the whole batch's per-token values (:meth:`FusedHead.tokens`)
+and connects it to ``hidden``/``weight``/``bias`` with :meth:`FusedHead.attach`: the backward only
+multiplies the stored gradients by the incoming (scalar) gradient.  A frozen head (no ``weight``
+gradient) skips GEMM 3: two GEMMs.
+
+Memory: ``dW`` (fp32 ``[V, D]``), ``db`` and ``dH`` (``[B·T, D]``, hidden's dtype) live from the
+forward to the backward instead of only during the backward.
+
+The module-specific parts (which objectives separate, which inputs) live in
+:mod:`pyfused_po.fused_pairs` and :mod:`pyfused_po.fused_kto`.
+"""
+import torch
+from torch.autograd.function import once_differentiable
+
+from .linear_token_logprobs import validate_linear_inputs
+from .mixed_precision import autocast_off, cast_operands
+from .token_logprobs import TokenLogprobs, make_token_config
+from .torch_backend import linear as _chunked
+from .torch_backend import token as _torch_fold
+
+PLACEHOLDER_LOGP = -1.0
+# On CUDA each chunk's dW GEMM reads and writes the fp32 [V, D] accumulator: with a reduction
+# over C tokens it does 2·C·V·D FLOPs for 8·V·D bytes, C/4 FLOP/byte.  Under ~1024 tokens that is
+# below an H100's bf16 balance (~200–300 FLOP/byte) and the accumulator traffic costs more than
+# the saved GEMM: the staged path (vocabulary-outer, dW written once) is faster.  The default
+# chunk (torch_backend.linear.gradient_chunk_size, min(4096, D) tokens) is above it at real heads; only an explicit
+# ``module.chunk_tokens`` below it falls back, when the batch needs more than one chunk.  A
+# prediction from the model in bench/work_counters.py, to be checked on a GPU.
+MIN_CUDA_CHUNK_TOKENS = 1024
+
+
+def plan_may_run(module, source, others=()):
+    """The conditions every fused plan shares: ``module.fused_gradient`` on, grad mode on, not
+    under ``torch.compile`` tracing, some of ``source`` (``(hidden, weight, bias)``) requiring
+    grad, the chunked implementation, no vocabulary or sequence parallelism, and none of the
+    ``others`` (inputs whose gradient the plan does not form) requiring grad."""
+    return (getattr(module, "fused_gradient", True) and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and any(t is not None and t.requires_grad for t in source)
+            and module.linear_impl in ("auto", "chunked")
+            and not module.parallel.vocab_parallel and not module.parallel.sequence_parallel
+            and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in others))
+
+
+def group_chunks(group_of_token, groups, budget_tokens):
+    """Contiguous group ranges ``[(g0, g1)]`` whose labelled tokens fit ``budget_tokens`` each,
+    or ``None`` when one group alone does not."""
+    counts = torch.bincount(group_of_token, minlength=groups).tolist()
+    if groups and max(counts) > budget_tokens:
+        return None
+    chunks, g0, used = [], 0, 0
+    for g, n in enumerate(counts):
+        if used + n > budget_tokens and g > g0:
+            chunks.append((g0, g))
+            g0, used = g, 0
+        used += n
+    if groups:
+        chunks.append((g0, groups))
+    return chunks
+
+
+class TokenCapture:
+    """Asks a loss module's fused plan for the policy's per-token values (``logps`` and ``extras``,
+    shaped like the labels, detached, from the plan's own fold): set ``module.token_capture`` to
+    one and the plan fills :attr:`tokens` (a :class:`~pyfused_po.TokenLogprobs`).  The staged plan
+    does not fill it itself: a caller wrapping the module's ``_token_stage`` offers the first
+    policy call's result while :attr:`waiting` (``integrations.trl_preference_loss`` does)."""
+
+    def __init__(self, extras=()):
+        self.extras = tuple(extras)
+        self.tokens = None
+        self._planned = False
+
+    def planned(self):
+        """The fused plan will deliver the policy's values: token-stage calls from now on (the
+        reference's) are not the policy's."""
+        self._planned = True
+
+    @property
+    def waiting(self):
+        """True while a staged token-stage call would be the policy's."""
+        return self.tokens is None and not self._planned
+
+    def offer(self, tokens, *, from_plan=False):
+        if self.tokens is None and (from_plan or not self._planned):
+            self.tokens = tokens
+
+
+class FusedHead:
+    """One forward of the plan on a ``(hidden, weight, bias)`` source (see the module docstring).
+
+    Build with :meth:`build`; ``group_of(pos)`` then maps the labelled tokens (their positions in
+    the flattened labels, :attr:`pos`) to groups for :meth:`chunks`; :meth:`run` does the
+    chunk loop."""
+
+    def __init__(self, source, token_labels, token_kwargs, extras, upstream_extras, linear_impl, chunk_tokens):
+        hidden, weight, bias = source
+        self.source, self.shape = source, tuple(token_labels.shape)
+        self.extras = tuple(extras)
+        self.upstream_extras = tuple(upstream_extras)  # the extras the objective reads
+        config = make_token_config(token_kwargs["ignore_index"], token_kwargs["shift"], token_kwargs["temperature"],
+                                   token_kwargs["logit_scale"], token_kwargs["softcap"], self.extras)
+        backend, _, self.mm_dtype = validate_linear_inputs(hidden, weight, bias, token_labels, config,
+                                                           token_kwargs["backend"], linear_impl, chunk_tokens)
+        self.fold = _torch_fold if backend == "torch" else _kernels()
+        T = self.shape[-1]
+        self.rows, self.pos, self.targets = _chunked.labelled_tokens(token_labels.reshape(-1, T),
+                                                                     config.ignore_index, config.shift)
+        M = self.rows.numel()
+        C = _chunked.chunk_size(M, weight.shape[0], hidden.device, chunk_tokens)
+        if chunk_tokens is None and weight.requires_grad:  # only dW is re-read per chunk
+            C = _chunked.gradient_chunk_size(M, weight.shape[1], C)
+        self.chunk_tokens = C
+        self.kw = dict(ignore_index=config.ignore_index, shift=False, temperature=config.temperature,
+                       logit_scale=config.logit_scale, softcap=config.softcap)
+        self.grads = None
+
+    @classmethod
+    def build(cls, source, token_labels, token_kwargs, *, extras=(), upstream_extras=(), linear_impl="auto",
+              chunk_tokens=None):
+        """The plan for this call, or ``None`` to fall back: no tokens, or on CUDA chunks under
+        :data:`MIN_CUDA_CHUNK_TOKENS` tokens when the batch needs more than one.  Chunks hold at
+        most ``chunk_tokens`` labelled tokens when given (a module's ``chunk_tokens`` attribute),
+        else :func:`~pyfused_po.torch_backend.linear.gradient_chunk_size` (min(4096, D) tokens, or
+        the staged chunk when that is larger; each chunk re-reads the fp32 dW).  Raises on bad
+        inputs before any kernel."""
+        if token_labels.numel() == 0:  # no tokens (T = 0): the staged path defines the empty-batch result
+            return None
+        plan = cls(source, token_labels, token_kwargs, extras, upstream_extras, linear_impl, chunk_tokens)
+        M = plan.rows.numel()
+        if source[0].is_cuda and M > plan.chunk_tokens and plan.chunk_tokens < MIN_CUDA_CHUNK_TOKENS:
+            return None  # a small head at a large vocabulary
+        return plan
+
+    def chunks(self, group, groups):
+        """Chunks of whole groups (``group``: each labelled token's group), or ``None`` when there
+        is no labelled token or one group has more labelled tokens than a chunk holds."""
+        return group_chunks(group, groups, self.chunk_tokens) if self.pos.numel() else None
+
+    def run(self, chunks, group, loss_of):
+        """The chunk loop.  ``loss_of(tokens)``: the module's scalar loss from per-token values
+        (:class:`~pyfused_po.TokenLogprobs` shaped like the labels, ``upstream_extras`` filled),
+        differentiable in ``tokens.logps``.  Fills the per-token values and the stored gradients."""
+        hidden, weight, bias = self.source
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        h2, w, b = cast_operands(self.mm_dtype, hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
+                                 None if bias is None else bias.detach())
+        cdt = _chunked.compute_dtype(h2)
+        n, dev, pos = h2.shape[0], h2.device, self.pos
+        names = ("logps",) + self.extras
+        # Per-token values, flattened like the labels: real ones filled chunk by chunk.
+        self.real = {k: torch.zeros(n, device=dev, dtype=cdt) for k in names}
+        placeholder = {k: torch.zeros(n, device=dev, dtype=cdt) for k in ("logps",) + self.upstream_extras}
+        placeholder["logps"][pos] = PLACEHOLDER_LOGP
+        if "log_sum_sq_probs" in placeholder:
+            placeholder["log_sum_sq_probs"][pos] = PLACEHOLDER_LOGP  # WPO weight exp(0) = 1
+        gh = torch.zeros(h2.shape, device=dev, dtype=hidden.dtype) if need_h else None
+        # dW/db: written by the first chunk's GEMM, accumulated in place by the others.
+        gw = torch.empty(weight.shape, device=dev, dtype=cdt) if need_w else None
+        gb = torch.empty(weight.shape[0], device=dev, dtype=cdt) if need_b else None
+        with autocast_off(hidden.device.type):
+            for k, (g0, g1) in enumerate(chunks):
+                sel = ((group >= g0) & (group < g1)).nonzero().squeeze(1)
+                idx, y = self.rows.index_select(0, sel), self.targets.index_select(0, sel).unsqueeze(0)
+                h_c, x = _chunked._chunk_logits(h2, w, b, idx)  # GEMM 1
+                x3 = x.unsqueeze(0)
+                lp, lse, outs = self.fold.token_forward(x3, y, extras=self.extras, **self.kw)
+                where = pos.index_select(0, sel)
+                for name in names:
+                    self.real[name][where] = (lp if name == "logps" else outs[name])[0]
+                g = self._upstream(loss_of, lp[0], where, placeholder)
+                # X becomes G in place.  vocab_shard: p = exp(z − lse) from the forward's lse, as the
+                # staged vocabulary-outer backward does, instead of the torch fold's second exact
+                # log-softmax of the row (a max and a logsumexp over [C, V] more); every label is in
+                # [0, V), so the one-hot term is unchanged (the Triton fold always uses the given lse).
+                self.fold.token_backward(x3, y, lse, x3, grad_logp=g.unsqueeze(0), vocab_shard=True, **self.kw)
+                if gh is not None:
+                    gh.index_copy_(0, idx, _chunked._mm(x, w, gh.dtype))  # GEMM 2
+                if gw is not None:
+                    _chunked.gemm_into(gw, x.t(), h_c, accumulate=k > 0)  # GEMM 3
+                if gb is not None:
+                    if k > 0:
+                        gb += x.sum(0, dtype=cdt)
+                    else:
+                        torch.sum(x, 0, dtype=cdt, out=gb)
+            del h_c, x, x3  # the last chunk is freed before dW is cast to the weight's dtype
+        self.grads = (None if gh is None else gh.view(hidden.shape), None if gw is None else gw.to(weight.dtype),
+                      None if gb is None else gb.to(bias.dtype))
+
+    def _values(self, flat, names):
+        return TokenLogprobs(flat["logps"].view(self.shape), **{k: flat[k].view(self.shape) for k in names})
+
+    def tokens(self, names=None):
+        """The per-token values after :meth:`run` (``logps`` and ``names``, default every extra
+        computed), detached, shaped like the labels."""
+        return self._values(self.real, self.extras if names is None else names)
+
+    def _upstream(self, loss_of, lp, where, placeholder):
+        """``∂L/∂ log p`` of the chunk's tokens: ``loss_of`` on the whole batch, the chunk's
+        log-probs as leaves, placeholders elsewhere (exact by separability)."""
+        leaf = lp.detach().requires_grad_(True)
+        with torch.enable_grad():
+            tokens = {k: placeholder[k].clone() for k in placeholder}
+            for k in self.upstream_extras:
+                tokens[k][where] = self.real[k][where]
+            tokens["logps"] = tokens["logps"].index_put((where,), leaf)
+            loss = loss_of(self._values(tokens, self.upstream_extras))
+            (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+        return torch.zeros_like(lp) if g is None else g.to(lp.dtype)
+
+    def attach(self, loss):
+        """``loss`` (computed without a graph) connected to ``hidden``/``weight``/``bias`` through
+        the gradients :meth:`run` stored."""
+        hidden, weight, bias = self.source
+        return _StoredGradient.apply(loss, hidden, weight, bias, *self.grads)
+
+
+def _kernels():
+    from . import kernels
+
+    return kernels
+
+
+class _StoredGradient(torch.autograd.Function):
+    """``loss`` connected to ``hidden``/``weight``/``bias`` through gradients computed in the
+    forward: the backward scales them by the incoming (scalar) gradient."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, gh, gw, gb):
+        ctx.grads = (gh, gw, gb)
+        return loss.detach().clone()
+
+    @staticmethod
+    @once_differentiable  # the stored gradients are numbers, not a graph: no double backward
+    def backward(ctx, grad):
+        if ctx.grads is None:
+            raise RuntimeError("a fused-gradient loss (FusedPreferenceLoss / FusedKTOLoss on hidden=) can be "
+                               "backpropagated once (its gradients were formed in the forward); set "
+                               "module.fused_gradient = False for retain_graph=True")
+        gh, gw, gb = ctx.grads
+        ctx.grads = None  # hand the buffers over (AccumulateGrad may then keep them without a copy)
+        scale = bool(grad != 1)
+        out = [None if t is None else (_scale_in_place(t, grad) if scale else t) for t in (gh, gw, gb)]
+        return (None, *out, None, None, None)
+
+
+# Rows per step of the widened scaling below: a temporary of at most 2^24 fp32 elements (64 MB).
+_SCALE_ELEMENTS = 1 << 24
+
+
+def _scale_in_place(t, grad):
+    """``t ·= grad`` with the product formed in fp32 (or t's wider dtype) and rounded once.
+
+    ``t * grad.to(t.dtype)`` would round the upstream gradient to bf16 first (1/3 becomes
+    0.33398): a systematic bias on every element, not rounding noise.  ``t`` is the stored
+    buffer being handed over, so it is overwritten; bf16/fp16 rows are widened a block at a time.
+    """
+    if t.dtype in (torch.float32, torch.float64):
+        return t.mul_(grad.to(t.dtype))
+    g = grad.float()
+    rows = t.view(-1, t.shape[-1]) if t.dim() > 1 else t.view(1, -1)
+    step = max(1, _SCALE_ELEMENTS // max(rows.shape[1], 1))
+    for r0 in range(0, rows.shape[0], step):
+        block = rows[r0:r0 + step]
+        block.copy_(block.float().mul_(g))
+    return t

@@ -1,0 +1,36 @@
+"""use_preference_loss's DPOConfig check: TRL 1.15/1.16's own `sigmoid` loss ignores
+label_smoothing (only exo_pair, robust, aot and aot_unpaired read it), so a smoothed pyfused_po
+sigmoid would train differently from the TRL run it replaces."""
+import types
+
+import pytest
+
+pytest.importorskip("trl")
+
+from pyfused_po import FusedPreferenceLoss  # noqa: E402
+from pyfused_po.integrations.trl_preference_loss import dpo_config_mismatches  # noqa: E402
+
+
+def _trainer(loss_type, label_smoothing):
+    args = types.SimpleNamespace(loss_weights=None, discopop_tau=None)
+    return types.SimpleNamespace(args=args, loss_types=[loss_type], loss_weights=[1.0], beta=0.1, ld_alpha=None,
+                                 use_weighting=False, f_divergence_type="reverse_kl", label_smoothing=label_smoothing)
+
+
+def test_smoothed_sigmoid_is_refused_even_when_dpo_config_agrees():
+    lines = dpo_config_mismatches(_trainer("sigmoid", 0.1), FusedPreferenceLoss("sigmoid", beta=0.1,
+                                                                                label_smoothing=0.1))
+    assert len(lines) == 1 and "ignores DPOConfig's label_smoothing" in lines[0] and "sigmoid" in lines[0], lines
+
+
+def test_unsmoothed_sigmoid_matches_trl_whatever_dpo_config_says():
+    assert dpo_config_mismatches(_trainer("sigmoid", 0.1), FusedPreferenceLoss("sigmoid", beta=0.1)) == []
+
+
+@pytest.mark.parametrize("loss_type", ["robust", "exo_pair"])
+def test_types_trl_smooths_still_compare_values(loss_type):
+    assert dpo_config_mismatches(_trainer(loss_type, 0.1), FusedPreferenceLoss(loss_type, beta=0.1,
+                                                                              label_smoothing=0.1)) == []
+    lines = dpo_config_mismatches(_trainer(loss_type, 0.2), FusedPreferenceLoss(loss_type, beta=0.1,
+                                                                               label_smoothing=0.1))
+    assert lines == [f"label_smoothing: DPOConfig 0.2, loss_fn 0.1 (used by ['{loss_type}'])"], lines
