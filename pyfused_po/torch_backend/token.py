@@ -70,6 +70,17 @@ def backward_chunks(logits, labels, ignore_index, shift, grad_out):
     grad_out[(~labelled).nonzero(as_tuple=True)] = 0
 
 
+def _row_max(x, c):
+    """``(x_max, m, m_err)`` per row of raw logits ``x`` with ``z = x·c``: the raw logit of the
+    row's largest ``z`` (0 for a row without a finite one), ``m = fl(x_max·c)`` and its rounding
+    error ``x_max·c − m`` (from float64, per row)."""
+    top = (x if c > 0 else -x).max(dim=-1).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    x_max = top if c > 0 else -top
+    m = x_max * c
+    return x_max, m, (x_max.double() * c - m.double()).to(m.dtype)
+
+
 def row_stats(x, logit_scale, temperature, softcap):
     """``(d, m, log s, m_err)`` per row of raw logits ``x`` (compute dtype): ``d = z − m`` with
     ``m`` the row's largest logit (0 for a row without a finite one), ``log s = log Σ_v e^{d_v}``
@@ -86,12 +97,8 @@ def row_stats(x, logit_scale, temperature, softcap):
         d = z - m.unsqueeze(-1)
         m_err = torch.zeros_like(m)
     else:
-        top = (x if c > 0 else -x).max(dim=-1).values
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        x_max = top if c > 0 else -top
+        x_max, m, m_err = _row_max(x, c)
         d = (x - x_max.unsqueeze(-1)) * c  # x − x_max is exact near the max (Sterbenz)
-        m = x_max * c
-        m_err = (x_max.double() * c - m.double()).to(m.dtype)
     return d, m, torch.logsumexp(d, dim=-1), m_err
 
 
@@ -109,17 +116,19 @@ def lse_pair(m, log_s, m_err=None):
 
 def log_probs(x, lse, exact, *, logit_scale, temperature, softcap):
     """log softmax of the rows of raw logits ``x``: exact from :func:`row_stats` when ``exact``,
-    else ``(z − hi) − lo`` with the given (e.g. vocabulary-global) LSE pairs ``lse [..., 2]``,
-    ``z − hi`` formed from the exact ``x·scale/T`` (in float64 for fp32 inputs) as the kernels'
-    FMA does."""
+    else ``(z − hi) − lo`` with the given (e.g. vocabulary-global) LSE pairs ``lse [..., 2]``.
+    Without a softcap and with scale/T ≠ 1, ``z − hi`` is formed around the rows' own max as
+    ``(x − x_max)·c + ((m − hi) + m_err)`` (``m − hi`` exact when the two are close): the exact
+    ``x·c − hi`` the kernels' FMA gives, without a float64 copy of the rows."""
     if exact:
         d, _, log_s, _ = row_stats(x, logit_scale, temperature, softcap)
         return d - log_s.unsqueeze(-1)
     c = logit_scale / temperature
     hi, lo = lse[..., :1], lse[..., 1:]
-    if softcap is not None or c == 1.0 or x.dtype == torch.float64:
+    if softcap is not None or c == 1.0:
         return (_transform(x, logit_scale, temperature, softcap) - hi) - lo
-    return (x.double() * c - hi.double()).to(x.dtype) - lo
+    x_max, m, m_err = _row_max(x, c)
+    return (x - x_max.unsqueeze(-1)) * c + ((m.unsqueeze(-1) - hi) + m_err.unsqueeze(-1)) - lo
 
 
 def _owned(targets, V, vocab_shard):
