@@ -74,11 +74,13 @@ def launch_of(name, V):
     x, r = _meta(B, T, V), _meta(B, T, V)
     y = _meta(B, T, dtype=torch.int64)
     f32 = _meta(B, T, dtype=torch.float32)
+    pairs = _meta(B, T, 2, dtype=torch.float32)  # LSE pairs (kernels/lse_pair.py)
     common = _token_common()
     N = B * T
     h, w = _meta(N, HIDDEN), _meta(V, HIDDEN)
     rows = _meta(N, dtype=torch.int64)
     g = _meta(N, dtype=torch.float32)
+    g_pairs = _meta(N, 2, dtype=torch.float32)
     lin = dict(ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None)
     calls = {
         "token_forward": (token_forward_kernel,
@@ -87,18 +89,18 @@ def launch_of(name, V):
                                  lambda: token_launch.token_forward(
                                      x, y, extras=token_launch.EXTRA_NAMES, **common)),
         "token_backward": (token_backward_kernel,
-                           lambda: token_launch.token_backward(x, y, f32, torch.empty_like(x),
+                           lambda: token_launch.token_backward(x, y, pairs, torch.empty_like(x),
                                                                grad_logp=f32, **common)),
         "token_kl_forward": (token_kl_forward_kernel,
                              lambda: token_kl_launch.token_kl_forward(x, r, y, **common)),
         "token_kl_backward": (token_kl_backward_kernel,
                               lambda: token_kl_launch.token_kl_backward(
-                                  x, r, y, f32, f32, torch.empty_like(x), grad_kl=f32,
+                                  x, r, y, pairs, pairs, torch.empty_like(x), grad_kl=f32,
                                   grad_logp=f32, **common)),
         "linear_forward": (linear_forward_kernel,
                            lambda: linear_launch.linear_forward(h, w, None, rows, rows, **lin)),
         "linear_backward": (linear_backward_kernel,
-                            lambda: linear_launch.linear_backward(h, w, None, rows, rows, g,
+                            lambda: linear_launch.linear_backward(h, w, None, rows, rows, g_pairs,
                                                                   grad_logp=g, **lin)),
     }
     kernel, call = calls[name]

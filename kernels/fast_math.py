@@ -1,5 +1,5 @@
 """exp2 for the token kernels' reductions (flushing denormal results to zero), and the
-base-2 logits they exponentiate.
+logit keys whose differences they exponentiate.
 
 ``tl.exp2`` lowers to ``ex2.approx.f32``, which ptxas wraps in a denormal fix-up
 (compare, scale the input, square the result: ~4 instructions).  The ``.ftz`` form is
@@ -19,7 +19,6 @@ import triton.language as tl
 from .tl_utils import transform
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e):  e^z = 2^(z·log2 e)
-LN2 = tl.constexpr(0.6931471805599453)    # ln(2):    log z = ln2 · log2 z
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     @triton.jit
@@ -63,7 +62,8 @@ def logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, FLIP: tl.c
 @triton.jit
 def key_scales(scale, inv_temp, HAS_SOFTCAP: tl.constexpr, FLIP: tl.constexpr):
     """``(kz, ku)`` with ``z = key·kz`` (bit-identical to ``tl_utils.transform``: the negation
-    of a FLIP cancels exactly) and ``u = key·ku = z·log2 e`` (log2 e folded into the scale)."""
+    of a FLIP cancels exactly) and ``ku = kz·log2 e``: e^{z − m} = 2^{(key − k_max)·ku}, the key
+    difference exact near the max (log2 e folded into the scale)."""
     if HAS_SOFTCAP:
         kz = 1.0
         ku = LOG2E * 1.0
@@ -86,7 +86,17 @@ def key_logit(key, kz, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def key_log2(key, ku):
-    """``u = z·log2 e`` of the element with ``key``, rounded once (``mul.rn``: never fused
-    into a later add), so ``u − max u`` is exactly 0 at the maximum: 2⁰ = 1."""
-    return mul_rn(key, ku)
+def max_logit(k_max, kz, HAS_SOFTCAP: tl.constexpr):
+    """``(m, r)``: the row's max logit ``m = fl(k_max·kz)`` (0 for an all −inf row; rounded once
+    with ``mul_rn``, so that no later add is fused with the product) and its rounding error
+    ``r = k_max·kz − m``, exact by one FMA.  The LSE pair carries ``r`` in ``lo``, so the
+    backward's ``fma(x, scale/T, −hi)`` sees the max of the exact ``x·scale/T`` the forward
+    reduced (``r = 0`` with a softcap: the key is the logit)."""
+    k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
+    if HAS_SOFTCAP:
+        m = k_ref
+        r = 0.0 * k_ref
+    else:
+        m = mul_rn(k_ref, kz)
+        r = tl.fma(k_ref, kz, -m)
+    return m, r

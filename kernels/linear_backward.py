@@ -3,9 +3,10 @@
 A 1-D grid of ``token blocks × vocabulary tiles`` programs in grouped order
 (:func:`grouped_program`: programs that run together share hidden/dH rows in L2 and few
 of them reduce into the same dW tile).  A program rebuilds its ``[BLOCK_M, BLOCK_V]``
-tile ``x = H[rows]·Wᵀ (+ b)`` (``tl.dot`` over ``D``, fp32), then with ``p = e^{z − lse}``
+tile ``x = H[rows]·Wᵀ (+ b)`` (``tl.dot`` over ``D``, fp32), then with
+``log p = (z − hi) − lo`` (the LSE pair of ``kernels/lse_pair.py``: exact at any offset)
 
-    G = dz/dx · ( g·(onehot(y) − p)  −  g_H·p·(z − lse + H)
+    G = dz/dx · ( g·(onehot(y) − p)  −  g_H·p·(log p + H)
                   + 2·g_Q·p·(p / Σp² − 1)  +  g_M / V )
 
 (each extra's term only under its constexpr flag; out-of-range rows and columns are 0)
@@ -80,8 +81,10 @@ def linear_backward_kernel(
                       rows, in_m, offs_v, in_v, D, HAS_BIAS, DOT_FP32, INPUT_PRECISION,
                       BLOCK_M, BLOCK_V, BLOCK_D)
     z = transform(acc, scale, inv_temp, softcap, HAS_SOFTCAP)
-    lse = tl.load(lse_ptr + offs_m, mask=in_m, other=0.0)
-    p = tl.exp(z - lse[:, None])
+    hi = tl.load(lse_ptr + 2 * offs_m, mask=in_m, other=0.0)
+    lo = tl.load(lse_ptr + 2 * offs_m + 1, mask=in_m, other=0.0)
+    log_p = (z - hi[:, None]) - lo[:, None]  # z − hi is exact near the max (Sterbenz)
+    p = tl.exp(log_p)
     dz = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     g_scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # s_m of the filter
     if HAS_G:
@@ -91,7 +94,7 @@ def linear_backward_kernel(
     if GRAD_ENTROPY:
         g_h = tl.load(g_ent_ptr + offs_m, mask=in_m, other=0.0)
         ent = tl.load(ent_ptr + offs_m, mask=in_m, other=0.0)
-        dz -= g_h[:, None] * p * (z - lse[:, None] + ent[:, None])
+        dz -= g_h[:, None] * p * (log_p + ent[:, None])
         g_scale += tl.abs(g_h)
     if GRAD_LSQ:
         g_q = tl.load(g_lsq_ptr + offs_m, mask=in_m, other=0.0)

@@ -8,10 +8,13 @@ its split.  Each ``[BLOCK_M, BLOCK_V]`` logits tile is built on-chip by a ``tl.d
 loop over ``D`` in fp32, transformed (``z = softcap(x·scale)/T``) and folded into
 running per-row statistics against the running max ``m``:
 
-    s = Σ e^{z−m}     a = Σ e^{z−m}·z     q = Σ e^{2(z−m)}     Σ z     z_y (target logit)
+    s = Σ e^{z−m}     a = Σ e^{z−m}·(z − m)     q = Σ e^{2(z−m)}     Σ z     z_y (target logit)
+
+(``a`` relative to the running max, re-based as the max moves: the entropy then never
+cancels against an LSE at a large common offset of the logits).
 
 The split's statistics go to ``part[stat, split, m]``; the launcher combines splits
-(``lse = M + log Σ_k s_k e^{m_k−M}`` and the like), O(tokens · splits) work.  Splitting
+(``log p = (z_y − M) − log Σ_k s_k e^{m_k−M}`` and the like), O(tokens · splits) work.  Splitting
 the vocabulary keeps the GPU busy when there are few token blocks.
 """
 import triton
@@ -71,10 +74,13 @@ def linear_forward_kernel(
         # Rows still at −inf (nothing seen yet) exponentiate against 0: no inf − inf.
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_ref)
-        e = tl.exp(z - m_ref[:, None])
-        s_i = s_i * alpha + tl.sum(e, axis=1)
+        d = z - m_ref[:, None]
+        e = tl.exp(d)
         if WANT_ENTROPY:
-            a_i = a_i * alpha + tl.sum(e * tl.where(in_v[None, :], z, 0.0), axis=1)
+            # Σ e·(z − m_new) = α·(a + s·(m_old − m_new)) + Σ_tile; e·d is 0·(−inf) where e = 0.
+            shift = tl.where(m_i == -float("inf"), 0.0, m_i - m_ref)
+            a_i = (a_i + s_i * shift) * alpha + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=1)
+        s_i = s_i * alpha + tl.sum(e, axis=1)
         if WANT_LSQ:
             q_i = q_i * (alpha * alpha) + tl.sum(e * e, axis=1)
         m_i = m_new

@@ -2,7 +2,8 @@
 
 Both take ``hidden2d [N, D]`` (any strides, read in place), ``weight [V, D]``, optional
 ``bias [V]`` and the compacted labelled tokens ``rows``/``targets`` (int64 ``[M]``).
-``linear_forward`` returns per-token fp32 ``(logp, lse, {extra: [M]})``;
+``linear_forward`` returns per-token fp32 ``(logp [M], lse [M, 2], {extra: [M]})`` (``lse``: the
+LSE pairs of ``kernels/lse_pair.py``);
 ``linear_backward`` returns ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``
 as fp32 accumulators (``None`` where not needed).
 """
@@ -13,6 +14,7 @@ import triton
 
 from .linear_backward import linear_backward_kernel
 from .linear_forward import linear_forward_kernel
+from .lse_pair import lse_pair_torch
 
 N_STATS = 6  # m, s, z_y, a, q, Σz — rows of the forward's partial-statistics buffer
 
@@ -65,14 +67,14 @@ def _num_splits(m_blocks, n_tiles, device, splits):
 
 def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, temperature,
                    logit_scale, softcap, extras=(), splits=None, block_v=None):
-    """Per labelled token: fp32 ``(logp [M], lse [M], {extra: [M]})``."""
+    """Per labelled token: fp32 ``(logp [M], lse [M, 2], {extra: [M]})`` (``lse``: LSE pairs)."""
     del ignore_index  # the tokens were compacted: every target is a real label
     M = rows.numel()
     V, D = weight.shape
     dev = hidden2d.device
     f32 = dict(device=dev, dtype=torch.float32)
     if M == 0:
-        return (torch.zeros(0, **f32), torch.zeros(0, **f32),
+        return (torch.zeros(0, **f32), torch.zeros(0, 2, **f32),
                 {name: torch.zeros(0, **f32) for name in extras})
     cfg = linear_config(V, D, hidden2d.dtype, block_v)
     m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
@@ -97,25 +99,29 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
 
 def combine_splits(part, V, extras):
     """Merges per-split statistics: with ``M = max_k m_k`` and ``w_k = e^{m_k − M}``,
-    ``s = Σ w_k s_k``, ``lse = M + log s``, ``H = lse − Σ w_k a_k / s``,
+    ``s = Σ w_k s_k``, ``log p_y = (z_y − M) − log s`` (nothing rounded to the ulp of a large
+    ``M``), the LSE pair of ``M + log s`` (``kernels/lse_pair.py``),
+    ``H = log s − Σ w_k (a_k + s_k (m_k − M)) / s`` (``a_k = Σ e^{z−m_k}(z − m_k)``),
     ``log Σp² = log Σ w_k² q_k − 2 log s``, ``mean = Σ_k Σz_k / V``, top-1 iff ``z_y ≥ M``."""
     m, s, zy, a, q, zsum = part.unbind(0)
     mx = m.max(0).values
     mx_ref = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
     w = torch.exp(m - mx_ref)
     s_tot = (w * s).sum(0)
-    lse = mx_ref + torch.log(s_tot)
+    log_s = torch.log(s_tot)
     zy = zy.sum(0)
     outs = {}
     if "entropy" in extras:
-        outs["entropy"] = lse - (w * a).sum(0) / s_tot
+        # An empty split (m_k = −inf) has s_k = a_k = 0: its shift term is 0, not 0·(−inf).
+        shift = torch.where(torch.isinf(m), torch.zeros_like(m), m - mx_ref)
+        outs["entropy"] = log_s - (w * (a + s * shift)).sum(0) / s_tot
     if "log_sum_sq_probs" in extras:
-        outs["log_sum_sq_probs"] = torch.log((w * w * q).sum(0)) - 2.0 * torch.log(s_tot)
+        outs["log_sum_sq_probs"] = torch.log((w * w * q).sum(0)) - 2.0 * log_s
     if "mean_logit" in extras:
         outs["mean_logit"] = zsum.sum(0) / V
     if "is_top1" in extras:
         outs["is_top1"] = (zy >= mx).to(torch.float32)
-    return zy - lse, lse, outs
+    return (zy - mx_ref) - log_s, lse_pair_torch(mx_ref, log_s), outs
 
 
 def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=None, entropy=None,
@@ -123,7 +129,8 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
                     grad_mean_logit=None, need_hidden=True, need_weight=True, need_bias=True,
                     ignore_index, temperature, logit_scale, softcap, block_v=None, grad_hidden_dtype=None,
                     grad_filter=None):
-    """fp32 ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``, ``None`` where not needed.
+    """fp32 ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``, ``None`` where not needed;
+    ``lse``: the forward's ``[M, 2]`` LSE pairs.
 
     The accumulators are fp32 whatever ``grad_hidden_dtype`` asks (it is at most fp32).
     ``grad_filter``: ``None`` (exact) or a threshold ``≥ 0``: tiles whose every logits
@@ -133,6 +140,9 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     gradient is ``g_M / V`` on every id and would fall under any threshold above ``1/V``."""
     del ignore_index, grad_hidden_dtype
     M = rows.numel()
+    if tuple(lse.shape) != (M, 2) or not lse.is_contiguous() or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be the forward's contiguous float32 [M, 2] LSE pairs ({M}, 2), "
+                         f"got {lse.dtype} {tuple(lse.shape)} with strides {lse.stride()}")
     V, D = weight.shape
     dev = hidden2d.device
     f32 = dict(device=dev, dtype=torch.float32)

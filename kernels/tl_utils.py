@@ -39,6 +39,19 @@ def transform(x, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def logit_minus(x, hi, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``transform(x) − hi`` rounded once: without a softcap one FMA of the exact product
+    ``x·scale/T`` (what the forward kernels reduce, by key differences), so that with the LSE
+    pair's ``lo`` (which holds the max logit's own rounding error) the result is exact near
+    the max for any scale and temperature."""
+    if HAS_SOFTCAP:
+        d = transform(x, scale, inv_temp, softcap, HAS_SOFTCAP) - hi
+    else:
+        d = tl.fma(x.to(tl.float32), scale * inv_temp, -hi)
+    return d
+
+
+@triton.jit
 def transform_grad(x, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
     """dz/dx of :func:`transform` (fp32): ``scale/T · (1 − tanh²(x·scale/c))`` with a softcap."""
     if HAS_SOFTCAP:

@@ -3,7 +3,7 @@
 With p = softmax(z) of the row and g_* the upstream gradients of the forward's outputs:
 
     ∂/∂z_v  of  logp       = g·(onehot(y)_v − p_v)        (the −1 at y applied in fp32)
-    ∂/∂z_v  of  entropy H  = −g_H · p_v·(z_v − lse + H)
+    ∂/∂z_v  of  entropy H  = −g_H · p_v·(log p_v + H)
     ∂/∂z_v  of  log Σ p²   = 2·g_Q · p_v·(p_v / Σp² − 1)
     ∂/∂z_v  of  mean_logit = g_M / V
 
@@ -15,32 +15,35 @@ is written by the same program.
 Layout as the forward (``kernels/row_split.py``): unmasked 16-byte-aligned body, masked
 edge.  The one-hot term is not in the loop: the label's element is read before the
 loop, and after it (and a block barrier, so that no loop store to the same address
-lands later) rewritten with its full gradient.  p = 2^{(z − lse)·log2 e} with ``tl.exp2``,
-which keeps subnormal gradients (no flush-to-zero here).
+lands later) rewritten with its full gradient.  The LSE arrives as the pair ``(hi, lo)`` of
+``kernels/lse_pair.py`` and p = 2^{(z − hi)·log2 e − lo·log2 e}: ``z − hi`` is exact near the
+max and the rest is one FFMA, the instruction count of the one-value ``(z − lse)·log2 e``.
+``tl.exp2`` keeps subnormal gradients (no flush-to-zero here).
 """
 import triton
 import triton.language as tl
 
 from .fast_math import LOG2E
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset, zero_row
-from .tl_utils import row_target, transform, transform_grad
+from .tl_utils import logit_minus, row_target, transform_grad
 
 
 @triton.jit
-def _grad_x(x, g, g_h, h, lse, g_q, inv_sum_p2, g_m, scale, inv_temp, softcap,
+def _grad_x(x, g, g_h, h, hi, lo, lo2, g_q, inv_sum_p2, g_m, scale, inv_temp, softcap,
             HAS_SOFTCAP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, GRAD_LSQ: tl.constexpr,
             GRAD_MEAN: tl.constexpr):
     """∂/∂x of the row's outputs, without the one-hot term ``g·dz/dx`` of the label.
 
-    Without a softcap dz/dx is the constant scale/T and every coefficient (``g``, ``g_h``,
-    ``g_q``, ``g_m``) arrives already multiplied by it."""
-    z = transform(x, scale, inv_temp, softcap, HAS_SOFTCAP)
-    # (z − lse) first, as tl.exp does: exact where z = lse (a one-entry row gives p = 1).
-    p = tl.exp2((z - lse) * LOG2E)
+    ``(hi, lo)`` is the row's LSE pair and ``lo2 = lo·log2 e``.  Without a softcap dz/dx is
+    the constant scale/T and every coefficient (``g``, ``g_h``, ``g_q``, ``g_m``) arrives
+    already multiplied by it."""
+    # (z − hi) first, rounded once: exact near the max (a one-entry row gives p = 1).
+    t = logit_minus(x, hi, scale, inv_temp, softcap, HAS_SOFTCAP)
+    p = tl.exp2(t * LOG2E - lo2)
     d = p * (-g)
     if GRAD_ENTROPY:
-        # p·(z − lse + H) is 0·(−inf) at −inf logits: those entries get 0.
-        d -= g_h * p * (tl.where(p > 0.0, z, lse) - lse + h)
+        # p·(log p + H) is 0·(−inf) at −inf logits: those entries get 0.
+        d -= g_h * p * (tl.where(p > 0.0, t - lo, 0.0) + h)
     if GRAD_LSQ:
         d += 2.0 * g_q * p * (p * inv_sum_p2 - 1.0)
     if GRAD_MEAN:
@@ -82,7 +85,9 @@ def token_backward_kernel(
             dx_body = dx_ptr + body_off
         else:
             dx_body = dx_row + head.to(tl.int64) * stride_dv
-        lse = tl.load(lse_ptr + row)
+        hi = tl.load(lse_ptr + 2 * row)
+        lo = tl.load(lse_ptr + 2 * row + 1)
+        lo2 = lo * LOG2E
         # Without a softcap the constant dz/dx = scale/T is folded into every coefficient.
         gs = 1.0
         if not HAS_SOFTCAP:
@@ -111,19 +116,19 @@ def token_backward_kernel(
         for i in range(0, n_full):
             j = i * BLOCK_V + k
             x = tl.load(x_body + vocab_offset(j, ALIGN) * stride_xv)
-            dx = _grad_x(x, g, g_h, h, lse, g_q, inv_sum_p2, g_m, scale, inv_temp,
+            dx = _grad_x(x, g, g_h, h, hi, lo, lo2, g_q, inv_sum_p2, g_m, scale, inv_temp,
                          softcap, HAS_SOFTCAP, GRAD_ENTROPY, GRAD_LSQ, GRAD_MEAN)
             tl.store(dx_body + vocab_offset(j, ALIGN) * stride_dv, dx.to(out_ty))
         for e0 in range(0, n_edge, BLOCK_V):
             inside = e0 + k < n_edge
             idx = edge_index(e0 + k, head, tail_start)
             x = tl.load(x_row + vocab_offset(idx, ALIGN) * stride_xv, mask=inside, other=0.0)
-            dx = _grad_x(x, g, g_h, h, lse, g_q, inv_sum_p2, g_m, scale, inv_temp,
+            dx = _grad_x(x, g, g_h, h, hi, lo, lo2, g_q, inv_sum_p2, g_m, scale, inv_temp,
                          softcap, HAS_SOFTCAP, GRAD_ENTROPY, GRAD_LSQ, GRAD_MEAN)
             tl.store(dx_row + vocab_offset(idx, ALIGN) * stride_dv, dx.to(out_ty), mask=inside)
         if HAS_G:
             # The label: ∂/∂z_y gains +g (the one-hot term, in fp32 like the rest).
-            d_y = _grad_x(x_y, g, g_h, h, lse, g_q, inv_sum_p2, g_m, scale, inv_temp,
+            d_y = _grad_x(x_y, g, g_h, h, hi, lo, lo2, g_q, inv_sum_p2, g_m, scale, inv_temp,
                           softcap, HAS_SOFTCAP, GRAD_ENTROPY, GRAD_LSQ, GRAD_MEAN)
             if HAS_SOFTCAP:
                 d_y += g * transform_grad(x_y, scale, inv_temp, softcap, HAS_SOFTCAP)

@@ -6,11 +6,15 @@ position ``t + 1`` (outputs are aligned with the labels); the last row has no la
 
 Online log-sum-exp over vocabulary blocks of ``BLOCK_V`` (running max ``m``):
 
-    s ← s·e^{m_old − m} + Σ e^{z − m}                 lse = m + log s
-    a ← a·e^{m_old − m} + Σ e^{z − m}·z               entropy  H = lse − a / s
+    s ← s·e^{m_old − m} + Σ e^{z − m}                 log p_y = (z_y − m) − log s
+    a ← (a + s·(m_old − m))·e^{m_old − m}
+        + Σ e^{z − m}·(z − m)                        entropy  H = log s − a / s
     q ← q·e^{2(m_old − m)} + Σ e^{2(z − m)}           log Σ p² = log q − 2 log s
     Σ z                                               mean_logit = Σ z / V
 
+Every quantity is relative to the max, so nothing cancels at a large common offset of the
+logits; the row's LSE ``m + log s`` is stored as the pair ``(hi, lo)`` of
+``kernels/lse_pair.py`` (``lse[row, 0:2]``) for the backward.
 Each extra is computed only when its constexpr flag is set.  Rows whose label is
 ``ignore_index`` are never read and produce 0 everywhere.
 
@@ -25,40 +29,47 @@ Layout (``kernels/row_split.py``): an unmasked, 16-byte-aligned body of whole bl
 a masked edge (head + tail).  Each block is ``[BLOCK_V // LANE, LANE]`` and every lane row
 keeps its own running max and sums (``m_l, s_l, …``); the lane rows are combined once
 after the loop (weights e^{m_l − m}).  The running max is taken on a key (±x without a
-softcap: no multiply) and the exponentials in base 2, e^{z − m} = 2^{u − m_u} with
-``u = x·(scale/T·log2 e)`` (log2 e folded into the scale) and a flush-to-zero MUFU.EX2
+softcap: no multiply) and the exponentials in base 2, e^{z − m} = 2^{(key − k_max)·ku} with
+``ku = scale/T·log2 e`` (log2 e folded into the scale) and a flush-to-zero MUFU.EX2
 (``kernels/fast_math.py``).  The maximum's own term is 2⁰ = 1 exactly and ``m`` is the max
 logit exactly as ``transform`` computes it, as before.
 """
 import triton
 import triton.language as tl
 
-from .fast_math import exp2_ftz, key_log2, key_logit, key_scales, logit_key
+from .fast_math import exp2_ftz, key_logit, key_scales, logit_key, max_logit
+from .lse_pair import lse_pair
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
 
 
 @triton.jit
-def _fold_block(key, k_l, m_l, s_l, a_l, q_l, kz, ku, HAS_SOFTCAP: tl.constexpr,
-                WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr):
+def _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr):
     """Folds a ``[R, LANE]`` block of logit keys (``fast_math.logit_key``; −inf where absent)
-    into the per-lane-row running max key ``k_l`` (its base-2 logit ``m_l``) and sums
-    ``s_l`` (Σ2^{u−m}), ``a_l`` (Σ2^{u−m}·z), ``q_l`` (Σ2^{2(u−m)}), all ``[R]``."""
-    k_l = tl.maximum(k_l, tl.max(key, axis=1))
-    m_new = key_log2(k_l, ku)
-    # A lane row with nothing finite yet keeps m = −inf; exponentiate against 0 then so
-    # that 2^{−inf − (−inf)} never produces NaN.
-    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-    alpha = exp2_ftz(m_l - m_ref)
-    e = exp2_ftz(key_log2(key, ku) - m_ref[:, None])
-    s_l = s_l * alpha + tl.sum(e, axis=1)
+    into the per-lane-row running max key ``k_l`` and sums ``s_l`` (Σ e^{z−m}), ``a_l``
+    (Σ e^{z−m}·(key − k_l): key units, relative to the running max) and ``q_l`` (Σ e^{2(z−m)}),
+    all ``[R]``.
+
+    Exponents are taken from key differences, e^{z − m} = 2^{(key − k_max)·ku}: ``key − k_max``
+    is exact wherever the term is not negligible (Sterbenz), so the one rounding is of a small
+    number.  Rounding ``u = key·ku`` first would cost half an ulp of |u| per term (4e-3 at
+    |z| = 1e5).  Same instruction count: one FADD and one FMUL before the MUFU.EX2."""
+    k_new = tl.maximum(k_l, tl.max(key, axis=1))
+    # A lane row with nothing finite yet keeps −inf; exponentiate against 0 then so that
+    # −inf − (−inf) never produces NaN.
+    k_ref = tl.where(k_new == -float("inf"), 0.0, k_new)
+    alpha = exp2_ftz((k_l - k_ref) * ku)
+    d = key - k_ref[:, None]
+    e = exp2_ftz(d * ku)
     if WANT_ENTROPY:
-        # e·z is 0·(−inf) at −inf logits: count those entries as 0.
-        z = key_logit(key, kz, HAS_SOFTCAP)
-        a_l = a_l * alpha + tl.sum(e * tl.where(e > 0.0, z, 0.0), axis=1)
+        # Re-base the old sum on the new max: Σ e·(key − k_new) = α·(a + s·(k_old − k_new));
+        # e·d is 0·(−inf) at −inf logits: count those entries as 0.
+        shift = tl.where(k_l == -float("inf"), 0.0, k_l - k_ref)
+        a_l = (a_l + s_l * shift) * alpha + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=1)
+    s_l = s_l * alpha + tl.sum(e, axis=1)
     if WANT_LSQ:
         q_l = q_l * (alpha * alpha) + tl.sum(e * e, axis=1)
-    return k_l, m_new, s_l, a_l, q_l
+    return k_new, s_l, a_l, q_l
 
 
 @triton.jit
@@ -88,7 +99,6 @@ def token_forward_kernel(
         k = lane_offsets(BLOCK_V, LANE)
         kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
         k_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
-        m_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
         s_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         a_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         q_l = tl.zeros([BLOCK_V // LANE], tl.float32)
@@ -97,8 +107,7 @@ def token_forward_kernel(
         for i in range(0, n_full):
             x = tl.load(x_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_xv)
             key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
-            k_l, m_l, s_l, a_l, q_l = _fold_block(key, k_l, m_l, s_l, a_l, q_l, kz, ku, HAS_SOFTCAP,
-                                                  WANT_ENTROPY, WANT_LSQ)
+            k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
             if WANT_MEAN:
                 zs_l += tl.sum(key_logit(key, kz, HAS_SOFTCAP), axis=1)
         for e0 in range(0, n_edge, BLOCK_V):
@@ -109,17 +118,17 @@ def token_forward_kernel(
             if WANT_MEAN:
                 zs_l += tl.sum(tl.where(inside, key_logit(key, kz, HAS_SOFTCAP), 0.0), axis=1)
             key = tl.where(inside, key, -float("inf"))
-            k_l, m_l, s_l, a_l, q_l = _fold_block(key, k_l, m_l, s_l, a_l, q_l, kz, ku, HAS_SOFTCAP,
-                                                  WANT_ENTROPY, WANT_LSQ)
-        # One combine of the lane rows: weights w_l = 2^{m_l − m}.  The row's largest logit
+            k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
+        # One combine of the lane rows: weights w_l = e^{m_l − m}.  The row's largest logit
         # m = z at the max key, computed as transform computes it, and the max's own term
-        # 2⁰ = 1: a one-entry row gives lse = z exactly.
+        # 2⁰ = 1: a one-entry row gives log s = 0, lse = z exactly.
         k_max = tl.max(k_l, axis=0)
-        m_u = key_log2(k_max, ku)
-        w = exp2_ftz(m_l - tl.where(m_u == -float("inf"), 0.0, m_u))
+        k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
+        w = exp2_ftz((k_l - k_ref) * ku)
         s = tl.sum(s_l * w, axis=0)
-        m = key_logit(k_max, kz, HAS_SOFTCAP)
-        lse = tl.where(m == -float("inf"), 0.0, m) + tl.log(s)
+        m, m_err = max_logit(k_max, kz, HAS_SOFTCAP)
+        log_s = tl.log(s)
+        hi, lo = lse_pair(m, log_s, m_err)  # kernels/lse_pair.py
         if VOCAB_SHARD:
             # The label may belong to another rank's slice: read it only when it is ours.
             mine = (y >= 0) & (y < V)
@@ -127,11 +136,17 @@ def token_forward_kernel(
             z_y = tl.where(mine, transform(x_y, scale, inv_temp, softcap, HAS_SOFTCAP), 0.0)
             tl.store(logp_ptr + out, z_y)
         else:
-            z_y = transform(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
-            tl.store(logp_ptr + out, z_y - lse)
-        tl.store(lse_ptr + row, lse)
+            key_y = logit_key(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            z_y = key_logit(key_y, kz, HAS_SOFTCAP)  # = transform(x_y), bit for bit
+            # z_y − m from the key difference, exact near the max, as the sums were; log s ∈
+            # [0, log V] is never rounded to the ulp of |m|.
+            tl.store(logp_ptr + out, (key_y - k_ref) * kz - log_s)
+        tl.store(lse_ptr + 2 * row, hi)
+        tl.store(lse_ptr + 2 * row + 1, lo)
         if WANT_ENTROPY:
-            tl.store(ent_ptr + out, lse - tl.sum(a_l * w, axis=0) / s)
+            # H = log s − Σ p·(z − m), with z − m = (key − k_max)·kz: no cancellation at large |m|.
+            shift = tl.where(k_l == -float("inf"), 0.0, k_l - k_ref)
+            tl.store(ent_ptr + out, log_s - kz * (tl.sum((a_l + s_l * shift) * w, axis=0) / s))
         if WANT_LSQ:
             tl.store(lsq_ptr + out, tl.log(tl.sum(q_l * (w * w), axis=0)) - 2.0 * tl.log(s))
         if WANT_MEAN:
@@ -142,7 +157,8 @@ def token_forward_kernel(
             else:
                 tl.store(top1_ptr + out, (z_y >= m).to(tl.float32))
     else:
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(lse_ptr + 2 * row, 0.0)
+        tl.store(lse_ptr + 2 * row + 1, 0.0)
         if has_label:
             tl.store(logp_ptr + out, 0.0)
             if WANT_ENTROPY:

@@ -7,7 +7,7 @@ upstream gradients g (of the KL) and g_y (of log p(label), when the forward retu
     ∂logp/∂z_v  = onehot(y)_v − p_v
 
 so  ∂/∂z_v = g·(p_v − p_ref,v) + g_y·(onehot(y)_v − p_v),  times dz/dx of the logit
-transform.  p and p_ref are recomputed block by block from the saved lse and lse_r, so
+transform.  p and p_ref are recomputed block by block from the saved LSE pairs, so
 neither distribution is ever stored; e^{−inf − lse} = 0 handles −inf (padded) logits.
 One program per policy row; rows without a label get zeros without reading anything.
 The output may alias the policy logits (each element is read before it is written).
@@ -21,20 +21,22 @@ import triton.language as tl
 
 from .fast_math import LOG2E
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset, zero_row
-from .tl_utils import row_target, transform, transform_grad
+from .tl_utils import logit_minus, row_target, transform_grad
 
 
 @triton.jit
-def _grad_x(x, r, lse, lse_r, g, g_kl_net, scale, inv_temp, softcap,
+def _grad_x(x, r, hi, lo2, hi_r, lo2_r, g, g_kl_net, scale, inv_temp, softcap,
             HAS_SOFTCAP: tl.constexpr, HAS_G_KL: tl.constexpr):
     """∂/∂x without the label's one-hot term: ``(g − g_y)·p − g·p_ref`` times dz/dx.
 
+    ``(hi, lo)``, ``(hi_r, lo_r)``: the LSE pairs (``kernels/lse_pair.py``), ``lo2 = lo·log2 e``:
+    p = 2^{(z − hi)·log2 e − lo2}, exact near the max, one FFMA as with a one-value LSE.
     ``g_kl_net = g − g_y`` and ``g`` arrive multiplied by scale/T when there is no
     softcap (dz/dx is that constant then)."""
-    p = tl.exp2((transform(x, scale, inv_temp, softcap, HAS_SOFTCAP) - lse) * LOG2E)
+    p = tl.exp2(logit_minus(x, hi, scale, inv_temp, softcap, HAS_SOFTCAP) * LOG2E - lo2)
     d = g_kl_net * p
     if HAS_G_KL:
-        d -= g * tl.exp2((transform(r, scale, inv_temp, softcap, HAS_SOFTCAP) - lse_r) * LOG2E)
+        d -= g * tl.exp2(logit_minus(r, hi_r, scale, inv_temp, softcap, HAS_SOFTCAP) * LOG2E - lo2_r)
     if HAS_SOFTCAP:
         d = d * transform_grad(x, scale, inv_temp, softcap, HAS_SOFTCAP)
     return d
@@ -76,8 +78,10 @@ def token_kl_backward_kernel(
             r_body = r_row + head.to(tl.int64) * stride_rv
             dx_body = dx_row + head.to(tl.int64) * stride_dv
         x_body = x_ptr + body_off
-        lse = tl.load(lse_ptr + row)
-        lse_r = tl.load(lse_r_ptr + row)
+        hi = tl.load(lse_ptr + 2 * row)
+        lo2 = tl.load(lse_ptr + 2 * row + 1) * LOG2E
+        hi_r = tl.load(lse_r_ptr + 2 * row)
+        lo2_r = tl.load(lse_r_ptr + 2 * row + 1) * LOG2E
         gs = 1.0
         if not HAS_SOFTCAP:
             gs = scale * inv_temp  # the constant dz/dx, folded into the coefficients
@@ -101,7 +105,7 @@ def token_kl_backward_kernel(
             r = 0.0
             if HAS_G_KL:
                 r = tl.load(r_body + j * stride_rv)
-            dx = _grad_x(x, r, lse, lse_r, g, g_net, scale, inv_temp, softcap, HAS_SOFTCAP, HAS_G_KL)
+            dx = _grad_x(x, r, hi, lo2, hi_r, lo2_r, g, g_net, scale, inv_temp, softcap, HAS_SOFTCAP, HAS_G_KL)
             tl.store(dx_body + j * stride_dv, dx.to(out_ty))
         for e0 in range(0, n_edge, BLOCK_V):
             inside = e0 + k < n_edge
@@ -110,11 +114,11 @@ def token_kl_backward_kernel(
             r = 0.0
             if HAS_G_KL:
                 r = tl.load(r_row + idx64 * stride_rv, mask=inside, other=0.0)
-            dx = _grad_x(x, r, lse, lse_r, g, g_net, scale, inv_temp, softcap, HAS_SOFTCAP, HAS_G_KL)
+            dx = _grad_x(x, r, hi, lo2, hi_r, lo2_r, g, g_net, scale, inv_temp, softcap, HAS_SOFTCAP, HAS_G_KL)
             tl.store(dx_row + idx64 * stride_dv, dx.to(out_ty), mask=inside)
         if HAS_G_LOGP:
             # The label: ∂/∂z_y gains +g_y (the one-hot term of log p(y), in fp32).
-            d_y = _grad_x(x_y, r_y, lse, lse_r, g, g_net, scale, inv_temp, softcap, HAS_SOFTCAP,
+            d_y = _grad_x(x_y, r_y, hi, lo2, hi_r, lo2_r, g, g_net, scale, inv_temp, softcap, HAS_SOFTCAP,
                           HAS_G_KL)
             if HAS_SOFTCAP:
                 d_y += g_y * transform_grad(x_y, scale, inv_temp, softcap, HAS_SOFTCAP)

@@ -29,57 +29,59 @@ Entries with p_ref = 0 (zr = −inf, e.g. a padded vocabulary) contribute 0, not
 Layout (``kernels/row_split.py``): unmasked 16-byte-aligned body, masked edge, per-lane
 running maxima and sums over ``[BLOCK_V // LANE, LANE]`` blocks combined once after the
 loop.  Maxima are taken on logit keys (±x without a softcap) and the exponentials in base 2
-(``u = z·log2 e``, log2 e folded into the scale) with flush-to-zero ``2^{u − m_u}``
-(``kernels/fast_math.py``); ``lse``/``lse_r`` use the exact max logits, ``a`` and the maxima
-of the KL return to base e once per row (× ln 2).  A reference probability below 2⁻¹²⁶ of the running
+from key differences, e^{z − m} = 2^{(key − k_max)·ku} (log2 e folded into ``ku``) with
+flush-to-zero exp2 (``kernels/fast_math.py``); ``a`` sums ``key_r − key`` and returns to
+logits once per row (× kz), so no term is rounded to the ulp of a large common offset.
+The LSEs are stored as the pairs ``(hi, lo)`` of ``kernels/lse_pair.py`` and log p(label)
+is ``(z_y − m) − log s``.  A reference probability below 2⁻¹²⁶ of the running
 maximum's counts as 0 (with ``tl.exp`` the threshold was 2⁻¹⁴⁹), which matters only for
 the ``z = −inf`` case above.
 """
 import triton
 import triton.language as tl
 
-from .fast_math import LN2, exp2_ftz, key_log2, key_logit, key_scales, logit_key
+from .fast_math import exp2_ftz, key_scales, logit_key, max_logit
+from .lse_pair import lse_pair
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
-from .tl_utils import row_target, transform
+from .tl_utils import row_target
 
 
 @triton.jit
-def _fold_max_sum(key, k_l, m_l, ku):
-    """New per-lane-row max key of a ``[R, LANE]`` block of logit keys (old: ``k_l``, its
-    base-2 logit ``m_l``), the new one's base-2 logit,
-    the factor that rescales the old sums to it, and ``e = 2^{u − m}`` with the block's
-    base-2 logits ``u`` (−inf maxima exponentiate against 0: no inf − inf)."""
+def _fold_max_sum(key, k_l, ku):
+    """New per-lane-row max key of a ``[R, LANE]`` block of logit keys (old: ``k_l``), the
+    factor that rescales the old sums to it, and ``e = e^{z − m} = 2^{(key − k_max)·ku}``
+    (−inf maxima exponentiate against 0: no inf − inf).  The key difference is exact
+    wherever the term counts (Sterbenz); rounding ``u = key·ku`` first would cost half an
+    ulp of |u| per term at a large common offset."""
     k_new = tl.maximum(k_l, tl.max(key, axis=1))
-    m_new = key_log2(k_new, ku)
-    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-    u = key_log2(key, ku)
-    return k_new, m_new, exp2_ftz(m_l - m_ref), u, exp2_ftz(u - m_ref[:, None])
+    k_ref = tl.where(k_new == -float("inf"), 0.0, k_new)
+    return k_new, exp2_ftz((k_l - k_ref) * ku), exp2_ftz((key - k_ref[:, None]) * ku)
 
 
 @triton.jit
-def _fold_block(key, key_r, k_l, m_l, s_l, kr_l, mr_l, sr_l, a_l, ku):
+def _fold_block(key, key_r, k_l, s_l, kr_l, sr_l, a_l, ku):
     """Folds a block of policy and reference logit keys (−inf where absent)."""
-    k_l, m_l, alpha, u, e = _fold_max_sum(key, k_l, m_l, ku)
+    k_l, alpha, e = _fold_max_sum(key, k_l, ku)
     s_l = s_l * alpha + tl.sum(e, axis=1)
-    kr_l, mr_l, alpha_r, ur, er = _fold_max_sum(key_r, kr_l, mr_l, ku)
+    kr_l, alpha_r, er = _fold_max_sum(key_r, kr_l, ku)
     # p_ref = 0 entries contribute 0 (not 0·(−inf − z)); absent entries have er = 0 too.
-    diff = tl.where(er > 0.0, ur - u, 0.0)
+    # key_r − key: in key units (× kz after the loop), exact when the two logits are close.
+    diff = tl.where(er > 0.0, key_r - key, 0.0)
     sr_l = sr_l * alpha_r + tl.sum(er, axis=1)
     a_l = a_l * alpha_r + tl.sum(er * diff, axis=1)
-    return k_l, m_l, s_l, kr_l, mr_l, sr_l, a_l
+    return k_l, s_l, kr_l, sr_l, a_l
 
 
 @triton.jit
 def _combine(k_l, s_l, kz, ku, HAS_SOFTCAP: tl.constexpr):
-    """From per-lane-row ``(max key, Σ 2^{u − m})``: the row's base-2 max (0 when −inf), its
-    natural max logit (exactly as ``transform`` computes it; 0 when −inf), Σ 2^{u − max}
-    and the lane weights."""
+    """From per-lane-row ``(max key, Σ e^{z − m})``: the row's max key (0 when −inf), its
+    max logit and that one's rounding error (``fast_math.max_logit``), Σ e^{z − max} and
+    the lane weights."""
     k_max = tl.max(k_l, axis=0)
-    m_u = key_log2(k_max, ku)
-    m_u = tl.where(m_u == -float("inf"), 0.0, m_u)
-    w = exp2_ftz(key_log2(k_l, ku) - m_u)
-    m = key_logit(k_max, kz, HAS_SOFTCAP)
-    return m_u, tl.where(m == -float("inf"), 0.0, m), tl.sum(s_l * w, axis=0), w
+    k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
+    w = exp2_ftz((k_l - k_ref) * ku)
+    m, m_err = max_logit(k_max, kz, HAS_SOFTCAP)
+    return k_ref, m, m_err, tl.sum(s_l * w, axis=0), w
 
 
 @triton.jit
@@ -115,8 +117,6 @@ def token_kl_forward_kernel(
         kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
         k_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
         kr_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
-        m_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
-        mr_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
         s_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         sr_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         a_l = tl.zeros([BLOCK_V // LANE], tl.float32)
@@ -125,8 +125,7 @@ def token_kl_forward_kernel(
             key = logit_key(tl.load(x_body + j * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
             key_r = logit_key(tl.load(r_body + j * stride_rv), scale, inv_temp, softcap, HAS_SOFTCAP,
                               FLIP)
-            k_l, m_l, s_l, kr_l, mr_l, sr_l, a_l = _fold_block(key, key_r, k_l, m_l, s_l, kr_l, mr_l,
-                                                               sr_l, a_l, ku)
+            k_l, s_l, kr_l, sr_l, a_l = _fold_block(key, key_r, k_l, s_l, kr_l, sr_l, a_l, ku)
         for e0 in range(0, n_edge, BLOCK_V):
             inside = e0 + k < n_edge
             idx64 = edge_index(e0 + k, head, tail_start).to(tl.int64)  # strided vocab: > 2³¹
@@ -136,24 +135,28 @@ def token_kl_forward_kernel(
                               scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
             key = tl.where(inside, key, -float("inf"))
             key_r = tl.where(inside, key_r, -float("inf"))
-            k_l, m_l, s_l, kr_l, mr_l, sr_l, a_l = _fold_block(key, key_r, k_l, m_l, s_l, kr_l, mr_l,
-                                                               sr_l, a_l, ku)
-        m_u, m, s, _ = _combine(k_l, s_l, kz, ku, HAS_SOFTCAP)
-        mr_u, mr, sr, w_r = _combine(kr_l, sr_l, kz, ku, HAS_SOFTCAP)
+            k_l, s_l, kr_l, sr_l, a_l = _fold_block(key, key_r, k_l, s_l, kr_l, sr_l, a_l, ku)
+        k_m, m, m_err, s, _ = _combine(k_l, s_l, kz, ku, HAS_SOFTCAP)
+        kr_m, mr, mr_err, sr, w_r = _combine(kr_l, sr_l, kz, ku, HAS_SOFTCAP)
         a = tl.sum(a_l * w_r, axis=0)
-        lse = m + tl.log(s)
-        lse_r = mr + tl.log(sr)
-        # In base 2 like the sums: identical rows give exactly 0.
-        kl = (a / sr + (m_u - mr_u)) * LN2 + tl.log(s / sr)
+        log_s = tl.log(s)
+        # In key units like a: identical rows give exactly 0.
+        kl = (a / sr + (k_m - kr_m)) * kz + tl.log(s / sr)
         tl.store(kl_ptr + out, kl)
-        tl.store(lse_ptr + row, lse)
-        tl.store(lse_r_ptr + row, lse_r)
+        hi, lo = lse_pair(m, log_s, m_err)  # kernels/lse_pair.py
+        tl.store(lse_ptr + 2 * row, hi)
+        tl.store(lse_ptr + 2 * row + 1, lo)
+        hi_r, lo_r = lse_pair(mr, tl.log(sr), mr_err)
+        tl.store(lse_r_ptr + 2 * row, hi_r)
+        tl.store(lse_r_ptr + 2 * row + 1, lo_r)
         if WANT_LOGP:
-            z_y = transform(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP)
-            tl.store(logp_ptr + out, z_y - lse)
+            key_y = logit_key(tl.load(x_row + y * stride_xv), scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            tl.store(logp_ptr + out, (key_y - k_m) * kz - log_s)  # key difference: exact near the max
     else:
-        tl.store(lse_ptr + row, 0.0)
-        tl.store(lse_r_ptr + row, 0.0)
+        tl.store(lse_ptr + 2 * row, 0.0)
+        tl.store(lse_ptr + 2 * row + 1, 0.0)
+        tl.store(lse_r_ptr + 2 * row, 0.0)
+        tl.store(lse_r_ptr + 2 * row + 1, 0.0)
         if has_label:
             tl.store(kl_ptr + out, 0.0)
             if WANT_LOGP:

@@ -2,13 +2,14 @@
 
 Both take ``[B, T, V]`` policy and reference logits views (any strides, each its own)
 and ``[B, T]`` integer labels; per-token outputs are ``[B, T]`` fp32 aligned with the
-labels, ``lse`` / ``lse_r`` are per logits row.
+labels, ``lse`` / ``lse_r`` are per logits row: ``[B, T, 2]`` pairs ``(hi, lo)``
+(``kernels/lse_pair.py``).
 """
 import torch
 
 from .token_kl_backward import token_kl_backward_kernel
 from .token_kl_forward import token_kl_forward_kernel
-from .token_launch import flip_key, launch_config, row_layout
+from .token_launch import _check_pairs, flip_key, launch_config, row_layout
 
 
 def _softcap_args(softcap):
@@ -22,8 +23,8 @@ def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, tempera
     dev = logits.device
     kl = torch.zeros(B, T, device=dev, dtype=torch.float32)
     logp = torch.zeros(B, T, device=dev, dtype=torch.float32) if want_logp else None
-    lse = torch.empty(B, T, device=dev, dtype=torch.float32)
-    lse_r = torch.empty(B, T, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, T, 2, device=dev, dtype=torch.float32)
+    lse_r = torch.empty(B, T, 2, device=dev, dtype=torch.float32)
     if B * T == 0:
         return kl, logp, lse, lse_r
     cap, has_cap = _softcap_args(softcap)
@@ -49,6 +50,8 @@ def token_kl_backward(logits, ref_logits, labels, lse, lse_r, grad_out, *, ignor
     B, T, V = logits.shape
     if B * T == 0:
         return grad_out
+    _check_pairs("lse", lse, B, T)
+    _check_pairs("lse_r", lse_r, B, T)
     cap, has_cap = _softcap_args(softcap)
     block, warps = launch_config(V, block_v)
     token_kl_backward_kernel[(B * T,)](

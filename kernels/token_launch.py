@@ -51,13 +51,21 @@ def flip_key(logit_scale, temperature, softcap) -> bool:
     return softcap is None and float(logit_scale) / float(temperature) < 0
 
 
+def _check_pairs(name, lse, B, T):
+    """The kernels index LSE pairs as ``2·row + {0, 1}``: a contiguous ``[B, T, 2]`` fp32."""
+    if tuple(lse.shape) != (B, T, 2) or not lse.is_contiguous() or lse.dtype != torch.float32:
+        raise ValueError(f"{name} must be the forward's contiguous float32 [B, T, 2] LSE pairs "
+                         f"({B}, {T}, 2), got {lse.dtype} {tuple(lse.shape)} with strides {lse.stride()}")
+
+
 def _softcap_args(softcap):
     return (0.0 if softcap is None else float(softcap)), softcap is not None
 
 
 def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_scale, softcap,
                   extras=(), block_v=None, vocab_shard=False):
-    """Returns ``(logp, lse, {extra: tensor})``; ``lse`` is per logits row.
+    """Returns ``(logp, lse, {extra: tensor})``; ``lse`` is per logits row, ``[B, T, 2]``: the
+    pair ``(hi, lo)`` of ``kernels/lse_pair.py`` (LSE = hi + lo; 0 for rows without a label).
 
     ``vocab_shard=True``: ``logits`` is one rank's vocabulary slice and labels are
     relative to it (outside ``[0, V)`` when another rank owns them); ``logp`` then holds
@@ -67,7 +75,7 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
     B, T, V = logits.shape
     dev = logits.device
     logp = torch.zeros(B, T, device=dev, dtype=torch.float32)
-    lse = torch.empty(B, T, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, T, 2, device=dev, dtype=torch.float32)
     outs = {name: torch.zeros(B, T, device=dev, dtype=torch.float32) for name in extras}
     dummy = logp
     cap, has_cap = _softcap_args(softcap)
@@ -98,6 +106,7 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
                    log_sum_sq_probs=None, grad_log_sum_sq_probs=None, grad_mean_logit=None,
                    block_v=None, vocab_shard=False):
     """Writes ∂loss/∂logits into ``grad_out`` (``[B, T, V]``, may be ``logits`` itself).
+    ``lse``: the forward's ``[B, T, 2]`` pairs (contiguous).
 
     ``vocab_shard=True`` documents that ``logits`` is a vocabulary slice whose labels may
     lie outside ``[0, V)`` (not ignore_index); ``lse``, ``entropy`` and
@@ -108,6 +117,7 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
     B, T, V = logits.shape
     if B * T == 0:
         return grad_out
+    _check_pairs("lse", lse, B, T)
     dummy = lse
     cap, has_cap = _softcap_args(softcap)
     block, warps = launch_config(V, block_v)

@@ -77,8 +77,8 @@ def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, i
     """The forward on whole tensors: ``(results, lse, index)`` (and ``J [M, D]`` last with
     ``input_grad_rows``: the frozen-head plan of :func:`pyfused_po.torch_backend.linear.linear_forward`).
 
-    ``results`` = ``[logp, *extras]`` (``config.extras`` order) and ``lse`` are shaped like
-    ``labels`` (0 where ignored); ``index`` = ``(rows, pos, targets)`` of the labelled tokens.
+    ``results`` = ``[logp, *extras]`` (``config.extras`` order) are shaped like ``labels`` and
+    ``lse`` (the LSE pairs of the token-stage contract) like ``labels.shape + (2,)`` (0 where ignored); ``index`` = ``(rows, pos, targets)`` of the labelled tokens.
     ``mm_dtype``: the GEMMs' operand dtype under autocast (:mod:`pyfused_po.mixed_precision`).
     Shared by :class:`LinearTokenLogprobsFunction` (eager) and ``pyfused_po.ops`` (compiled).
     """
@@ -93,10 +93,10 @@ def linear_forward(hidden, weight, bias, labels, config: TokenConfig, backend, i
                                                        targets, extras=config.extras, **_kernel_kwargs(config),
                                                        **grad_rows)
 
-    def scatter(v):  # [M] per labelled token → zeros shaped like labels
-        full = torch.zeros(labels.numel(), device=labels.device, dtype=lse_m.dtype)
+    def scatter(v):  # [M] (or [M, 2]: LSE pairs) per labelled token → zeros shaped like labels
+        full = torch.zeros(labels.numel(), *v.shape[1:], device=labels.device, dtype=lse_m.dtype)
         full[pos] = v
-        return full.view(labels.shape)
+        return full.view(*labels.shape, *v.shape[1:])
 
     results = [scatter(logp_m)] + [scatter(outs_m[name]) for name in config.extras]
     if input_grad_rows:
@@ -118,8 +118,10 @@ def linear_backward(hidden, weight, bias, labels, lse, saved, grads, config: Tok
         index = _chunked.labelled_tokens(_chunked.labels_2d(labels), config.ignore_index, config.shift)
     rows, pos, targets = index
 
-    def gather(g):  # values at the labelled positions, [M] compute dtype
-        return None if g is None else g.reshape(-1).index_select(0, pos).to(lse.dtype).contiguous()
+    def gather(g):  # values at the labelled positions, [M] ([M, 2] for the LSE pairs), compute dtype
+        if g is None:
+            return None
+        return g.reshape(labels.numel(), *g.shape[labels.dim():]).index_select(0, pos).to(lse.dtype).contiguous()
 
     upstream = dict(grad_logp=gather(grads.get("logps")), grad_entropy=gather(grads.get("entropy")),
                     grad_log_sum_sq_probs=gather(grads.get("log_sum_sq_probs")),

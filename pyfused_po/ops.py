@@ -45,7 +45,8 @@ def _rows(labels):
 @torch.library.custom_op("pyfused_po::token_forward", mutates_args=())
 def token_forward(logits: Tensor, labels: Tensor, ignore_index: int, shift: bool, temperature: float,
                   logit_scale: float, softcap: Optional[float], extras: str, backend: str) -> List[Tensor]:
-    """``[logp, lse, *extras]``, each shaped like ``labels`` (compute dtype); ``extras`` is the
+    """``[logp, lse, *extras]``, each shaped like ``labels`` (compute dtype; ``lse`` is
+    ``labels.shape + (2,)``: the LSE pairs of the token-stage contract); ``extras`` is the
     comma-joined extras names (the op schema has no list of strings)."""
     extras = _names(extras)
     # The value checks eager calls make before the kernel, made here too: under torch.compile
@@ -57,14 +58,16 @@ def token_forward(logits: Tensor, labels: Tensor, ignore_index: int, shift: bool
         x3, labels.reshape(B, T), extras=tuple(extras),
         **_kernel_kwargs(ignore_index, shift, temperature, logit_scale, softcap))
     # Custom ops may not return views of inputs or aliases of each other: fresh tensors.
-    return [t.reshape(labels.shape).clone() for t in [logp, lse] + [outs[n] for n in extras]]
+    return ([logp.reshape(labels.shape).clone(), lse.reshape(*labels.shape, 2).clone()]
+            + [outs[n].reshape(labels.shape).clone() for n in extras])
 
 
 @token_forward.register_fake
 def _(logits, labels, ignore_index, shift, temperature, logit_scale, softcap, extras, backend):
     cdt = _compute_dtype(logits)
     extras = _names(extras)
-    return [labels.new_empty(labels.shape, dtype=cdt) for _ in range(2 + len(extras))]
+    return ([labels.new_empty(labels.shape, dtype=cdt), labels.new_empty((*labels.shape, 2), dtype=cdt)]
+            + [labels.new_empty(labels.shape, dtype=cdt) for _ in extras])
 
 
 @torch.library.custom_op("pyfused_po::token_backward", mutates_args=())
@@ -82,7 +85,7 @@ def token_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Optiona
 
     grad = torch.empty_like(logits).reshape(B, T, V)
     _backend.token_ops(backend).token_backward(
-        logits.reshape(B, T, V), labels.reshape(B, T), lse.reshape(B, T).contiguous(), grad,
+        logits.reshape(B, T, V), labels.reshape(B, T), lse.reshape(B, T, 2).contiguous(), grad,
         entropy=flat(entropy), log_sum_sq_probs=flat(log_sum_sq_probs), grad_logp=flat(grad_logp),
         grad_entropy=flat(grad_entropy), grad_log_sum_sq_probs=flat(grad_log_sum_sq_probs),
         grad_mean_logit=flat(grad_mean_logit), **_kernel_kwargs(ignore_index, shift, temperature, logit_scale,
@@ -143,8 +146,8 @@ def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
                    shift: bool, temperature: float, logit_scale: float, softcap: Optional[float], extras: str,
                    backend: str, impl: str, chunk_tokens: Optional[int],
                    mm_dtype: Optional[torch.dtype], grad_filter: Optional[float]) -> List[Tensor]:
-    """``[logp, lse, *extras]`` shaped like ``labels`` (compute dtype); ``grad_filter`` is
-    only carried to the backward."""
+    """``[logp, lse, *extras]`` shaped like ``labels`` (compute dtype; ``lse``: LSE pairs,
+    ``labels.shape + (2,)``); ``grad_filter`` is only carried to the backward."""
     from .linear_token_logprobs import linear_forward as forward
 
     config = _linear_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
@@ -157,7 +160,8 @@ def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
 def _(hidden, weight, bias, labels, ignore_index, shift, temperature, logit_scale, softcap, extras, backend, impl,
       chunk_tokens, mm_dtype, grad_filter):
     cdt = _compute_dtype(hidden)
-    return [labels.new_empty(labels.shape, dtype=cdt) for _ in range(2 + len(_names(extras)))]
+    return ([labels.new_empty(labels.shape, dtype=cdt), labels.new_empty((*labels.shape, 2), dtype=cdt)]
+            + [labels.new_empty(labels.shape, dtype=cdt) for _ in _names(extras)])
 
 
 @torch.library.custom_op("pyfused_po::linear_backward", mutates_args=())

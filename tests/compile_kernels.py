@@ -51,7 +51,7 @@ def token_cases():
     from kernels.token_backward import token_backward_kernel
     from kernels.token_forward import token_forward_kernel
 
-    y, f = meta(B, T, dtype=torch.int64), meta(B, T)
+    y, f, pairs = meta(B, T, dtype=torch.int64), meta(B, T), meta(B, T, 2)  # pairs: LSE (hi, lo)
     for dtype in DTYPES:
         x = meta(B, T, V, dtype=dtype)
         x_strided = meta(V, B, T, dtype=dtype).permute(1, 2, 0)  # vocabulary axis not contiguous
@@ -68,7 +68,7 @@ def token_cases():
                          log_sum_sq_probs=f, grad_log_sum_sq_probs=f if fl["g_lsq"] else None,
                          grad_mean_logit=f if fl["g_mean"] else None)
             yield token_backward_kernel, lambda out=out, fl=fl, grads=grads: tk.token_backward(
-                x, y, f, out, shift=fl["shift"], **grads, **transform(fl["softcap"]))
+                x, y, pairs, out, shift=fl["shift"], **grads, **transform(fl["softcap"]))
 
 
 def token_kl_cases():
@@ -76,7 +76,7 @@ def token_kl_cases():
     from kernels.token_kl_backward import token_kl_backward_kernel
     from kernels.token_kl_forward import token_kl_forward_kernel
 
-    y, f = meta(B, T, dtype=torch.int64), meta(B, T)
+    y, f, pairs = meta(B, T, dtype=torch.int64), meta(B, T), meta(B, T, 2)
     for dtype in DTYPES:
         x = meta(B, T, V, dtype=dtype)
         r_other = meta(B, T, V + 5, dtype=dtype)[..., :V]
@@ -88,7 +88,7 @@ def token_kl_cases():
         for fl in flag_variants(("shift", "softcap", "g_kl", "g_logp", "other_ref")):
             r = r_other if fl["other_ref"] else meta(B, T, V, dtype=dtype)
             yield token_kl_backward_kernel, lambda r=r, fl=fl: kl.token_kl_backward(
-                x, r, y, f, f, torch.empty_like(x), shift=fl["shift"],
+                x, r, y, pairs, pairs, torch.empty_like(x), shift=fl["shift"],
                 grad_kl=f if fl["g_kl"] else None, grad_logp=f if fl["g_logp"] else None,
                 **transform(fl["softcap"]))
 
@@ -98,7 +98,7 @@ def linear_cases():
     from kernels.linear_backward import linear_backward_kernel
     from kernels.linear_forward import linear_forward_kernel
 
-    rows, g = meta(N, dtype=torch.int64), meta(N)
+    rows, g, pairs = meta(N, dtype=torch.int64), meta(N), meta(N, 2)
     for dtype in DTYPES:
         h, w, b = meta(N, D, dtype=dtype), meta(V_LIN, D, dtype=dtype), meta(V_LIN, dtype=dtype)
         for fl in flag_variants(("bias", "softcap", "entropy", "log_sum_sq_probs", "mean_logit")):
@@ -107,7 +107,7 @@ def linear_cases():
                 h, w, b if fl["bias"] else None, rows, rows, extras=extras, **transform(fl["softcap"]))
         for fl in flag_variants(("bias", "softcap", "g", "g_ent", "g_lsq", "g_mean", "dh", "dw", "db", "filter")):
             yield linear_backward_kernel, lambda fl=fl: ll.linear_backward(
-                h, w, b if fl["bias"] else None, rows, rows, g,
+                h, w, b if fl["bias"] else None, rows, rows, pairs,
                 grad_logp=g if fl["g"] else None, entropy=g, grad_entropy=g if fl["g_ent"] else None,
                 log_sum_sq_probs=g, grad_log_sum_sq_probs=g if fl["g_lsq"] else None,
                 grad_mean_logit=g if fl["g_mean"] else None,

@@ -54,13 +54,17 @@ def test_combine_stats_formula():
     for r, part in enumerate(parts):
         lse_r = torch.logsumexp(part, 0)
         p = torch.softmax(part, 0)
-        stats.append(torch.stack([lse_r, part[y - 3] if r == 1 else torch.tensor(0.0, dtype=z.dtype),
+        zero = torch.tensor(0.0, dtype=z.dtype)
+        # Rows: the LSE pair (hi, lo = 0 here), z_y, then the extras (vocab_stats.pack_stats).
+        stats.append(torch.stack([lse_r, zero, part[y - 3] if r == 1 else zero,
                                   -(p * p.log()).sum(), torch.log((p * p).sum()), part.sum(), part.max()]))
-    meta = [torch.tensor([[3.0], [0.0], [0], [0], [0], [0]]), torch.tensor([[4.0], [3.0], [0], [0], [0], [0]])]
+    meta = [torch.tensor([[3.0], [0.0], [0], [0], [0], [0], [0]]),
+            torch.tensor([[4.0], [3.0], [0], [0], [0], [0], [0]])]
     gathered = torch.stack([torch.cat([s.unsqueeze(1), m.double()], 1) for s, m in zip(stats, meta)])
     logp, lse, out = combine_stats(gathered, ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1"))
     p = torch.softmax(z, 0)
-    assert torch.allclose(lse, torch.logsumexp(z, 0).reshape(1), atol=1e-12)
+    assert lse.shape == (1, 2)  # the (hi, lo) pair
+    assert torch.allclose(lse.sum(-1), torch.logsumexp(z, 0).reshape(1), atol=1e-12)
     assert torch.allclose(logp, torch.log_softmax(z, 0)[y].reshape(1), atol=1e-12)
     assert torch.allclose(out["entropy"], -(p * p.log()).sum().reshape(1), atol=1e-12)
     assert torch.allclose(out["log_sum_sq_probs"], torch.log((p * p).sum()).reshape(1), atol=1e-12)

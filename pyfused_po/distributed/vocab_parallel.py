@@ -107,7 +107,7 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         target, lse, outs = ops.token_forward(x3, y2, extras=config.extras, vocab_shard=True,
                                               **kernel_config.kernel_kwargs())
         shift = int(config.shift)
-        # lse is per logits row; the other outputs sit at the label's position (row + shift).
+        # lse ([B, T, 2] pairs) is per logits row; the other outputs sit at the label's position (row + shift).
         lse_at_label = torch.zeros_like(lse)
         lse_at_label[:, shift:] = lse[:, :T - shift]
         logp, lse_all, extras, ratio = _combine(lse_at_label, target, outs, config, v_local, vocab_start,
@@ -118,7 +118,7 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         logp = torch.where(valid.reshape(-1), logp, zero).view(B, T)
         extras = {k: torch.where(valid.reshape(-1), v, zero).view(B, T) for k, v in extras.items()}
         lse_rows = torch.zeros_like(lse)
-        lse_rows[:, :T - shift] = lse_all.view(B, T)[:, shift:]
+        lse_rows[:, :T - shift] = lse_all.view(B, T, 2)[:, shift:]
         ctx.config, ctx.backend, ctx.inplace, ctx.rows, ctx.ratio = kernel_config, backend, inplace, (B, T), ratio
         saved_names = [n for n in ("entropy", "log_sum_sq_probs") if n in extras]
         ctx.saved_names = saved_names

@@ -3,19 +3,23 @@
 Rank r holds the logits of the vocabulary slice ``[start_r, start_r + V_r)``.  Its
 token stage (``vocab_shard`` mode) gives, per token, the slice's
 
-    lse_r = log Σ_{v∈r} e^{z_v},   z_y (only on the rank that owns the label),
+    lse_r = log Σ_{v∈r} e^{z_v} (a pair),   z_y (only on the rank that owns the label),
     H_r   = entropy of the slice's own softmax,   S_r = log Σ_{v∈r} p_{r,v}²,
     Z_r   = Σ_{v∈r} z_v,   M_r = max_{v∈r} z_v.
 
-With ``lse = log Σ_r e^{lse_r}`` and the slice weights ``w_r = e^{lse_r − lse}``
-(the probability mass of slice r), the full-vocabulary values are
+Each LSE travels as the pair ``(hi, lo)`` of the token-stage contract (LSE = hi + lo,
+``kernels/lse_pair.py``).  With ``H = max_r hi_r``, ``ℓ_r = (hi_r − H) + lo_r`` (exact near
+the max), ``L = log Σ_r e^{ℓ_r}`` (so lse = H + L) and the slice weights
+``w_r = e^{ℓ_r − L}`` (the probability mass of slice r), the full-vocabulary values are
 
-    log p_y        = z_y − lse
-    entropy        = lse − Σ_r w_r·(lse_r − H_r)          (Σ_v p_v z_v = Σ_r w_r·E_r[z])
-    log Σ_v p_v²   = log Σ_r e^{2(lse_r − lse) + S_r}
+    log p_y        = (z_y − H) − L
+    entropy        = Σ_r w_r·(H_r − log w_r)               (Σ_r w_r = 1)
+    log Σ_v p_v²   = log Σ_r e^{2 log w_r + S_r}
     mean_logit     = Σ_r Z_r / Σ_r V_r
     is_top1        = [z_y ≥ max_r M_r]
 
+and the combined LSE is the pair of ``H + L``: nothing is rounded to the ulp of a large
+common offset of the logits.
 All statistics of one rank travel in one ``[K, n + 1]`` tensor (the last column
 carries the rank's ``V_r`` and ``start_r``), so the forward needs exactly one
 collective: an ``all_gather``.
@@ -25,9 +29,10 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from ..torch_backend.token import lse_pair
 from ..validation import check_label_range
 
-# Order of the per-extra statistic rows after the lse and target-logit rows.
+# Order of the per-extra statistic rows after the LSE-pair (hi, lo) and target-logit rows.
 STAT_EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
 
 
@@ -57,9 +62,11 @@ def slice_config(config):
 
 
 def pack_stats(lse, target_logit, outs, extras, vocab_local, vocab_start):
-    """``[K, n + 1]``: rows lse_r, z_y and one per extra (in ``extras`` order, ``mean_logit``
-    turned into the slice sum Z_r); the last column holds ``(V_r, start_r, 0, …)``."""
-    rows = [lse.reshape(-1), target_logit.reshape(-1)]
+    """``[K, n + 1]``: rows hi_r, lo_r (``lse``: the slice's ``[..., 2]`` LSE pairs), z_y and one
+    per extra (in ``extras`` order, ``mean_logit`` turned into the slice sum Z_r); the last
+    column holds ``(V_r, start_r, 0, …)``."""
+    pairs = lse.reshape(-1, 2)
+    rows = [pairs[:, 0], pairs[:, 1], target_logit.reshape(-1)]
     for name in extras:
         value = outs[name].reshape(-1)
         rows.append(value * vocab_local if name == "mean_logit" else value)
@@ -97,25 +104,28 @@ def check_layout(gathered, labels, ignore_index):
 
 def combine_stats(gathered, extras):
     """Full-vocabulary ``(logp, lse, {extra: value})`` per token from ``[W, K, n + 1]``
-    gathered statistics (module docstring); values of ignored tokens are meaningless
-    and the caller masks them."""
+    gathered statistics (module docstring; ``lse`` as ``[n, 2]`` pairs); values of ignored
+    tokens are meaningless and the caller masks them."""
     g = gathered[..., :-1]
-    lse_r, z_y = g[:, 0], g[:, 1].sum(0)  # only the owner's z_y is non-zero
-    lse = torch.logsumexp(lse_r, dim=0)
+    hi_r, lo_r, z_y = g[:, 0], g[:, 1], g[:, 2].sum(0)  # only the owner's z_y is non-zero
+    top = hi_r.max(0).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    ell = (hi_r - top) + lo_r  # lse_r − H, exact near the max
+    big_l = torch.logsumexp(ell, dim=0)
     # A slice whose logits are all −inf has lse_r = −inf, weight 0 and undefined H_r, S_r:
     # every term from it is replaced by the value of an empty contribution.
-    alive = lse_r > -float("inf")
-    log_w = lse_r - lse
+    alive = hi_r > -float("inf")
+    log_w = ell - big_l
     out = {}
     for k, name in enumerate(extras):
-        v = g[:, 2 + k]
+        v = g[:, 3 + k]
         if name == "entropy":
-            mean_z = torch.where(alive, log_w.exp() * (lse_r - v), torch.zeros_like(v))
-            out[name] = lse - mean_z.sum(0)
+            out[name] = torch.where(alive, log_w.exp() * (v - log_w), torch.zeros_like(v)).sum(0)
         elif name == "log_sum_sq_probs":
             out[name] = torch.logsumexp(torch.where(alive, 2.0 * log_w + v, torch.full_like(v, -float("inf"))), 0)
         elif name == "mean_logit":
             out[name] = v.sum(0) / gathered[:, 0, -1].sum()
         elif name == "is_top1":
             out[name] = (z_y >= v.max(0).values).to(v.dtype)
-    return z_y - lse, lse, out
+    return (z_y - top) - big_l, lse_pair(top, big_l), out
+

@@ -5,53 +5,41 @@ Math runs in float32, or float64 when the policy logits are float64.
 """
 import torch
 
-from .token import _compute_dtype, _row_chunks, _transform, _transform_grad, backward_chunks, log_probs
-
-
-def _finite_max(z):
-    """Row max, with 0 for rows that are entirely −inf (keeps z − max free of NaN)."""
-    m = z.max(dim=-1).values
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+from .token import _compute_dtype, _row_chunks, _transform_grad, backward_chunks, log_probs, lse_pair, row_stats
 
 
 def _log_softmax_pair(logits, ref_logits, b, rows, cdt, tkw):
-    z = _transform(logits[b, rows].to(cdt), **tkw)
-    zr = _transform(ref_logits[b, rows].to(cdt), **tkw)
-    lse = torch.logsumexp(z, dim=-1)
-    lse_r = torch.logsumexp(zr, dim=-1)
-    return z, zr, lse, lse_r
+    """:func:`row_stats` of the policy's and the reference's rows."""
+    return (row_stats(logits[b, rows].to(cdt), **tkw), row_stats(ref_logits[b, rows].to(cdt), **tkw))
 
 
 def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, temperature, logit_scale,
                      softcap, want_logp=False, block_v=None):
-    """Returns ``(kl, logp or None, lse, lse_r)`` as the Triton launcher does."""
+    """Returns ``(kl, logp or None, lse, lse_r)`` as the Triton launcher does (``lse``,
+    ``lse_r``: ``[B, T, 2]`` LSE pairs)."""
     del block_v  # Triton-only tuning knob
     B, T, _ = logits.shape
     cdt = _compute_dtype(logits)
     dev = logits.device
     kl = torch.zeros(B, T, device=dev, dtype=cdt)
     logp = torch.zeros(B, T, device=dev, dtype=cdt) if want_logp else None
-    lse = torch.zeros(B, T, device=dev, dtype=cdt)
-    lse_r = torch.zeros(B, T, device=dev, dtype=cdt)
+    lse = torch.zeros(B, T, 2, device=dev, dtype=cdt)  # LSE pairs, as token.lse_pair
+    lse_r = torch.zeros(B, T, 2, device=dev, dtype=cdt)
     tkw = dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap)
     for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
-        z, zr, row_lse, row_lse_r = _log_softmax_pair(logits, ref_logits, b, rows, cdt, tkw)
-        p_ref = log_probs(zr, row_lse_r, exact=True).exp()
-        # log p_ref − log p_θ = (zr − z) − (lse_r − lse), with the LSE difference taken as
-        # (m_r − m) + log(s_r / s) around each row's max: both LSEs are ~log V + max logit,
-        # so subtracting them directly would cost eps·|lse| of accuracy when KL is small.
-        m = _finite_max(z)
-        m_r = _finite_max(zr)
-        d_lse = (m_r - m) + (torch.logsumexp(zr - m_r.unsqueeze(-1), dim=-1)
-                             - torch.logsumexp(z - m.unsqueeze(-1), dim=-1))
+        (d, m, log_s, m_err), (d_r, m_r, log_s_r, m_err_r) = _log_softmax_pair(logits, ref_logits, b, rows, cdt,
+                                                                               tkw)
+        p_ref = (d_r - log_s_r.unsqueeze(-1)).exp()
+        # log p_ref − log p_θ = (zr − lse_r) − (z − lse) = (d_r − d) − (log s_r − log s) with
+        # d = z − m: relative to the rows' maxima, nothing of size |m| + log V is subtracted.
+        d_lse = log_s_r - log_s
         # Entries with p_ref = 0 contribute 0 (not 0·(−inf − z) = NaN).
-        terms = torch.where(p_ref > 0, p_ref * ((zr - z) - d_lse.unsqueeze(-1)), 0.0)
+        terms = torch.where(p_ref > 0, p_ref * ((d_r - d) - d_lse.unsqueeze(-1)), 0.0)
         kl[b, pos] = terms.sum(-1)
-        lse[b, rows] = row_lse
-        lse_r[b, rows] = row_lse_r
+        lse[b, rows] = lse_pair(m, log_s, m_err)
+        lse_r[b, rows] = lse_pair(m_r, log_s_r, m_err_r)
         if want_logp:
-            log_p = log_probs(z, row_lse, exact=True)
-            logp[b, pos] = log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+            logp[b, pos] = d.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - log_s
     return kl, logp, lse, lse_r
 
 
@@ -63,12 +51,11 @@ def token_kl_backward(logits, ref_logits, labels, lse, lse_r, grad_out, *, ignor
     cdt = _compute_dtype(logits)
     for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
         x = logits[b, rows].to(cdt)
-        z = _transform(x, logit_scale, temperature, softcap)
-        p = log_probs(z, lse[b, rows].to(cdt), exact=True).exp()
-        dz = torch.zeros_like(z)
+        tkw = dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap)
+        p = log_probs(x, None, exact=True, **tkw).exp()  # the row's own exact softmax
+        dz = torch.zeros_like(p)
         if grad_kl is not None:
-            zr = _transform(ref_logits[b, rows].to(cdt), logit_scale, temperature, softcap)
-            p_ref = log_probs(zr, lse_r[b, rows].to(cdt), exact=True).exp()
+            p_ref = log_probs(ref_logits[b, rows].to(cdt), None, exact=True, **tkw).exp()
             dz += grad_kl[b, pos].to(cdt).unsqueeze(-1) * (p - p_ref)
         if grad_logp is not None:
             g_y = grad_logp[b, pos].to(cdt).unsqueeze(-1)

@@ -167,7 +167,8 @@ def gemm_into(out, a, b, *, accumulate):
 def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, temperature,
                    logit_scale, softcap, extras=(), chunk_tokens=None, fold=_torch_fold,
                    input_grad_rows=False):
-    """Per labelled token: ``(logp [M], lse [M], {extra: [M]})`` in the compute dtype.
+    """Per labelled token: ``(logp [M], lse [M, 2], {extra: [M]})`` in the compute dtype
+    (``lse``: the token stage's LSE pairs).
 
     ``input_grad_rows=True`` (frozen head: only ``hidden`` wants a gradient, only ``logp``
     gets one) appends ``J [M, D]`` (compute dtype), ``J_t = ∂ log p_t / ∂h_t =
@@ -179,7 +180,7 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
     cdt = compute_dtype(hidden2d)
     dev = hidden2d.device
     logp = torch.zeros(M, device=dev, dtype=cdt)
-    lse = torch.zeros(M, device=dev, dtype=cdt)
+    lse = torch.zeros(M, 2, device=dev, dtype=cdt)  # LSE pairs (hi, lo), as the token stage's
     outs = {name: torch.zeros(M, device=dev, dtype=cdt) for name in extras}
     J = torch.empty(M, hidden2d.shape[1], device=dev, dtype=cdt) if input_grad_rows else None
     C = chunk_size(M, V, dev, chunk_tokens)
@@ -196,7 +197,7 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
             outs[name][c0:c1] = ex[name][0]
         if J is not None:
             x3 = x.unsqueeze(0)
-            fold.token_backward(x3, y, ls, x3, grad_logp=torch.ones_like(ls), **kw)
+            fold.token_backward(x3, y, ls, x3, grad_logp=torch.ones_like(lp), **kw)
             gemm_into(J[c0:c1], x, weight, accumulate=False)
     if J is not None:
         return logp, lse, outs, J

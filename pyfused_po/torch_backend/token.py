@@ -70,23 +70,65 @@ def backward_chunks(logits, labels, ignore_index, shift, grad_out):
     grad_out[(~labelled).nonzero(as_tuple=True)] = 0
 
 
-def row_stats(z):
-    """``(m, log s)`` per row of ``z``: its finite max (0 for a row without one) and
-    log Σ_v e^{z_v − m}.  ``log p = (z − m) − log s`` is exact in fp32 at any offset, where
-    ``z − (m + log s)`` is not: the one-value LSE ``m + log s`` rounds log s away at large
-    |m| (its ulp is ~2e-3 at |m| = 3e4)."""
-    m = z.max(dim=-1).values
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m, torch.logsumexp(z - m.unsqueeze(-1), dim=-1)
+def _row_max(x, c):
+    """``(x_max, m, m_err)`` per row of raw logits ``x`` with ``z = x·c``: the raw logit of the
+    row's largest ``z`` (0 for a row without a finite one), ``m = fl(x_max·c)`` and its rounding
+    error ``x_max·c − m`` (from float64, per row)."""
+    top = (x if c > 0 else -x).max(dim=-1).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    x_max = top if c > 0 else -top
+    m = x_max * c
+    return x_max, m, (x_max.double() * c - m.double()).to(m.dtype)
 
 
-def log_probs(z, lse, exact):
-    """log softmax of the rows of ``z``: exact from :func:`row_stats` when ``exact``, else
-    ``z − lse`` with the given (e.g. vocabulary-global) LSE."""
-    if not exact:
-        return z - lse.unsqueeze(-1)
-    m, log_s = row_stats(z)
-    return (z - m.unsqueeze(-1)) - log_s.unsqueeze(-1)
+def row_stats(x, logit_scale, temperature, softcap):
+    """``(d, m, log s, m_err)`` per row of raw logits ``x`` (compute dtype): ``d = z − m`` with
+    ``m`` the row's largest logit (0 for a row without a finite one), ``log s = log Σ_v e^{d_v}``
+    and ``m_err`` the rounding error of ``m``.  ``log p = d − log s`` is exact in fp32 at any
+    offset, where ``z − (m + log s)`` is not (the one-value LSE rounds log s to the ulp of
+    |m|: ~2e-3 at 3e4).  Without a softcap ``d = (x − x_max)·scale/T``: the exact logits
+    minus their max, not rounded to the ulp of a large |z| first (as the kernels; with a
+    softcap the logit ``z`` itself is the reduced value)."""
+    c = logit_scale / temperature
+    if softcap is not None or c == 1.0:
+        z = _transform(x, logit_scale, temperature, softcap)
+        m = z.max(dim=-1).values
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        d = z - m.unsqueeze(-1)
+        m_err = torch.zeros_like(m)
+    else:
+        x_max, m, m_err = _row_max(x, c)
+        d = (x - x_max.unsqueeze(-1)) * c  # x − x_max is exact near the max (Sterbenz)
+    return d, m, torch.logsumexp(d, dim=-1), m_err
+
+
+def lse_pair(m, log_s, m_err=None):
+    """The LSE ``m + log_s`` (+ ``m_err``, the max logit's rounding error) as the ``[..., 2]``
+    pair ``(hi, lo)`` of the token-stage contract (``kernels/lse_pair.py``): ``hi = fl(m + log_s)``,
+    ``lo`` its rounding error (TwoSum) plus ``m_err``, 0 where ``hi`` is not finite."""
+    hi = m + log_s
+    t = hi - m
+    lo = (m - (hi - t)) + (log_s - t)
+    if m_err is not None:
+        lo = lo + m_err
+    return torch.stack([hi, torch.where(torch.isfinite(hi), lo, torch.zeros_like(lo))], dim=-1)
+
+
+def log_probs(x, lse, exact, *, logit_scale, temperature, softcap):
+    """log softmax of the rows of raw logits ``x``: exact from :func:`row_stats` when ``exact``,
+    else ``(z − hi) − lo`` with the given (e.g. vocabulary-global) LSE pairs ``lse [..., 2]``.
+    Without a softcap and with scale/T ≠ 1, ``z − hi`` is formed around the rows' own max as
+    ``(x − x_max)·c + ((m − hi) + m_err)`` (``m − hi`` exact when the two are close): the exact
+    ``x·c − hi`` the kernels' FMA gives, without a float64 copy of the rows."""
+    if exact:
+        d, _, log_s, _ = row_stats(x, logit_scale, temperature, softcap)
+        return d - log_s.unsqueeze(-1)
+    c = logit_scale / temperature
+    hi, lo = lse[..., :1], lse[..., 1:]
+    if softcap is not None or c == 1.0:
+        return (_transform(x, logit_scale, temperature, softcap) - hi) - lo
+    x_max, m, m_err = _row_max(x, c)
+    return (x - x_max.unsqueeze(-1)) * c + ((m.unsqueeze(-1) - hi) + m_err.unsqueeze(-1)) - lo
 
 
 def _owned(targets, V, vocab_shard):
@@ -101,40 +143,43 @@ def _owned(targets, V, vocab_shard):
 
 def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_scale, softcap,
                   extras=(), block_v=None, vocab_shard=False):
-    """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does (also its
-    ``vocab_shard`` mode: raw target logit in ``logp``, the slice's max in ``is_top1``)."""
+    """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does (``lse`` the
+    ``[B, T, 2]`` pairs of :func:`lse_pair`; also its ``vocab_shard`` mode: raw target logit in
+    ``logp``, the slice's max in ``is_top1``)."""
     del block_v  # Triton-only tuning knob
     B, T, V = logits.shape
     cdt = _compute_dtype(logits)
     dev = logits.device
     logp = torch.zeros(B, T, device=dev, dtype=cdt)
-    lse = torch.zeros(B, T, device=dev, dtype=cdt)
+    lse = torch.zeros(B, T, 2, device=dev, dtype=cdt)
     outs = {name: torch.zeros(B, T, device=dev, dtype=cdt) for name in extras}
+    tkw = dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap)
     for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
-        z = _transform(logits[b, rows].to(cdt), logit_scale, temperature, softcap)
-        m, log_s = row_stats(z)
-        row_lse = m + log_s  # the one-value LSE of the contract (for the backward)
+        x = logits[b, rows].to(cdt)
+        d, m, log_s, m_err = row_stats(x, **tkw)
+        lse[b, rows] = lse_pair(m, log_s, m_err)  # the contract's LSE pair (for the backward)
         mine, index = _owned(targets, V, vocab_shard)
-        z_y = z.gather(-1, index.unsqueeze(-1)).squeeze(-1)
         if vocab_shard:
-            z_y = torch.where(mine, z_y, torch.zeros_like(z_y))
-            logp[b, pos] = z_y
+            z_y = _transform(x.gather(-1, index.unsqueeze(-1)).squeeze(-1), **tkw)
+            logp[b, pos] = torch.where(mine, z_y, torch.zeros_like(z_y))
         else:
-            logp[b, pos] = (z_y - m) - log_s
-        lse[b, rows] = row_lse
+            logp[b, pos] = d.gather(-1, index.unsqueeze(-1)).squeeze(-1) - log_s
         if "entropy" in outs or "log_sum_sq_probs" in outs:
-            logq = (z - m.unsqueeze(-1)) - log_s.unsqueeze(-1)
+            logq = d - log_s.unsqueeze(-1)
             p = logq.exp()
             if "entropy" in outs:
                 # p·log p is 0·(−inf) for −inf logits: count those entries as 0.
                 outs["entropy"][b, pos] = -torch.where(p > 0, p * logq, 0.0).sum(-1)
             if "log_sum_sq_probs" in outs:
                 outs["log_sum_sq_probs"][b, pos] = torch.logsumexp(2.0 * logq, dim=-1)
-        if "mean_logit" in outs:
-            outs["mean_logit"][b, pos] = z.mean(-1)
-        if "is_top1" in outs:
-            row_max = z.max(-1).values
-            outs["is_top1"][b, pos] = row_max if vocab_shard else (z_y >= row_max).to(cdt)
+        if "mean_logit" in outs or "is_top1" in outs:
+            z = _transform(x, **tkw)
+            if "mean_logit" in outs:
+                outs["mean_logit"][b, pos] = z.mean(-1)
+            if "is_top1" in outs:
+                row_max = z.max(-1).values
+                z_y = z.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+                outs["is_top1"][b, pos] = row_max if vocab_shard else (z_y >= row_max).to(cdt)
     return logp, lse, outs
 
 
@@ -149,12 +194,12 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
     cdt = _compute_dtype(logits)
     for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
         x = logits[b, rows].to(cdt)
-        z = _transform(x, logit_scale, temperature, softcap)
         # The row's own exact log softmax; a vocabulary slice needs the given global LSE.
-        logq = log_probs(z, lse[b, rows].to(cdt), exact=not vocab_shard)
+        logq = log_probs(x, lse[b, rows].to(cdt), exact=not vocab_shard, logit_scale=logit_scale,
+                         temperature=temperature, softcap=softcap)
         p = logq.exp()
         if grad_logp is None:
-            dz = torch.zeros_like(z)
+            dz = torch.zeros_like(logq)
         else:
             g = grad_logp[b, pos].to(cdt).unsqueeze(-1)
             dz = p * -g
