@@ -39,6 +39,16 @@ def upstream(shape, seed):
     return torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
 
 
+def float64_reference(x, y, w):
+    """``(log p(y), entropy, ∂Σ w·log p/∂x)`` from float64 log_softmax of the logits ``x``."""
+    x64 = x.double().requires_grad_()
+    logq = torch.log_softmax(x64, -1)
+    ref = logq.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    ent_ref = -(logq.exp() * logq).sum(-1)
+    (grad_ref,) = torch.autograd.grad((w * ref).sum(), x64)
+    return ref.detach(), ent_ref.detach(), grad_ref
+
+
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
@@ -49,11 +59,7 @@ def test_token_logprobs_and_entropy(backend, offset):
     x = offset_logits((2, 3, V), offset, seed=1)
     y = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(2))
     w = upstream((2, 3), seed=3)
-    x64 = x.double().requires_grad_()
-    logq = torch.log_softmax(x64, -1)
-    ref = logq.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    ent_ref = -(logq.exp() * logq).sum(-1)
-    (grad_ref,) = torch.autograd.grad((w * ref).sum(), x64)
+    ref, ent_ref, grad_ref = float64_reference(x, y, w)
 
     xx = x.clone().requires_grad_()
     out = pyfused_po.token_logprobs(xx, y, extras=("entropy",), backend=backend)
@@ -191,11 +197,7 @@ def test_vocab_parallel_combine(backend, offset, monkeypatch):
     x[..., 103:] -= 3.0
     y = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(15))
     w = upstream((2, 3), seed=16)
-    x64 = x.double().requires_grad_()
-    logq = torch.log_softmax(x64, -1)
-    ref = logq.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    ent_ref = -(logq.exp() * logq).sum(-1)
-    (grad_ref,) = torch.autograd.grad((w * ref).sum(), x64)
+    ref, ent_ref, grad_ref = float64_reference(x, y, w)
 
     bounds = (0, 53, 103, V)
     fake = _FakeGather(len(bounds) - 1)
