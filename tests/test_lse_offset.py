@@ -187,6 +187,14 @@ class _FakeGather:
         return torch.stack(self.recorded)
 
 
+def _fake_ranks(monkeypatch, bounds):
+    """One process plays every rank of a vocabulary split at ``bounds``: ``(gather, [(rank, (v0, v1))])``."""
+    fake = _FakeGather(len(bounds) - 1)
+    monkeypatch.setattr(vocab_parallel, "all_gather_stats", fake)
+    monkeypatch.setattr(vocab_parallel, "_check_group", lambda group, vocab_start: None)
+    return fake, list(enumerate(zip(bounds[:-1], bounds[1:])))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_vocab_parallel_combine(backend, offset, monkeypatch):
@@ -200,10 +208,7 @@ def test_vocab_parallel_combine(backend, offset, monkeypatch):
     ref, ent_ref, grad_ref = float64_reference(x, y, w)
 
     bounds = (0, 53, 103, V)
-    fake = _FakeGather(len(bounds) - 1)
-    monkeypatch.setattr(vocab_parallel, "all_gather_stats", fake)
-    monkeypatch.setattr(vocab_parallel, "_check_group", lambda group, vocab_start: None)
-    slices = list(enumerate(zip(bounds[:-1], bounds[1:])))
+    fake, slices = _fake_ranks(monkeypatch, bounds)
 
     def forward(rank, v0, v1):
         fake.rank = rank
@@ -242,10 +247,7 @@ def test_vocab_parallel_linear_combine(backend, offset, monkeypatch):
     gh_ref, gw_ref, gb_ref = torch.autograd.grad((g[0] * ref).sum(), (h64, w64, b64))
 
     bounds = (0, 40, w.shape[0])
-    fake = _FakeGather(len(bounds) - 1)
-    monkeypatch.setattr(vocab_parallel, "all_gather_stats", fake)
-    monkeypatch.setattr(vocab_parallel, "_check_group", lambda group, vocab_start: None)
-    slices = list(enumerate(zip(bounds[:-1], bounds[1:])))
+    fake, slices = _fake_ranks(monkeypatch, bounds)
 
     def forward(rank, v0, v1):
         fake.rank = rank
