@@ -51,17 +51,22 @@ from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target
 
 
+# Running maxima start at this finite floor, not −inf: every difference to a running max is then
+# finite or −inf (never inf − inf), so the fold needs no −inf guards on them.  A lane row still at
+# the floor after the loop saw no finite key (−inf is restored before the combine); keys at or
+# below it (|logit| ≥ 2¹²⁶ ≈ 8.5e37) count as −inf.
+FLOOR = tl.constexpr(-8.507059173023462e37)  # −2¹²⁶
+
+
 @triton.jit
 def _fold_max_sum(key, k_l, ku):
-    """New per-lane-row max key of a ``[R, LANE]`` block of logit keys (old: ``k_l``), the
-    factor that rescales the old sums to it, the key differences ``d = key − k_max`` and
-    ``e = e^{z − m} = 2^{d·ku}`` (−inf maxima exponentiate against 0: no inf − inf).  ``d`` is
-    exact wherever the term counts (Sterbenz); rounding ``u = key·ku`` first would cost half an
-    ulp of |u| per term at a large common offset."""
+    """New per-lane-row max key of a ``[R, LANE]`` block of logit keys (old: ``k_l``, ≥ FLOOR),
+    the factor that rescales the old sums to it, the key differences ``d = key − k_max`` and
+    ``e = e^{z − m} = 2^{d·ku}``.  ``d`` is exact wherever the term counts (Sterbenz); rounding
+    ``u = key·ku`` first would cost half an ulp of |u| per term at a large common offset."""
     k_new = tl.maximum(k_l, tl.max(key, axis=1))
-    k_ref = tl.where(k_new == -float("inf"), 0.0, k_new)
-    d = key - k_ref[:, None]
-    return k_new, exp2_ftz((k_l - k_ref) * ku), d, exp2_ftz(d * ku)
+    d = key - k_new[:, None]
+    return k_new, exp2_ftz((k_l - k_new) * ku), d, exp2_ftz(d * ku)
 
 
 @triton.jit
@@ -79,14 +84,14 @@ def _fold_block(key, key_r, k_l, s_l, kr_l, sr_l, a_l, ku):
     ``a_l = Σ e^{zr − mr}·((key_r − kr_l) − (key − k_l))``: each logit relative to its own row's
     running max, so a reference and a policy at different offsets (|kr − k| ≫ 1) never subtract
     two large keys (``key_r − key`` rounded to the ulp of that gap: 1e-2 at 1e5).  As the maxima
-    move, every old term shifts by ``(kr_old − kr_new) − (k_old − k_new)``."""
+    move, every old term shifts by ``(kr_old − kr_new) − (k_old − k_new)`` (finite: the maxima
+    start at FLOOR; a sum that is 0 stays 0, one that is +inf stays +inf)."""
     k_new, alpha, d, e = _fold_max_sum(key, k_l, ku)
     s_l = s_l * alpha + tl.sum(e, axis=1)
     kr_new, alpha_r, d_r, er = _fold_max_sum(key_r, kr_l, ku)
     # p_ref = 0 entries contribute 0 (not 0·(−inf − z)); absent entries have er = 0 too.
     diff = tl.where(er > 0.0, d_r - d, 0.0)
-    shift = _max_shift(kr_l, kr_new) - _max_shift(k_l, k_new)
-    a_l = (a_l + sr_l * shift) * alpha_r + tl.sum(er * diff, axis=1)
+    a_l = (a_l + sr_l * ((kr_l - kr_new) - (k_l - k_new))) * alpha_r + tl.sum(er * diff, axis=1)
     sr_l = sr_l * alpha_r + tl.sum(er, axis=1)
     return k_new, s_l, kr_new, sr_l, a_l
 
@@ -134,8 +139,8 @@ def token_kl_forward_kernel(
             r_body = r_row + head.to(tl.int64) * stride_rv
         k = lane_offsets(BLOCK_V, LANE)
         kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
-        k_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
-        kr_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
+        k_l = tl.full([BLOCK_V // LANE], FLOOR, tl.float32)
+        kr_l = tl.full([BLOCK_V // LANE], FLOOR, tl.float32)
         s_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         sr_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         a_l = tl.zeros([BLOCK_V // LANE], tl.float32)
@@ -155,6 +160,8 @@ def token_kl_forward_kernel(
             key = tl.where(inside, key, -float("inf"))
             key_r = tl.where(inside, key_r, -float("inf"))
             k_l, s_l, kr_l, sr_l, a_l = _fold_block(key, key_r, k_l, s_l, kr_l, sr_l, a_l, ku)
+        k_l = tl.where(k_l == FLOOR, -float("inf"), k_l)  # no finite key seen
+        kr_l = tl.where(kr_l == FLOOR, -float("inf"), kr_l)
         k_m, m, m_err, s, _ = _combine(k_l, s_l, kz, ku, HAS_SOFTCAP)
         kr_m, mr, mr_err, sr, w_r = _combine(kr_l, sr_l, kz, ku, HAS_SOFTCAP)
         # Lane rows re-based on the row maxima (as in _fold_block); then, with a relative to both

@@ -155,3 +155,23 @@ def test_entropy_of_a_non_finite_row_is_not_finite(backend, bad):
     assert torch.isfinite(out.entropy[ok]).all()  # other tokens are unaffected
     (grad,) = torch.autograd.grad(out.entropy[ok].sum(), xx)
     assert torch.isfinite(grad[ok]).all()
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+@pytest.mark.parametrize("bad", ("nan", "all -inf"))
+def test_token_kl_of_a_non_finite_reference_row_is_not_finite(backend, bad):
+    """The same for ``token_kl``'s reference: the torch backend masked p_ref·(…) with
+    ``p_ref > 0``, so a NaN (or all −inf) reference row gave KL = 0.0 (Triton: NaN)."""
+    x = logits((2, 3, V), seed=18)
+    r = logits((2, 3, V), seed=19)
+    if bad == "nan":
+        r[1, 0, 5] = float("nan")
+    else:
+        r[1, 0] = -float("inf")
+    y = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(20))
+    out = pyfused_po.token_kl(x, r, y, backend=backend)
+    kl = out if torch.is_tensor(out) else out.kl
+    assert not torch.isfinite(kl[1, 0])
+    ok = torch.ones(2, 3, dtype=torch.bool)
+    ok[1, 0] = False
+    assert torch.isfinite(kl[ok]).all()
