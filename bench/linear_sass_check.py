@@ -63,7 +63,7 @@ def forward_args(M, V, D, sms=132):
                 M=M, V=V, D=D, tiles_per_split=tiles_per_split, n_splits=n_splits,
                 scale=1.0, inv_temp=1.0, softcap=0.0)
     flags = dict(HAS_BIAS=0, HAS_SOFTCAP=0, WANT_ENTROPY=0, WANT_LSQ=0, WANT_MEAN=0,
-                 DOT_FP32=0, INPUT_PRECISION="tf32")
+                 DOT_FP32=0, INPUT_PRECISION="tf32", FLIP=0)
     return args, flags
 
 

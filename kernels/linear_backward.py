@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .linear_tile import grouped_program, logits_tile
-from .tl_utils import transform, transform_grad
+from .tl_utils import logit_minus, transform_grad
 
 
 @triton.jit
@@ -80,10 +80,11 @@ def linear_backward_kernel(
     acc = logits_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr,
                       rows, in_m, offs_v, in_v, D, HAS_BIAS, DOT_FP32, INPUT_PRECISION,
                       BLOCK_M, BLOCK_V, BLOCK_D)
-    z = transform(acc, scale, inv_temp, softcap, HAS_SOFTCAP)
     hi = tl.load(lse_ptr + 2 * offs_m, mask=in_m, other=0.0)
     lo = tl.load(lse_ptr + 2 * offs_m + 1, mask=in_m, other=0.0)
-    log_p = (z - hi[:, None]) - lo[:, None]  # z − hi is exact near the max (Sterbenz)
+    # z − hi rounded once (one FMA of the exact x·scale/T without a softcap; lo holds the max
+    # logit's rounding error): exact near the max at any scale and temperature.
+    log_p = logit_minus(acc, hi[:, None], scale, inv_temp, softcap, HAS_SOFTCAP) - lo[:, None]
     p = tl.exp(log_p)
     dz = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     g_scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # s_m of the filter
@@ -94,7 +95,8 @@ def linear_backward_kernel(
     if GRAD_ENTROPY:
         g_h = tl.load(g_ent_ptr + offs_m, mask=in_m, other=0.0)
         ent = tl.load(ent_ptr + offs_m, mask=in_m, other=0.0)
-        dz -= g_h[:, None] * p * (log_p + ent[:, None])
+        # p·(log p + H) is 0·(−inf) at −inf logits (a −inf bias masking ids): those get 0.
+        dz -= g_h[:, None] * p * (tl.where(p > 0.0, log_p, 0.0) + ent[:, None])
         g_scale += tl.abs(g_h)
     if GRAD_LSQ:
         g_q = tl.load(g_lsq_ptr + offs_m, mask=in_m, other=0.0)

@@ -5,23 +5,27 @@ A 1-D grid of ``token blocks × vocabulary splits`` programs in grouped order
 (``rows[m]`` is the hidden row, ``y[m]`` the label: ignored tokens were compacted away
 and cost nothing, ``hidden`` is read in place) and loops over the vocabulary tiles of
 its split.  Each ``[BLOCK_M, BLOCK_V]`` logits tile is built on-chip by a ``tl.dot``
-loop over ``D`` in fp32, transformed (``z = softcap(x·scale)/T``) and folded into
-running per-row statistics against the running max ``m``:
+loop over ``D`` in fp32 and folded into running per-row statistics against the running
+max, taken on the logit key of ``kernels/fast_math.py`` (±x without a softcap, the logit
+``z = softcap(x·scale)/T`` with one; ``z = key·kz``):
 
-    s = Σ e^{z−m}     a = Σ e^{z−m}·(z − m)     q = Σ e^{2(z−m)}     Σ z     z_y (target logit)
+    s = Σ e^{z−m}     a = Σ e^{z−m}·(key − k_max)     q = Σ e^{2(z−m)}     Σ z     key_y (target)
 
-(``a`` relative to the running max, re-based as the max moves: the entropy then never
-cancels against an LSE at a large common offset of the logits).
+with e^{z−m} = e^{(key − k_max)·kz}: the key difference is exact near the max, so neither
+``z = x·scale/T`` nor ``z − m`` is rounded to the ulp of a large |z| (4e-4 at T = 0.7 and
+|x| = 1e4, 0.75 at T = 1e-3).  ``a`` is relative to the running max, re-based as the max
+moves: the entropy then never cancels against an LSE at a large common offset.
 
-The split's statistics go to ``part[stat, split, m]``; the launcher combines splits
-(``log p = (z_y − M) − log Σ_k s_k e^{m_k−M}`` and the like), O(tokens · splits) work.  Splitting
+The split's statistics go to ``part[stat, split, m]`` (max key, ``a`` and ``key_y`` in key
+units); the launcher combines splits (``log p = (key_y − K)·kz − log Σ_k s_k e^{(k_k−K)·kz}`` and
+the like), O(tokens · splits) work.  Splitting
 the vocabulary keeps the GPU busy when there are few token blocks.
 """
 import triton
 import triton.language as tl
 
+from .fast_math import key_logit, key_scales, logit_key, max_logit
 from .linear_tile import grouped_program, logits_tile
-from .tl_utils import transform
 
 
 @triton.jit
@@ -42,6 +46,7 @@ def linear_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUP_M: tl.constexpr,
+    FLIP: tl.constexpr,
 ):
     pid_m, split = grouped_program(tl.cdiv(M, BLOCK_M), n_splits, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -50,12 +55,13 @@ def linear_forward_kernel(
     y = tl.load(y_ptr + offs_m, mask=in_m, other=-1).to(tl.int64)
     cols = tl.arange(0, BLOCK_V).to(tl.int64)
 
-    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)  # running max key
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     a_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     q_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     zsum_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    zy_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    zy_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # the target's key
 
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
@@ -65,19 +71,19 @@ def linear_forward_kernel(
         acc = logits_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr,
                           rows, in_m, offs_v, in_v, D, HAS_BIAS, DOT_FP32, INPUT_PRECISION,
                           BLOCK_M, BLOCK_V, BLOCK_D)
-        z = transform(acc, scale, inv_temp, softcap, HAS_SOFTCAP)
+        key = logit_key(acc, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
         if WANT_MEAN:
-            zsum_i += tl.sum(tl.where(in_v[None, :], z, 0.0), axis=1)
-        zy_i += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
-        z = tl.where(in_v[None, :], z, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            zsum_i += tl.sum(tl.where(in_v[None, :], key_logit(key, kz, HAS_SOFTCAP), 0.0), axis=1)
+        zy_i += tl.sum(tl.where(offs_v[None, :] == y[:, None], key, 0.0), axis=1)
+        key = tl.where(in_v[None, :], key, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(key, axis=1))
         # Rows still at −inf (nothing seen yet) exponentiate against 0: no inf − inf.
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_ref)
-        d = z - m_ref[:, None]
-        e = tl.exp(d)
+        alpha = tl.exp2((m_i - m_ref) * ku)
+        d = key - m_ref[:, None]  # exact near the max (Sterbenz)
+        e = tl.exp2(d * ku)
         if WANT_ENTROPY:
-            # Σ e·(z − m_new) = α·(a + s·(m_old − m_new)) + Σ_tile; e·d is 0·(−inf) where e = 0.
+            # Σ e·(key − k_new) = α·(a + s·(k_old − k_new)) + Σ_tile; e·d is 0·(−inf) where e = 0.
             shift = tl.where(m_i == -float("inf"), 0.0, m_i - m_ref)
             a_i = (a_i + s_i * shift) * alpha + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=1)
         s_i = s_i * alpha + tl.sum(e, axis=1)
@@ -85,7 +91,9 @@ def linear_forward_kernel(
             q_i = q_i * (alpha * alpha) + tl.sum(e * e, axis=1)
         m_i = m_new
 
-    # part is [6, n_splits, M] fp32: m, s, z_y, a, q, Σz.
+    # part is [8, n_splits, M] fp32: max key, s, key_y, a (key units), q, Σz, and the max logit
+    # m = fl(k_max·kz) with its rounding error (fast_math.max_logit: the LSE pair's lo carries it,
+    # with kz as this kernel forms it, for the backward's fma(x, scale/T, −hi)).
     stat = n_splits * M
     base = part_ptr + split * M + offs_m
     tl.store(base, m_i, mask=in_m)
@@ -97,3 +105,6 @@ def linear_forward_kernel(
         tl.store(base + 4 * stat, q_i, mask=in_m)
     if WANT_MEAN:
         tl.store(base + 5 * stat, zsum_i, mask=in_m)
+    m_top, m_err = max_logit(m_i, kz, HAS_SOFTCAP)
+    tl.store(base + 6 * stat, m_top, mask=in_m)
+    tl.store(base + 7 * stat, m_err, mask=in_m)

@@ -15,8 +15,9 @@ import triton
 from .linear_backward import linear_backward_kernel
 from .linear_forward import linear_forward_kernel
 from .lse_pair import lse_pair_torch
+from .token_launch import flip_key
 
-N_STATS = 6  # m, s, z_y, a, q, Σz — rows of the forward's partial-statistics buffer
+N_STATS = 8  # max key, s, key_y, a, q, Σz, max logit, its rounding error: the forward's partial statistics
 
 
 def _interpreting() -> bool:
@@ -92,36 +93,54 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
         float(logit_scale), 1.0 / float(temperature), cap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap,
         WANT_ENTROPY="entropy" in want, WANT_LSQ="log_sum_sq_probs" in want,
-        WANT_MEAN="mean_logit" in want, **_dot_flags(hidden2d.dtype), **cfg,
+        WANT_MEAN="mean_logit" in want, FLIP=flip_key(logit_scale, temperature, softcap),
+        **_dot_flags(hidden2d.dtype), **cfg,
     )
-    return combine_splits(part, V, extras)
+    return combine_splits(part, V, extras, key_scale(logit_scale, temperature, softcap))
 
 
-def combine_splits(part, V, extras):
-    """Merges per-split statistics: with ``M = max_k m_k`` and ``w_k = e^{m_k − M}``,
-    ``s = Σ w_k s_k``, ``log p_y = (z_y − M) − log s`` (nothing rounded to the ulp of a large
-    ``M``), the LSE pair of ``M + log s`` (``kernels/lse_pair.py``),
-    ``H = log s − Σ w_k (a_k + s_k (m_k − M)) / s`` (``a_k = Σ e^{z−m_k}(z − m_k)``),
-    ``log Σp² = log Σ w_k² q_k − 2 log s``, ``mean = Σ_k Σz_k / V``, top-1 iff ``z_y ≥ M``."""
-    m, s, zy, a, q, zsum = part.unbind(0)
+def key_scale(logit_scale, temperature, softcap):
+    """``kz`` of ``kernels/fast_math.key_scales`` (``z = key·kz``, ``kz > 0``) as the kernels form
+    it: the fp32 product of the fp32 scale and 1/T (1 with a softcap)."""
+    if softcap is not None:
+        return torch.tensor(1.0)
+    kz = torch.tensor(float(logit_scale), dtype=torch.float32) * torch.tensor(1.0 / float(temperature),
+                                                                               dtype=torch.float32)
+    return -kz if flip_key(logit_scale, temperature, softcap) else kz
+
+
+def combine_splits(part, V, extras, kz):
+    """Merges per-split statistics (max key ``k_k``, ``s_k``, target key, ``a_k`` in key units, ``q_k``,
+    ``Σz_k``, the max logit ``fl(k_k·kz)`` and its rounding error; ``z = key·kz``): with
+    ``K = max_k k_k`` and ``w_k = e^{(k_k − K)·kz}``, ``s = Σ w_k s_k``,
+    ``log p_y = (key_y − K)·kz − log s`` (nothing rounded to the ulp of a large logit), the LSE pair
+    of ``m + log s`` with ``m = fl(K·kz)`` and its rounding error in ``lo`` (``kernels/lse_pair.py``;
+    both from the kernel, whose fp32 ``scale·(1/T)`` the backward uses: under the interpreter it
+    is not torch's product),
+    ``H = log s − kz·Σ w_k (a_k + s_k (k_k − K)) / s``,
+    ``log Σp² = log Σ w_k² q_k − 2 log s``, ``mean = Σ_k Σz_k / V``, top-1 iff ``key_y ≥ K``."""
+    m, s, zy, a, q, zsum, m_top, m_err = part.unbind(0)
+    kz = kz.to(part.device)
     mx = m.max(0).values
     mx_ref = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
-    w = torch.exp(m - mx_ref)
+    w = torch.exp((m - mx_ref) * kz)
     s_tot = (w * s).sum(0)
     log_s = torch.log(s_tot)
     zy = zy.sum(0)
     outs = {}
     if "entropy" in extras:
-        # An empty split (m_k = −inf) has s_k = a_k = 0: its shift term is 0, not 0·(−inf).
+        # An empty split (k_k = −inf) has s_k = a_k = 0: its shift term is 0, not 0·(−inf).
         shift = torch.where(torch.isinf(m), torch.zeros_like(m), m - mx_ref)
-        outs["entropy"] = log_s - (w * (a + s * shift)).sum(0) / s_tot
+        outs["entropy"] = log_s - kz * (w * (a + s * shift)).sum(0) / s_tot
     if "log_sum_sq_probs" in extras:
         outs["log_sum_sq_probs"] = torch.log((w * w * q).sum(0)) - 2.0 * log_s
     if "mean_logit" in extras:
         outs["mean_logit"] = zsum.sum(0) / V
     if "is_top1" in extras:
         outs["is_top1"] = (zy >= mx).to(torch.float32)
-    return (zy - mx_ref) - log_s, lse_pair_torch(mx_ref, log_s), outs
+    first = m.argmax(0, keepdim=True)  # a split holding the max key: its max logit is the row's
+    top, top_err = m_top.gather(0, first)[0], m_err.gather(0, first)[0]
+    return (zy - mx_ref) * kz - log_s, lse_pair_torch(top, log_s, top_err), outs
 
 
 def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=None, entropy=None,

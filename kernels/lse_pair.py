@@ -28,10 +28,12 @@ def lse_pair(m, log_s, m_err):
     return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
 
 
-def lse_pair_torch(m, log_s):
+def lse_pair_torch(m, log_s, m_err=None):
     """:func:`lse_pair` on tensors, stacked as ``[..., 2]`` (the kernels' launchers' combine)."""
     hi = m + log_s
     t = hi - m
     lo = (m - (hi - t)) + (log_s - t)
+    if m_err is not None:
+        lo = lo + m_err
     lo = torch.where(torch.isfinite(hi), lo, torch.zeros_like(lo))
     return torch.stack([hi, lo], dim=-1)

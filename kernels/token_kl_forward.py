@@ -17,11 +17,16 @@ Online over vocabulary blocks, with running maxima m (policy) and mr (reference)
 
     s  ← s ·e^{m_old − m}   + Σ e^{z − m}                     lse   = m  + log s
     sr ← sr·e^{mr_old − mr} + Σ e^{zr − mr}                   lse_r = mr + log sr
-    a  ← a ·e^{mr_old − mr} + Σ e^{zr − mr}·(zr − z)          Σ p_ref (zr − z) = a / sr
+    a  ← (a + sr·((mr_old − mr) − (m_old − m)))·e^{mr_old − mr}
+         + Σ e^{zr − mr}·((zr − mr) − (z − m))
 
-and the result is assembled as  KL = a/sr + (m − mr) + log(s/sr)  rather than from
-lse − lse_r: the two LSEs are each ~log V in size, while m − mr and log(s/sr) are
-small when the two distributions are close, so their rounding error is too.
+(each logit relative to its own row's max) and, since zr − z = ((zr − mr) − (z − m)) + (mr − m)
+and lse − lse_r = (m − mr) + log(s/sr), the maxima cancel exactly:
+
+    KL = a/sr + log(s/sr).
+
+Nothing of the size of the offsets is subtracted: not the two LSEs (~log V plus any offset),
+nor zr − z, which at a reference offset of 1e5 from the policy's rounded each term to 4e-3.
 
 Entries with p_ref = 0 (zr = −inf, e.g. a padded vocabulary) contribute 0, not
 0·(−inf − z) = NaN; a finite-p_ref entry where z = −inf gives KL = +inf, its true value.
@@ -46,30 +51,49 @@ from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target
 
 
+# Running maxima start at this finite floor, not −inf: every difference to a running max is then
+# finite or −inf (never inf − inf), so the fold needs no −inf guards on them.  A lane row still at
+# the floor after the loop saw no finite key (−inf is restored before the combine); keys at or
+# below it (|logit| ≥ 2¹²⁶ ≈ 8.5e37) count as −inf.
+FLOOR = tl.constexpr(-8.507059173023462e37)  # −2¹²⁶
+
+
 @triton.jit
 def _fold_max_sum(key, k_l, ku):
-    """New per-lane-row max key of a ``[R, LANE]`` block of logit keys (old: ``k_l``), the
-    factor that rescales the old sums to it, and ``e = e^{z − m} = 2^{(key − k_max)·ku}``
-    (−inf maxima exponentiate against 0: no inf − inf).  The key difference is exact
-    wherever the term counts (Sterbenz); rounding ``u = key·ku`` first would cost half an
-    ulp of |u| per term at a large common offset."""
+    """New per-lane-row max key of a ``[R, LANE]`` block of logit keys (old: ``k_l``, ≥ FLOOR),
+    the factor that rescales the old sums to it, the key differences ``d = key − k_max`` and
+    ``e = e^{z − m} = 2^{d·ku}``.  ``d`` is exact wherever the term counts (Sterbenz); rounding
+    ``u = key·ku`` first would cost half an ulp of |u| per term at a large common offset."""
     k_new = tl.maximum(k_l, tl.max(key, axis=1))
+    d = key - k_new[:, None]
+    return k_new, exp2_ftz((k_l - k_new) * ku), d, exp2_ftz(d * ku)
+
+
+@triton.jit
+def _max_shift(k_old, k_new):
+    """``k_old − k_new`` for re-basing sums kept relative to a running max key, 0 where the old
+    max is −inf (nothing was seen: its sums are 0, or +inf terms that stay +inf)."""
     k_ref = tl.where(k_new == -float("inf"), 0.0, k_new)
-    return k_new, exp2_ftz((k_l - k_ref) * ku), exp2_ftz((key - k_ref[:, None]) * ku)
+    return tl.where(k_old == -float("inf"), 0.0, k_old - k_ref)
 
 
 @triton.jit
 def _fold_block(key, key_r, k_l, s_l, kr_l, sr_l, a_l, ku):
-    """Folds a block of policy and reference logit keys (−inf where absent)."""
-    k_l, alpha, e = _fold_max_sum(key, k_l, ku)
+    """Folds a block of policy and reference logit keys (−inf where absent).
+
+    ``a_l = Σ e^{zr − mr}·((key_r − kr_l) − (key − k_l))``: each logit relative to its own row's
+    running max, so a reference and a policy at different offsets (|kr − k| ≫ 1) never subtract
+    two large keys (``key_r − key`` rounded to the ulp of that gap: 1e-2 at 1e5).  As the maxima
+    move, every old term shifts by ``(kr_old − kr_new) − (k_old − k_new)`` (finite: the maxima
+    start at FLOOR; a sum that is 0 stays 0, one that is +inf stays +inf)."""
+    k_new, alpha, d, e = _fold_max_sum(key, k_l, ku)
     s_l = s_l * alpha + tl.sum(e, axis=1)
-    kr_l, alpha_r, er = _fold_max_sum(key_r, kr_l, ku)
+    kr_new, alpha_r, d_r, er = _fold_max_sum(key_r, kr_l, ku)
     # p_ref = 0 entries contribute 0 (not 0·(−inf − z)); absent entries have er = 0 too.
-    # key_r − key: in key units (× kz after the loop), exact when the two logits are close.
-    diff = tl.where(er > 0.0, key_r - key, 0.0)
+    diff = tl.where(er > 0.0, d_r - d, 0.0)
+    a_l = (a_l + sr_l * ((kr_l - kr_new) - (k_l - k_new))) * alpha_r + tl.sum(er * diff, axis=1)
     sr_l = sr_l * alpha_r + tl.sum(er, axis=1)
-    a_l = a_l * alpha_r + tl.sum(er * diff, axis=1)
-    return k_l, s_l, kr_l, sr_l, a_l
+    return k_new, s_l, kr_new, sr_l, a_l
 
 
 @triton.jit
@@ -115,8 +139,8 @@ def token_kl_forward_kernel(
             r_body = r_row + head.to(tl.int64) * stride_rv
         k = lane_offsets(BLOCK_V, LANE)
         kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
-        k_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
-        kr_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
+        k_l = tl.full([BLOCK_V // LANE], FLOOR, tl.float32)
+        kr_l = tl.full([BLOCK_V // LANE], FLOOR, tl.float32)
         s_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         sr_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         a_l = tl.zeros([BLOCK_V // LANE], tl.float32)
@@ -136,12 +160,17 @@ def token_kl_forward_kernel(
             key = tl.where(inside, key, -float("inf"))
             key_r = tl.where(inside, key_r, -float("inf"))
             k_l, s_l, kr_l, sr_l, a_l = _fold_block(key, key_r, k_l, s_l, kr_l, sr_l, a_l, ku)
+        k_l = tl.where(k_l == FLOOR, -float("inf"), k_l)  # no finite key seen
+        kr_l = tl.where(kr_l == FLOOR, -float("inf"), kr_l)
         k_m, m, m_err, s, _ = _combine(k_l, s_l, kz, ku, HAS_SOFTCAP)
         kr_m, mr, mr_err, sr, w_r = _combine(kr_l, sr_l, kz, ku, HAS_SOFTCAP)
-        a = tl.sum(a_l * w_r, axis=0)
+        # Lane rows re-based on the row maxima (as in _fold_block); then, with a relative to both
+        # maxima, KL = a/sr·kz + log(s/sr): the maxima cancel exactly, identical rows give 0.
+        k_top = tl.max(k_l, axis=0)
+        kr_top = tl.max(kr_l, axis=0)
+        a = tl.sum((a_l + sr_l * (_max_shift(kr_l, kr_top) - _max_shift(k_l, k_top))) * w_r, axis=0)
         log_s = tl.log(s)
-        # In key units like a: identical rows give exactly 0.
-        kl = (a / sr + (k_m - kr_m)) * kz + tl.log(s / sr)
+        kl = (a / sr) * kz + tl.log(s / sr)
         tl.store(kl_ptr + out, kl)
         hi, lo = lse_pair(m, log_s, m_err)  # kernels/lse_pair.py
         tl.store(lse_ptr + 2 * row, hi)

@@ -33,8 +33,9 @@ def token_kl_forward(logits, ref_logits, labels, *, ignore_index, shift, tempera
         # log p_ref − log p_θ = (zr − lse_r) − (z − lse) = (d_r − d) − (log s_r − log s) with
         # d = z − m: relative to the rows' maxima, nothing of size |m| + log V is subtracted.
         d_lse = log_s_r - log_s
-        # Entries with p_ref = 0 contribute 0 (not 0·(−inf − z) = NaN).
-        terms = torch.where(p_ref > 0, p_ref * ((d_r - d) - d_lse.unsqueeze(-1)), 0.0)
+        # Entries with p_ref = 0 contribute 0 (not 0·(−inf − z) = NaN); only those: a NaN
+        # reference row stays NaN, as on the Triton path, never a plausible KL of 0.
+        terms = torch.where(p_ref == 0, 0.0, p_ref * ((d_r - d) - d_lse.unsqueeze(-1)))
         kl[b, pos] = terms.sum(-1)
         lse[b, rows] = lse_pair(m, log_s, m_err)
         lse_r[b, rows] = lse_pair(m_r, log_s_r, m_err_r)

@@ -168,8 +168,9 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
             logq = d - log_s.unsqueeze(-1)
             p = logq.exp()
             if "entropy" in outs:
-                # p·log p is 0·(−inf) for −inf logits: count those entries as 0.
-                outs["entropy"][b, pos] = -torch.where(p > 0, p * logq, 0.0).sum(-1)
+                # p·log p is 0·(−inf) for −inf logits: count those entries as 0 (only those:
+                # a NaN row stays NaN, as on the Triton path, never a plausible 0).
+                outs["entropy"][b, pos] = -torch.where(p == 0, 0.0, p * logq).sum(-1)
             if "log_sum_sq_probs" in outs:
                 outs["log_sum_sq_probs"][b, pos] = torch.logsumexp(2.0 * logq, dim=-1)
         if "mean_logit" in outs or "is_top1" in outs:
@@ -210,7 +211,7 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
         if grad_entropy is not None:
             h = entropy[b, pos].to(cdt).unsqueeze(-1)
             g_h = grad_entropy[b, pos].to(cdt).unsqueeze(-1)
-            dz -= g_h * torch.where(p > 0, p * (logq + h), 0.0)
+            dz -= g_h * torch.where(p == 0, 0.0, p * (logq + h))
         if grad_log_sum_sq_probs is not None:
             inv_s2 = torch.exp(-log_sum_sq_probs[b, pos].to(cdt)).unsqueeze(-1)
             g_q = grad_log_sum_sq_probs[b, pos].to(cdt).unsqueeze(-1)
