@@ -12,6 +12,8 @@ import torch
 
 import pyfused_po
 
+from _fake_vocab_ranks import Recorded, fake_ranks
+
 V = 150  # not a multiple of the interpreter's 128-wide block
 TOL = 4e-6
 GRAD_TOL = 2e-6
@@ -221,23 +223,6 @@ def test_fused_kto_packed_with_empty_sequences_against_float64(backend, loss_typ
         assert max_err(got, want) <= 1e-6 * want.abs().max().item() + 1e-8
 
 
-class _Recorded(Exception):
-    pass
-
-
-class _FakeGather:
-    """Single-process stand-in for the vocabulary-parallel all_gather (as test_lse_offset)."""
-
-    def __init__(self, world):
-        self.recorded, self.rank = [None] * world, 0
-
-    def __call__(self, stats, group):
-        if any(s is None for s in self.recorded):
-            self.recorded[self.rank] = stats.clone()
-            raise _Recorded
-        return torch.stack(self.recorded)
-
-
 @pytest.mark.parametrize("backend", ("torch", "triton"))
 def test_vocab_parallel_with_a_slice_that_is_all_minus_inf(backend, monkeypatch):
     """One rank's slice is entirely −inf (its LSE pair is (−inf, 0)): the merge gives the
@@ -259,10 +244,7 @@ def test_vocab_parallel_with_a_slice_that_is_all_minus_inf(backend, monkeypatch)
     (grad_ref,) = torch.autograd.grad((ref + ent + 0.3 * lsq).sum(), x64)
 
     bounds = (0, 53, 100, V)
-    fake = _FakeGather(len(bounds) - 1)
-    monkeypatch.setattr(vocab_parallel, "all_gather_stats", fake)
-    monkeypatch.setattr(vocab_parallel, "_check_group", lambda group, vocab_start: None)
-    slices = list(enumerate(zip(bounds[:-1], bounds[1:])))
+    fake, slices = fake_ranks(monkeypatch, bounds)
 
     def forward(rank, v0, v1):
         fake.rank = rank
@@ -272,7 +254,7 @@ def test_vocab_parallel_with_a_slice_that_is_all_minus_inf(backend, monkeypatch)
             extras=("entropy", "log_sum_sq_probs"))
 
     for rank, (v0, v1) in slices:
-        with pytest.raises(_Recorded):
+        with pytest.raises(Recorded):
             forward(rank, v0, v1)
     grads = []
     for rank, (v0, v1) in slices:

@@ -22,6 +22,8 @@ import torch
 import pyfused_po
 from pyfused_po.distributed import vocab_parallel
 
+from _fake_vocab_ranks import Recorded, fake_ranks
+
 OFFSETS = (0.0, 1e3, 1e4, 3e4, 1e5)
 BACKENDS = ("torch", "triton")
 V = 150  # not a multiple of the interpreter's 128-wide block: body and masked edge
@@ -168,33 +170,6 @@ def test_linear_token_logprobs(backend, impl, offset):
         assert max_err(got, want) <= 1e-5 * want.abs().max().item() + GRAD_TOL
 
 
-class _Recorded(Exception):
-    """Raised by :class:`_FakeGather` on a rank's first pass, once its statistics are recorded."""
-
-
-class _FakeGather:
-    """Single-process stand-in for the vocabulary-parallel ``all_gather``: each rank's forward
-    runs twice, first up to the collective (its statistics are recorded), then with all
-    ranks' statistics gathered."""
-
-    def __init__(self, world):
-        self.recorded, self.rank = [None] * world, 0
-
-    def __call__(self, stats, group):
-        if any(s is None for s in self.recorded):
-            self.recorded[self.rank] = stats.clone()
-            raise _Recorded
-        return torch.stack(self.recorded)
-
-
-def _fake_ranks(monkeypatch, bounds):
-    """One process plays every rank of a vocabulary split at ``bounds``: ``(gather, [(rank, (v0, v1))])``."""
-    fake = _FakeGather(len(bounds) - 1)
-    monkeypatch.setattr(vocab_parallel, "all_gather_stats", fake)
-    monkeypatch.setattr(vocab_parallel, "_check_group", lambda group, vocab_start: None)
-    return fake, list(enumerate(zip(bounds[:-1], bounds[1:])))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_vocab_parallel_combine(backend, offset, monkeypatch):
@@ -208,7 +183,7 @@ def test_vocab_parallel_combine(backend, offset, monkeypatch):
     ref, ent_ref, grad_ref = float64_reference(x, y, w)
 
     bounds = (0, 53, 103, V)
-    fake, slices = _fake_ranks(monkeypatch, bounds)
+    fake, slices = fake_ranks(monkeypatch, bounds)
 
     def forward(rank, v0, v1):
         fake.rank = rank
@@ -217,7 +192,7 @@ def test_vocab_parallel_combine(backend, offset, monkeypatch):
             shard, y, group=object(), vocab_start=v0, extras=("entropy",), backend=backend)
 
     for rank, (v0, v1) in slices:
-        with pytest.raises(_Recorded):
+        with pytest.raises(Recorded):
             forward(rank, v0, v1)
     grads, outs = [], []
     for rank, (v0, v1) in slices:
@@ -247,7 +222,7 @@ def test_vocab_parallel_linear_combine(backend, offset, monkeypatch):
     gh_ref, gw_ref, gb_ref = torch.autograd.grad((g[0] * ref).sum(), (h64, w64, b64))
 
     bounds = (0, 40, w.shape[0])
-    fake, slices = _fake_ranks(monkeypatch, bounds)
+    fake, slices = fake_ranks(monkeypatch, bounds)
 
     def forward(rank, v0, v1):
         fake.rank = rank
@@ -259,7 +234,7 @@ def test_vocab_parallel_linear_combine(backend, offset, monkeypatch):
         return leaves, out
 
     for rank, (v0, v1) in slices:
-        with pytest.raises(_Recorded):
+        with pytest.raises(Recorded):
             forward(rank, v0, v1)
     gh, gws, gbs = 0.0, [], []
     for rank, (v0, v1) in slices:
