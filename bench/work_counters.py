@@ -189,22 +189,26 @@ def _dpo(seq_logps, batch):
     return -F.logsigmoid(batch["beta"] * margin).mean()
 
 
-def _pyfused_module(batch, budget, *, fused):
-    from pyfused_po import FusedPreferenceLoss
+def _module_chunk_tokens(batch, budget, fused, trainable):
+    """A module's ``chunk_tokens`` at this budget: the staged plan's chunk fills the budget; the
+    three-GEMM plan's is the library's rule (torch_backend.linear.gradient_chunk_size) at that
+    budget for a trainable head (a frozen head keeps the staged chunk)."""
     from pyfused_po.torch_backend.linear import gradient_chunk_size
 
-    V = batch["weight"].shape[0]
+    V, D = batch["weight"].shape
+    staged = max(1, budget // V)
+    M = int((batch["labels"] != -100).sum())
+    return gradient_chunk_size(M, D, min(staged, M)) if fused and trainable else staged
+
+
+def _pyfused_module(batch, budget, *, fused):
+    from pyfused_po import FusedPreferenceLoss
 
     def step(hidden, weight):
         module = FusedPreferenceLoss("sigmoid", beta=batch["beta"], backend="torch", linear_impl="chunked",
                                      logit_metrics=False)
         module.fused_gradient = fused
-        staged = max(1, budget // V)
-        # The staged plan's chunk fills the budget; the three-GEMM plan's is the library's rule
-        # (torch_backend.linear.gradient_chunk_size) at that budget.
-        M, D = int((batch["labels"] != -100).sum()), batch["weight"].shape[1]
-        wide = fused and weight.requires_grad  # (a frozen head keeps the staged chunk)
-        module.chunk_tokens = gradient_chunk_size(M, D, min(staged, M)) if wide else staged
+        module.chunk_tokens = _module_chunk_tokens(batch, budget, fused, weight.requires_grad)
         out = module(hidden=hidden, weight=weight, labels=batch["labels"],
                      ref_chosen_logps=batch["ref_chosen"], ref_rejected_logps=batch["ref_rejected"])
         out.loss.backward()
@@ -215,9 +219,7 @@ def _pyfused_kto(batch, budget, *, fused):
     """FusedKTOLoss on the same rows: the chosen half desirable, the rejected half undesirable,
     the precomputed reference sums, a given KL point."""
     from pyfused_po import FusedKTOLoss
-    from pyfused_po.torch_backend.linear import gradient_chunk_size
 
-    V = batch["weight"].shape[0]
     P = batch["ref_chosen"].shape[0]
     desirable = torch.arange(2 * P) < P
     ref = torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
@@ -225,10 +227,7 @@ def _pyfused_kto(batch, budget, *, fused):
     def step(hidden, weight):
         module = FusedKTOLoss(beta=batch["beta"], backend="torch", linear_impl="chunked")
         module.fused_gradient = fused
-        staged = max(1, budget // V)
-        M, D = int((batch["labels"] != -100).sum()), batch["weight"].shape[1]
-        # As for the preference module: the three-GEMM plan's chunk is the library's rule at this budget.
-        module.chunk_tokens = gradient_chunk_size(M, D, min(staged, M)) if fused else staged
+        module.chunk_tokens = _module_chunk_tokens(batch, budget, fused, weight.requires_grad)
         out = module(hidden=hidden, weight=weight, labels=batch["labels"], is_desirable=desirable, ref_logps=ref,
                      kl=0.1)
         out.loss.backward()

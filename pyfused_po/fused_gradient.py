@@ -40,9 +40,10 @@ PLACEHOLDER_LOGP = -1.0
 # over C tokens it does 2·C·V·D FLOPs for 8·V·D bytes, C/4 FLOP/byte.  Under ~1024 tokens that is
 # below an H100's bf16 balance (~200–300 FLOP/byte) and the accumulator traffic costs more than
 # the saved GEMM: the staged path (vocabulary-outer, dW written once) is faster.  The default
-# chunk (torch_backend.linear.gradient_chunk_size, min(4096, D) tokens) is above it at real heads; only an explicit
-# ``module.chunk_tokens`` below it falls back, when the batch needs more than one chunk.  A
-# prediction from the model in bench/work_counters.py, to be checked on a GPU.
+# chunk (torch_backend.linear.gradient_chunk_size, min(4096, D) tokens or the staged chunk) is
+# above it for D ≥ 1024; smaller heads at large vocabularies, or a ``module.chunk_tokens`` under
+# it, fall back when the batch needs more than one chunk.  A prediction from the model in
+# bench/work_counters.py, to be checked on a GPU.
 MIN_CUDA_CHUNK_TOKENS = 1024
 
 
