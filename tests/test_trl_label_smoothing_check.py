@@ -34,3 +34,15 @@ def test_types_trl_smooths_still_compare_values(loss_type):
     lines = dpo_config_mismatches(_trainer(loss_type, 0.2), FusedPreferenceLoss(loss_type, beta=0.1,
                                                                                label_smoothing=0.1))
     assert lines == [f"label_smoothing: DPOConfig 0.2, loss_fn 0.1 (used by ['{loss_type}'])"], lines
+
+
+def test_mixed_types_check_both_rules():
+    # sigmoid + robust share one label_smoothing in pyfused_po; TRL smooths robust with DPOConfig's
+    # value and sigmoid not at all, so no single value matches a DPOConfig of 0.1.
+    trainer = _trainer("sigmoid", 0.1)
+    trainer.loss_types, trainer.loss_weights = ["sigmoid", "robust"], [1.0, 1.0]
+    unsmoothed = dpo_config_mismatches(trainer, FusedPreferenceLoss(["sigmoid", "robust"], beta=0.1))
+    assert unsmoothed == ["label_smoothing: DPOConfig 0.1, loss_fn 0.0 (used by ['robust'])"], unsmoothed
+    smoothed = dpo_config_mismatches(trainer, FusedPreferenceLoss(["sigmoid", "robust"], beta=0.1,
+                                                                  label_smoothing=0.1))
+    assert len(smoothed) == 1 and "ignores DPOConfig's label_smoothing" in smoothed[0], smoothed

@@ -80,13 +80,15 @@ def dpo_config_mismatches(trainer, loss_fn):
         if not takers or trl_value is None:
             continue
         value = loss_fn.hyperparameters.get(name, get_objective(takers[0]).hyperparameters[name])
-        ignored = [t for t in takers if t in TRL_DPO_LOSS_TYPES and t not in TRL_SMOOTHED_LOSS_TYPES]
-        if name == "label_smoothing" and ignored and _differ(0.0, value):
-            # TRL's own loss is unsmoothed there, whatever DPOConfig says: smoothing would train differently.
+        # TRL's own loss is unsmoothed for these whatever DPOConfig says: smoothing would train differently.
+        ignored = [t for t in takers if name == "label_smoothing" and t in TRL_DPO_LOSS_TYPES
+                   and t not in TRL_SMOOTHED_LOSS_TYPES]
+        readers = [t for t in takers if t not in ignored]
+        if ignored and _differ(0.0, value):
             out.append(f"label_smoothing: TRL's {ignored} ignores DPOConfig's label_smoothing "
                        f"({trl_value}), loss_fn smooths with {value}; use label_smoothing=0.0")
-        elif not (name == "label_smoothing" and ignored) and _differ(trl_value, value):
-            out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {takers})")
+        if readers and _differ(trl_value, value):
+            out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {readers})")
     return out
 
 
