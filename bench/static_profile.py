@@ -62,13 +62,13 @@ def _token_common():
 
 def launch_of(name, V):
     """The recorded launch of kernel ``name`` at vocabulary ``V`` (headline token count)."""
-    from kernels import linear_launch, token_kl_launch, token_launch
-    from kernels.linear_backward import linear_backward_kernel
-    from kernels.linear_forward import linear_forward_kernel
-    from kernels.token_backward import token_backward_kernel
-    from kernels.token_forward import token_forward_kernel
-    from kernels.token_kl_backward import token_kl_backward_kernel
-    from kernels.token_kl_forward import token_kl_forward_kernel
+    from pyfused_po.kernels import linear_launch, token_kl_launch, token_launch
+    from pyfused_po.kernels.linear_backward import linear_backward_kernel
+    from pyfused_po.kernels.linear_forward import linear_forward_kernel
+    from pyfused_po.kernels.token_backward import token_backward_kernel
+    from pyfused_po.kernels.token_forward import token_forward_kernel
+    from pyfused_po.kernels.token_kl_backward import token_kl_backward_kernel
+    from pyfused_po.kernels.token_kl_forward import token_kl_forward_kernel
 
     B, T = TOKENS_B, TOKENS_T
     x, r = _meta(B, T, V), _meta(B, T, V)

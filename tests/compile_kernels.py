@@ -47,9 +47,9 @@ def transform(softcap, negative_scale=False):
 
 
 def token_cases():
-    from kernels import token_launch as tk
-    from kernels.token_backward import token_backward_kernel
-    from kernels.token_forward import token_forward_kernel
+    from pyfused_po.kernels import token_launch as tk
+    from pyfused_po.kernels.token_backward import token_backward_kernel
+    from pyfused_po.kernels.token_forward import token_forward_kernel
 
     y, f, pairs = meta(B, T, dtype=torch.int64), meta(B, T), meta(B, T, 2)  # pairs: LSE (hi, lo)
     for dtype in DTYPES:
@@ -72,9 +72,9 @@ def token_cases():
 
 
 def token_kl_cases():
-    from kernels import token_kl_launch as kl
-    from kernels.token_kl_backward import token_kl_backward_kernel
-    from kernels.token_kl_forward import token_kl_forward_kernel
+    from pyfused_po.kernels import token_kl_launch as kl
+    from pyfused_po.kernels.token_kl_backward import token_kl_backward_kernel
+    from pyfused_po.kernels.token_kl_forward import token_kl_forward_kernel
 
     y, f, pairs = meta(B, T, dtype=torch.int64), meta(B, T), meta(B, T, 2)
     for dtype in DTYPES:
@@ -94,9 +94,9 @@ def token_kl_cases():
 
 
 def linear_cases():
-    from kernels import linear_launch as ll
-    from kernels.linear_backward import linear_backward_kernel
-    from kernels.linear_forward import linear_forward_kernel
+    from pyfused_po.kernels import linear_launch as ll
+    from pyfused_po.kernels.linear_backward import linear_backward_kernel
+    from pyfused_po.kernels.linear_forward import linear_forward_kernel
 
     rows, g, pairs = meta(N, dtype=torch.int64), meta(N), meta(N, 2)
     for dtype in DTYPES:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pyfused_po
-from kernels import token_launch
+from pyfused_po.kernels import token_launch
 from reference import max_rel_err, token_logprobs_ref, transformed_logits
 
 EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
