@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .cpu_load import load_average
+
 REPO = Path(__file__).resolve().parent.parent
 
 LIBRARIES = ("pyfused_po", "torch", "triton", "trl", "liger-kernel", "cut-cross-entropy",
@@ -57,8 +59,8 @@ def environment(device, argv=None) -> dict:
     }
     if device.type != "cuda":
         info["cpu_threads"] = torch.get_num_threads()
-        if hasattr(os, "getloadavg"):
-            info["load_average"] = list(os.getloadavg())  # CPU times move with other processes' load
+        info["cpu_cores"] = os.cpu_count()
+        info["load_average"] = load_average()  # CPU times move with other processes' load
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(

@@ -99,6 +99,8 @@ def render_cpu(summary):
     """The whole Markdown report of a CPU run."""
     records, notes = summary["records"], summary.get("notes", [])
     parts = ["# pyfused_po benchmark results: CPU", "", CAVEATS, "", _cpu_stamp(summary["environment"]), ""]
+    if summary.get("timing_warning"):
+        parts += [f"**Timings not meaningful:** {summary['timing_warning']}.", ""]
     for note in notes:
         parts.append(f"**Note:** {note}\n")
     for key in dict.fromkeys(r["case"] for r in records):
@@ -114,10 +116,12 @@ def render_cpu(summary):
 
 def _cpu_stamp(env):
     libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items() if v)
-    load = env.get("load_average")
-    lines = [f"- device: **{env.get('device')}**, {env.get('cpu_threads', '?')} torch threads"
+    load, end = env.get("load_average"), env.get("load_average_end")
+    lines = [f"- device: **{env.get('device')}**, {env.get('cpu_cores', '?')} cores, "
+             f"{env.get('cpu_threads', '?')} torch threads"
              + (f", load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the start"
-                if load else ""),
+                if load else "")
+             + (f", {end[0]:.1f} (1 min) at the end of the timings" if end else ""),
              f"- date: {env.get('date_utc')}; command: `{env.get('command')}`; commit {env.get('git_commit')}",
              f"- libraries: {libs}"]
     return "\n".join(lines)

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from bench import cases as cases_mod  # noqa: E402
 from bench import max_context, real_inputs, roofline, work_counters  # noqa: E402
+from bench.cpu_load import load_average, timing_warning  # noqa: E402
 from bench.cpu_memory import measure_memory  # noqa: E402
 from bench.env_info import environment, slug  # noqa: E402
 from bench.measure import measure_case  # noqa: E402
@@ -38,7 +39,15 @@ from bench.report_cpu import render_cpu  # noqa: E402
 from bench.report_md import render  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-CPU_RESULTS = RESULTS / "cpu"
+# Where a run writes when no --out is given: a new folder per run, git-ignored, so the main job
+# never overwrites the committed results (bench/results/<device>/ are written only on request).
+LOCAL_RESULTS = RESULTS / "local"
+
+
+def default_out_dir(env):
+    """``bench/results/local/<device>-<UTC date and time>/``: new for every run."""
+    stamp = env["date_utc"].replace(":", "").replace("+0000", "Z")
+    return LOCAL_RESULTS / f"{slug(env['device'])}-{stamp}"
 
 
 def _csv(kind):
@@ -62,7 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--only-max-context", action="store_true", help="skip the sweep (GPU only)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--out", default=None, help="results folder (default on GPU: bench/results/<gpu>)")
+    p.add_argument("--out", default=None,
+                   help="results folder, merged into (default: a new bench/results/local/<device>-<time>/; "
+                        "the committed results are bench/results/<device>/, written only when named here)")
     p.add_argument("--fresh", action="store_true", help="replace, not merge with, existing results")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--toy", action="store_true",
@@ -166,8 +177,14 @@ def cpu_run(args, env, cases):
     summary = {"environment": env, "roofline": {}, "records": [], "max_context": [], "runs": [env]}
     # 1. inputs: the real model's activations at its head shapes (or random, noted)
     cases, tensors, summary["notes"] = cpu_inputs(cases)
-    # 2. value check against a float64 reference, then timings (median, min–max of the reps)
+    # 2. value check against a float64 reference, then timings (median, min–max of the reps),
+    #    with the machine's load at both ends: a busy machine's timings are flagged, not trusted
     summary["records"] = sweep(cases, args, cpu, {}, tensors)
+    env["load_average_end"] = load_average()
+    loads = [x[0] for x in (env.get("load_average"), env["load_average_end"]) if x]
+    summary["timing_warning"] = timing_warning(loads or None, env.get("cpu_cores"), env.get("cpu_threads"))
+    if summary["timing_warning"]:
+        print("warning: " + summary["timing_warning"], flush=True)
     # 3. peak memory: each method's own fresh process, above a baseline process
     if not args.no_memory:
         print("memory: one fresh process per method and a baseline per case ...", flush=True)
@@ -192,6 +209,9 @@ def _pointers(out_dir):
     """Where to read further: result folders that exist (never a placeholder path)."""
     gpu = sorted(p.parent for p in RESULTS.glob("*/summary.json") if _is_gpu_run(p))
     lines = [f"CPU results: {Path(out_dir) / 'README.md'}"] if out_dir is not None else []
+    committed = RESULTS / "cpu" / "README.md"
+    if committed.is_file() and (out_dir is None or Path(out_dir).resolve() != committed.parent.resolve()):
+        lines.append(f"Committed CPU results (a quiet machine): {committed}")
     if gpu:
         lines.append("GPU results: " + ", ".join(str(p / "README.md") for p in gpu))
     else:
@@ -217,7 +237,7 @@ def main(argv=None):
         if want_mc:
             summary["max_context"] = run_max_context(args, device)
     print(render_any(summary))
-    out_dir = args.out or (RESULTS / slug(env["device"]) if device.type == "cuda" else CPU_RESULTS)
+    out_dir = Path(args.out) if args.out else default_out_dir(env)
     for p in save(out_dir, summary, args.fresh):
         print(f"wrote {p}")
     if device.type != "cuda":

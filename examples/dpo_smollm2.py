@@ -146,6 +146,7 @@ def plot(results, path, args):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_margin, ax_mem) = plt.subplots(1, 3, figsize=(15, 4.2))
     styles = {"trl": dict(lw=3, alpha=0.5), "trl+pyfused_po": dict(lw=1.5, ls="--", marker="o"),
@@ -156,6 +157,8 @@ def plot(results, path, args):
         ax_margin.plot(x, [s["rewards/margins"] for s in r["steps"]], label=r["label"], **styles[r["mode"]])
     ax_loss.set(title="loss", xlabel="step")
     ax_margin.set(title="rewards/margins (β·(r_chosen − r_rejected))", xlabel="step")
+    for ax in (ax_loss, ax_margin):  # optimizer steps are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.legend(fontsize=8)
     names = [r["mode"] for r in results]
     before = [r["rss_before_train_mb"] for r in results]
@@ -165,12 +168,14 @@ def plot(results, path, args):
     for i, p in enumerate(peak):
         ax_mem.text(i, p, f"{p:.0f}", ha="center", va="bottom", fontsize=9)
     ax_mem.set(title="memory, MB (process high-water mark)", ylim=(0, max(peak) * 1.15))
-    ax_mem.legend(fontsize=8, loc="lower right")
+    # below the axes, where no bar can be
+    ax_mem.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.suptitle(f"SmolLM2-135M-Instruct, fp32 CPU, DPO on the shipped pairs: {args.steps} steps × "
                  f"{args.batch_size} pairs, lr {args.lr:g}, β {args.beta:g}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def main(argv=None):

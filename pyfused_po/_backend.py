@@ -29,17 +29,27 @@ def resolve(backend: str, tensor: torch.Tensor) -> str:
     return backend
 
 
+def triton_kernels():
+    """``pyfused_po.kernels`` (importing Triton), with an error that names what is really missing.
+
+    Triton itself may be absent (macOS, Windows), or present but unable to run: its CPU
+    interpreter (``TRITON_INTERPRET=1``) imports numpy, which Triton does not declare.
+    """
+    try:
+        from . import kernels
+    except ImportError as err:
+        missing = getattr(err, "name", None) or "triton"
+        raise ImportError(
+            f"backend='triton' could not import {missing!r} ({err}); "
+            f"pip install {missing.split('.')[0]}, or use backend='torch' without Triton"
+        ) from err
+    return kernels
+
+
 def token_ops(name: str):
     """The module providing ``token_forward`` / ``token_backward`` for a resolved backend."""
     if name == "triton":
-        try:
-            from . import kernels
-        except ImportError as err:  # triton missing (e.g. macOS) or broken
-            raise ImportError(
-                "backend='triton' needs the triton package (pip install triton); "
-                "use backend='torch' without it"
-            ) from err
-        return kernels
+        return triton_kernels()
     from . import torch_backend
 
     return torch_backend

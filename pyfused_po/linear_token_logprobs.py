@@ -31,6 +31,7 @@ so the backward is an elementwise scale: two GEMMs per step instead of three
 import torch
 
 from . import _dispatch
+from ._backend import triton_kernels
 from .autograd_guard import first_derivative_only
 from .grad_filter import resolve_grad_filter, validate_grad_filter
 from .mixed_precision import autocast_off, cast_operands, head_matmul_dtype
@@ -60,13 +61,12 @@ def _ops(backend, impl, chunk_tokens):
     """The object providing ``linear_forward`` / ``linear_backward`` for a resolved choice."""
     if backend == "torch":
         return _Chunked(_torch_fold, chunk_tokens)
-    try:
-        from . import kernels
+    kernels = triton_kernels()  # names what is missing (triton, or numpy for the interpreter)
+    if impl == "fused":
         from .kernels import linear_launch
-    except ImportError as err:  # triton missing (e.g. macOS) or broken
-        raise ImportError("backend='triton' needs the triton package (pip install triton); "
-                          "use backend='torch' without it") from err
-    return linear_launch if impl == "fused" else _Chunked(kernels, chunk_tokens)
+
+        return linear_launch
+    return _Chunked(kernels, chunk_tokens)
 
 
 _SAVED = ("entropy", "log_sum_sq_probs")

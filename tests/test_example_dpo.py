@@ -40,8 +40,15 @@ def test_plot_is_written(example, tmp_path):
     class Args:
         steps, batch_size, lr, beta = 3, 2, 2e-5, 0.1
 
-    example.plot(_results(example), path, Args)
+    fig = example.plot(_results(example), path, Args)
     assert path.stat().st_size > 10_000
+    ax_loss, ax_margin, ax_mem = fig.axes
+    for ax in (ax_loss, ax_margin):  # steps are whole numbers: no 1.25, 1.50, ... ticks
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    legend = ax_mem.get_legend().get_window_extent()  # display boxes as saved
+    bars = [p.get_window_extent() for p in ax_mem.patches]
+    assert bars and not any(legend.overlaps(b) for b in bars)  # the legend hides no bar
 
 
 @pytest.mark.parametrize("argv, named", [(["--steps", "0"], "--steps"), (["--runs", "trl,nope"], "nope")])

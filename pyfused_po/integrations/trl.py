@@ -30,7 +30,7 @@ from .. import _dispatch
 from ..linear_token_logprobs import linear_token_logprobs
 from .hf import backbone, lm_head_transform, with_lm_head
 from .lora_head import lora_head_operands
-from .trl_head import PATCH_MARK, head_owner, trl_head_settings
+from .trl_head import PATCH_MARK, head_owner, require_causal_lm, trl_head_settings
 
 __all__ = ["SUPPORTED_TRL", "apply", "patch_model", "use_preference_loss", "check_trl_version",
            "trl_head_settings"]
@@ -128,6 +128,7 @@ def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=N
     from trl.trainer.utils import FusedCausalLMOutput
 
     target = head_owner(model)
+    require_causal_lm(target, "pyfused_po.integrations.trl.patch_model")
     found = trl_head_settings(target) or dict(temperature=1.0, cast_lm_head_to_fp32=False, outputs=_ALL_OUTPUTS)
     outputs = tuple(found["outputs"] if outputs is None else outputs)
     temperature = float(found["temperature"] if temperature is None else temperature)

@@ -36,6 +36,18 @@ def head_owner(model):
     return get_base() if callable(get_base) else model
 
 
+def require_causal_lm(model, who):
+    """``TypeError`` unless ``model`` (unwrapped by :func:`head_owner`) is a Transformers-style causal
+    LM: a ``config`` and an output embedding with a 2-D ``weight`` (the LM head the patch computes with)."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    weight = getattr(head, "weight", None)
+    if getattr(model, "config", None) is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"{who} takes a Transformers causal LM (a config and get_output_embeddings() returning the LM "
+            f"head), a PEFT model or an FSDP1 / DDP wrapper around one, or a TRL trainer; got "
+            f"{type(model).__name__}, which has no such head")
+
+
 def _closure(fn):
     func = getattr(fn, "__func__", fn)
     code = getattr(func, "__code__", None)
