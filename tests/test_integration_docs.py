@@ -93,7 +93,10 @@ def test_readme_block_runs(title, index, code, capsys, tmp_path, monkeypatch):
         warnings.simplefilter("always")
         exec(compile(code, f"{DOC}:{title}[{index}]", "exec"), {"__name__": "__readme__"})
     if title not in WARNS_UPSTREAM:  # a newcomer copying a block sees no warning
-        assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+        # (numpy's inf − inf in masked lanes of Triton's CPU interpreter is the test set-up's, not the block's)
+        seen = [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught
+                if f"{os.sep}triton{os.sep}" not in w.filename]
+        assert not seen, seen
     check = CHECKS.get(title)
     if check is not None:
         check(index, capsys.readouterr().out)
