@@ -1,0 +1,311 @@
+"""Listwise objectives on groups of K responses (issue 25): values and gradients in float64
+against formulas written here from the definitions, the K = 2 equalities with the pair
+losses, the group layouts and their named errors."""
+import math
+
+import pytest
+import torch
+
+import pyfused_po
+from pyfused_po.listwise_loss import NOT_ON_GROUPS, listwise_preference_loss
+from pyfused_po.objectives.listwise import listwise_types
+
+F64 = torch.float64
+
+
+def _batch(S, seed, score_values=None):
+    g = torch.Generator().manual_seed(seed)
+    logps = (-5.0 * torch.rand(S, generator=g, dtype=F64)).requires_grad_()
+    ref = -5.0 * torch.rand(S, generator=g, dtype=F64)
+    if score_values is None:
+        scores = torch.randperm(S, generator=g).to(F64)
+    else:
+        scores = torch.tensor(score_values, dtype=F64)
+    lengths = torch.randint(1, 9, (S,), generator=g).to(F64)
+    return logps, ref, scores, lengths
+
+
+def _groups(scores, group_ids):
+    """{g: member ids by descending score, ties in sequence order} (plain Python)."""
+    out = {}
+    for i, g in enumerate(group_ids):
+        out.setdefault(int(g), []).append(i)
+    return [sorted(out[g], key=lambda i: -float(scores[i])) for g in sorted(out)]
+
+
+def _log_sum_exp(values):
+    top = max(v.item() for v in values)
+    return top + torch.log(sum(torch.exp(v - top) for v in values))
+
+
+def _log_sigmoid(x):
+    return -torch.log1p(torch.exp(-x)) if x.item() >= 0 else x - torch.log1p(torch.exp(x))
+
+
+# Each reference: one group's loss from its u (members by descending score) and scores.
+def _ref_plackett_luce(u, psi, top_m=None):
+    m = len(u) if top_m is None else min(top_m, len(u))
+    return -sum(u[k] - _log_sum_exp(u[k:]) for k in range(m))
+
+
+def _ref_softmax_dpo(u, psi):
+    return -_log_sigmoid(-_log_sum_exp([u[j] - u[0] for j in range(1, len(u))]))
+
+
+def _ref_lipo_lambda(u, psi):
+    by_u = sorted(range(len(u)), key=lambda i: -u[i].item())  # stable: ties in row order
+    rank = {i: r + 1 for r, i in enumerate(by_u)}
+    total = 0.0
+    for i in range(len(u)):
+        for j in range(len(u)):
+            if psi[i] > psi[j]:
+                gain = abs((2.0 ** psi[i] - 1) - (2.0 ** psi[j] - 1))
+                disc = abs(1 / math.log(1 + rank[i]) - 1 / math.log(1 + rank[j]))
+                total = total - gain * disc * _log_sigmoid(u[i] - u[j])
+    return total
+
+
+def _ref_pairwise(pair_loss):
+    def group_loss(u, psi, members=None):
+        pairs = [(i, j) for i in range(len(u)) for j in range(len(u)) if psi[i] > psi[j]]
+        return sum(pair_loss(i, j) for i, j in pairs) / len(pairs)
+    return group_loss
+
+
+def _reference(loss_of_group, logps, ref, scores, group_ids, beta):
+    """[G] losses from a per-group reference, in torch float64 scalars (for autograd)."""
+    out = []
+    for members in _groups(scores, group_ids):
+        u = [beta * (logps[i] - ref[i]) for i in members]
+        psi = [float(scores[i]) for i in members]
+        out.append(loss_of_group(u, psi))
+    return torch.stack(out)
+
+
+def _assert_same(ours, theirs, logps, tol=1e-12):
+    assert torch.allclose(ours, theirs, rtol=tol, atol=tol), (ours, theirs)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logps, retain_graph=True)
+    (g_theirs,) = torch.autograd.grad(theirs.sum(), logps)
+    assert torch.allclose(g_ours, g_theirs, rtol=1e-10, atol=1e-12), (g_ours, g_theirs)
+
+
+RAGGED_IDS = [2, 0, 1, 0, 2, 1, 0, 2, 2, 1]  # groups of 3, 3 and 4, interleaved
+
+
+@pytest.mark.parametrize("top_m", [None, 1, 2, 7])
+def test_plackett_luce_matches_formula(top_m):
+    logps, ref, scores, _ = _batch(10, seed=1)
+    ids = torch.tensor(RAGGED_IDS)
+    out = listwise_preference_loss(logps, ref, scores, group_index=ids, loss_type="plackett_luce", beta=0.7,
+                                   top_m=top_m)
+    expected = _reference(lambda u, psi: _ref_plackett_luce(u, psi, top_m), logps, ref, scores, RAGGED_IDS, 0.7)
+    _assert_same(out.losses, expected, logps)
+    assert torch.allclose(out.loss, expected.mean(), rtol=1e-12)
+
+
+def test_softmax_dpo_matches_formula():
+    logps, ref, scores, _ = _batch(10, seed=2)
+    out = listwise_preference_loss(logps, ref, scores, group_index=torch.tensor(RAGGED_IDS),
+                                   loss_type="softmax_dpo", beta=0.4)
+    _assert_same(out.losses, _reference(_ref_softmax_dpo, logps, ref, scores, RAGGED_IDS, 0.4), logps)
+
+
+def test_lipo_lambda_matches_formula_with_tied_grades():
+    # Graded scores with ties (tied members form no pair); u spread so the policy ranks differ from ψ.
+    logps, ref, _, _ = _batch(10, seed=3)
+    scores = torch.tensor([2.0, 1.0, 3.0, 2.0, 0.0, 2.0, 1.0, 2.0, 2.0, 0.0], dtype=F64)
+    out = listwise_preference_loss(logps, ref, scores, group_index=torch.tensor(RAGGED_IDS),
+                                   loss_type="lipo_lambda", beta=1.3)
+    _assert_same(out.losses, _reference(_ref_lipo_lambda, logps, ref, scores, RAGGED_IDS, 1.3), logps)
+
+
+def test_plackett_luce_top_1_is_softmax_dpo():
+    logps, ref, scores, _ = _batch(12, seed=4)
+    a = listwise_preference_loss(logps, ref, scores, group_size=4, loss_type="plackett_luce", top_m=1)
+    b = listwise_preference_loss(logps, ref, scores, group_size=4, loss_type="softmax_dpo")
+    assert torch.allclose(a.losses, b.losses, rtol=1e-12)
+
+
+def _sigmoid_pair(u, eps):
+    return lambda i, j: -(1 - eps) * _log_sigmoid(u[i] - u[j]) - eps * _log_sigmoid(u[j] - u[i])
+
+
+PAIRWISE_CASES = {
+    # name: (hyper-parameters, reference of one ordered pair from (u, r = ℓ − ℓʳ, ℓ, n) by position)
+    "sigmoid": ({"label_smoothing": 0.2},
+                lambda u, r, l, n, beta: _sigmoid_pair(u, 0.2)),
+    "hinge": ({}, lambda u, r, l, n, beta: lambda i, j: torch.clamp(1 - (u[i] - u[j]), min=0.0)),
+    "ipo": ({}, lambda u, r, l, n, beta: lambda i, j: (r[i] / n[i] - r[j] / n[j] - 1 / (2 * beta)) ** 2),
+    "simpo": ({"simpo_gamma": 0.3},
+              lambda u, r, l, n, beta: lambda i, j: -_log_sigmoid(beta * (l[i] / n[i] - l[j] / n[j]) - 0.3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRWISE_CASES))
+def test_pairwise_loss_is_mean_over_ordered_pairs(name):
+    """Ties (scores 3, 1, 1) form no pair: that group has two ordered pairs, not three."""
+    hyper, pair_ref = PAIRWISE_CASES[name]
+    beta = 0.6
+    logps, ref, _, lengths = _batch(10, seed=5)
+    scores = torch.tensor([3.0, 0.0, 1.0, 1.0, 5.0, 2.0, 1.0, 4.0, 2.0, 9.0], dtype=F64)
+    out = listwise_preference_loss(logps, ref, scores, group_index=torch.tensor(RAGGED_IDS), loss_type=name,
+                                   beta=beta, lengths=lengths, **hyper)
+    expected = []
+    for members in _groups(scores, RAGGED_IDS):
+        r = [logps[i] - ref[i] for i in members]
+        u = [beta * x for x in r]
+        psi = [float(scores[i]) for i in members]
+        one = pair_ref(u, r, [logps[i] for i in members], [lengths[i] for i in members], beta)
+        expected.append(_ref_pairwise(one)(u, psi))
+    _assert_same(out.losses, torch.stack(expected), logps)
+
+
+@pytest.mark.parametrize("name", sorted(listwise_types()))
+def test_listwise_gradients_by_finite_differences(name):
+    _, ref, scores, _ = _batch(10, seed=6)
+    ids = torch.tensor(RAGGED_IDS)
+
+    def f(x):
+        return listwise_preference_loss(x, ref, scores, group_index=ids, loss_type=name, beta=0.9).loss
+
+    x = _batch(10, seed=7)[0].detach().requires_grad_()
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+PAIR_TYPES = sorted(set(pyfused_po.loss_types()) - set(NOT_ON_GROUPS) - set(listwise_types()))
+
+
+def _pairs_as_groups(P, seed):
+    """[chosen; rejected] sums of P pairs, and the same as groups of two (scores 1, 0)."""
+    g = torch.Generator().manual_seed(seed)
+    logps = (-6.0 * torch.rand(2 * P, generator=g, dtype=F64)).requires_grad_()
+    ref = -6.0 * torch.rand(2 * P, generator=g, dtype=F64)
+    lengths = torch.randint(0, 7, (2 * P,), generator=g).to(F64)
+    scores = torch.cat([torch.ones(P, dtype=F64), torch.zeros(P, dtype=F64)])
+    group_index = torch.cat([torch.arange(P), torch.arange(P)])
+    return logps, ref, lengths, scores, group_index
+
+
+def _compare_with_pairs(group_type, pair_type, hyper=None, seed=8, P=5):
+    hyper = hyper or {}
+    logps, ref, lengths, scores, group_index = _pairs_as_groups(P, seed)
+    ours = listwise_preference_loss(logps, ref, scores, group_index=group_index, loss_type=group_type, beta=0.3,
+                                    lengths=lengths, **hyper)
+    theirs = pyfused_po.preference_loss(logps[:P], logps[P:], ref[:P], ref[P:], loss_type=pair_type, beta=0.3,
+                                        chosen_lengths=lengths[:P], rejected_lengths=lengths[P:], **hyper)
+    _assert_same(ours.losses, theirs.losses, logps)
+    assert torch.allclose(ours.loss, theirs.loss, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(ours.rewards, torch.cat([theirs.chosen_rewards, theirs.rejected_rewards]), rtol=1e-12)
+    m, t = ours.metrics, theirs.metrics
+    for name, other in (("rewards/rank_0", "rewards/chosen"), ("rewards/rank_1", "rewards/rejected"),
+                        ("rewards/accuracies", "rewards/accuracies"), ("rewards/margins", "rewards/margins")):
+        assert torch.allclose(m[name], t[other], rtol=1e-12, atol=1e-15), name
+    return ours, theirs
+
+
+@pytest.mark.parametrize("loss_type", PAIR_TYPES)
+def test_every_pair_loss_on_groups_of_two_equals_the_pair_loss(loss_type):
+    ours, theirs = _compare_with_pairs(loss_type, loss_type)
+    for name, value in theirs.metrics.items():  # the loss's own metrics (nll_loss, log_odds_ratio, …)
+        if not name.startswith(("rewards/", "logps/")):
+            assert torch.allclose(ours.metrics[name], value, rtol=1e-12), name
+
+
+@pytest.mark.parametrize("group_type", ["plackett_luce", "softmax_dpo"])
+def test_listwise_losses_on_groups_of_two_equal_dpo(group_type):
+    _compare_with_pairs(group_type, "sigmoid")
+
+
+@pytest.mark.parametrize("loss_type", sorted(listwise_types()))
+def test_listwise_losses_registered_on_pairs_equal_groups_of_two(loss_type):
+    """preference_loss(loss_type=<listwise>) on pairs is the listwise loss of groups of two."""
+    _compare_with_pairs(loss_type, loss_type)
+
+
+def test_group_index_in_any_order_equals_group_size():
+    logps, ref, scores, lengths = _batch(12, seed=9)
+    base = listwise_preference_loss(logps, ref, scores, group_size=3, loss_type=["plackett_luce", "sigmoid"],
+                                    loss_weights=[1.0, 0.5], beta=0.2, lengths=lengths)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    ids = torch.arange(12) // 3
+    out = listwise_preference_loss(logps[perm], ref[perm], scores[perm], group_index=ids[perm],
+                                   loss_type=["plackett_luce", "sigmoid"], loss_weights=[1.0, 0.5], beta=0.2,
+                                   lengths=lengths[perm])
+    _assert_same(out.losses, base.losses, logps)
+    assert torch.allclose(out.rewards, base.rewards[perm], rtol=1e-12)
+
+
+def test_nll_term_on_a_named_member_per_group():
+    logps, ref, scores, lengths = _batch(9, seed=10)
+    nll_index = torch.tensor([1, 5, 6])  # groups of 3: one member of each, not always the best
+    base = listwise_preference_loss(logps, ref, scores, group_size=3, loss_type="softmax_dpo")
+    out = listwise_preference_loss(logps, ref, scores, group_size=3, loss_type="softmax_dpo", lengths=lengths,
+                                   nll_index=nll_index, nll_alpha=0.25)
+    nll = -(logps[1] + logps[5] + logps[6]) / (lengths[1] + lengths[5] + lengths[6])
+    _assert_same(out.losses, base.losses + 0.25 * nll, logps)
+    assert torch.allclose(out.metrics["nll_loss"], nll.detach(), rtol=1e-12)
+
+
+def test_rank_metrics():
+    logps, ref, _, _ = _batch(6, seed=11)
+    scores = torch.tensor([0.0, 2.0, 1.0, 5.0, 7.0, 6.0], dtype=F64)
+    out = listwise_preference_loss(logps, ref, scores, group_size=3, loss_type="softmax_dpo", beta=2.0)
+    u = (2.0 * (logps - ref)).detach()
+    # Rows by descending score: group 0 = (1, 2, 0), group 1 = (4, 5, 3).
+    for k, (a, b) in enumerate([(1, 4), (2, 5), (0, 3)]):
+        assert torch.allclose(out.metrics[f"rewards/rank_{k}"], (u[a] + u[b]) / 2, rtol=1e-12)
+    pairs = [(1, 2), (1, 0), (2, 0), (4, 5), (4, 3), (5, 3)]
+    assert torch.allclose(out.metrics["rewards/accuracies"],
+                          torch.tensor(sum(float(u[i] > u[j]) for i, j in pairs) / 6, dtype=F64))
+    assert torch.allclose(out.metrics["rewards/margins"], sum(u[i] - u[j] for i, j in pairs) / 6, rtol=1e-12)
+
+
+def _errors_case(**change):
+    logps, ref, scores, lengths = _batch(6, seed=12)
+    kw = dict(policy_logps=logps, ref_logps=ref, scores=scores, group_size=3, loss_type="plackett_luce")
+    kw.update(change)
+    return kw
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(group_size=4), ValueError, "group_size=4 does not divide the 6 sequences"),
+    (dict(group_size=1), ValueError, "group_size must be an integer >= 2"),
+    (dict(group_size=None), ValueError, "exactly one of group_size"),
+    (dict(group_index=torch.tensor([0, 0, 1, 1, 2, 2])), ValueError, "exactly one of group_size"),
+    (dict(group_size=None, group_index=torch.tensor([0, 0, 2, 2, 3, 3])), ValueError, "group 1 is empty"),
+    (dict(group_size=None, group_index=torch.tensor([0, 0, 0, 1, 1, 2])), ValueError, "group 2 has one sequence"),
+    (dict(group_size=None, group_index=torch.tensor([0, 0, 0, -1, 1, 1])), ValueError, "group ids >= 0"),
+    (dict(group_size=None, group_index=torch.tensor([0, 0, 0, 1, 1, 2]), num_groups=2), ValueError,
+     r"group ids in \[0, 2\)"),
+    (dict(group_size=None, group_index=torch.tensor([0.0, 0, 0, 1, 1, 1])), TypeError, "group_index must be an int"),
+    (dict(group_size=None, group_index=torch.tensor([0, 0, 1, 1])), ValueError, r"group_index must have shape \(6,\)"),
+    (dict(scores=torch.tensor([1.0, float("nan"), 0, 1, 2, 3], dtype=F64)), ValueError,
+     "scores must be finite.*sequence 1"),
+    (dict(scores=torch.tensor([1.0, 2.0, 3.0], dtype=F64)), ValueError, r"scores must have shape \(6,\)"),
+    (dict(scores=None), ValueError, "scores=\\[S\\] is required"),
+    (dict(scores=torch.tensor([1.0, 1, 1, 0, 1, 2], dtype=F64)), ValueError, "group 0: all its scores tie"),
+    (dict(scores=torch.tensor([2.0, 1, 0, 1, 2, 2], dtype=F64)), ValueError,
+     "plackett_luce.*group 1 ties two of its first"),
+    (dict(scores=torch.tensor([2.0, 1, 0, 3, 3, 2], dtype=F64), loss_type="softmax_dpo"), ValueError,
+     "group 1 has two best responses"),
+    (dict(ref_logps=None), ValueError, "needs ref_logps"),
+    (dict(loss_type="aot"), ValueError, "'aot' does not apply to groups"),
+    (dict(loss_type="plackett_luce", top_m=0), ValueError, "top_m must be None"),
+    (dict(loss_type="sigmoid", label_smoothing=torch.full((6,), 0.1)), ValueError, "per-pair tensor"),
+    (dict(nll_index=torch.tensor([0, 1]), lengths=torch.ones(6, dtype=F64)), ValueError,
+     "nll_index\\[1\\] = 1 is a sequence of group 0"),
+    (dict(nll_index=torch.tensor([0, 9]), lengths=torch.ones(6, dtype=F64)), ValueError, r"in \[0, 6\)"),
+    (dict(nll_index=torch.tensor([0, 3])), ValueError, "nll_index needs lengths"),
+])
+def test_bad_groups_get_named_errors(change, error, match):
+    with pytest.raises(error, match=match):
+        listwise_preference_loss(**_errors_case(**change))
+
+
+def test_ties_below_top_m_are_allowed():
+    """Plackett–Luce with top_m = 1 only needs a unique best; ties further down are defined."""
+    logps, ref, _, _ = _batch(6, seed=13)
+    scores = torch.tensor([5.0, 1, 1, 3, 0, 0], dtype=F64)
+    out = listwise_preference_loss(logps, ref, scores, group_size=3, loss_type="plackett_luce", top_m=1)
+    expected = _reference(lambda u, psi: _ref_plackett_luce(u, psi, 1), logps, ref, scores, [0, 0, 0, 1, 1, 1], 0.1)
+    _assert_same(out.losses, expected, logps)
