@@ -1,14 +1,15 @@
 """Listwise objectives on groups of K responses (issue 25): values and gradients in float64
 against formulas written here from the definitions, the K = 2 equalities with the pair
 losses, the group layouts and their named errors."""
-import math
-
 import pytest
 import torch
 
 import pyfused_po
 from pyfused_po.listwise_loss import NOT_ON_GROUPS, listwise_preference_loss
 from pyfused_po.objectives.listwise import listwise_types
+
+from _listwise_reference import (groups, log_sigmoid, ref_lipo_lambda, ref_pairwise, ref_plackett_luce,
+                                 ref_softmax_dpo, reference)
 
 F64 = torch.float64
 
@@ -23,63 +24,6 @@ def _batch(S, seed, score_values=None):
         scores = torch.tensor(score_values, dtype=F64)
     lengths = torch.randint(1, 9, (S,), generator=g).to(F64)
     return logps, ref, scores, lengths
-
-
-def _groups(scores, group_ids):
-    """{g: member ids by descending score, ties in sequence order} (plain Python)."""
-    out = {}
-    for i, g in enumerate(group_ids):
-        out.setdefault(int(g), []).append(i)
-    return [sorted(out[g], key=lambda i: -float(scores[i])) for g in sorted(out)]
-
-
-def _log_sum_exp(values):
-    top = max(v.item() for v in values)
-    return top + torch.log(sum(torch.exp(v - top) for v in values))
-
-
-def _log_sigmoid(x):
-    return -torch.log1p(torch.exp(-x)) if x.item() >= 0 else x - torch.log1p(torch.exp(x))
-
-
-# Each reference: one group's loss from its u (members by descending score) and scores.
-def _ref_plackett_luce(u, psi, top_m=None):
-    m = len(u) if top_m is None else min(top_m, len(u))
-    return -sum(u[k] - _log_sum_exp(u[k:]) for k in range(m))
-
-
-def _ref_softmax_dpo(u, psi):
-    return -_log_sigmoid(-_log_sum_exp([u[j] - u[0] for j in range(1, len(u))]))
-
-
-def _ref_lipo_lambda(u, psi):
-    by_u = sorted(range(len(u)), key=lambda i: -u[i].item())  # stable: ties in row order
-    rank = {i: r + 1 for r, i in enumerate(by_u)}
-    total = 0.0
-    for i in range(len(u)):
-        for j in range(len(u)):
-            if psi[i] > psi[j]:
-                gain = abs((2.0 ** psi[i] - 1) - (2.0 ** psi[j] - 1))
-                disc = abs(1 / math.log(1 + rank[i]) - 1 / math.log(1 + rank[j]))
-                total = total - gain * disc * _log_sigmoid(u[i] - u[j])
-    return total
-
-
-def _ref_pairwise(pair_loss):
-    def group_loss(u, psi, members=None):
-        pairs = [(i, j) for i in range(len(u)) for j in range(len(u)) if psi[i] > psi[j]]
-        return sum(pair_loss(i, j) for i, j in pairs) / len(pairs)
-    return group_loss
-
-
-def _reference(loss_of_group, logps, ref, scores, group_ids, beta):
-    """[G] losses from a per-group reference, in torch float64 scalars (for autograd)."""
-    out = []
-    for members in _groups(scores, group_ids):
-        u = [beta * (logps[i] - ref[i]) for i in members]
-        psi = [float(scores[i]) for i in members]
-        out.append(loss_of_group(u, psi))
-    return torch.stack(out)
 
 
 def _assert_same(ours, theirs, logps, tol=1e-12):
@@ -98,7 +42,7 @@ def test_plackett_luce_matches_formula(top_m):
     ids = torch.tensor(RAGGED_IDS)
     out = listwise_preference_loss(logps, ref, scores, group_index=ids, loss_type="plackett_luce", beta=0.7,
                                    top_m=top_m)
-    expected = _reference(lambda u, psi: _ref_plackett_luce(u, psi, top_m), logps, ref, scores, RAGGED_IDS, 0.7)
+    expected = reference(lambda u, psi: ref_plackett_luce(u, psi, top_m), logps, ref, scores, RAGGED_IDS, 0.7)
     _assert_same(out.losses, expected, logps)
     assert torch.allclose(out.loss, expected.mean(), rtol=1e-12)
 
@@ -107,7 +51,7 @@ def test_softmax_dpo_matches_formula():
     logps, ref, scores, _ = _batch(10, seed=2)
     out = listwise_preference_loss(logps, ref, scores, group_index=torch.tensor(RAGGED_IDS),
                                    loss_type="softmax_dpo", beta=0.4)
-    _assert_same(out.losses, _reference(_ref_softmax_dpo, logps, ref, scores, RAGGED_IDS, 0.4), logps)
+    _assert_same(out.losses, reference(ref_softmax_dpo, logps, ref, scores, RAGGED_IDS, 0.4), logps)
 
 
 def test_lipo_lambda_matches_formula_with_tied_grades():
@@ -116,7 +60,7 @@ def test_lipo_lambda_matches_formula_with_tied_grades():
     scores = torch.tensor([2.0, 1.0, 3.0, 2.0, 0.0, 2.0, 1.0, 2.0, 2.0, 0.0], dtype=F64)
     out = listwise_preference_loss(logps, ref, scores, group_index=torch.tensor(RAGGED_IDS),
                                    loss_type="lipo_lambda", beta=1.3)
-    _assert_same(out.losses, _reference(_ref_lipo_lambda, logps, ref, scores, RAGGED_IDS, 1.3), logps)
+    _assert_same(out.losses, reference(ref_lipo_lambda, logps, ref, scores, RAGGED_IDS, 1.3), logps)
 
 
 def test_plackett_luce_top_1_is_softmax_dpo():
@@ -127,7 +71,7 @@ def test_plackett_luce_top_1_is_softmax_dpo():
 
 
 def _sigmoid_pair(u, eps):
-    return lambda i, j: -(1 - eps) * _log_sigmoid(u[i] - u[j]) - eps * _log_sigmoid(u[j] - u[i])
+    return lambda i, j: -(1 - eps) * log_sigmoid(u[i] - u[j]) - eps * log_sigmoid(u[j] - u[i])
 
 
 PAIRWISE_CASES = {
@@ -137,7 +81,7 @@ PAIRWISE_CASES = {
     "hinge": ({}, lambda u, r, l, n, beta: lambda i, j: torch.clamp(1 - (u[i] - u[j]), min=0.0)),
     "ipo": ({}, lambda u, r, l, n, beta: lambda i, j: (r[i] / n[i] - r[j] / n[j] - 1 / (2 * beta)) ** 2),
     "simpo": ({"simpo_gamma": 0.3},
-              lambda u, r, l, n, beta: lambda i, j: -_log_sigmoid(beta * (l[i] / n[i] - l[j] / n[j]) - 0.3)),
+              lambda u, r, l, n, beta: lambda i, j: -log_sigmoid(beta * (l[i] / n[i] - l[j] / n[j]) - 0.3)),
 }
 
 
@@ -151,12 +95,12 @@ def test_pairwise_loss_is_mean_over_ordered_pairs(name):
     out = listwise_preference_loss(logps, ref, scores, group_index=torch.tensor(RAGGED_IDS), loss_type=name,
                                    beta=beta, lengths=lengths, **hyper)
     expected = []
-    for members in _groups(scores, RAGGED_IDS):
+    for members in groups(scores, RAGGED_IDS):
         r = [logps[i] - ref[i] for i in members]
         u = [beta * x for x in r]
         psi = [float(scores[i]) for i in members]
         one = pair_ref(u, r, [logps[i] for i in members], [lengths[i] for i in members], beta)
-        expected.append(_ref_pairwise(one)(u, psi))
+        expected.append(ref_pairwise(one)(u, psi))
     _assert_same(out.losses, torch.stack(expected), logps)
 
 
@@ -307,5 +251,5 @@ def test_ties_below_top_m_are_allowed():
     logps, ref, _, _ = _batch(6, seed=13)
     scores = torch.tensor([5.0, 1, 1, 3, 0, 0], dtype=F64)
     out = listwise_preference_loss(logps, ref, scores, group_size=3, loss_type="plackett_luce", top_m=1)
-    expected = _reference(lambda u, psi: _ref_plackett_luce(u, psi, 1), logps, ref, scores, [0, 0, 0, 1, 1, 1], 0.1)
+    expected = reference(lambda u, psi: ref_plackett_luce(u, psi, 1), logps, ref, scores, [0, 0, 0, 1, 1, 1], 0.1)
     _assert_same(out.losses, expected, logps)
