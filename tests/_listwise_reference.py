@@ -60,3 +60,10 @@ def reference(loss_of_group, logps, ref, scores, group_ids, beta):
         psi = [float(scores[i]) for i in members]
         out.append(loss_of_group(u, psi))
     return torch.stack(out)
+
+
+def ref_adpo(u, psi, tau):
+    z = log_sum_exp([torch.tensor(p / tau, dtype=torch.float64) for p in psi])
+    q = [math.exp(p / tau - z.item()) for p in psi]
+    lse_u = log_sum_exp(u)
+    return sum(qi * (math.log(qi) - (ui - lse_u)) for qi, ui in zip(q, u) if qi > 0)

@@ -8,7 +8,7 @@ import pyfused_po
 from pyfused_po.listwise_loss import NOT_ON_GROUPS, listwise_preference_loss
 from pyfused_po.objectives.listwise import listwise_types
 
-from _listwise_reference import (groups, log_sigmoid, ref_lipo_lambda, ref_pairwise, ref_plackett_luce,
+from _listwise_reference import (groups, log_sigmoid, ref_adpo, ref_lipo_lambda, ref_pairwise, ref_plackett_luce,
                                  ref_softmax_dpo, reference)
 
 F64 = torch.float64
@@ -61,6 +61,32 @@ def test_lipo_lambda_matches_formula_with_tied_grades():
     out = listwise_preference_loss(logps, ref, scores, group_index=torch.tensor(RAGGED_IDS),
                                    loss_type="lipo_lambda", beta=1.3)
     _assert_same(out.losses, reference(ref_lipo_lambda, logps, ref, scores, RAGGED_IDS, 1.3), logps)
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_adpo_matches_formula_with_ties(tau):
+    logps, ref, _, _ = _batch(10, seed=14)
+    scores = torch.tensor([2.0, 1.0, 3.0, 2.0, 0.0, 2.0, 1.0, 2.0, 2.0, 0.0], dtype=F64)
+    out = listwise_preference_loss(logps, ref, scores, group_index=torch.tensor(RAGGED_IDS), loss_type="adpo",
+                                   beta=0.8, adpo_tau=tau)
+    expected = reference(lambda u, psi: ref_adpo(u, psi, tau), logps, ref, scores, RAGGED_IDS, 0.8)
+    _assert_same(out.losses, expected, logps)
+
+
+def test_adpo_limits():
+    """τ → 0: q is one-hot on the best, the loss is softmax_dpo; K = 2: cDPO with ε = σ(−1/τ)
+    less the target's entropy."""
+    logps, ref, scores, _ = _batch(12, seed=15)
+    sharp = listwise_preference_loss(logps, ref, scores, group_size=4, loss_type="adpo", adpo_tau=1e-3)
+    best = listwise_preference_loss(logps, ref, scores, group_size=4, loss_type="softmax_dpo")
+    _assert_same(sharp.losses, best.losses, logps)
+    P, tau = 6, 0.7
+    ours = pyfused_po.preference_loss(logps[:P], logps[P:], ref[:P], ref[P:], loss_type="adpo", adpo_tau=tau)
+    eps = torch.sigmoid(torch.tensor(-1 / tau, dtype=F64))
+    entropy = -(eps * torch.log(eps) + (1 - eps) * torch.log1p(-eps))
+    cdpo = pyfused_po.preference_loss(logps[:P], logps[P:], ref[:P], ref[P:], loss_type="sigmoid",
+                                      label_smoothing=eps.item())
+    _assert_same(ours.losses, cdpo.losses - entropy, logps)
 
 
 def test_plackett_luce_top_1_is_softmax_dpo():
@@ -235,6 +261,7 @@ def _errors_case(**change):
     (dict(ref_logps=None), ValueError, "needs ref_logps"),
     (dict(loss_type="aot"), ValueError, "'aot' does not apply to groups"),
     (dict(loss_type="plackett_luce", top_m=0), ValueError, "top_m must be None"),
+    (dict(loss_type="adpo", adpo_tau=0.0), ValueError, "adpo_tau must be a finite number > 0"),
     (dict(loss_type="sigmoid", label_smoothing=torch.full((6,), 0.1)), ValueError, "per-pair tensor"),
     (dict(nll_index=torch.tensor([0, 1]), lengths=torch.ones(6, dtype=F64)), ValueError,
      "nll_index\\[1\\] = 1 is a sequence of group 0"),

@@ -13,6 +13,7 @@ the loss of a batch is a sum over groups (see :mod:`pyfused_po.listwise_loss`).
 * ``lipo_lambda`` (LiPO-λ): L = −Σ_{ψ_i>ψ_j} Δ_ij · log σ(u_i − u_j),
   Δ_ij = |G_i − G_j|·|1/D_i − 1/D_j|, G = 2^ψ − 1, D = log(1 + rank) (natural log), the
   rank (1 = first) taken by descending u with no gradient through it.
+* ``adpo`` (ADPO, listwise), ``adpo_tau`` = τ: L = KL(q ‖ softmax(u)), q = softmax(ψ/τ).
 
 Each is also registered as a pair loss (a pair is a group of two with scores (1, 0)), so
 ``preference_loss`` / ``FusedPreferenceLoss`` run it on ``[chosen; rejected]`` batches
@@ -196,3 +197,25 @@ def lipo_lambda(group: GroupBatch, *, beta):
     log_win = F.logsigmoid(u[:, :, None] - u[:, None, :])
     terms = torch.where(pairs, delta.detach() * log_win, torch.zeros_like(log_win))
     return GroupObjectiveOutput(-terms.sum(dim=(1, 2)), u)
+
+
+# ----------------------------------------------------------------------------- adpo
+
+def _check_adpo(*, beta, adpo_tau):
+    if isinstance(adpo_tau, bool) or not isinstance(adpo_tau, (int, float)) or not (0 < adpo_tau < float("inf")):
+        raise ValueError(f"adpo_tau must be a finite number > 0 (the temperature of the target), got {adpo_tau!r}")
+
+
+@register_listwise("adpo", hyperparameters={"adpo_tau": 1.0}, check=_check_adpo)
+def adpo(group: GroupBatch, *, beta, adpo_tau):
+    """ADPO (Wang, 2025), listwise: KL(q ‖ softmax(u)) over the group's members, with the
+    anchored logits u = β·(ℓ − ℓʳ) (β = 1/τ_anc) and the target q = softmax(ψ/τ) of the scores
+    (τ = ``adpo_tau``).  As τ → 0, q is one-hot on the best and the loss is ``softmax_dpo``;
+    ties get equal target mass."""
+    u = group.rewards(beta)
+    minus_inf = torch.full((), float("-inf"), dtype=u.dtype, device=u.device)
+    target = torch.softmax(torch.where(group.valid, group.scores / adpo_tau, minus_inf), dim=1).detach()
+    log_model = torch.log_softmax(torch.where(group.valid, u, minus_inf), dim=1)
+    # q·(log q − log p), 0 at padding and where q underflows to 0 (no 0·(−∞)).
+    cross = torch.where(group.valid, target * log_model, torch.zeros_like(u))
+    return GroupObjectiveOutput(torch.special.xlogy(target, target).sum(dim=1) - cross.sum(dim=1), u)
