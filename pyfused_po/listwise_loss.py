@@ -105,7 +105,7 @@ def _rank_metrics(layout, rewards):
 
 
 def listwise_preference_loss(policy_logps, ref_logps=None, scores=None, *, group_size=None, group_index=None,
-                             num_groups=None, loss_type="plackett_luce", beta=0.1, lengths=None,
+                             num_groups=None, layout=None, loss_type="plackett_luce", beta=0.1, lengths=None,
                              nll_index=None, nll_alpha=1.0, nll_logps=None, nll_lengths=None, loss_weights=None,
                              f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0,
                              **hyperparameters) -> ListwiseLossOutput:
@@ -117,6 +117,9 @@ def listwise_preference_loss(policy_logps, ref_logps=None, scores=None, *, group
         group_size: K: consecutive sequences form groups (``g·K … g·K + K − 1``); or
         group_index: ``[S]`` int tensor, the group of each sequence (any order, any sizes ≥ 2);
             ``num_groups`` fixes G (default: the largest id + 1).
+        layout: instead of the three above and ``scores``, a :class:`~pyfused_po.groups.GroupLayout`
+            built once per batch by :func:`~pyfused_po.groups.group_layout` (a plan that evaluates
+            the loss once per chunk of groups reuses it: it depends on the scores and ids only).
         loss_type: a listwise loss (``plackett_luce``, ``softmax_dpo``, ``lipo_lambda``), any pair
             loss of :func:`pyfused_po.loss_types` (mean over each group's ordered pairs) except
             the batch-coupled ``aot``, ``aot_unpaired`` and ``expo``; or a list mixed by
@@ -137,13 +140,21 @@ def listwise_preference_loss(policy_logps, ref_logps=None, scores=None, *, group
     check_tensor("policy_logps", policy_logps, floating=True)
     if policy_logps.dim() != 1:
         raise ValueError(f"policy_logps must be 1-D [sequences], got shape {tuple(policy_logps.shape)}")
-    if scores is None:
+    if layout is not None:
+        if not isinstance(layout, GroupLayout):
+            raise TypeError(f"layout must be a pyfused_po.groups.GroupLayout, got {type(layout).__name__}")
+        if any(x is not None for x in (scores, group_size, group_index, num_groups)):
+            raise ValueError("pass layout= or scores= with group_size/group_index, not both")
+        if layout.group_of.numel() != policy_logps.shape[0]:
+            raise ValueError(f"layout describes {layout.group_of.numel()} sequences, policy_logps has "
+                             f"{policy_logps.shape[0]}")
+    elif scores is None:
         raise ValueError("scores=[S] is required: one score per sequence, higher is preferred")
     given = dict(ref_logps=_per_sequence("ref_logps", ref_logps, policy_logps),
                  lengths=_per_sequence("lengths", lengths, policy_logps),
                  nll_logps=_per_sequence("nll_logps", nll_logps, policy_logps),
                  nll_lengths=_per_sequence("nll_lengths", nll_lengths, policy_logps))
-    check_same_device(policy_logps=policy_logps, scores=scores, **given)
+    check_same_device(policy_logps=policy_logps, scores=scores if layout is None else layout.members, **given)
     beta = as_number("beta", beta)
     resolved = resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
                                        f_alpha_divergence_coef=f_alpha_divergence_coef)
@@ -156,8 +167,9 @@ def listwise_preference_loss(policy_logps, ref_logps=None, scores=None, *, group
     needs_ref = [o.name for o, _ in resolved if o.needs_reference]
     if needs_ref and ref_logps is None:
         raise ValueError(f"loss_type={needs_ref[0]!r} needs ref_logps")
-    layout = group_layout(scores, num_sequences=policy_logps.shape[0], group_size=group_size,
-                          group_index=group_index, num_groups=num_groups)
+    if layout is None:
+        layout = group_layout(scores, num_sequences=policy_logps.shape[0], group_size=group_size,
+                              group_index=group_index, num_groups=num_groups)
     for objective, values in resolved:
         listwise = listwise_objective(objective.name)
         problem = listwise and listwise.tie_problem and listwise.tie_problem(layout.scores, layout.valid, **values)
