@@ -26,7 +26,7 @@ import torch
 from .groups import GroupLayout, group_layout
 from .objectives.listwise import GroupBatch, listwise_objective
 from .objectives.transforms import batch_mean
-from .preference_loss import resolve_hyperparameters, resolve_loss_weights, preference_loss
+from .preference_loss import checked_like, preference_loss, resolve_hyperparameters, resolve_loss_weights
 from .validation import as_number, check_same_device, check_tensor
 
 # Pair losses whose value for one pair depends on the whole batch: no per-group meaning.
@@ -50,13 +50,7 @@ class ListwiseLossOutput:
 
 
 def _per_sequence(name, x, like):
-    if x is None:
-        return None
-    check_tensor(name, x, floating=True)
-    if tuple(x.shape) != tuple(like.shape):
-        raise ValueError(f"{name} must have shape {tuple(like.shape)} (one value per sequence, like "
-                         f"policy_logps), got {tuple(x.shape)}")
-    return x
+    return checked_like(name, x, like, "one value per sequence, like policy_logps")
 
 
 def _check_group_hyperparameters(name, values):
