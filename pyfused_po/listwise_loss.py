@@ -166,7 +166,8 @@ def listwise_preference_loss(policy_logps, ref_logps=None, scores=None, *, group
                               group_index=group_index, num_groups=num_groups)
     for objective, values in resolved:
         listwise = listwise_objective(objective.name)
-        problem = listwise and listwise.tie_problem and listwise.tie_problem(layout.scores, layout.valid, **values)
+        checks_ties = listwise is not None and listwise.tie_problem is not None and layout.num_groups > 0
+        problem = checks_ties and listwise.tie_problem(layout.scores, layout.valid, **values)
         if problem:
             raise ValueError(f"loss_type={objective.name!r}: {problem}")
     wide = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32

@@ -313,3 +313,26 @@ def test_layout_argument_is_exclusive():
         listwise_preference_loss(logps, ref, scores, layout=layout)
     with pytest.raises(ValueError, match="layout describes 6 sequences, policy_logps has 4"):
         listwise_preference_loss(logps[:4], ref[:4], layout=layout)
+
+
+@pytest.mark.parametrize("loss_type", ["plackett_luce", "softmax_dpo", "lipo_lambda", "adpo", "sigmoid", "ipo"])
+def test_empty_batch_gives_zero(loss_type):
+    """No sequences: no groups, a loss of 0 (not NaN) and losses of shape [0], as for pairs."""
+    empty = torch.zeros(0, dtype=F64, requires_grad=True)
+    for groups_of in (dict(group_size=3), dict(group_index=torch.zeros(0, dtype=torch.long))):
+        out = listwise_preference_loss(empty, empty.detach(), torch.zeros(0), loss_type=loss_type,
+                                       lengths=torch.zeros(0, dtype=F64), **groups_of)
+        out.loss.backward()
+        assert out.loss.item() == 0.0 and out.losses.shape == (0,)
+
+
+def test_integer_scores_and_low_precision_sums():
+    logps, ref, scores, _ = _batch(6, seed=18)
+    base = listwise_preference_loss(logps.float(), ref.float(), scores, group_size=3, loss_type="plackett_luce")
+    ints = listwise_preference_loss(logps.bfloat16().float(), ref.float(), scores.long(), group_size=3,
+                                    loss_type="plackett_luce")
+    bf16 = listwise_preference_loss(logps.bfloat16(), ref.float(), scores.long(), group_size=3,
+                                    loss_type="plackett_luce")
+    assert base.losses.dtype == torch.float32 and bf16.losses.dtype == torch.float32
+    assert torch.equal(ints.losses, bf16.losses)  # bf16 sums are widened to fp32 before the math
+    assert torch.allclose(base.losses, bf16.losses, rtol=2e-2)

@@ -165,8 +165,7 @@ def _softmax_dpo_ties(scores, valid, **_):
 def softmax_dpo(group: GroupBatch, *, beta):
     """S-DPO: −log σ(−log Σ_{j≠best} exp(u_j − u_best)) = log(1 + Σ_{j≠best} exp(u_j − u_best))."""
     u = group.rewards(beta)
-    others = group.valid.clone()
-    others[:, 0] = False
+    others = group.valid & (torch.arange(u.shape[1], device=u.device) > 0)  # every member but the best
     minus_inf = torch.full((), float("-inf"), dtype=u.dtype, device=u.device)
     x = torch.logsumexp(torch.where(others, u - u[:, :1], minus_inf), dim=1)
     return GroupObjectiveOutput(-F.logsigmoid(-x), u)
