@@ -130,3 +130,19 @@ def test_reference_inputs_agree_and_are_exclusive():
     assert torch.allclose(a.losses, b.losses, rtol=1e-12) and torch.allclose(a.losses, c.losses, rtol=1e-12)
     with pytest.raises(ValueError, match="pass one reference input, got ref_logps and ref_logits"):
         listwise_loss_from_logits(logits, labels, scores, ref_logits=ref_logits, ref_logps=c.rewards, **kw)
+
+
+def test_frozen_head():
+    """A head without gradient (LoRA): the hidden states' gradient is the reference's, the head gets none."""
+    hidden, ref_hidden, weight, labels, _, scores = _data(seed=5)
+    h64 = hidden.clone().requires_grad_()
+    expected = reference(ref_plackett_luce, _sums64(h64 @ weight.T, labels), _sums64(ref_hidden @ weight.T, labels),
+                         scores, [s // K for s in range(S)], 0.4)
+    expected.mean().backward()
+    h = hidden.clone().requires_grad_()
+    out = listwise_loss_from_hidden(h, weight, labels, scores, ref_hidden=ref_hidden, group_size=K, shift=True,
+                                    backend="torch", loss_type="plackett_luce", beta=0.4)
+    out.loss.backward()
+    assert weight.grad is None
+    assert torch.allclose(out.losses, expected.detach(), rtol=1e-10)
+    assert torch.allclose(h.grad, h64.grad, rtol=1e-10, atol=1e-12)
