@@ -17,9 +17,14 @@ summed policy / reference log-probs and a score.  Per group g, with u = β·(ℓ
 functions of each group's own sums (the NLL's denominator is a token count, a constant), so
 its gradient with respect to a sequence's sum reads only that sequence's group: the fused
 three-GEMM plan may cut the batch into chunks of whole groups as it does pairs.
+
+Everything that does not depend on the sums (the groups, the loss types and hyper-parameters,
+ties, ``nll_index``) is checked once by :func:`listwise_plan`, before any kernel; the returned
+:class:`ListwisePlan`'s :meth:`~ListwisePlan.loss` is then a pure function of the sums, cheap to
+call once per chunk of groups.
 """
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -61,8 +66,8 @@ def _check_group_hyperparameters(name, values):
                              f"got shape {tuple(value.shape)}")
 
 
-def _nll_term(nll_index, layout, logps, lengths):
-    """−Σ_g ℓ_{n(g)} / Σ_g n_{n(g)} over the named members (0 when they have no tokens)."""
+def _checked_nll_index(nll_index, layout):
+    """``[G]`` int64 sequence ids, each a member of its own group."""
     if not isinstance(nll_index, torch.Tensor) or nll_index.dtype not in (torch.int32, torch.int64):
         got = nll_index.dtype if isinstance(nll_index, torch.Tensor) else type(nll_index).__name__
         raise TypeError(f"nll_index must be an int32/int64 tensor (one sequence id per group), got {got}")
@@ -79,9 +84,7 @@ def _nll_term(nll_index, layout, logps, lengths):
         g = int(foreign.nonzero()[0, 0])
         raise ValueError(f"nll_index[{g}] = {int(index[g])} is a sequence of group "
                          f"{int(layout.group_of[index[g]])}, not of group {g}")
-    if lengths is None:
-        raise ValueError("nll_index needs lengths (or nll_lengths): the NLL is a token mean")
-    return -logps[index].sum() / lengths[index].sum().clamp(min=1.0)
+    return index
 
 
 def _rank_metrics(layout, rewards):
@@ -96,6 +99,128 @@ def _rank_metrics(layout, rewards):
     metrics["rewards/accuracies"] = batch_mean((margin > 0).to(rewards.dtype))
     metrics["rewards/margins"] = batch_mean(margin)
     return metrics
+
+
+@dataclass(frozen=True)
+class ListwisePlan:
+    """The checked configuration of a listwise loss on one batch's groups (:func:`listwise_plan`)."""
+
+    layout: GroupLayout
+    resolved: List[Tuple[object, Dict[str, object]]]  # [(objective, its hyper-parameters)]
+    mix: List[float]
+    beta: float
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
+    nll_index: Optional[torch.Tensor]
+    nll_alpha: float
+
+    @property
+    def num_sequences(self):
+        return self.layout.group_of.numel()
+
+    @property
+    def needs_reference(self):
+        return any(objective.needs_reference for objective, _ in self.resolved)
+
+    def _group_losses(self, objective, values, logps, ref, lens):
+        """(``[G]`` losses, ``[S]`` rewards, metrics) of one loss type."""
+        layout = self.layout
+        listwise = listwise_objective(objective.name)
+        if listwise is not None:
+            group = GroupBatch(layout.table(logps), layout.table(ref), layout.scores.to(logps.dtype), layout.valid,
+                               None if lens is None else layout.table(lens))
+            out = listwise.fn(group, beta=self.beta, **values)
+            return out.losses, layout.per_sequence(out.rewards), out.metrics
+        b, w = layout.better, layout.worse
+        pairs = preference_loss(
+            logps[b], logps[w], None if ref is None else ref[b], None if ref is None else ref[w],
+            loss_type=objective.name, beta=self.beta, reduction="none",
+            chosen_lengths=None if lens is None else lens[b], rejected_lengths=None if lens is None else lens[w],
+            f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef, **values)
+        rewards = torch.zeros_like(logps).index_put((b,), pairs.chosen_rewards).index_put((w,), pairs.rejected_rewards)
+        own = {k: v for k, v in pairs.metrics.items() if not k.startswith(("rewards/", "logps/"))}
+        return self.layout.group_mean(pairs.losses), rewards, own
+
+    def loss(self, policy_logps, ref_logps=None, lengths=None, nll_logps=None, nll_lengths=None) -> ListwiseLossOutput:
+        """The loss of per-sequence sums, each ``[S]`` (see :func:`listwise_preference_loss`)."""
+        check_tensor("policy_logps", policy_logps, floating=True)
+        if tuple(policy_logps.shape) != (self.num_sequences,):
+            raise ValueError(f"policy_logps must have shape ({self.num_sequences},) (one sum per sequence of the "
+                             f"groups), got {tuple(policy_logps.shape)}")
+        given = dict(ref_logps=_per_sequence("ref_logps", ref_logps, policy_logps),
+                     lengths=_per_sequence("lengths", lengths, policy_logps),
+                     nll_logps=_per_sequence("nll_logps", nll_logps, policy_logps),
+                     nll_lengths=_per_sequence("nll_lengths", nll_lengths, policy_logps))
+        check_same_device(policy_logps=policy_logps, groups=self.layout.members, **given)
+        if self.needs_reference and ref_logps is None:
+            needing = next(o.name for o, _ in self.resolved if o.needs_reference)
+            raise ValueError(f"loss_type={needing!r} needs ref_logps")
+        if self.nll_index is not None and lengths is None and nll_lengths is None:
+            raise ValueError("nll_index needs lengths (or nll_lengths): the NLL is a token mean")
+        wide = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+        logps = policy_logps.to(wide)
+        ref = None if ref_logps is None else ref_logps.detach().to(wide)  # the reference is a constant
+        lens = None if lengths is None else lengths.to(wide)
+        losses, rewards, metrics = None, None, {}
+        for (objective, values), weight in zip(self.resolved, self.mix):
+            group_losses, own_rewards, own_metrics = self._group_losses(objective, values, logps, ref, lens)
+            term = group_losses if weight == 1.0 else weight * group_losses
+            losses = term if losses is None else losses + term
+            rewards = own_rewards.detach() if rewards is None else rewards
+            metrics.update(own_metrics)
+        if self.nll_index is not None:
+            sums = logps if nll_logps is None else nll_logps.to(wide)
+            counts = lens if nll_lengths is None else nll_lengths.to(wide)
+            # −Σ_g ℓ_{n(g)} / Σ_g n_{n(g)} over the named members (0 when they have no tokens).
+            nll = -sums[self.nll_index].sum() / counts[self.nll_index].sum().clamp(min=1.0)
+            losses = losses + self.nll_alpha * nll
+            metrics["nll_loss"] = nll
+        loss = losses.sum() / max(losses.numel(), 1)
+        metrics = {**_rank_metrics(self.layout, rewards), **{k: v.detach() for k, v in metrics.items()}}
+        return ListwiseLossOutput(loss, losses, metrics, rewards, self.layout)
+
+
+def listwise_plan(num_sequences, scores=None, *, group_size=None, group_index=None, num_groups=None, layout=None,
+                  loss_type="plackett_luce", beta=0.1, nll_index=None, nll_alpha=1.0, loss_weights=None,
+                  f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, **hyperparameters) -> ListwisePlan:
+    """Every check of a listwise loss that does not read the sums, run once (before any kernel):
+    the groups (:func:`pyfused_po.groups.group_layout`, or a prebuilt ``layout``), the loss types
+    and their hyper-parameters, the ties each loss refuses, ``nll_index``.  Arguments as for
+    :func:`listwise_preference_loss`."""
+    if layout is not None:
+        if not isinstance(layout, GroupLayout):
+            raise TypeError(f"layout must be a pyfused_po.groups.GroupLayout, got {type(layout).__name__}")
+        if any(x is not None for x in (scores, group_size, group_index, num_groups)):
+            raise ValueError("pass layout= or scores= with group_size/group_index, not both")
+        if layout.group_of.numel() != num_sequences:
+            raise ValueError(f"layout describes {layout.group_of.numel()} sequences, the batch has {num_sequences}")
+    elif scores is None:
+        raise ValueError("scores=[S] is required: one score per sequence, higher is preferred")
+    beta = as_number("beta", beta)
+    f_alpha_divergence_coef = as_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    resolved = resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
+                                       f_alpha_divergence_coef=f_alpha_divergence_coef)
+    mix = resolve_loss_weights(loss_type, loss_weights)
+    for objective, values in resolved:
+        if objective.name in NOT_ON_GROUPS:
+            raise ValueError(f"loss_type={objective.name!r} does not apply to groups: it "
+                             f"{NOT_ON_GROUPS[objective.name]}")
+        _check_group_hyperparameters(objective.name, values)
+    nll_alpha = as_number("nll_alpha", nll_alpha)
+    if isinstance(nll_alpha, bool) or not isinstance(nll_alpha, (int, float)) or nll_alpha != nll_alpha:
+        raise ValueError(f"nll_alpha must be a number, got {nll_alpha!r}")
+    if layout is None:
+        layout = group_layout(scores, num_sequences=num_sequences, group_size=group_size, group_index=group_index,
+                              num_groups=num_groups)
+    for objective, values in resolved:
+        listwise = listwise_objective(objective.name)
+        checks_ties = listwise is not None and listwise.tie_problem is not None and layout.num_groups > 0
+        problem = checks_ties and listwise.tie_problem(layout.scores, layout.valid, **values)
+        if problem:
+            raise ValueError(f"loss_type={objective.name!r}: {problem}")
+    index = None if nll_index is None else _checked_nll_index(nll_index, layout)
+    return ListwisePlan(layout, resolved, mix, beta, f_divergence_type, float(f_alpha_divergence_coef), index,
+                        float(nll_alpha))
 
 
 def listwise_preference_loss(policy_logps, ref_logps=None, scores=None, *, group_size=None, group_index=None,
@@ -134,79 +259,10 @@ def listwise_preference_loss(policy_logps, ref_logps=None, scores=None, *, group
     check_tensor("policy_logps", policy_logps, floating=True)
     if policy_logps.dim() != 1:
         raise ValueError(f"policy_logps must be 1-D [sequences], got shape {tuple(policy_logps.shape)}")
-    if layout is not None:
-        if not isinstance(layout, GroupLayout):
-            raise TypeError(f"layout must be a pyfused_po.groups.GroupLayout, got {type(layout).__name__}")
-        if any(x is not None for x in (scores, group_size, group_index, num_groups)):
-            raise ValueError("pass layout= or scores= with group_size/group_index, not both")
-        if layout.group_of.numel() != policy_logps.shape[0]:
-            raise ValueError(f"layout describes {layout.group_of.numel()} sequences, policy_logps has "
-                             f"{policy_logps.shape[0]}")
-    elif scores is None:
-        raise ValueError("scores=[S] is required: one score per sequence, higher is preferred")
-    given = dict(ref_logps=_per_sequence("ref_logps", ref_logps, policy_logps),
-                 lengths=_per_sequence("lengths", lengths, policy_logps),
-                 nll_logps=_per_sequence("nll_logps", nll_logps, policy_logps),
-                 nll_lengths=_per_sequence("nll_lengths", nll_lengths, policy_logps))
-    check_same_device(policy_logps=policy_logps, scores=scores if layout is None else layout.members, **given)
-    beta = as_number("beta", beta)
-    resolved = resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
-                                       f_alpha_divergence_coef=f_alpha_divergence_coef)
-    mix = resolve_loss_weights(loss_type, loss_weights)
-    for objective, values in resolved:
-        if objective.name in NOT_ON_GROUPS:
-            raise ValueError(f"loss_type={objective.name!r} does not apply to groups: it "
-                             f"{NOT_ON_GROUPS[objective.name]}")
-        _check_group_hyperparameters(objective.name, values)
-    needs_ref = [o.name for o, _ in resolved if o.needs_reference]
-    if needs_ref and ref_logps is None:
-        raise ValueError(f"loss_type={needs_ref[0]!r} needs ref_logps")
-    if layout is None:
-        layout = group_layout(scores, num_sequences=policy_logps.shape[0], group_size=group_size,
-                              group_index=group_index, num_groups=num_groups)
-    for objective, values in resolved:
-        listwise = listwise_objective(objective.name)
-        checks_ties = listwise is not None and listwise.tie_problem is not None and layout.num_groups > 0
-        problem = checks_ties and listwise.tie_problem(layout.scores, layout.valid, **values)
-        if problem:
-            raise ValueError(f"loss_type={objective.name!r}: {problem}")
-    wide = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
-    logps = policy_logps.to(wide)
-    ref = None if ref_logps is None else ref_logps.detach().to(wide)  # the reference is a constant
-    lens = None if lengths is None else lengths.to(wide)
-
-    losses, rewards, metrics = None, None, {}
-    for (objective, values), weight in zip(resolved, mix):
-        listwise = listwise_objective(objective.name)
-        if listwise is not None:
-            group = GroupBatch(layout.table(logps), layout.table(ref), layout.scores.to(wide), layout.valid,
-                               None if lens is None else layout.table(lens))
-            out = listwise.fn(group, beta=beta, **values)
-            group_losses, own_rewards, own_metrics = out.losses, layout.per_sequence(out.rewards), out.metrics
-        else:
-            b, w = layout.better, layout.worse
-            pairs = preference_loss(
-                logps[b], logps[w], None if ref is None else ref[b], None if ref is None else ref[w],
-                loss_type=objective.name, beta=beta, reduction="none",
-                chosen_lengths=None if lens is None else lens[b], rejected_lengths=None if lens is None else lens[w],
-                f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef, **values)
-            group_losses = layout.group_mean(pairs.losses)
-            own_rewards = torch.zeros_like(logps).index_put((b,), pairs.chosen_rewards).index_put(
-                (w,), pairs.rejected_rewards)
-            own_metrics = {k: v for k, v in pairs.metrics.items() if not k.startswith(("rewards/", "logps/"))}
-        term = group_losses if weight == 1.0 else weight * group_losses
-        losses = term if losses is None else losses + term
-        rewards = own_rewards.detach() if rewards is None else rewards
-        metrics.update(own_metrics)
-    if nll_index is not None:
-        nll_alpha = as_number("nll_alpha", nll_alpha)
-        if isinstance(nll_alpha, bool) or not isinstance(nll_alpha, (int, float)):
-            raise ValueError(f"nll_alpha must be a number, got {nll_alpha!r}")
-        nll_sums = logps if nll_logps is None else nll_logps.to(wide)
-        nll_counts = lens if nll_lengths is None else nll_lengths.to(wide)
-        nll = _nll_term(nll_index, layout, nll_sums, nll_counts)
-        losses = losses + nll_alpha * nll
-        metrics["nll_loss"] = nll
-    loss = losses.sum() / max(losses.numel(), 1)
-    metrics = {**_rank_metrics(layout, rewards), **{k: v.detach() for k, v in metrics.items()}}
-    return ListwiseLossOutput(loss, losses, metrics, rewards, layout)
+    if scores is not None:
+        check_same_device(policy_logps=policy_logps, scores=scores)
+    plan = listwise_plan(policy_logps.shape[0], scores, group_size=group_size, group_index=group_index,
+                         num_groups=num_groups, layout=layout, loss_type=loss_type, beta=beta, nll_index=nll_index,
+                         nll_alpha=nll_alpha, loss_weights=loss_weights, f_divergence_type=f_divergence_type,
+                         f_alpha_divergence_coef=f_alpha_divergence_coef, **hyperparameters)
+    return plan.loss(policy_logps, ref_logps, lengths, nll_logps, nll_lengths)

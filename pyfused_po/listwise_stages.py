@@ -11,34 +11,49 @@ three-GEMM plan takes groups once :class:`~pyfused_po.FusedPreferenceLoss` carri
 import torch
 
 from .linear_token_logprobs import linear_token_logprobs
-from .listwise_loss import ListwiseLossOutput, listwise_preference_loss
+from .listwise_loss import ListwiseLossOutput, listwise_plan
+from .packing import packed_layout
 from .sequence import sequence_sums
 from .token_logprobs import token_logprobs
+from .validation import check_tensor
 
 
-def _reference_sums(ref_logps, ref_token_logps, compute_ref, sums_of):
-    """``[S]`` reference sums from exactly one of the three reference inputs (or None)."""
-    given = [name for name, x in (("ref_logps", ref_logps), ("ref_token_logps", ref_token_logps),
-                                  ("ref_logits/ref_hidden", compute_ref)) if x is not None]
+def _checked_plan(labels, cu_seqlens, position_ids, scores, references, loss_kwargs):
+    """The :class:`~pyfused_po.listwise_loss.ListwisePlan` of this batch, every group and loss check
+    run before the token stage launches; ``references``: {name: the reference input or None}."""
+    check_tensor("labels", labels)
+    packed = packed_layout(labels, cu_seqlens, position_ids)
+    if packed is None and labels.dim() != 2:
+        raise ValueError(f"padded labels must be [sequences, tokens], got shape {tuple(labels.shape)} "
+                         f"(pass cu_seqlens= or position_ids= for a packed stream)")
+    num_sequences = labels.shape[0] if packed is None else packed.num_sequences
+    if scores is not None:
+        check_tensor("scores", scores)
+        if scores.device != labels.device:
+            raise ValueError(f"scores must be on the device of the labels ({labels.device}), got {scores.device}")
+    plan = listwise_plan(num_sequences, scores, **loss_kwargs)
+    given = [name for name, x in references.items() if x is not None]
     if len(given) > 1:
         raise ValueError(f"pass one reference input, got {' and '.join(given)}")
-    if ref_token_logps is not None:
-        return sums_of(ref_token_logps.detach()).logps
-    if compute_ref is not None:
-        with torch.no_grad():
-            return sums_of(compute_ref()).logps
-    return ref_logps
+    if plan.needs_reference and not given:
+        raise ValueError(f"this loss_type needs a reference: pass one of {', '.join(references)}")
+    return plan
 
 
-def _loss_of_tokens(token_logps, labels, scores, ref_logps, ref_token_logps, compute_ref, *, ignore_index, shift,
-                    cu_seqlens, position_ids, loss_kwargs):
+def _loss_of_tokens(plan, token_logps, labels, ref_logps, ref_token_logps, compute_ref, *, ignore_index, shift,
+                    cu_seqlens, position_ids):
     def sums_of(values):
         return sequence_sums(values, labels, ignore_index=ignore_index, shift=shift, cu_seqlens=cu_seqlens,
                              position_ids=position_ids)
 
     policy = sums_of(token_logps)
-    ref = _reference_sums(ref_logps, ref_token_logps, compute_ref, sums_of)
-    return listwise_preference_loss(policy.logps, ref, scores, lengths=policy.lengths, **loss_kwargs)
+    ref = ref_logps
+    if ref_token_logps is not None:
+        ref = sums_of(ref_token_logps.detach()).logps
+    elif compute_ref is not None:
+        with torch.no_grad():
+            ref = sums_of(compute_ref()).logps
+    return plan.loss(policy.logps, ref, policy.lengths)
 
 
 def listwise_loss_from_logits(logits, labels, scores, *, ref_logps=None, ref_logits=None, ref_token_logps=None,
@@ -56,15 +71,19 @@ def listwise_loss_from_logits(logits, labels, scores, *, ref_logps=None, ref_log
         ignore_index, shift, temperature, backend: as for :func:`pyfused_po.token_logprobs`.
         **loss_kwargs: ``group_size`` or ``group_index``, ``loss_type``, ``beta``, ``nll_index`` and the
             rest of :func:`pyfused_po.listwise_loss.listwise_preference_loss`.
+
+    Every group, loss and reference check runs before the token stage launches.
     """
+    plan = _checked_plan(labels, cu_seqlens, position_ids, scores, dict(
+        ref_logps=ref_logps, ref_logits=ref_logits, ref_token_logps=ref_token_logps), loss_kwargs)
+
     def token_stage(x):
         return token_logprobs(x, labels, ignore_index=ignore_index, shift=shift, temperature=temperature,
                               backend=backend, cu_seqlens=cu_seqlens, position_ids=position_ids)
 
     compute_ref = None if ref_logits is None else (lambda: token_stage(ref_logits))
-    return _loss_of_tokens(token_stage(logits), labels, scores, ref_logps, ref_token_logps, compute_ref,
-                           ignore_index=ignore_index, shift=shift, cu_seqlens=cu_seqlens, position_ids=position_ids,
-                           loss_kwargs=loss_kwargs)
+    return _loss_of_tokens(plan, token_stage(logits), labels, ref_logps, ref_token_logps, compute_ref,
+                           ignore_index=ignore_index, shift=shift, cu_seqlens=cu_seqlens, position_ids=position_ids)
 
 
 def listwise_loss_from_hidden(hidden, weight, labels, scores, *, bias=None, ref_logps=None, ref_hidden=None,
@@ -79,11 +98,14 @@ def listwise_loss_from_hidden(hidden, weight, labels, scores, *, bias=None, ref_
                                      temperature=temperature, backend=backend, impl=impl, chunk_tokens=chunk_tokens,
                                      cu_seqlens=cu_seqlens, position_ids=position_ids)
 
+    plan = _checked_plan(labels, cu_seqlens, position_ids, scores, dict(
+        ref_logps=ref_logps, ref_hidden=ref_hidden, ref_token_logps=ref_token_logps), loss_kwargs)
+
     compute_ref = None
     if ref_hidden is not None:
         w = weight if ref_weight is None else ref_weight
         b = bias if ref_bias is None and ref_weight is None else ref_bias
         compute_ref = lambda: token_stage(ref_hidden, w.detach(), None if b is None else b.detach())  # noqa: E731
-    return _loss_of_tokens(token_stage(hidden, weight, bias), labels, scores, ref_logps, ref_token_logps,
+    return _loss_of_tokens(plan, token_stage(hidden, weight, bias), labels, ref_logps, ref_token_logps,
                            compute_ref, ignore_index=ignore_index, shift=shift, cu_seqlens=cu_seqlens,
-                           position_ids=position_ids, loss_kwargs=loss_kwargs)
+                           position_ids=position_ids)

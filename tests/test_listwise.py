@@ -311,7 +311,7 @@ def test_layout_argument_is_exclusive():
     layout = group_layout(scores, num_sequences=6, group_size=3)
     with pytest.raises(ValueError, match="not both"):
         listwise_preference_loss(logps, ref, scores, layout=layout)
-    with pytest.raises(ValueError, match="layout describes 6 sequences, policy_logps has 4"):
+    with pytest.raises(ValueError, match="layout describes 6 sequences, the batch has 4"):
         listwise_preference_loss(logps[:4], ref[:4], layout=layout)
 
 

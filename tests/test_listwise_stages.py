@@ -146,3 +146,22 @@ def test_frozen_head():
     assert weight.grad is None
     assert torch.allclose(out.losses, expected.detach(), rtol=1e-10)
     assert torch.allclose(h.grad, h64.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(group_size=4), "group_size=4 does not divide the 6 sequences"),
+    (dict(scores=torch.tensor([0.0, 1, 2, 3, 4, float("nan")])), "scores must be finite"),
+    (dict(ref_logits=None), "needs a reference"),
+    (dict(loss_type="aot"), "does not apply to groups"),
+    (dict(nll_index=torch.tensor([0, 1])), "is a sequence of group 0"),
+])
+def test_group_errors_come_before_the_token_stage(change, match):
+    """Integer logits would make the token stage raise a TypeError: the group checks answer first."""
+    _, _, _, labels, _, scores = _data(seed=6)
+    bad_logits = torch.ones(S, T, V, dtype=torch.long)
+    kw = dict(scores=scores, ref_logits=bad_logits, group_size=K, loss_type="plackett_luce")
+    kw.update(change)
+    with pytest.raises(ValueError, match=match):
+        listwise_loss_from_logits(bad_logits, labels, **kw)
+    with pytest.raises(TypeError, match="logits must be a floating"):  # the same call with good groups
+        listwise_loss_from_logits(bad_logits, labels, scores=scores, ref_logits=bad_logits, group_size=K)
