@@ -6,7 +6,7 @@ import torch
 
 import pyfused_po
 from pyfused_po.groups import group_layout
-from pyfused_po.listwise_loss import NOT_ON_GROUPS, listwise_preference_loss
+from pyfused_po.listwise_loss import NOT_ON_GROUPS, listwise_plan, listwise_preference_loss
 from pyfused_po.objectives.listwise import listwise_types
 
 from _listwise_reference import (groups, log_sigmoid, ref_adpo, ref_lipo_lambda, ref_pairwise, ref_plackett_luce,
@@ -290,20 +290,23 @@ GROUP_TYPES = sorted(set(pyfused_po.loss_types()) - set(NOT_ON_GROUPS))
 def test_gradient_separates_over_groups(loss_type):
     """What a plan that forms the gradient per chunk of whole groups relies on: ∂loss/∂ℓ of one
     group's sequences is unchanged when every other group's sums are placeholders (−1), with the
-    layout built once and an NLL member per group."""
+    ListwisePlan built once and an NLL member per group."""
     logps, ref, _, lengths = _batch(10, seed=16)
     # Distinct scores within each group (Plackett-Luce orders every position).
     scores = torch.tensor([2.0, 1.0, 3.0, 2.0, 0.0, 2.1, 0.5, 2.4, 2.5, 0.0], dtype=F64)
     ids = torch.tensor(RAGGED_IDS)
-    layout = group_layout(scores, num_sequences=10, group_index=ids)
-    kw = dict(ref_logps=ref, layout=layout, loss_type=loss_type, beta=0.5, lengths=lengths,
-              nll_index=torch.tensor([3, 5, 0]), nll_alpha=0.3)
-    (full,) = torch.autograd.grad(listwise_preference_loss(logps, **kw).loss, logps)
+    plan = listwise_plan(10, scores, group_index=ids, loss_type=loss_type, beta=0.5,
+                         nll_index=torch.tensor([3, 5, 0]), nll_alpha=0.3)
+    (full,) = torch.autograd.grad(plan.loss(logps, ref, lengths).loss, logps)
     for g in range(3):
         mine = ids == g
         x = torch.where(mine, logps.detach(), torch.full_like(logps, -1.0)).requires_grad_()
-        (part,) = torch.autograd.grad(listwise_preference_loss(x, **kw).loss, x)
+        (part,) = torch.autograd.grad(plan.loss(x, ref, lengths).loss, x)
         assert torch.allclose(part[mine], full[mine], rtol=1e-12, atol=1e-15), (g, part[mine], full[mine])
+    assert torch.allclose(plan.loss(logps, ref, lengths).losses,
+                          listwise_preference_loss(logps, ref, scores, group_index=ids, loss_type=loss_type, beta=0.5,
+                                                   lengths=lengths, nll_index=torch.tensor([3, 5, 0]),
+                                                   nll_alpha=0.3).losses, rtol=0, atol=0)
 
 
 def test_layout_argument_is_exclusive():
