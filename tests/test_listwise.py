@@ -206,7 +206,9 @@ def test_group_index_in_any_order_equals_group_size():
     assert torch.allclose(out.rewards, base.rewards[perm], rtol=1e-12)
     parts = [listwise_preference_loss(logps, ref, scores, group_size=3, loss_type=t, beta=0.2, lengths=lengths).losses
              for t in ("plackett_luce", "sigmoid")]
-    _assert_same(base.losses, parts[0] + 0.5 * parts[1], logps)  # loss_weights mix the per-group losses
+    mixed = listwise_preference_loss(logps, ref, scores, group_size=3, loss_type=["plackett_luce", "sigmoid"],
+                                     loss_weights=[1.0, 0.5], beta=0.2, lengths=lengths)
+    _assert_same(mixed.losses, parts[0] + 0.5 * parts[1], logps)  # loss_weights mix the per-group losses
 
 
 def test_nll_term_on_a_named_member_per_group():
