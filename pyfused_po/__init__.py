@@ -14,6 +14,8 @@ from .distributed import (
 )
 from .kto import FusedKTOLoss, KTOLossOutput, kto_loss
 from .linear_token_logprobs import linear_token_logprobs
+from .listwise_loss import ListwiseLossOutput, listwise_preference_loss
+from .listwise_stages import listwise_loss_from_hidden, listwise_loss_from_logits
 from .module import FusedPreferenceLoss
 from .objectives import F_DIVERGENCE_TYPES, ObjectiveOutput, PairBatch, loss_types, register_objective
 from .expo import expo_from_logits, expo_loss
@@ -29,6 +31,7 @@ __all__ = [
     "FusedKTOLoss",
     "FusedPreferenceLoss",
     "KTOLossOutput",
+    "ListwiseLossOutput",
     "ObjectiveOutput",
     "PairBatch",
     "PreferenceLossOutput",
@@ -39,6 +42,9 @@ __all__ = [
     "expo_loss",
     "kto_loss",
     "linear_token_logprobs",
+    "listwise_loss_from_hidden",
+    "listwise_loss_from_logits",
+    "listwise_preference_loss",
     "loss_types",
     "preference_loss",
     "register_objective",

@@ -90,14 +90,19 @@ def resolve_hyperparameters(loss_type, beta, hyperparameters, *, f_divergence_ty
     return resolved
 
 
-def _as_pair_tensor(name, x, like):
+def checked_like(name, x, like, what):
+    """``x`` (None passes) checked to be a floating tensor shaped like ``like``; ``what`` says
+    what one entry is, for the message (e.g. "one value per pair, like chosen_logps")."""
     if x is None:
         return None
     check_tensor(name, x, floating=True)
     if tuple(x.shape) != tuple(like.shape):
-        raise ValueError(f"{name} must have shape {tuple(like.shape)} (one value per pair, like "
-                         f"chosen_logps), got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} ({what}), got {tuple(x.shape)}")
     return x
+
+
+def _as_pair_tensor(name, x, like):
+    return checked_like(name, x, like, "one value per pair, like chosen_logps")
 
 
 def _tensor_hyperparameters(values, like, wide):

@@ -27,6 +27,8 @@ pl = pyfused_po.preference_loss
 tl = pyfused_po.token_logprobs
 ltl = pyfused_po.linear_token_logprobs
 FPL = pyfused_po.FusedPreferenceLoss
+lw = pyfused_po.listwise_preference_loss
+z6 = torch.zeros(6)
 
 
 def _double_backward():
@@ -94,6 +96,13 @@ CASES = {
                                                      backend="eager")(torch.tensor([0, 3, 2, 5])), ValueError, "non-decreasing"),
     "grad-filter-ge-1": (lambda: ltl(torch.randn(4, 3, 8), torch.randn(V, 8), labels(), impl="fused", grad_filter=1.0),
                          ValueError, "below 1"),
+    # groups of K responses (tests/test_listwise.py has every group check)
+    "group-size-divides": (lambda: lw(z6, z6, torch.arange(6.0), group_size=4), ValueError, "does not divide"),
+    "group-empty": (lambda: lw(z6, z6, torch.arange(6.0), group_index=torch.tensor([0, 0, 0, 2, 2, 2])), ValueError,
+                    "group 1 is empty"),
+    "group-scores": (lambda: lw(z6, z6, torch.tensor([0.0, 1, float("nan"), 3, 4, 5]), group_size=3), ValueError,
+                     "scores must be finite"),
+    "group-all-tied": (lambda: lw(z6, z6, torch.ones(6), group_size=3), ValueError, "all its scores tie"),
 }
 
 

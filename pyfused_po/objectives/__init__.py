@@ -1,6 +1,7 @@
 """The objective registry; importing this package registers every built-in loss."""
 from . import apo, aot, dpo, orpo, pairwise, reference_free, sft  # noqa: F401  (register their losses)
 from . import expo  # noqa: F401
+from . import listwise  # noqa: F401  (listwise losses, also registered as pair losses)
 from .registry import (
     ObjectiveOutput,
     PairBatch,
