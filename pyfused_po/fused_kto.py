@@ -46,7 +46,7 @@ def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, o
         def reference(src):
             return module._token_stage(src, labels)
     else:
-        batch = packed_columns._packed_batch(module, labels, cu_seqlens, position_ids, None)
+        batch = packed_columns.packed_batch(module, labels, cu_seqlens, position_ids, None)
         groups = batch.layout.num_sequences
         check_desirable_flags(is_desirable, groups)
         source = batch.source(source, "hidden")
@@ -58,7 +58,7 @@ def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, o
             return batch.layout.sums(torch.where(mask, token_logps, token_logps.new_zeros(())))
 
         def reference(src):
-            return packed_columns._token_stage(module, src, token_labels).logps
+            return packed_columns.token_stage(module, src, token_labels).logps
     head = FusedHead.build(source, token_labels, token_kwargs, linear_impl=module.linear_impl,
                            chunk_tokens=getattr(module, "chunk_tokens", None))
     if head is None:
