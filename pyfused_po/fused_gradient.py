@@ -29,6 +29,8 @@ dtype, and ``G`` itself is formed at a power-of-two scale fp16 can hold
 The module-specific parts (which objectives separate, which inputs) live in
 :mod:`pyfused_po.fused_pairs` and :mod:`pyfused_po.fused_kto`.
 """
+import logging
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -48,6 +50,26 @@ PLACEHOLDER_LOGP = -1.0
 # it, fall back when the batch needs more than one chunk.  A prediction from the model in
 # bench/work_counters.py, to be checked on a GPU.
 MIN_CUDA_CHUNK_TOKENS = 1024
+
+
+# What the plan does with a group (pair, sequence) longer than its chunk (issue 24, "long pairs"):
+# "staged": the staged plan runs the call (4 GEMMs; its peak, below TRL's at the headline shape);
+# "three_gemm": one chunk as long as the longest group (3 GEMMs; the [C, V] chunk grows with it).
+# The default is the one whose peak stays under TRL's at the headline shape (bench/work_counters.py).
+LONG_GROUP_PLANS = ("staged", "three_gemm")
+_log = logging.getLogger("pyfused_po")
+
+
+def note_fallback(module, reason):
+    """Logs ``reason`` (why the staged plan runs instead of three GEMMs) once per module and reason,
+    and keeps it in ``module.fallback_reason`` (None when the plan ran)."""
+    module.fallback_reason = reason
+    if reason is None:
+        return
+    seen = module.__dict__.setdefault("_fallbacks_logged", set())
+    if reason not in seen:
+        seen.add(reason)
+        _log.warning("%s: %s", type(module).__name__, reason)
 
 
 def plan_may_run(module, source, others=()):
@@ -153,10 +175,26 @@ class FusedHead:
             return None  # a small head at a large vocabulary
         return plan
 
-    def chunks(self, group, groups):
+    def chunks(self, group, groups, long_groups="staged"):
         """Chunks of whole groups (``group``: each labelled token's group), or ``None`` when there
-        is no labelled token or one group has more labelled tokens than a chunk holds."""
-        return group_chunks(group, groups, self.chunk_tokens) if self.pos.numel() else None
+        is no labelled token, or when one group has more labelled tokens than a chunk holds and
+        ``long_groups`` is ``"staged"`` (:data:`LONG_GROUP_PLANS`; the reason is then in
+        :attr:`fallback_reason`).  With ``"three_gemm"`` the chunk grows to the longest group."""
+        if long_groups not in LONG_GROUP_PLANS:
+            raise ValueError(f"long_group_plan must be one of {LONG_GROUP_PLANS}, got {long_groups!r}")
+        self.fallback_reason = None
+        if not self.pos.numel():
+            return None
+        longest = int(torch.bincount(group, minlength=groups).max()) if groups else 0
+        if longest > self.chunk_tokens:
+            if long_groups == "staged":
+                self.fallback_reason = (f"a group of {longest} labelled tokens is longer than the three-GEMM chunk "
+                                        f"({self.chunk_tokens} tokens): the staged plan (4 GEMMs) runs; "
+                                        "long_group_plan='three_gemm' keeps 3 GEMMs with a chunk of the longest "
+                                        "group (more peak memory)")
+                return None
+            self.chunk_tokens = longest
+        return group_chunks(group, groups, self.chunk_tokens)
 
     def run(self, chunks, group, loss_of):
         """The chunk loop.  ``loss_of(tokens)``: the module's scalar loss from per-token values

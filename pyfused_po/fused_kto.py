@@ -20,7 +20,7 @@ one.  Only ``loss`` carries a gradient: ``losses``, rewards and metrics are deta
 import torch
 
 from . import packed_columns
-from .fused_gradient import FusedHead, plan_may_run
+from .fused_gradient import FusedHead, note_fallback, plan_may_run
 from .packing import check_desirable_flags
 
 
@@ -67,7 +67,8 @@ def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, o
         sequence = torch.div(head.pos, labels.shape[1], rounding_mode="floor")
     else:
         sequence = batch.layout.segments.reshape(-1).index_select(0, head.pos)
-    chunks = head.chunks(sequence, groups)
+    chunks = head.chunks(sequence, groups, getattr(module, "long_group_plan", "staged"))
+    note_fallback(module, head.fallback_reason)
     if chunks is None:
         return None
     if ref_source is not None:

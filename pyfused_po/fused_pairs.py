@@ -33,7 +33,7 @@ policy's per-token log-probs and the extras it asks for, computed in the same fo
 """
 import torch
 
-from .fused_gradient import MIN_CUDA_CHUNK_TOKENS, FusedHead, plan_may_run  # noqa: F401  (re-exported)
+from .fused_gradient import MIN_CUDA_CHUNK_TOKENS, FusedHead, note_fallback, plan_may_run  # noqa: F401  (re-exported)
 
 NOT_SEPARABLE = frozenset({"aot", "aot_unpaired"})
 NLL_TERM = frozenset({"sft", "cpo", "simpo", "alphapo", "orpo"})
@@ -54,21 +54,24 @@ def applies(module, source, others):
             and module.reduction != "none")
 
 
-def fused_forward(batch, source, *, extras, objective, reference, capture=None, linear_impl="auto",
-                  chunk_tokens=None):
+def fused_forward(module, batch, source, *, extras, objective, reference, capture=None):
     """The forward with the gradient formed per chunk of pairs; ``None`` to fall back.
 
     ``batch``: the call's :mod:`~pyfused_po.preference_batch` (padded or packed, the same
     questions); ``extras``: the policy extras the objective reads; ``objective(columns)``: the
     module's objective stage on per-sequence columns; ``reference()``: the reference's per-token
-    log-probs (forward only) or ``None``, called once the plan is sure to run."""
+    log-probs (forward only) or ``None``, called once the plan is sure to run.  ``module`` gives
+    the options: ``linear_impl``, ``chunk_tokens`` (attribute, optional) and ``long_group_plan``."""
+    linear_impl, chunk_tokens = module.linear_impl, getattr(module, "chunk_tokens", None)
+    long_groups = getattr(module, "long_group_plan", "staged")
     wanted = extras + tuple(e for e in (capture.extras if capture is not None else ()) if e not in extras)
     head = FusedHead.build(source, batch.token_labels, batch.token_kwargs, extras=wanted, upstream_extras=extras,
                            linear_impl=linear_impl, chunk_tokens=chunk_tokens)
     if head is None:
         return None
     pair = batch.groups.of_tokens(batch.sequence_of(head.pos))
-    chunks = head.chunks(pair, batch.groups.num_groups)
+    chunks = head.chunks(pair, batch.groups.num_groups, long_groups)
+    note_fallback(module, head.fallback_reason)
     if chunks is None:
         return None
     if capture is not None:

@@ -193,6 +193,10 @@ class FusedKTOLoss(nn.Module):
     # hidden=/weight= inputs: form the exact gradient during the forward (three GEMMs instead of
     # four, two for a frozen head; :mod:`pyfused_po.fused_kto`).  False: the staged plan.
     fused_gradient = True
+    # A sequence with more labelled tokens than the plan's chunk: "staged" (4 GEMMs, logged once) or
+    # "three_gemm" (a chunk as long as the sequence); as FusedPreferenceLoss.long_group_plan.
+    long_group_plan = "staged"
+    fallback_reason = None
 
     def _token_stage(self, source, labels, *, inplace=False):
         """The one call into the token stage: logits or ``(hidden, weight, bias)``

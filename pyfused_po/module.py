@@ -70,6 +70,11 @@ class FusedPreferenceLoss(nn.Module):
     # hidden=/weight= inputs: form the exact gradient during the forward when the objective
     # separates over pairs (three GEMMs instead of four; :mod:`pyfused_po.fused_pairs`).
     fused_gradient = True
+    # A pair with more labelled tokens than the plan's chunk: "staged" (4 GEMMs, logged once; the
+    # default, whose peak stays under TRL's) or "three_gemm" (a chunk as long as the pair: 3 GEMMs,
+    # a larger [C, V] chunk).  :data:`pyfused_po.fused_gradient.LONG_GROUP_PLANS`.
+    long_group_plan = "staged"
+    fallback_reason = None  # why the last call on hidden= ran the staged plan, when the loss separates
 
     def __init__(self, loss_type="sigmoid", beta=0.1, *, ignore_index=-100, shift=False,
                  temperature=1.0, logit_scale=1.0, softcap=None, backend="auto",
@@ -205,10 +210,9 @@ class FusedPreferenceLoss(nn.Module):
         others = (ref_chosen_logps, ref_rejected_logps, token_weights, weights, label_smoothing)
         if isinstance(policy_source, tuple) and fused_pairs.applies(self, policy_source, others):
             fused = fused_pairs.fused_forward(
-                batch, policy_source, extras=self._policy_extras(), objective=objective,
+                self, batch, policy_source, extras=self._policy_extras(), objective=objective,
                 reference=lambda: self._reference_tokens(batch, ref_source),
-                capture=getattr(self, "token_capture", None), linear_impl=self.linear_impl,
-                chunk_tokens=getattr(self, "chunk_tokens", None))
+                capture=getattr(self, "token_capture", None))
             if fused is not None:  # None: a pair longer than the chunk budget
                 return fused
         columns = self._sequence_columns(batch, policy_source, ref_source)
