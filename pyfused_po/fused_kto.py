@@ -13,7 +13,8 @@ staged path detaches them too (their gradient is None in both plans).
 Falls back to the staged path (returns ``None`` or is not chosen, :func:`applies`) for
 ``reduction="none"`` (a vector loss), vocabulary or sequence parallelism (``token_offset=``),
 ``linear_impl="fused"``, grad mode off, ``torch.compile`` tracing, no head input requiring grad,
-a sequence with more labelled tokens than one chunk holds, and on CUDA chunks under
+a sequence with more labelled tokens than one chunk holds (unless ``module.long_group_plan =
+"three_gemm"``; the reason is logged once and kept in ``module.fallback_reason``), and on CUDA chunks under
 :data:`~pyfused_po.fused_gradient.MIN_CUDA_CHUNK_TOKENS` tokens when the batch needs more than
 one.  Only ``loss`` carries a gradient: ``losses``, rewards and metrics are detached.
 """

@@ -24,7 +24,9 @@ is weighted by every pair's WPO weight), ``expo`` (logits only), ``reduction="no
 loss), vocabulary or sequence parallelism, ``linear_impl="fused"``, any other input that
 requires grad (``weights``, ``token_weights``, reference tensors, soft labels), grad mode off,
 ``torch.compile`` tracing, a pair with more labelled tokens than one chunk holds (see
-:func:`~pyfused_po.torch_backend.linear.gradient_chunk_size`), and on CUDA
+:func:`~pyfused_po.torch_backend.linear.gradient_chunk_size`; named: logged once and kept in
+``module.fallback_reason``, and ``module.long_group_plan = "three_gemm"`` keeps three GEMMs with a
+chunk as long as the pair), and on CUDA
 chunks under :data:`MIN_CUDA_CHUNK_TOKENS` tokens when the batch needs more than one (the
 per-chunk fp32 dW traffic would cost more than the GEMM saved).
 

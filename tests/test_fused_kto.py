@@ -135,7 +135,11 @@ def test_kl_inputs_that_require_grad_are_detached_in_both_plans():
 def test_falls_back_for_a_vector_loss_a_long_sequence_and_no_grad():
     hidden, weight, bias, labels, ref_logps, _ = _batch(seed=5)
     kw = dict(labels=labels, is_desirable=DESIRABLE, ref_logps=ref_logps, kl=0.1)
-    _assert_fused_equals_staged(_module("kto", chunk_tokens=3), hidden, weight, bias, expect_fused=False, **kw)
+    long = _module("kto", chunk_tokens=3)
+    _assert_fused_equals_staged(long, hidden, weight, bias, expect_fused=False, **kw)
+    assert "longer than the three-GEMM chunk" in long.fallback_reason  # named, not silent
+    long.long_group_plan = "three_gemm"  # the chunk grows to the longest sequence: 3 GEMMs
+    _assert_fused_equals_staged(long, hidden, weight, bias, **kw)
     module = _module("kto", reduction="none")
     out = module(hidden=hidden.requires_grad_(), weight=weight, bias=bias, **kw)
     assert out.loss.shape == (B,) and "StoredGradient" not in type(out.loss.grad_fn).__name__
