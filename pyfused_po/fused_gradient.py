@@ -245,6 +245,7 @@ class FusedHead:
                 if gh is not None:
                     rows = _chunked._mm(x, w, cdt)  # GEMM 2
                     gh.index_copy_(0, idx, rows if s == 1.0 else rows.mul_(1.0 / s))
+                    del rows  # not held into the next chunk's GEMM 1
                 if gw is not None:
                     _chunked.gemm_into(gw, x.t(), h_c, accumulate=k > 0, alpha=1.0 / s)  # GEMM 3
                 if gb is not None:
