@@ -21,6 +21,7 @@ one.  Only ``loss`` carries a gradient: ``losses``, rewards and metrics are deta
 import torch
 
 from . import packed_columns
+from .batch_layout import SequenceGroups
 from .fused_gradient import FusedHead, note_fallback, plan_may_run
 from .packing import check_desirable_flags
 
@@ -68,7 +69,9 @@ def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, o
         sequence = torch.div(head.pos, labels.shape[1], rounding_mode="floor")
     else:
         sequence = batch.layout.segments.reshape(-1).index_select(0, head.pos)
-    chunks = head.chunks(sequence, groups, getattr(module, "long_group_plan", "staged"))
+    singles = SequenceGroups.singles(groups, labels.device)  # a KTO sequence is a group of one
+    group = singles.of_tokens(sequence)
+    chunks = head.chunks(group, singles.num_groups, getattr(module, "long_group_plan", "staged"))
     note_fallback(module, head.fallback_reason)
     if chunks is None:
         return None
@@ -78,7 +81,7 @@ def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, o
     with torch.no_grad():  # the objective's input checks (flags, reference, KL) before any GEMM
         objective(torch.zeros(groups, dtype=head.source[0].dtype, device=labels.device), ref_logps)
 
-    head.run(chunks, sequence, lambda tokens: objective(sums(tokens.logps), ref_logps).loss)
+    head.run(chunks, group, lambda tokens: objective(sums(tokens.logps), ref_logps).loss)
     with torch.no_grad():
         result = objective(sums(head.tokens().logps), ref_logps)
     result.loss = head.attach(result.loss)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import pyfused_po
 from pyfused_po import BatchLayout, FusedPreferenceLoss
 
-from _fused_plan import assert_plans_agree
+from _fused_plan import assert_same_plans as _assert_same, run_plan as _run
 
 V, D = 40, 6
 LENGTHS = [7, 5, 9, 4, 6, 8, 3]  # seven packed sequences; with explicit indices one is in no pair
@@ -40,23 +40,6 @@ def _layouts(cu):
         "explicit indices": dict(cu_seqlens=cu, chosen_index=torch.tensor([4, 0, 2]),
                                  rejected_index=torch.tensor([1, 5, 3])),
     }
-
-
-def _run(module, fused, hidden, weight, bias, labels, **kw):
-    module.fused_gradient = fused
-    h = hidden.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    b = None if bias is None else bias.clone().requires_grad_(True)
-    out = module(hidden=h, weight=w, bias=b, labels=labels, **kw)
-    (out.loss * 1.3).backward()
-    return out, [h.grad, w.grad] + ([] if b is None else [b.grad])
-
-
-def _assert_same(module, hidden, weight, bias, labels, expect_fused=True, **kw):
-    staged, g_staged = _run(module, False, hidden, weight, bias, labels, **kw)
-    fused, g_fused = _run(module, True, hidden, weight, bias, labels, **kw)
-    assert_plans_agree(fused, g_fused, staged, g_staged, expect_fused)
-    return fused, g_fused
 
 
 SEPARABLE = [t for t in pyfused_po.loss_types() if t not in ("aot", "aot_unpaired", "expo")]
@@ -121,7 +104,7 @@ def test_packed_plan_against_a_float64_formula():
     rejected = torch.stack([sums[i] for i in (1, 5, 3)])
     margin = (chosen - ref["ref_chosen_logps"]) - (rejected - ref["ref_rejected_logps"])
     loss = -F.logsigmoid(0.4 * margin).mean()
-    (loss * 1.3).backward()
+    (loss * 1.7).backward()
     torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, (h.grad, w.grad, b.grad)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
