@@ -522,8 +522,13 @@ NOTES = """Notes.
   K ≤ TRL's number of token tiles and its dW traffic is (2K−1)/(2K) of TRL's; C ≤ D keeps the
   `[C, V]` chunk no larger than dW). This counter shape has D = 128, so the rule gives the budget's
   chunk and the ratio above 1; the model below is at a real head (D = 4096).
-* The fused module holds dW (fp32 `[V, D]`), db and dH from its forward to the backward; the
-  staged path allocates them in the backward only."""
+* The fused module holds dW (fp32 `[V, D]`), db and dH (fp32 too, until the backward has applied
+  the upstream gradient, e.g. a loss scale) from its forward to the backward; the staged path
+  allocates them in the backward only.
+* *Packed* rows run the module with `layout=BatchLayout(cu_seqlens=…)`: the plan is asked on the
+  same batch representation as the padded rows. *Long pairs*: the default `long_group_plan='staged'`
+  falls back by name (logged once, `module.fallback_reason`); `'three_gemm'` holds a chunk as long
+  as the pair. More sections (e.g. each trainer through `apply()`) go in `SECTIONS`."""
 
 
 def render(result):
