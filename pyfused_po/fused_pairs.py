@@ -71,8 +71,9 @@ def fused_forward(module, batch, source, *, extras, objective, reference, captur
                            linear_impl=linear_impl, chunk_tokens=chunk_tokens)
     if head is None:
         return None
-    pair = batch.groups.of_tokens(batch.sequence_of(head.pos))
-    chunks = head.chunks(pair, batch.groups.num_groups, long_groups)
+    groups = batch.groups
+    pair = groups.of_tokens(batch.sequence_of(head.pos))
+    chunks = head.chunks(pair, groups.num_groups, long_groups)
     note_fallback(module, head.fallback_reason)
     if chunks is None:
         return None

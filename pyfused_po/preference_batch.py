@@ -66,16 +66,20 @@ class PaddedPairs:
             labels, ref_token_logps, token_weights, nll_labels)
         self.token_kwargs = module.token_kwargs
         ii = self.token_kwargs["ignore_index"]
-        B, self.T = labels.shape
-        P = B // 2
+        P, self.T = labels.shape[0] // 2, labels.shape[1]
         if nll_labels is None:
             self.token_labels = labels
         else:  # the chosen rows' NLL labels merged in
             nll_chosen = nll_labels[:P]
             padded = torch.cat([nll_chosen, torch.full_like(nll_chosen, ii)], dim=0)
             self.token_labels = merge_labels(labels, padded, ignore_index=ii)
-        ids = torch.arange(B, device=labels.device)
-        self.groups = SequenceGroups.pairs(ids[:P], ids[P:], B)
+
+    @property
+    def groups(self):
+        """Pair ``i`` = rows ``(i, P + i)`` (built only when a plan asks: a data-dependent map)."""
+        B = self.labels.shape[0]
+        ids = torch.arange(B, device=self.labels.device)
+        return SequenceGroups.pairs(ids[:B // 2], ids[B // 2:], B)
 
     def sequence_of(self, pos):
         """Sequence (row) of the labelled tokens at flat positions ``pos``."""
@@ -187,7 +191,11 @@ class PackedPairs:
         self.nll_mask = self.mask if nll is None else nll != ii
         self.token_labels = y if nll is None else merge_labels(y, nll, ignore_index=ii)
         self.token_kwargs = dict(module.token_kwargs, shift=False)  # the labels are shifted already
-        self.groups = SequenceGroups.pairs(self.pairs.chosen, self.pairs.rejected, self.layout.num_sequences)
+
+    @property
+    def groups(self):
+        """The pairs of the pair layout; a sequence in no pair is a group of its own."""
+        return SequenceGroups.pairs(self.pairs.chosen, self.pairs.rejected, self.layout.num_sequences)
 
     def sequence_of(self, pos):
         """Sequence of the labelled tokens at flat positions ``pos`` of the stream."""
