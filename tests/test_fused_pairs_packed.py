@@ -128,3 +128,23 @@ def test_a_long_pair_falls_back_by_name_or_keeps_three_gemms(caplog):
     module.long_group_plan = "always"
     with pytest.raises(ValueError, match="long_group_plan must be one of"):
         _run(module, True, hidden, weight, bias, labels, cu_seqlens=cu, **ref)
+
+
+def test_options_on_a_packed_stream_through_the_plan():
+    """Token weights, NLL labels covering the prompt, LD-DPO, WPO, a reference head, softcap and
+    temperature on a packed stream with explicit pairs: the plan equals the staged path."""
+    hidden, weight, bias, labels, cu, _ = _stream(seed=12, n_seq=7)
+    g = torch.Generator().manual_seed(3)
+    N = labels.shape[1]
+    nll_labels = labels.clone()
+    prompt = labels == -100
+    nll_labels[prompt] = torch.randint(0, V, (int(prompt.sum()),), generator=g)
+    common = dict(token_weights=torch.rand(1, N, generator=g, dtype=torch.float64) + 0.5,
+                  ref_hidden=hidden + 0.05, **_layouts(cu)["explicit indices"])
+    for loss_type, extra, kw in (("sigmoid", dict(use_weighting=True), {}),
+                                 (["sigmoid", "sft"], dict(loss_weights=[1.0, 0.5]), dict(nll_labels=nll_labels)),
+                                 ("ipo", dict(ld_alpha=0.6), {})):
+        module = FusedPreferenceLoss(loss_type, beta=0.2, backend="torch", shift=True, softcap=5.0,
+                                     temperature=0.8, **extra)
+        module.chunk_tokens = 15
+        _assert_same(module, hidden, weight, bias, labels, **common, **kw)
