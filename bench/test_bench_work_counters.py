@@ -73,14 +73,25 @@ def test_traffic_model_in_place_against_temporary():
 
 
 def test_table_runs_at_a_tiny_shape():
-    result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 15, liger=False)  # chunks hold a pair
+    # Chunks hold a pair (109 tokens); the long-pair section's rows of 80 tokens make pairs of ~130.
+    result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 15, liger=False, long_seq=80)
     trl = [r for r in result["rows"] if r["method"].startswith("TRL")]
+    trl = [r for r in trl if r["section"] == "padded"]
     assert [r["gemms"] for r in trl] == [4.0, 3.0]  # TRL: logits, recompute, dH (, dW)
-    frozen = [r for r in result["rows"] if r["method"].startswith("pyfused_po") and r["head"] == "frozen"]
+    frozen = [r for r in result["rows"] if r["method"].startswith("pyfused_po") and r["head"] == "frozen"
+              and r["section"] == "padded"]
     assert [r["gemms"] for r in frozen] == [2.0] * 3  # logits, ∂log p/∂h in the forward; no backward GEMM
     assert all(r["peak_bytes"] > 0 for r in result["rows"])
     kto = [r for r in result["rows"] if "FusedKTOLoss" in r["method"]]
     assert [r["gemms"] for r in kto] == [4.0, 3.0]  # staged: logits, recompute, dH, dW; fused: no recompute
+    # Packed batches reach the three-GEMM plan (issue 24): 4 → 3 with a trainable head, 2 frozen.
+    packed = {(r["method"], r["head"]): r for r in result["rows"] if r["section"] == "packed"}
+    assert [packed[k]["gemms"] for k in packed if k[0].startswith("pyfused_po")] == [4.0, 3.0, 2.0, 2.0]
+    assert [r["gemm_vs_floor"] for k, r in packed.items() if "fused gradient (default)" in k[0]] == [1.0, 1.0]
+    # Long pairs: the default falls back by name (4 GEMMs), 'three_gemm' keeps 3.
+    long = [r for r in result["rows"] if r["section"] == "long pairs"]
+    assert [r["gemms"] for r in long] == [4.0, 3.0, 4.0]
+    assert long[1]["gemm_vs_trl"] == 0.75
 
 
 def test_frozen_head_with_metric_extras_counts_two_gemms():

@@ -182,6 +182,32 @@ def make_batch(pairs=2, seq=256, vocab=8192, dim=128, seed=0, dtype=torch.float3
                 ref_rejected=ref[pairs:].to(dtype), beta=0.1)
 
 
+def packed_batch(batch, seed=1):
+    """The same sequences without their padding: each of the ``2P`` rows cut at a random length
+    (between half and all of it) and packed back to back, ``[1, N]`` with ``cu_seqlens``, pairs
+    in halves (``layout=BatchLayout(cu_seqlens=…)``)."""
+    from pyfused_po import BatchLayout
+
+    g = torch.Generator().manual_seed(seed)
+    labels, hidden = batch["labels"], batch["hidden"]
+    n, T = labels.shape
+    lengths = torch.randint(T // 2, T + 1, (n,), generator=g).tolist()
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    packed = dict(batch, labels=torch.cat([labels[i, :k] for i, k in enumerate(lengths)]).unsqueeze(0),
+                  hidden=torch.cat([hidden[i, :k] for i, k in enumerate(lengths)]).unsqueeze(0),
+                  layout=BatchLayout(cu_seqlens=cu), segments=torch.repeat_interleave(torch.arange(n),
+                                                                                      torch.tensor(lengths)))
+    return packed
+
+
+def _sequence_sums(per_token, batch):
+    """``[2P]`` sums of a ``[rows, T]`` (or packed ``[1, N]``) per-token tensor."""
+    if "segments" not in batch:
+        return per_token.sum(-1)
+    n = batch["ref_chosen"].shape[0] * 2
+    return per_token.new_zeros(n).index_add(0, batch["segments"], per_token.reshape(-1))
+
+
 def _dpo(seq_logps, batch):
     """−log σ(β((ℓ_w − ℓʳ_w) − (ℓ_l − ℓʳ_l))), mean over pairs (TRL's sigmoid loss)."""
     P = seq_logps.shape[0] // 2
@@ -201,15 +227,16 @@ def _module_chunk_tokens(batch, budget, fused, trainable):
     return gradient_chunk_size(M, D, min(staged, M)) if fused and trainable else staged
 
 
-def _pyfused_module(batch, budget, *, fused):
+def _pyfused_module(batch, budget, *, fused, long_group_plan="staged"):
     from pyfused_po import FusedPreferenceLoss
 
     def step(hidden, weight):
         module = FusedPreferenceLoss("sigmoid", beta=batch["beta"], backend="torch", linear_impl="chunked",
                                      logit_metrics=False)
         module.fused_gradient = fused
+        module.long_group_plan = long_group_plan
         module.chunk_tokens = _module_chunk_tokens(batch, budget, fused, weight.requires_grad)
-        out = module(hidden=hidden, weight=weight, labels=batch["labels"],
+        out = module(hidden=hidden, weight=weight, labels=batch["labels"], layout=batch.get("layout"),
                      ref_chosen_logps=batch["ref_chosen"], ref_rejected_logps=batch["ref_rejected"])
         out.loss.backward()
     return step
@@ -242,7 +269,7 @@ def _pyfused_token_stage(batch, budget):
     def step(hidden, weight):
         logps = linear_token_logprobs(hidden, weight, batch["labels"], backend="torch", impl="chunked",
                                       chunk_tokens=max(1, budget // V))
-        _dpo(logps.sum(-1), batch).backward()
+        _dpo(_sequence_sums(logps, batch), batch).backward()
     return step
 
 
@@ -257,7 +284,7 @@ def _trl(batch, budget):
     def step(hidden, weight):
         logps = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk, None, 1.0, ())[0]
         per_token = logps.new_zeros(mask.shape).masked_scatter(mask, logps)
-        _dpo(per_token.sum(-1), batch).backward()
+        _dpo(_sequence_sums(per_token, batch), batch).backward()
     return step
 
 
@@ -301,6 +328,40 @@ def methods(batch, budget, liger=True):
     return out
 
 
+def packed_methods(batch, budget, liger=False):
+    """The packed-batch section: the module on ``[1, N]`` with ``cu_seqlens`` (both plans) and TRL."""
+    out = []
+    for trainable in (True, False):
+        head = "trainable" if trainable else "frozen"
+        out += [(f"pyfused_po module packed, fused_gradient=False ({head})", trainable,
+                 _pyfused_module(batch, budget, fused=False)),
+                (f"pyfused_po module packed, fused gradient (default) ({head})", trainable,
+                 _pyfused_module(batch, budget, fused=True)),
+                (f"TRL 1.16 ChunkedLogProbFunction + DPO ({head})", trainable, _trl(batch, budget))]
+    return out
+
+
+def long_pair_methods(batch, budget, liger=False):
+    """The long-pair section: every pair has more labelled tokens than the plan's chunk
+    (min(M, 4096, D) tokens): the default falls back by name, ``three_gemm`` keeps 3 GEMMs."""
+    return [("pyfused_po module, long_group_plan='staged' (default) (trainable)", True,
+             _pyfused_module(batch, budget, fused=True)),
+            ("pyfused_po module, long_group_plan='three_gemm' (trainable)", True,
+             _pyfused_module(batch, budget, fused=True, long_group_plan="three_gemm")),
+            ("TRL 1.16 ChunkedLogProbFunction + DPO (trainable)", True, _trl(batch, budget))]
+
+
+# The table's sections: (name, the section's batch from the main one, its methods).  Another
+# module (e.g. rows for each trainer through apply()) appends a section here; every row of a
+# section is compared with the TRL row of the same section and head.
+SECTIONS = [
+    ("padded", lambda batch, shape: batch, methods),
+    ("packed", lambda batch, shape: packed_batch(batch), packed_methods),
+    ("long pairs", lambda batch, shape: make_batch(1, shape["long_seq"], shape["vocab"], shape["hidden_dim"]),
+     long_pair_methods),
+]
+
+
 def count_step(step, batch, trainable):
     """Runs ``step`` once under a :class:`WorkCounter` on fresh leaf inputs."""
     hidden = batch["hidden"].clone().requires_grad_(True)
@@ -314,25 +375,39 @@ def count_step(step, batch, trainable):
     return counter
 
 
-def run(pairs=2, seq=256, vocab=8192, dim=1024, budget=1 << 22, liger=True):
-    """The table as a dict: one row per method, ratios against TRL with the same head."""
+def floor_gemms(trainable):
+    """The floor: 3 GEMMs over the labelled tokens with a trainable head, 2 with a frozen one."""
+    return 3.0 if trainable else 2.0
+
+
+def run(pairs=2, seq=256, vocab=8192, dim=1024, budget=1 << 22, liger=True, long_seq=None, sections=None):
+    """The table as a dict: one row per method and section, ratios against TRL with the same head
+    in the same section and against the floor.  ``long_seq``: the long-pair section's row length
+    (default 1.25·D, so each pair has more labelled tokens than the plan's min(M, 4096, D) chunk)."""
     torch.manual_seed(0)
     batch = make_batch(pairs, seq, vocab, dim)
     M = int((batch["labels"] != -100).sum())
     unit = 2 * M * dim * vocab
+    shape = dict(pairs=pairs, seq=seq, labelled_tokens=M, vocab=vocab, hidden_dim=dim, chunk_budget=budget,
+                 unit_flops=unit, torch=torch.__version__, long_seq=long_seq or (5 * dim) // 4)
     rows = []
-    for name, trainable, step in methods(batch, budget, liger):
-        c = count_step(step, batch, trainable)
-        rows.append(dict(method=name, head="trainable" if trainable else "frozen", gemm_flops=c.gemm_flops,
-                         gemms=c.gemm_flops / unit, peak_bytes=c.peak_bytes, acc_bytes=c.acc_bytes,
-                         mm_calls={k: v for k, v in sorted(c.ops.items()) if k in _MATMUL_OPS}))
+    for section, make, section_methods in (SECTIONS if sections is None else sections):
+        b = make(batch, shape)
+        m = int((b["labels"] != -100).sum())
+        section_unit = 2 * m * dim * vocab
+        for name, trainable, step in section_methods(b, budget, liger):
+            c = count_step(step, b, trainable)
+            rows.append(dict(section=section, method=name, head="trainable" if trainable else "frozen",
+                             labelled_tokens=m, gemm_flops=c.gemm_flops, gemms=c.gemm_flops / section_unit,
+                             gemm_vs_floor=c.gemm_flops / section_unit / floor_gemms(trainable),
+                             peak_bytes=c.peak_bytes, acc_bytes=c.acc_bytes,
+                             mm_calls={k: v for k, v in sorted(c.ops.items()) if k in _MATMUL_OPS}))
     for r in rows:
-        trl = next(x for x in rows if x["method"].startswith("TRL") and x["head"] == r["head"])
+        trl = next(x for x in rows if x["method"].startswith("TRL") and x["head"] == r["head"]
+                   and x["section"] == r["section"])
         r["gemm_vs_trl"] = r["gemm_flops"] / trl["gemm_flops"]
         r["peak_vs_trl"] = r["peak_bytes"] / trl["peak_bytes"]
         r["acc_vs_trl"] = r["acc_bytes"] / max(trl["acc_bytes"], 1)
-    shape = dict(pairs=pairs, seq=seq, labelled_tokens=M, vocab=vocab, hidden_dim=dim, chunk_budget=budget,
-                 unit_flops=unit, torch=torch.__version__)
     skipped = liger_unavailable_reason() if liger else "not asked for"
     return dict(shape=shape, rows=rows, liger_skipped=skipped)
 
@@ -374,21 +449,27 @@ def traffic_model(M, V, D, budget, trl_tokens=4096, hidden_bytes=2):
     }
 
 
-def peak_model(M, V, D, budget, trl_tokens=4096, hidden_bytes=2, weight_bytes=2):
+def peak_model(M, V, D, budget, trl_tokens=4096, hidden_bytes=2, weight_bytes=2, pair_tokens=None):
     """Peak extra bytes of the trainable-head step by formula, the largest of each plan's phases
     (gradient buffers, the logits chunk, the gathered hidden rows; parameters and hidden excluded).
     Both plans end the backward holding the fp32 dW and its copy in the weight's dtype (none when
-    the weight is fp32); TRL also holds its fp32 dH, the dH copy and its tile buffer there."""
+    the weight is fp32); TRL also holds its fp32 dH, the dH copy and its tile buffer there.  The
+    three-GEMM plan keeps dH in fp32 too until the backward has applied the upstream gradient (the
+    loss scale), then rounds it (issue 26, class 2).  ``pair_tokens``: labelled tokens of the
+    longest pair; when it exceeds the plan's chunk, the ``long_group_plan='three_gemm'`` row holds
+    a chunk of that many tokens (the default falls back to the staged plan's peak)."""
     f32, dw, dh = 4, V * D, M * D
     trl_t, trl_v, _, cf, width = _plans(M, V, D, budget, trl_tokens)
+    if pair_tokens is not None:
+        cf = max(cf, pair_tokens)
     dw_copy = 0 if weight_bytes == f32 else weight_bytes * dw
     h = hidden_bytes
     trl_tile = h * trl_t * trl_v
     trl = f32 * dw + f32 * dh + trl_tile + max(h * trl_t * D, dw_copy + h * dh)
     staged_loop = f32 * dw + f32 * dh + h * dh + h * M * min(width, V)
     staged_end = f32 * dw + f32 * dh + dw_copy + h * dh
-    fused_loop = f32 * dw + h * dh + h * cf * (V + D)
-    fused_end = f32 * dw + h * dh + dw_copy
+    fused_loop = f32 * dw + f32 * dh + h * cf * (V + D)
+    fused_end = f32 * dw + h * dh + max(f32 * dh, dw_copy)  # dH rounded first, then dW
     return {"TRL 1.16 (trainable)": trl,
             "pyfused_po staged, vocabulary-outer (trainable)": max(staged_loop, staged_end),
             "pyfused_po fused module, chunks of pairs (trainable)": max(fused_loop, fused_end)}
@@ -408,6 +489,16 @@ def render_model(shape=HEADLINE):
         p = (f"{peak[name] / 1e9:.2f} | {peak[name] / peak[ref]:.2f}" if name in peak else "— | —")
         lines.append(f"| {name} | {b / 1e9:.1f} | {b / model[ref]:.2f} | {p} |")
     fused, trl = "pyfused_po fused module, chunks of pairs (trainable)", "TRL 1.16 (trainable)"
+    staged = "pyfused_po staged, vocabulary-outer (trainable)"
+    lines += ["", "Long pairs (issue 24): pairs with more labelled tokens than the plan's chunk, same M, V, D. "
+              "The default (`long_group_plan='staged'`) runs the staged plan, logs the reason once and keeps it "
+              "in `module.fallback_reason`; `'three_gemm'` holds one chunk as long as the longest pair:", "",
+              "| labelled tokens per pair | default 'staged': GEMMs, peak × TRL | 'three_gemm': GEMMs, peak × TRL |",
+              "|---|---|---|"]
+    for L in (8192, 16384):
+        pk = peak_model(**shape, pair_tokens=L)
+        lines.append(f"| {L} | 4 (1.00 × TRL, 1.33 × floor), {pk[staged] / pk[trl]:.2f} | "
+                     f"3 (0.75 × TRL, 1.00 × floor), {pk[fused] / pk[trl]:.2f} |")
     lines += ["", "The trade-off by hidden size (same M, V and budget): the chunk is min(4096, D) tokens, so "
               "below D = 4096 the plan keeps its peak under TRL's and pays in accumulator traffic:", "",
               "| D | chunk tokens | accumulator × TRL | peak extra × TRL |", "|---|---|---|---|"]
@@ -431,19 +522,29 @@ NOTES = """Notes.
   K ≤ TRL's number of token tiles and its dW traffic is (2K−1)/(2K) of TRL's; C ≤ D keeps the
   `[C, V]` chunk no larger than dW). This counter shape has D = 128, so the rule gives the budget's
   chunk and the ratio above 1; the model below is at a real head (D = 4096).
-* The fused module holds dW (fp32 `[V, D]`), db and dH from its forward to the backward; the
-  staged path allocates them in the backward only."""
+* The fused module holds dW (fp32 `[V, D]`), db and dH (fp32 too, until the backward has applied
+  the upstream gradient, e.g. a loss scale) from its forward to the backward; the staged path
+  allocates them in the backward only.
+* *Packed* rows run the module with `layout=BatchLayout(cu_seqlens=…)`: the plan is asked on the
+  same batch representation as the padded rows. *Long pairs*: the default `long_group_plan='staged'`
+  falls back by name (logged once, `module.fallback_reason`); `'three_gemm'` holds a chunk as long
+  as the pair. More sections (e.g. each trainer through `apply()`) go in `SECTIONS`."""
 
 
 def render(result):
     s = result["shape"]
     lines = [f"One DPO step, {s['pairs']} pairs × 2 × {s['seq']} rows ({s['labelled_tokens']} labelled), "
              f"V={s['vocab']}, D={s['hidden_dim']}, chunk budget {s['chunk_budget']} logits; "
-             f"1 GEMM = 2·M·D·V = {s['unit_flops']:.3g} FLOPs", "",
-             "| method | GEMMs | × TRL | peak live MiB | × TRL | acc. traffic MiB | × TRL |",
-             "|---|---|---|---|---|---|---|"]
+             f"1 GEMM = 2·M·D·V FLOPs over the section's M labelled tokens (padded: {s['unit_flops']:.3g}). "
+             "Sections: *padded* `[2P, T]`; *packed*: the same rows cut at random lengths and packed "
+             "`[1, N]` with `cu_seqlens`; *long pairs*: rows of "
+             f"{s.get('long_seq', '—')} tokens, every pair longer than the plan's chunk. The floor is 3 GEMMs "
+             "(trainable head), 2 (frozen).", "",
+             "| section | method | M | GEMMs | × floor | × TRL | peak live MiB | × TRL | acc. traffic MiB | × TRL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['gemms']:.2f} | {r['gemm_vs_trl']:.2f} | "
+        lines.append(f"| {r.get('section', 'padded')} | {r['method']} | {r.get('labelled_tokens', '')} | "
+                     f"{r['gemms']:.2f} | {r.get('gemm_vs_floor', float('nan')):.2f} | {r['gemm_vs_trl']:.2f} | "
                      f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_vs_trl']:.2f} | "
                      f"{r['acc_bytes'] / 2**20:.1f} | {r['acc_vs_trl']:.2f} |")
     if result["liger_skipped"]:

@@ -7,6 +7,7 @@ the drop-in :class:`FusedPreferenceLoss`.
 """
 from . import ops  # noqa: F401  (registers the torch.library custom ops used under torch.compile)
 from . import packing  # noqa: F401  (registers the packed form of sequence_sums)
+from .batch_layout import BatchLayout
 from .distributed import (
     sequence_parallel_sums,
     vocab_parallel_linear_token_logprobs,
@@ -27,6 +28,7 @@ from .token_logprobs import TokenLogprobs, token_logprobs
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchLayout",
     "F_DIVERGENCE_TYPES",
     "FusedKTOLoss",
     "FusedPreferenceLoss",

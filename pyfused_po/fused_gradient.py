@@ -20,12 +20,17 @@ and connects it to ``hidden``/``weight``/``bias`` with :meth:`FusedHead.attach`:
 multiplies the stored gradients by the incoming (scalar) gradient.  A frozen head (no ``weight``
 gradient) skips GEMM 3: two GEMMs.
 
-Memory: ``dW`` (fp32 ``[V, D]``), ``db`` and ``dH`` (``[B·T, D]``, hidden's dtype) live from the
-forward to the backward instead of only during the backward.
+Memory: ``dW`` (fp32 ``[V, D]``), ``db`` and ``dH`` (``[B·T, D]``) live from the forward to the
+backward instead of only during the backward, all three in the fp32 accumulator dtype: the caller's
+upstream gradient (``GradScaler``'s loss scale) is applied before they are rounded to the inputs'
+dtype, and ``G`` itself is formed at a power-of-two scale fp16 can hold
+(:func:`~pyfused_po.torch_backend.linear.operand_scale`).
 
 The module-specific parts (which objectives separate, which inputs) live in
 :mod:`pyfused_po.fused_pairs` and :mod:`pyfused_po.fused_kto`.
 """
+import logging
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -45,6 +50,26 @@ PLACEHOLDER_LOGP = -1.0
 # it, fall back when the batch needs more than one chunk.  A prediction from the model in
 # bench/work_counters.py, to be checked on a GPU.
 MIN_CUDA_CHUNK_TOKENS = 1024
+
+
+# What the plan does with a group (pair, sequence) longer than its chunk (issue 24, "long pairs"):
+# "staged": the staged plan runs the call (4 GEMMs; its peak, below TRL's at the headline shape);
+# "three_gemm": one chunk as long as the longest group (3 GEMMs; the [C, V] chunk grows with it).
+# The default is the one whose peak stays under TRL's at the headline shape (bench/work_counters.py).
+LONG_GROUP_PLANS = ("staged", "three_gemm")
+_log = logging.getLogger("pyfused_po")
+
+
+def note_fallback(module, reason):
+    """Logs ``reason`` (why the staged plan runs instead of three GEMMs) once per module and reason,
+    and keeps it in ``module.fallback_reason`` (None when the plan ran)."""
+    module.fallback_reason = reason
+    if reason is None:
+        return
+    seen = module.__dict__.setdefault("_fallbacks_logged", set())
+    if reason not in seen:
+        seen.add(reason)
+        _log.warning("%s: %s", type(module).__name__, reason)
 
 
 def plan_may_run(module, source, others=()):
@@ -150,10 +175,26 @@ class FusedHead:
             return None  # a small head at a large vocabulary
         return plan
 
-    def chunks(self, group, groups):
+    def chunks(self, group, groups, long_groups="staged"):
         """Chunks of whole groups (``group``: each labelled token's group), or ``None`` when there
-        is no labelled token or one group has more labelled tokens than a chunk holds."""
-        return group_chunks(group, groups, self.chunk_tokens) if self.pos.numel() else None
+        is no labelled token, or when one group has more labelled tokens than a chunk holds and
+        ``long_groups`` is ``"staged"`` (:data:`LONG_GROUP_PLANS`; the reason is then in
+        :attr:`fallback_reason`).  With ``"three_gemm"`` the chunk grows to the longest group."""
+        if long_groups not in LONG_GROUP_PLANS:
+            raise ValueError(f"long_group_plan must be one of {LONG_GROUP_PLANS}, got {long_groups!r}")
+        self.fallback_reason = None
+        if not self.pos.numel():
+            return None
+        longest = int(torch.bincount(group, minlength=groups).max()) if groups else 0
+        if longest > self.chunk_tokens:
+            if long_groups == "staged":
+                self.fallback_reason = (f"a group of {longest} labelled tokens is longer than the three-GEMM chunk "
+                                        f"({self.chunk_tokens} tokens): the staged plan (4 GEMMs) runs; "
+                                        "long_group_plan='three_gemm' keeps 3 GEMMs with a chunk of the longest "
+                                        "group (more peak memory)")
+                return None
+            self.chunk_tokens = longest
+        return group_chunks(group, groups, self.chunk_tokens)
 
     def run(self, chunks, group, loss_of):
         """The chunk loop.  ``loss_of(tokens)``: the module's scalar loss from per-token values
@@ -173,7 +214,9 @@ class FusedHead:
         placeholder["logps"][pos] = PLACEHOLDER_LOGP
         if "log_sum_sq_probs" in placeholder:
             placeholder["log_sum_sq_probs"][pos] = PLACEHOLDER_LOGP  # WPO weight exp(0) = 1
-        gh = torch.zeros(h2.shape, device=dev, dtype=hidden.dtype) if need_h else None
+        # Every stored gradient stays in the fp32 (fp64) accumulator dtype until the backward has
+        # applied the upstream gradient (a loss scale): rounded to the inputs' dtype once, after.
+        gh = torch.zeros(h2.shape, device=dev, dtype=cdt) if need_h else None
         # dW/db: written by the first chunk's GEMM, accumulated in place by the others.
         gw = torch.empty(weight.shape, device=dev, dtype=cdt) if need_w else None
         gb = torch.empty(weight.shape[0], device=dev, dtype=cdt) if need_b else None
@@ -188,23 +231,33 @@ class FusedHead:
                 for name in names:
                     self.real[name][where] = (lp if name == "logps" else outs[name])[0]
                 g = self._upstream(loss_of, lp[0], where, placeholder)
+                # G is formed at a power-of-two scale s that fp16 can hold (one host sync per chunk);
+                # the fp32 products are unscaled exactly.  s = 1 for fp32 / fp64 operands.
+                s = _chunked.operand_scale(g.abs().max() if g.numel() else 0.0, x.dtype, self.kw["temperature"],
+                                           self.kw["logit_scale"])
+                if s != 1.0:
+                    g = g * s
                 # X becomes G in place.  vocab_shard: p = exp(z − lse) from the forward's lse, as the
                 # staged vocabulary-outer backward does, instead of the torch fold's second exact
                 # log-softmax of the row (a max and a logsumexp over [C, V] more); every label is in
                 # [0, V), so the one-hot term is unchanged (the Triton fold always uses the given lse).
                 self.fold.token_backward(x3, y, lse, x3, grad_logp=g.unsqueeze(0), vocab_shard=True, **self.kw)
                 if gh is not None:
-                    gh.index_copy_(0, idx, _chunked._mm(x, w, gh.dtype))  # GEMM 2
+                    rows = _chunked._mm(x, w, cdt)  # GEMM 2
+                    gh.index_copy_(0, idx, rows if s == 1.0 else rows.mul_(1.0 / s))
+                    del rows  # not held into the next chunk's GEMM 1
                 if gw is not None:
-                    _chunked.gemm_into(gw, x.t(), h_c, accumulate=k > 0)  # GEMM 3
+                    _chunked.gemm_into(gw, x.t(), h_c, accumulate=k > 0, alpha=1.0 / s)  # GEMM 3
                 if gb is not None:
+                    col = x.sum(0, dtype=cdt)
+                    if s != 1.0:
+                        col.mul_(1.0 / s)
                     if k > 0:
-                        gb += x.sum(0, dtype=cdt)
+                        gb += col
                     else:
-                        torch.sum(x, 0, dtype=cdt, out=gb)
-            del h_c, x, x3  # the last chunk is freed before dW is cast to the weight's dtype
-        self.grads = (None if gh is None else gh.view(hidden.shape), None if gw is None else gw.to(weight.dtype),
-                      None if gb is None else gb.to(bias.dtype))
+                        gb.copy_(col)
+            del h_c, x, x3
+        self.grads = (None if gh is None else gh.view(hidden.shape), gw, gb)
 
     def _values(self, flat, names):
         return TokenLogprobs(flat["logps"].view(self.shape), **{k: flat[k].view(self.shape) for k in names})
@@ -242,11 +295,13 @@ def _kernels():
 
 class _StoredGradient(torch.autograd.Function):
     """``loss`` connected to ``hidden``/``weight``/``bias`` through gradients computed in the
-    forward: the backward scales them by the incoming (scalar) gradient."""
+    forward, held in the fp32 (fp64) accumulator dtype: the backward scales them by the incoming
+    (scalar) gradient and only then rounds each to its input's dtype, once."""
 
     @staticmethod
     def forward(ctx, loss, hidden, weight, bias, gh, gw, gb):
-        ctx.grads = (gh, gw, gb)
+        ctx.grads = [gh, gw, gb]
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
         return loss.detach().clone()
 
     @staticmethod
@@ -256,30 +311,12 @@ class _StoredGradient(torch.autograd.Function):
             raise RuntimeError("a fused-gradient loss (FusedPreferenceLoss / FusedKTOLoss on hidden=) can be "
                                "backpropagated once (its gradients were formed in the forward); set "
                                "module.fused_gradient = False for retain_graph=True")
-        gh, gw, gb = ctx.grads
-        ctx.grads = None  # hand the buffers over (AccumulateGrad may then keep them without a copy)
+        grads, ctx.grads = ctx.grads, None  # hand the buffers over
         scale = bool(grad != 1)
-        out = [None if t is None else (_scale_in_place(t, grad) if scale else t) for t in (gh, gw, gb)]
+        out = []
+        for i, dtype in enumerate(ctx.dtypes):
+            t, grads[i] = grads[i], None  # each fp32 buffer is freed once its rounded copy exists
+            if t is not None and scale:
+                t.mul_(grad.to(t.dtype))  # e.g. GradScaler's 65536, applied before any rounding
+            out.append(t if t is None or t.dtype == dtype else t.to(dtype))
         return (None, *out, None, None, None)
-
-
-# Rows per step of the widened scaling below: a temporary of at most 2^24 fp32 elements (64 MB).
-_SCALE_ELEMENTS = 1 << 24
-
-
-def _scale_in_place(t, grad):
-    """``t ·= grad`` with the product formed in fp32 (or t's wider dtype) and rounded once.
-
-    ``t * grad.to(t.dtype)`` would round the upstream gradient to bf16 first (1/3 becomes
-    0.33398): a systematic bias on every element, not rounding noise.  ``t`` is the stored
-    buffer being handed over, so it is overwritten; bf16/fp16 rows are widened a block at a time.
-    """
-    if t.dtype in (torch.float32, torch.float64):
-        return t.mul_(grad.to(t.dtype))
-    g = grad.float()
-    rows = t.view(-1, t.shape[-1]) if t.dim() > 1 else t.view(1, -1)
-    step = max(1, _SCALE_ELEMENTS // max(rows.shape[1], 1))
-    for r0 in range(0, rows.shape[0], step):
-        block = rows[r0:r0 + step]
-        block.copy_(block.float().mul_(g))
-    return t

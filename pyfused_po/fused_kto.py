@@ -13,14 +13,16 @@ staged path detaches them too (their gradient is None in both plans).
 Falls back to the staged path (returns ``None`` or is not chosen, :func:`applies`) for
 ``reduction="none"`` (a vector loss), vocabulary or sequence parallelism (``token_offset=``),
 ``linear_impl="fused"``, grad mode off, ``torch.compile`` tracing, no head input requiring grad,
-a sequence with more labelled tokens than one chunk holds, and on CUDA chunks under
+a sequence with more labelled tokens than one chunk holds (unless ``module.long_group_plan =
+"three_gemm"``; the reason is logged once and kept in ``module.fallback_reason``), and on CUDA chunks under
 :data:`~pyfused_po.fused_gradient.MIN_CUDA_CHUNK_TOKENS` tokens when the batch needs more than
 one.  Only ``loss`` carries a gradient: ``losses``, rewards and metrics are detached.
 """
 import torch
 
 from . import packed_columns
-from .fused_gradient import FusedHead, plan_may_run
+from .batch_layout import SequenceGroups
+from .fused_gradient import FusedHead, note_fallback, plan_may_run
 from .packing import check_desirable_flags
 
 
@@ -46,7 +48,7 @@ def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, o
         def reference(src):
             return module._token_stage(src, labels)
     else:
-        batch = packed_columns._packed_batch(module, labels, cu_seqlens, position_ids, None)
+        batch = packed_columns.packed_batch(module, labels, cu_seqlens, position_ids, None)
         groups = batch.layout.num_sequences
         check_desirable_flags(is_desirable, groups)
         source = batch.source(source, "hidden")
@@ -58,7 +60,7 @@ def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, o
             return batch.layout.sums(torch.where(mask, token_logps, token_logps.new_zeros(())))
 
         def reference(src):
-            return packed_columns._token_stage(module, src, token_labels).logps
+            return packed_columns.token_stage(module, src, token_labels).logps
     head = FusedHead.build(source, token_labels, token_kwargs, linear_impl=module.linear_impl,
                            chunk_tokens=getattr(module, "chunk_tokens", None))
     if head is None:
@@ -67,7 +69,10 @@ def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, o
         sequence = torch.div(head.pos, labels.shape[1], rounding_mode="floor")
     else:
         sequence = batch.layout.segments.reshape(-1).index_select(0, head.pos)
-    chunks = head.chunks(sequence, groups)
+    singles = SequenceGroups.singles(groups, labels.device)  # a KTO sequence is a group of one
+    group = singles.of_tokens(sequence)
+    chunks = head.chunks(group, singles.num_groups, getattr(module, "long_group_plan", "staged"))
+    note_fallback(module, head.fallback_reason)
     if chunks is None:
         return None
     if ref_source is not None:
@@ -76,7 +81,7 @@ def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, o
     with torch.no_grad():  # the objective's input checks (flags, reference, KL) before any GEMM
         objective(torch.zeros(groups, dtype=head.source[0].dtype, device=labels.device), ref_logps)
 
-    head.run(chunks, sequence, lambda tokens: objective(sums(tokens.logps), ref_logps).loss)
+    head.run(chunks, group, lambda tokens: objective(sums(tokens.logps), ref_logps).loss)
     with torch.no_grad():
         result = objective(sums(head.tokens().logps), ref_logps)
     result.loss = head.attach(result.loss)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import fused_kto, packed_columns
+from .batch_layout import BatchLayout
 from .distributed.options import ParallelOptions
 from .head_source import check_head_shapes, resolve_sources, run_token_stage
 from .linear_token_logprobs import IMPLS
@@ -193,6 +194,10 @@ class FusedKTOLoss(nn.Module):
     # hidden=/weight= inputs: form the exact gradient during the forward (three GEMMs instead of
     # four, two for a frozen head; :mod:`pyfused_po.fused_kto`).  False: the staged plan.
     fused_gradient = True
+    # A sequence with more labelled tokens than the plan's chunk: "staged" (4 GEMMs, logged once) or
+    # "three_gemm" (a chunk as long as the sequence); as FusedPreferenceLoss.long_group_plan.
+    long_group_plan = "staged"
+    fallback_reason = None
 
     def _token_stage(self, source, labels, *, inplace=False):
         """The one call into the token stage: logits or ``(hidden, weight, bias)``
@@ -206,7 +211,7 @@ class FusedKTOLoss(nn.Module):
     def forward(self, logits=None, labels=None, is_desirable=None, ref_logps=None, ref_logits=None, *,
                 hidden=None, weight=None, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                 kl=None, policy_kl_logps=None, ref_kl_logps=None, cu_seqlens=None, position_ids=None,
-                token_offset=None) -> KTOLossOutput:
+                token_offset=None, layout=None) -> KTOLossOutput:
         """``logits`` ``[B, T, V]`` or ``hidden`` ``[B, T, D]`` with the LM head ``weight``
         ``[V, D]`` (and ``bias`` ``[V]``); ``labels`` ``[B, T]``, ``is_desirable`` ``[B]`` bool.
         The reference as ``ref_logps`` ``[B]``, ``ref_logits`` like ``logits``, or ``ref_hidden``
@@ -214,7 +219,14 @@ class FusedKTOLoss(nn.Module):
         states run forward only, no gradient.  The KL estimate as in :func:`kto_loss`.  Packed:
         ``logits`` ``[1, N, V]`` (``hidden`` ``[1, N, D]``), ``labels`` ``[1, N]`` with ``cu_seqlens``
         ``[S + 1]`` or ``position_ids``; ``is_desirable`` / ``ref_logps`` are ``[S]``, one per packed
-        sequence (:mod:`pyfused_po.packing`)."""
+        sequence (:mod:`pyfused_po.packing`).  ``layout=`` (a :class:`~pyfused_po.BatchLayout` with
+        ``cu_seqlens`` / ``position_ids`` / ``token_offset``) is the same as those keywords; a KTO
+        sequence is a group of one, so it takes no pair layout."""
+        layout = BatchLayout.of(layout, cu_seqlens=cu_seqlens, position_ids=position_ids, token_offset=token_offset)
+        if layout.pair_layout is not None or layout.chosen_index is not None or layout.rejected_index is not None:
+            raise ValueError("FusedKTOLoss takes no pair layout (each sequence is scored alone): pass a BatchLayout "
+                             "with cu_seqlens / position_ids / token_offset only")
+        cu_seqlens, position_ids, token_offset = layout.cu_seqlens, layout.position_ids, layout.token_offset
         source, ref_source = resolve_sources("FusedKTOLoss", logits, hidden, weight, bias, ref_logits, ref_hidden,
                                              ref_weight, ref_bias)
         if labels is None or is_desirable is None:

@@ -2,7 +2,6 @@
 import torch
 from torch import nn
 
-from . import packed_columns
 from .objectives.aot import check_sorted_batch_options
 from .objectives.checks import check_range
 from .objectives.transforms import f_divergence_scores
@@ -13,21 +12,17 @@ from .preference_loss import (
     resolve_hyperparameters,
     resolve_loss_weights,
 )
-from .sequence import (
-    label_mask,
-    ld_token_weights,
-    merge_labels,
-    sequence_sums,
-    split_pairs,
-)
+from .sequence import split_pairs
 from . import fused_pairs
+from .batch_layout import BatchLayout
+from .preference_batch import preference_batch
 from .distributed.options import ParallelOptions
 from .float64_state import apply_keeping_float64
 from .head_source import resolve_sources, run_token_stage
 from .objectives import get_objective
 from .token_kl import token_kl
 from .token_logprobs import TokenLogprobs
-from .validation import as_number, check_same_device, check_shape, check_tensor, checked_labels
+from .validation import as_number, checked_labels
 
 
 class FusedPreferenceLoss(nn.Module):
@@ -75,6 +70,11 @@ class FusedPreferenceLoss(nn.Module):
     # hidden=/weight= inputs: form the exact gradient during the forward when the objective
     # separates over pairs (three GEMMs instead of four; :mod:`pyfused_po.fused_pairs`).
     fused_gradient = True
+    # A pair with more labelled tokens than the plan's chunk: "staged" (4 GEMMs, logged once; the
+    # default, whose peak stays under TRL's) or "three_gemm" (a chunk as long as the pair: 3 GEMMs,
+    # a larger [C, V] chunk).  :data:`pyfused_po.fused_gradient.LONG_GROUP_PLANS`.
+    long_group_plan = "staged"
+    fallback_reason = None  # why the last call on hidden= ran the staged plan, when the loss separates
 
     def __init__(self, loss_type="sigmoid", beta=0.1, *, ignore_index=-100, shift=False,
                  temperature=1.0, logit_scale=1.0, softcap=None, backend="auto",
@@ -146,47 +146,6 @@ class FusedPreferenceLoss(nn.Module):
         return resolve_sources("FusedPreferenceLoss", logits, hidden, weight, bias, ref_logits, ref_hidden,
                                ref_weight, ref_bias)
 
-    def _mask(self, labels):
-        return label_mask(labels, ignore_index=self.token_kwargs["ignore_index"], shift=self.token_kwargs["shift"])
-
-    def _sums(self, token_logps, labels, token_weights):
-        return sequence_sums(token_logps, labels, ignore_index=self.token_kwargs["ignore_index"],
-                             shift=self.token_kwargs["shift"], token_weights=token_weights)
-
-    def _check_forward_inputs(self, logits, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
-                              ref_token_logps, token_weights, nll_labels, ref_source):
-        if labels is None:
-            raise ValueError("FusedPreferenceLoss.forward needs labels=")
-        check_tensor("labels", labels, floating=False)
-        if labels.dim() != 2:
-            raise ValueError(f"labels must be [batch, seq] with the batch laid out [chosen; rejected], "
-                             f"got shape {tuple(labels.shape)}")
-        split_pairs(labels)  # raises on an odd batch
-        if self.expo and (isinstance(logits, tuple) or ref_logits is None):
-            raise ValueError("loss_type 'expo' needs logits= and ref_logits= (its KL(π_ref ‖ π_θ) "
-                             "kernel reads both; the fused-linear path has none yet)")
-        given = [n for n, v in (("ref_logits/ref_hidden", ref_source), ("ref_token_logps", ref_token_logps),
-                                ("ref_chosen_logps/ref_rejected_logps", ref_chosen_logps
-                                 if ref_chosen_logps is not None else ref_rejected_logps)) if v is not None]
-        if len(given) > 1:
-            raise ValueError(f"pass one reference source, not both: got {' and '.join(given)}")
-        if ref_logits is not None and not isinstance(logits, tuple) and tuple(ref_logits.shape) != tuple(logits.shape):
-            raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
-                             f"got {tuple(ref_logits.shape)}")
-        for name, value in (("ref_token_logps", ref_token_logps), ("token_weights", token_weights)):
-            if value is not None:
-                check_tensor(name, value, floating=True)
-                check_shape(name, value, labels.shape, "one value per token, like labels")
-                check_same_device(**{name: value, "labels": labels})
-        if nll_labels is not None:
-            check_tensor("nll_labels", nll_labels, floating=False)
-            half = labels.shape[0] // 2
-            if nll_labels.dim() != 2 or nll_labels.shape[1] != labels.shape[1] or \
-                    nll_labels.shape[0] not in (half, labels.shape[0]):
-                raise ValueError(f"nll_labels must be [{half}, {labels.shape[1]}] (the chosen rows) or "
-                                 f"{list(labels.shape)} like labels, got {tuple(nll_labels.shape)}")
-            check_same_device(nll_labels=nll_labels, labels=labels)
-
     def _bco_delta(self, policy_sums, ref_chosen_logps, ref_rejected_logps):
         """δ = running mean of the rewards β·s (updated with this batch first, as TRL 0.x did)."""
         if ref_chosen_logps is None or ref_rejected_logps is None:
@@ -207,7 +166,7 @@ class FusedPreferenceLoss(nn.Module):
                 ref_weight=None, ref_bias=None, ref_token_logps=None, token_weights=None,
                 nll_labels=None, weights=None, label_smoothing=None, cu_seqlens=None, position_ids=None,
                 pair_layout=None, chosen_index=None, rejected_index=None,
-                token_offset=None) -> PreferenceLossOutput:
+                token_offset=None, layout=None) -> PreferenceLossOutput:
         """``logits``: ``[2P, T, V]``, or ``hidden`` ``[2P, T, D]`` with the LM head ``weight``
         ``[V, D]`` (and ``bias`` ``[V]``); ``labels``: ``[2P, T]`` (``ignore_index`` marks prompt
         and padding).  Reference: ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]`` each,
@@ -225,7 +184,10 @@ class FusedPreferenceLoss(nn.Module):
         Packed batches (:mod:`pyfused_po.packing`): ``cu_seqlens=`` or ``position_ids=`` with every
         per-token input flattened to ``[1, N]``; ``pair_layout=`` (``"halves"``, ``"interleaved"``)
         or ``chosen_index=`` / ``rejected_index=`` map sequences (or padded rows) to pairs;
-        ``token_offset=`` places a sequence-parallel rank's slice in the stream.
+        ``token_offset=`` places a sequence-parallel rank's slice in the stream.  ``layout=`` (a
+        :class:`~pyfused_po.BatchLayout`) groups these six arguments in one object; the keywords
+        are its compatibility spelling.  Every layout runs the same plans (three GEMMs on a
+        trainable head where the loss separates, :mod:`pyfused_po.fused_pairs`).
         """
         policy_source, ref_source = self._sources(logits, hidden, weight, bias, ref_logits, ref_hidden,
                                                   ref_weight, ref_bias)
@@ -233,86 +195,61 @@ class FusedPreferenceLoss(nn.Module):
             labels = checked_labels("labels", labels, self.token_kwargs["ignore_index"])
         if nll_labels is not None:
             nll_labels = checked_labels("nll_labels", nll_labels, self.token_kwargs["ignore_index"])
-        layout = dict(cu_seqlens=cu_seqlens, position_ids=position_ids, pair_layout=pair_layout,
-                      chosen_index=chosen_index, rejected_index=rejected_index, token_offset=token_offset)
-        if packed_columns.layout_requested(layout):
-            columns = packed_columns.preference_columns(
-                self, policy_source, ref_source, labels, ref_logits=ref_logits, ref_chosen_logps=ref_chosen_logps,
-                ref_rejected_logps=ref_rejected_logps, ref_token_logps=ref_token_logps,
-                token_weights=token_weights, nll_labels=nll_labels, **layout)
-        else:
-            self._check_forward_inputs(policy_source, labels, ref_logits, ref_chosen_logps, ref_rejected_logps,
-                                       ref_token_logps, token_weights, nll_labels, ref_source)
-            if isinstance(policy_source, tuple) and fused_pairs.applies(self, policy_source, labels, ref_chosen_logps,
-                                                                        ref_rejected_logps, token_weights, weights,
-                                                                        label_smoothing):
-                fused = fused_pairs.fused_forward(self, policy_source, ref_source, labels, ref_chosen_logps,
-                                                  ref_rejected_logps, ref_token_logps, token_weights, nll_labels,
-                                                  weights, label_smoothing)
-                if fused is not None:  # None: a pair longer than the chunk budget
-                    return fused
-            columns = self._sequence_columns(policy_source, ref_source, labels, ref_token_logps, token_weights,
-                                             nll_labels)
+        layout = BatchLayout.of(layout, cu_seqlens=cu_seqlens, position_ids=position_ids, pair_layout=pair_layout,
+                                chosen_index=chosen_index, rejected_index=rejected_index, token_offset=token_offset)
+        # The one representation: every layout is a stream of sequences grouped in pairs.
+        batch = preference_batch(self, layout, policy_source, ref_source, labels, ref_logits=ref_logits,
+                                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+                                 ref_token_logps=ref_token_logps, token_weights=token_weights, nll_labels=nll_labels)
+        policy_source, ref_source = batch.sources
+
+        def objective(columns):
+            return self._objective(columns, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing)
+
+        # The plan is asked on the batch, whatever its layout: three GEMMs where the loss separates.
+        others = (ref_chosen_logps, ref_rejected_logps, token_weights, weights, label_smoothing)
+        if isinstance(policy_source, tuple) and fused_pairs.applies(self, policy_source, others):
+            fused = fused_pairs.fused_forward(
+                self, batch, policy_source, extras=self._policy_extras(), objective=objective,
+                reference=lambda: self._reference_tokens(batch, ref_source),
+                capture=getattr(self, "token_capture", None))
+            if fused is not None:  # None: a pair longer than the chunk budget
+                return fused
+        columns = self._sequence_columns(batch, policy_source, ref_source)
         # Under sequence parallelism the sums are partial: one all-reduce makes them whole.
-        total = self.parallel.reduce_columns(columns)
-        return self._objective(total, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing)
+        return objective(self.parallel.reduce_columns(columns))
 
-    def _sequence_columns(self, policy_source, ref_source, labels, ref_token_logps, token_weights, nll_labels):
-        """Token and sequence stages: per-sequence sums over this process's tokens.
+    def _run_tokens(self, batch, source, labels, extras=(), inplace=False):
+        """The token stage of ``batch``: the padded batch through :meth:`_token_stage` (shift in the
+        kernel), a packed stream with its labels already shifted."""
+        if batch.packed:
+            return run_token_stage(self, source, labels, extras=extras, inplace=inplace,
+                                   token_kwargs=batch.token_kwargs)
+        return self._token_stage(source, labels, extras=extras, inplace=inplace)
 
-        ``logps`` / ``lengths`` ``[2P]``; ``nll_logps`` / ``nll_lengths`` ``[P]`` (chosen rows
-        over the NLL mask, plain sums); and when used: ``ref`` (reference sums), ``kl``
-        (EXPO), ``wpo`` (Σ of log p_t − log Σ_v p_v², detached), ``mean_logit`` (Σ of the
-        per-token mean logit, detached).  Every value is a sum over tokens, so the sums of
-        a sequence split across ranks add up to the unsplit ones.
-        """
-        token_labels = self._token_labels(labels, nll_labels)
+    def _reference_tokens(self, batch, ref_source):
+        """The reference's per-token log-probs from ``ref_logits``/``ref_hidden`` (forward only), or None."""
+        if ref_source is None or not self.needs_reference:
+            return None
+        with torch.no_grad():
+            return self._run_tokens(batch, ref_source, batch.labels).logps
+
+    def _sequence_columns(self, batch, policy_source, ref_source):
+        """The staged plan: token stage, then the batch's sequence stage (per-sequence sums over
+        this process's tokens, :mod:`pyfused_po.preference_batch`)."""
         kl_tokens = None
         if self.expo:
             # One pass of the KL kernel gives the policy log-probs and KL(π_ref ‖ π_θ) per token.
-            both = token_kl(policy_source, ref_source.detach(), token_labels, with_logps=True, **self.token_kwargs)
+            both = token_kl(policy_source, ref_source.detach(), batch.token_labels, with_logps=True,
+                            **batch.token_kwargs)
             policy, kl_tokens = TokenLogprobs(both.logps), both.kl
         else:
-            policy = self._token_stage(policy_source, token_labels, extras=self._policy_extras(),
-                                       inplace=self.inplace_backward)
-        if ref_source is not None and self.needs_reference:
-            with torch.no_grad():  # the same sums as for given ref_token_logps
-                ref_token_logps = self._token_stage(ref_source, labels).logps
-        return self._columns_from_tokens(policy, kl_tokens, labels, ref_token_logps, token_weights, nll_labels)
-
-    def _token_labels(self, labels, nll_labels):
-        """The token stage's labels: ``labels`` with the chosen rows' NLL labels merged in."""
-        if nll_labels is None:
-            return labels
-        ignore_index = self.token_kwargs["ignore_index"]
-        nll_chosen = nll_labels[:labels.shape[0] // 2]
-        padded = torch.cat([nll_chosen, torch.full_like(nll_chosen, ignore_index)], dim=0)
-        return merge_labels(labels, padded, ignore_index=ignore_index)
+            policy = self._run_tokens(batch, policy_source, batch.token_labels, extras=self._policy_extras(),
+                                      inplace=self.inplace_backward)
+        return batch.columns(policy, kl_tokens, self._reference_tokens(batch, ref_source))
 
     def _policy_extras(self):
         return (("mean_logit",) if self.logit_metrics else ()) + (("log_sum_sq_probs",) if self.use_weighting else ())
-
-    def _columns_from_tokens(self, policy, kl_tokens, labels, ref_token_logps, token_weights, nll_labels):
-        """The sequence stage of :meth:`_sequence_columns` on per-token values."""
-        mask = self._mask(labels)
-        half = labels.shape[0] // 2
-        ld = ld_token_weights(mask, self.ld_alpha, dtype=policy.logps.dtype) if self.ld_alpha is not None else None
-        ref_weights = _product(token_weights, ld if self.ld_alpha_reference else None)
-        sums = self._sums(policy.logps, labels, _product(token_weights, ld))
-        zero = torch.zeros((), dtype=policy.logps.dtype, device=policy.logps.device)
-        nll_mask = self._mask(nll_labels[:half]) if nll_labels is not None else mask[:half]
-        columns = {"logps": sums.logps, "lengths": sums.lengths,
-                   "nll_logps": torch.where(nll_mask, policy.logps[:half], zero).sum(-1),
-                   "nll_lengths": nll_mask.sum(-1).to(torch.float32)}
-        if ref_token_logps is not None:
-            columns["ref"] = self._sums(ref_token_logps.detach(), labels, ref_weights).logps
-        if kl_tokens is not None:
-            columns["kl"] = self._sums(kl_tokens, labels, None).logps
-        if self.use_weighting:
-            columns["wpo"] = self._sums((policy.logps - policy.log_sum_sq_probs).detach(), labels, None).logps
-        if policy.mean_logit is not None:
-            columns["mean_logit"] = self._sums(policy.mean_logit.detach(), labels, None).logps
-        return columns
 
     def _objective(self, total, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing):
         """Objective stage on whole per-sequence sums (see :meth:`_sequence_columns`)."""
@@ -345,11 +282,3 @@ class FusedPreferenceLoss(nn.Module):
             result.metrics["logits/rejected"] = rejected_sum.sum() / rejected_lengths.sum().clamp(min=1)
         return result
 
-
-def _product(a, b):
-    """Elementwise product of optional per-token weights (None = all ones)."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a * b

@@ -135,7 +135,11 @@ def test_kl_inputs_that_require_grad_are_detached_in_both_plans():
 def test_falls_back_for_a_vector_loss_a_long_sequence_and_no_grad():
     hidden, weight, bias, labels, ref_logps, _ = _batch(seed=5)
     kw = dict(labels=labels, is_desirable=DESIRABLE, ref_logps=ref_logps, kl=0.1)
-    _assert_fused_equals_staged(_module("kto", chunk_tokens=3), hidden, weight, bias, expect_fused=False, **kw)
+    long = _module("kto", chunk_tokens=3)
+    _assert_fused_equals_staged(long, hidden, weight, bias, expect_fused=False, **kw)
+    assert "longer than the three-GEMM chunk" in long.fallback_reason  # named, not silent
+    long.long_group_plan = "three_gemm"  # the chunk grows to the longest sequence: 3 GEMMs
+    _assert_fused_equals_staged(long, hidden, weight, bias, **kw)
     module = _module("kto", reduction="none")
     out = module(hidden=hidden.requires_grad_(), weight=weight, bias=bias, **kw)
     assert out.loss.shape == (B,) and "StoredGradient" not in type(out.loss.grad_fn).__name__
@@ -252,3 +256,22 @@ def test_autocast_bf16_matches_staged():
     torch.testing.assert_close(fused.loss, staged.loss, rtol=1e-6, atol=1e-6)  # same bf16 GEMM, same fold
     for a, b in zip(g_fused, g_staged):  # G rounded to bf16 before the dH/dW GEMMs in both
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_layout_object_equals_the_keywords_and_refuses_a_pair_layout():
+    from pyfused_po import BatchLayout
+
+    hidden, weight, bias, labels, ref_logps, _ = _batch(seed=6)
+    B, T = labels.shape
+    cu = torch.arange(0, (B + 1) * T, T)  # the padded rows as a packed stream
+    flat = dict(labels=labels.reshape(1, -1), is_desirable=DESIRABLE, ref_logps=ref_logps, kl=0.2)
+    module = _module("kto", chunk_tokens=12)
+    by_keyword, g_keyword = _run(module, True, hidden.reshape(1, B * T, -1), weight, bias, cu_seqlens=cu, **flat)
+    by_object, g_object = _run(module, True, hidden.reshape(1, B * T, -1), weight, bias,
+                               layout=BatchLayout(cu_seqlens=cu), **flat)
+    torch.testing.assert_close(by_object.loss, by_keyword.loss, rtol=0, atol=0)
+    for a, b in zip(g_object, g_keyword):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="takes no pair layout"):
+        module(hidden=hidden, weight=weight, layout=BatchLayout(pair_layout="interleaved"), labels=labels,
+               is_desirable=DESIRABLE, ref_logps=ref_logps)

@@ -6,7 +6,7 @@ import torch
 import pyfused_po
 from pyfused_po import FusedPreferenceLoss
 
-from _fused_plan import assert_plans_agree
+from _fused_plan import assert_same_plans as _assert_same, run_plan as _run
 
 P, T, V, D = 3, 9, 40, 6
 
@@ -23,23 +23,6 @@ def _batch(seed=0, bias=True):
     ref = dict(ref_chosen_logps=torch.randn(P, generator=g, dtype=torch.float64) - 25,
                ref_rejected_logps=torch.randn(P, generator=g, dtype=torch.float64) - 25)
     return hidden, weight, b, labels, ref
-
-
-def _run(module, fused, hidden, weight, bias, labels, **kw):
-    module.fused_gradient = fused
-    h = hidden.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    b = None if bias is None else bias.clone().requires_grad_(True)
-    out = module(hidden=h, weight=w, bias=b, labels=labels, **kw)
-    (out.loss * 1.7).backward()  # an upstream gradient other than 1
-    grads = [h.grad, w.grad] + ([] if b is None else [b.grad])
-    return out, grads
-
-
-def _assert_same(module, hidden, weight, bias, labels, expect_fused=True, **kw):
-    staged, g_staged = _run(module, False, hidden, weight, bias, labels, **kw)
-    fused, g_fused = _run(module, True, hidden, weight, bias, labels, **kw)
-    assert_plans_agree(fused, g_fused, staged, g_staged, expect_fused)
 
 
 SEPARABLE = [t for t in pyfused_po.loss_types() if t not in ("aot", "aot_unpaired", "expo")]

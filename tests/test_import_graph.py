@@ -32,6 +32,8 @@ RANKS = {
     "pyfused_po.packing": 2,
     "pyfused_po.groups": 2,
     "pyfused_po.packed_columns": 3,
+    "pyfused_po.batch_layout": 2,
+    "pyfused_po.preference_batch": 3,
     "pyfused_po.autograd_guard": 0,
     "pyfused_po.grad_filter": 1,
     "pyfused_po.distributed": 3,

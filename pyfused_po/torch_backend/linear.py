@@ -28,6 +28,7 @@ hidden rows (``[M, D]`` vocabulary-outer, plus the fp32 ``[M, D]`` dH accumulato
 the pure-PyTorch backend (CPU users, float64 references); :mod:`pyfused_po.kernels`
 makes it the "chunked" Triton variant (cuBLAS GEMMs + Triton fold).
 """
+import math
 import types
 
 import torch
@@ -120,6 +121,29 @@ def vocab_slice_width(M, V, budget):
     return min(V, _round_to_tile(width))
 
 
+# Largest |G| a half-precision operand is made to hold before its GEMMs (fp16's max is 65504).
+OPERAND_MAX_EXPONENT = 14
+
+
+def operand_scale(max_abs_upstream, dtype, temperature, logit_scale):
+    """A power of two ``s`` for forming ``G = ∂L/∂X`` in a half-precision GEMM operand before the
+    caller's loss scale is known (the stored-gradient plans): the fold runs with ``s·g`` and the
+    fp32 GEMM products are multiplied by ``1/s``, both exact.
+
+    ``|G| ≤ |g|·|logit_scale / temperature|`` (``|onehot − p| ≤ 1``, softcap's derivative ≤ 1), so
+    ``s`` puts the largest element at most at 2^14.  Without it an fp16 ``G`` of a small ``g``
+    (a small β, many pairs, or just an unlikely token's ``g·p``) falls below fp16's smallest
+    subnormal before ``GradScaler``'s factor arrives, and whole LM-head rows come out 0 (issue 26,
+    class 2).  1 for fp32 / fp64 operands (no range to protect) and for ``g = 0``."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 1.0
+    bound = float(max_abs_upstream) * abs(float(logit_scale) / float(temperature))
+    if not bound > 0 or bound == float("inf"):
+        return 1.0
+    exponent = OPERAND_MAX_EXPONENT - math.ceil(math.log2(bound))
+    return 2.0 ** max(-100, min(100, exponent))
+
+
 def _chunk_logits(hidden2d, weight, bias, idx):
     """``H[idx]·Wᵀ (+ b)`` in the input dtype: an O(C·D) gather, then one GEMM."""
     h = hidden2d.index_select(0, idx)
@@ -141,24 +165,26 @@ def _mm(a, b, dtype):
     return torch.mm(a.to(dtype), b.to(dtype))  # CPU: widen the operands (exact products)
 
 
-def gemm_into(out, a, b, *, accumulate):
-    """``out (+)= a·b`` inside the GEMM, in ``out``'s (fp32/fp64) dtype: no temporary product.
+def gemm_into(out, a, b, *, accumulate, alpha=1.0):
+    """``out (+)= alpha·a·b`` inside the GEMM, in ``out``'s (fp32/fp64) dtype: no temporary product.
 
     bf16/fp16 operands on CUDA use cuBLAS's fp32 output (``out_dtype``); elsewhere the
     operands are widened first (exact products, the CPU path), then ``addmm_`` / ``mm(out=)``.
+    ``alpha`` (a power of two from :func:`operand_scale`) is applied to the fp32 product.
     """
+    beta = 1.0 if accumulate else 0.0  # beta = 0: out's old contents are ignored, NaN included
     if a.dtype != out.dtype and out.is_cuda:
         try:
-            if accumulate:
-                torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            if accumulate or alpha != 1.0:
+                torch.addmm(out, a, b, out_dtype=out.dtype, beta=beta, alpha=alpha, out=out)
             else:
                 torch.mm(a, b, out_dtype=out.dtype, out=out)
             return out
         except (TypeError, RuntimeError):
             pass
     a, b = a.to(out.dtype), b.to(out.dtype)
-    if accumulate:
-        out.addmm_(a, b)
+    if accumulate or alpha != 1.0:
+        torch.addmm(out, a, b, beta=beta, alpha=alpha, out=out)
     else:
         torch.mm(a, b, out=out)
     return out
@@ -197,8 +223,10 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
             outs[name][c0:c1] = ex[name][0]
         if J is not None:
             x3 = x.unsqueeze(0)
-            fold.token_backward(x3, y, ls, x3, grad_logp=torch.ones_like(lp), **kw)
-            gemm_into(J[c0:c1], x, weight, accumulate=False)
+            # Upstream s (a power of two, not 1) so that fp16's range holds G; J = (G·W)/s exactly.
+            s = operand_scale(1.0, x.dtype, temperature, logit_scale)
+            fold.token_backward(x3, y, ls, x3, grad_logp=torch.full_like(lp, s), **kw)
+            gemm_into(J[c0:c1], x, weight, accumulate=False, alpha=1.0 / s)
     if J is not None:
         return logp, lse, outs, J
     return logp, lse, outs
