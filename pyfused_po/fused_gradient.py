@@ -34,6 +34,7 @@ import logging
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._backend import triton_kernels
 from .linear_token_logprobs import validate_linear_inputs
 from .mixed_precision import autocast_off, cast_operands
 from .token_logprobs import TokenLogprobs, make_token_config
@@ -145,7 +146,7 @@ class FusedHead:
                                    token_kwargs["logit_scale"], token_kwargs["softcap"], self.extras)
         backend, _, self.mm_dtype = validate_linear_inputs(hidden, weight, bias, token_labels, config,
                                                            token_kwargs["backend"], linear_impl, chunk_tokens)
-        self.fold = _torch_fold if backend == "torch" else _kernels()
+        self.fold = _torch_fold if backend == "torch" else triton_kernels()
         T = self.shape[-1]
         self.rows, self.pos, self.targets = _chunked.labelled_tokens(token_labels.reshape(-1, T),
                                                                      config.ignore_index, config.shift)
@@ -285,12 +286,6 @@ class FusedHead:
         the gradients :meth:`run` stored."""
         hidden, weight, bias = self.source
         return _StoredGradient.apply(loss, hidden, weight, bias, *self.grads)
-
-
-def _kernels():
-    from . import kernels
-
-    return kernels
 
 
 class _StoredGradient(torch.autograd.Function):
