@@ -77,6 +77,7 @@ def merge_labels(labels, extra_labels, *, ignore_index=-100, name="nll_labels"):
     ``extra_labels``.  Where both are set they must agree (they name the same token)."""
     labels = checked_labels("labels", labels, ignore_index)
     extra_labels = checked_labels(name, extra_labels, ignore_index)
+    check_per_token(labels, floating=False, **{name: extra_labels})  # torch.where would broadcast [1, T]
     if torch.compiler.is_compiling():  # the same check, run by the compiled graph on the real tensors
         labels = check_labels_agree(labels, extra_labels, ignore_index, name)
     elif not labels.is_cuda:

@@ -135,3 +135,11 @@ def test_hf_per_token_inputs_must_match_labels(tiny, name, shape):
         kwargs[name] = torch.ones(shape)
     with pytest.raises(ValueError, match=rf"{name} must have the shape of labels \(4, 7\)"):
         hf.model_preference_loss(model, loss_fn, ids, labels, **kwargs)
+
+
+def test_merge_labels_refuses_extra_labels_broadcast():
+    from pyfused_po.sequence import merge_labels
+
+    labels = torch.full((4, 5), -100)
+    with pytest.raises(ValueError, match=r"nll_labels must have the shape of labels \(4, 5\)"):
+        merge_labels(labels, torch.zeros(1, 5, dtype=torch.long))
