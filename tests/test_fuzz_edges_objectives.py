@@ -9,10 +9,11 @@ examples every time; the runtime is printed at the end, budget < 30 s on 2 cores
   log(2t/(1 + t)) (JS) and (t^{α−1} − 1)/(α − 1) (α), t = π/π_ref.  A dropped constant shows
   wherever the two sides are not subtracted as they are (``ipo``, ``sigmoid_norm``, and the
   losses that read one side alone).
-* **Reference sources** (class 7): a random subset of the reference inputs of
+* **Reference sources** (class 7): every subset of the reference inputs of
   :class:`~pyfused_po.FusedPreferenceLoss` (``ref_logits``, ``ref_token_logps``, the precomputed
-  sums) and of :func:`~pyfused_po.kto_loss`'s KL estimate (``kl``, the mismatched-pair sums):
-  more than one is refused naming each; exactly one gives the loss of that source.
+  sums), of ``hf.model_preference_loss`` (``ref_model``, the sums, ``ref_token_logps``; a tiny
+  local Llama) and of :func:`~pyfused_po.kto_loss`'s KL estimate (``kl``, the mismatched-pair
+  sums): more than one is refused naming each; exactly one gives the loss of that source.
 * **Per-token shapes** (class 8): a per-token input of a public function (``sequence_sums``'
   values and weights, padded and packed; the module's ``token_weights`` / ``ref_token_logps``;
   ``merge_labels``' second labels) at the right shape or at a shape that broadcasts against the
@@ -179,6 +180,62 @@ def test_one_reference_source(given_sources, seed):
     r = sums - ref_sums
     expected = -_logsig(0.5 * (r[:pairs] - r[pairs:])).mean()
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+HF_SOURCES = ("ref_model", "ref_chosen_logps/ref_rejected_logps", "ref_token_logps")
+HF_SUBSETS = [[name for bit, name in enumerate(HF_SOURCES) if mask >> bit & 1] for mask in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    pytest.importorskip("transformers")
+    from _hf_tiny import tiny_model
+
+    return tiny_model(seed=0), tiny_model(seed=1)
+
+
+def _model_token_logps(model, ids):
+    """float64 log p(token t | tokens < t) for t ≥ 1 from the model's own logits, ``[B, T − 1]``."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()[:, :-1]
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+
+
+@pytest.mark.parametrize("given_sources", HF_SUBSETS, ids=["+".join(s) or "none" for s in HF_SUBSETS])
+@fuzz(1)
+@given(seed=st.integers(0, 2 ** 16))
+def test_hf_one_reference_source(tiny_models, given_sources, seed):
+    """``hf.model_preference_loss``: its own ``ref_model`` / ``ref_*_logps`` and ``loss_fn``'s
+    ``ref_token_logps`` (aligned with ``input_ids``) are one reference input; ref_model used to win."""
+    from pyfused_po.integrations import hf
+
+    _count(f"hf_refs:{len(given_sources)}")
+    model, ref_model = tiny_models
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (4, 7), generator=g)
+    labels = ids.clone()
+    labels[:, :int(torch.randint(1, 4, (1,), generator=g))] = -100
+    mask = (labels[:, 1:] != -100).double()
+    ref_tokens = -torch.rand(4, 7, generator=g, dtype=torch.float64) * 3
+    sums = -torch.rand(4, generator=g, dtype=torch.float64) * 20
+    candidates = {"ref_model": dict(ref_model=ref_model),
+                  HF_SOURCES[1]: dict(ref_chosen_logps=sums[:2], ref_rejected_logps=sums[2:]),
+                  "ref_token_logps": dict(ref_token_logps=ref_tokens)}
+    kwargs = {k: v for name in given_sources for k, v in candidates[name].items()}
+    loss_fn = pyfused_po.FusedPreferenceLoss("sigmoid", beta=0.5, backend="torch", **hf.lm_head_transform(model))
+    if len(given_sources) != 1:
+        match = "needs ref_chosen_logps" if not given_sources else "one reference source"
+        with pytest.raises(ValueError, match=match) as info:
+            hf.model_preference_loss(model, loss_fn, ids, labels, **kwargs)
+        assert all(name.split("/")[0] in str(info.value) for name in given_sources)
+        return
+    got = hf.model_preference_loss(model, loss_fn, ids, labels, **kwargs).loss
+    ref_sums = {"ref_model": lambda: (_model_token_logps(ref_model, ids) * mask).sum(-1),
+                HF_SOURCES[1]: lambda: sums,
+                "ref_token_logps": lambda: (ref_tokens[:, 1:] * mask).sum(-1)}[given_sources[0]]()
+    r = (_model_token_logps(model, ids) * mask).sum(-1) - ref_sums
+    expected = -_logsig(0.5 * (r[:2] - r[2:])).mean()
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("use_kl", [False, True])
