@@ -65,7 +65,8 @@ def check_exclusive(what, **candidates):
     resolve silently to one of them.  Raises ``ValueError`` naming every one given."""
     given = [name for name, value in candidates.items() if value is not None]
     if len(given) > 1:
-        raise ValueError(f"pass one {what}, not several: got {' and '.join(given)}")
+        raise ValueError(f"pass one {what}, not {'both' if len(given) == 2 else 'several'}: "
+                         f"got {' and '.join(given)}")
 
 
 def check_positive(name, value, *, allow_none=False):

@@ -106,7 +106,7 @@ CASES = {
                          ValueError, "below 1"),
     # reliability, third round (tests/test_reference_sources_and_token_shapes.py has the per-class tests)
     "hf-two-reference-sources": (lambda: _hf_two_references(), ValueError,
-                                 "pass one reference source, not several: got ref_model and ref_chosen_logps"),
+                                 "pass one reference source, not both: got ref_model and ref_chosen_logps"),
     "per-token-shape": (lambda: pyfused_po.sequence_sums(torch.randn(1, 3), labels()), ValueError,
                         r"token_values must have the shape of labels \(4, 3\)"),
 }

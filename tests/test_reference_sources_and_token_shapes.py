@@ -70,8 +70,10 @@ def test_check_per_token_names_input_and_accepts_masks():
 
 def test_check_exclusive_names_every_source_given():
     check_exclusive("reference source", a=None, b=torch.zeros(1), c=None)
-    with pytest.raises(ValueError, match="pass one reference source, not several: got a and c"):
+    with pytest.raises(ValueError, match="pass one reference source, not both: got a and c"):
         check_exclusive("reference source", a=1, b=None, c=torch.zeros(1))
+    with pytest.raises(ValueError, match="pass one KL estimate, not several: got a and b and c"):
+        check_exclusive("KL estimate", a=1, b=2, c=3)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ def tiny():
 def test_hf_ref_model_and_precomputed_sums_is_refused(tiny):
     hf, model, ref, ids, labels, loss_fn = tiny
     sums = dict(ref_chosen_logps=torch.tensor([-20.0, -22.0]), ref_rejected_logps=torch.tensor([-21.0, -19.5]))
-    with pytest.raises(ValueError, match="pass one reference source, not several: got ref_model and "
+    with pytest.raises(ValueError, match="pass one reference source, not both: got ref_model and "
                                          "ref_chosen_logps/ref_rejected_logps"):
         hf.model_preference_loss(model, loss_fn, ids, labels, ref_model=ref, **sums)
     # Each source alone still works, and they differ (so dropping one was a wrong loss, not a no-op).
