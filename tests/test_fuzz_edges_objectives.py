@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyfused_po
+from _fuzz_report import print_uncaptured
 from pyfused_po.sequence import merge_labels
 
 
@@ -49,12 +50,7 @@ def _report_runtime(request):
     yield
     line = (f"\nfuzz_edges_objectives: {time.perf_counter() - start:.1f} s; drawn: "
             + ", ".join(f"{k} {v}" for k, v in sorted(_DRAWN.items())))
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is not None:
-        with capture.global_and_fixture_disabled():
-            print(line)
-    else:
-        print(line)
+    print_uncaptured(request, line)
 
 
 def _count(key):
