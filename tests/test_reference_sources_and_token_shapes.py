@@ -2,7 +2,7 @@
 shaped exactly like ``labels``.
 
 Class 7: ``hf.model_preference_loss(..., ref_model=m, ref_chosen_logps=a, ref_rejected_logps=b)``
-used ``ref_model`` and dropped the sums (loss 0.711 against 0.0069).  Class 8:
+used ``ref_model`` and dropped the sums (the issue's example: loss 0.711 against 0.0069).  Class 8:
 ``sequence_sums(token_values [1, T], labels [4, T])`` broadcast into four "sums" of the first row.
 Both now raise a ``ValueError`` naming the inputs before anything runs.
 """

@@ -189,8 +189,9 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
             ``input_ids`` (``shift=True``; per-token ``loss_kwargs`` such as ``token_weights``
             are then aligned with ``input_ids`` too) or already shifted (``shift=False``).
         ref_model: a frozen reference model, run forward-only through the same path; or
-            ``ref_chosen_logps`` / ``ref_rejected_logps`` precomputed.  Reference-free losses
-            need neither.
+            ``ref_chosen_logps`` / ``ref_rejected_logps`` precomputed (both), or ``loss_fn``'s own
+            ``ref_token_logps`` in ``loss_kwargs``.  One source: two raise a ``ValueError`` naming
+            them.  Reference-free losses need none.
         position_ids, cu_seqlens: a packed batch, ``input_ids`` / ``labels`` ``[1, N]`` and no
             ``attention_mask`` (:mod:`pyfused_po.integrations.hf_packed`); pair layouts go in
             ``loss_kwargs`` (``pair_layout=``, ``chosen_index=`` / ``rejected_index=``).
