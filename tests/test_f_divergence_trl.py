@@ -67,3 +67,19 @@ def test_matches_trl_loss(loss_type, f_type, coef):
     expected = trl_dpo_loss(*batch, **kwargs, **hyper)
     got = _ours(*batch, **kwargs, **hyper).loss
     assert torch.allclose(got.double(), expected.double(), rtol=rtol, atol=0), (got.item(), expected.item())
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_module_from_logits_matches_trl(loss_type):
+    """End to end: FusedPreferenceLoss counts the lengths from the labels, as TRL from its mask."""
+    g = torch.Generator().manual_seed(3)
+    token_logps, mask, ref_chosen, ref_rejected = _batch([(2, 12), (7, 3)], seed=2)
+    logits = torch.randn(4, mask.shape[1] - 1, 9, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 9, (4, mask.shape[1] - 1), generator=g)
+    labels[mask[:, 1:] == 0] = -100
+    scored = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    kwargs = dict(loss_type=loss_type, beta=0.2, f_divergence_type="forward_kl")
+    expected = trl_dpo_loss(scored, mask, ref_chosen, ref_rejected, **kwargs)
+    got = pyfused_po.FusedPreferenceLoss(backend="torch", **kwargs)(
+        logits=logits, labels=labels, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected).loss
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0), (got.item(), expected.item())
