@@ -107,8 +107,8 @@ def test_hf_packed_ref_model_and_precomputed_sums_is_refused(tiny):
     hf, model, ref, ids, labels, loss_fn = tiny
     sums = dict(ref_chosen_logps=torch.tensor([-20.0]), ref_rejected_logps=torch.tensor([-21.0]))
     with pytest.raises(ValueError, match="got ref_model and ref_chosen_logps/ref_rejected_logps"):
-        hf.model_preference_loss(model, loss_fn, ids[:, :6].reshape(1, -1)[:, :12], labels[:, :6].reshape(1, -1)[:, :12],
-                                 cu_seqlens=torch.tensor([0, 6, 12]), ref_model=ref, **sums)
+        hf.model_preference_loss(model, loss_fn, ids[:2].reshape(1, -1), labels[:2].reshape(1, -1),
+                                 cu_seqlens=torch.tensor([0, 7, 14]), ref_model=ref, **sums)
 
 
 def test_hf_ref_model_and_ref_token_logps_is_refused(tiny):
@@ -145,3 +145,14 @@ def test_merge_labels_refuses_extra_labels_broadcast():
     labels = torch.full((4, 5), -100)
     with pytest.raises(ValueError, match=r"nll_labels must have the shape of labels \(4, 5\)"):
         merge_labels(labels, torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_hf_packed_called_directly_refuses_two_sources(tiny):
+    from pyfused_po.integrations.hf_packed import packed_model_preference_loss
+
+    hf, model, ref, ids, labels, loss_fn = tiny
+    with pytest.raises(ValueError, match="got ref_model and ref_chosen_logps/ref_rejected_logps"):
+        packed_model_preference_loss(model, loss_fn, ids[:2].reshape(1, -1), labels[:2].reshape(1, -1), None,
+                                     position_ids=None, cu_seqlens=torch.tensor([0, 7, 14]), ref_model=ref,
+                                     ref_chosen_logps=torch.tensor([-20.0]), ref_rejected_logps=torch.tensor([-21.0]),
+                                     shift=True, loss_kwargs={})

@@ -207,7 +207,7 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
                          "build it with FusedPreferenceLoss(..., **lm_head_transform(model))")
     if loss_fn.token_kwargs["shift"]:
         raise ValueError("model_preference_loss shifts labels itself; build loss_fn with shift=False")
-    _check_model_inputs(input_ids, labels, attention_mask, ref_model, ref_chosen_logps, ref_rejected_logps,
+    check_model_inputs(input_ids, labels, attention_mask, ref_model, ref_chosen_logps, ref_rejected_logps,
                         loss_kwargs, packed=position_ids is not None or cu_seqlens is not None)
     if position_ids is not None or cu_seqlens is not None:
         packed_model_preference_loss = _dispatch.entry("packed_model_preference_loss")  # .hf_packed builds on hf
@@ -252,7 +252,7 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
 _LOSS_REFERENCE_ARGS = ("ref_token_logps", "ref_logits", "ref_hidden")
 
 
-def _check_model_inputs(input_ids, labels, attention_mask, ref_model, ref_chosen_logps, ref_rejected_logps,
+def check_model_inputs(input_ids, labels, attention_mask, ref_model, ref_chosen_logps, ref_rejected_logps,
                         loss_kwargs, *, packed):
     """Before the backbone runs: one reference source at most (a second one was silently dropped:
     ``ref_model`` won over ``ref_chosen_logps``), both precomputed sums or neither, and every
