@@ -29,7 +29,7 @@ from .packed_layout import (
     segment_ids,
 )
 from .sequence import SequenceSums
-from .validation import checked_labels
+from .validation import check_per_token, checked_labels
 
 PAIR_LAYOUTS = ("halves", "interleaved")
 
@@ -84,9 +84,7 @@ def packed_sequence_sums(token_values, labels, *, cu_seqlens=None, position_ids=
     layout = packed_layout(labels, cu_seqlens, position_ids)
     if layout is None:
         raise ValueError("packed_sequence_sums needs cu_seqlens= or position_ids=")
-    if tuple(token_values.shape) != tuple(labels.shape):
-        raise ValueError(f"token_values must have the shape of labels {tuple(labels.shape)}, "
-                         f"got {tuple(token_values.shape)}")
+    check_per_token(labels, token_values=token_values, token_weights=token_weights)
     mask = (labels != ignore_index).reshape(-1)
     if shift:
         mask = mask & ~_first_tokens(layout)

@@ -8,7 +8,7 @@ import torch
 
 from . import _dispatch
 from .compiled_checks import check_labels_agree
-from .validation import checked_labels
+from .validation import check_per_token, checked_labels
 
 
 class SequenceSums(NamedTuple):
@@ -39,6 +39,7 @@ def sequence_sums(token_values, labels, *, ignore_index=-100, shift=False,
         return packed_sequence_sums(token_values, labels, cu_seqlens=cu_seqlens, position_ids=position_ids,
                                     ignore_index=ignore_index, shift=shift, token_weights=token_weights)
     mask = label_mask(labels, ignore_index=ignore_index, shift=shift)
+    check_per_token(labels, token_values=token_values, token_weights=token_weights)
     values = token_values if token_weights is None else token_values * token_weights
     values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
     return SequenceSums(values.sum(-1), mask.sum(-1).to(torch.float32))
@@ -76,6 +77,7 @@ def merge_labels(labels, extra_labels, *, ignore_index=-100, name="nll_labels"):
     ``extra_labels``.  Where both are set they must agree (they name the same token)."""
     labels = checked_labels("labels", labels, ignore_index)
     extra_labels = checked_labels(name, extra_labels, ignore_index)
+    check_per_token(labels, floating=False, **{name: extra_labels})  # torch.where would broadcast [1, T]
     if torch.compiler.is_compiling():  # the same check, run by the compiled graph on the real tensors
         labels = check_labels_agree(labels, extra_labels, ignore_index, name)
     elif not labels.is_cuda:

@@ -43,6 +43,32 @@ def check_shape(name, x, expected, what):
         raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(x.shape)}")
 
 
+def check_per_token(labels, *, floating=True, **inputs):
+    """Per-token inputs (token values, weights, reference log-probs, masks; ``None`` = absent): each
+    a tensor of exactly ``labels``' shape on ``labels``' device.  Exactly, not broadcastable:
+    ``[1, T]`` values with ``[4, T]`` labels would broadcast into four copies of the first row's
+    values, and ``[4, 1]`` weights into one weight per row, both silently wrong.
+    ``floating=None`` accepts any dtype (a boolean or integer mask)."""
+    for name, x in inputs.items():
+        if x is None:
+            continue
+        check_tensor(name, x, floating=floating)
+        if tuple(x.shape) != tuple(labels.shape):
+            raise ValueError(f"{name} must have the shape of labels {tuple(labels.shape)} (one value per "
+                             f"token), got {tuple(x.shape)}")
+        check_same_device(**{name: x, "labels": labels})
+
+
+def check_exclusive(what, **candidates):
+    """At most one of ``candidates`` (name → value, ``None`` = not given) may be given: two
+    sources of one input (two references, two KL estimates, two packed layouts) must never
+    resolve silently to one of them.  Raises ``ValueError`` naming every one given."""
+    given = [name for name, value in candidates.items() if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass one {what}, not {'both' if len(given) == 2 else 'several'}: "
+                         f"got {' and '.join(given)}")
+
+
 def check_positive(name, value, *, allow_none=False):
     if value is None and allow_none:
         return

@@ -5,6 +5,7 @@ the two in step (each row's first cell is a case id below).
 """
 import os
 import re
+import types
 
 import pytest
 import torch
@@ -40,6 +41,15 @@ def _double_backward():
 def _inplace_unaddressable():
     x = torch.randn(3, 4, 5, V).permute(1, 0, 2, 3)[:, :, :4]
     tl(x, torch.randint(0, V, (4, 3, 4)), inplace_backward=True, backend="torch")
+
+
+def _hf_two_references():
+    # The check runs before the model is used: a stand-in with a config is enough.
+    from pyfused_po.integrations import hf
+
+    model = types.SimpleNamespace(config=types.SimpleNamespace())
+    return hf.model_preference_loss(model, FPL(backend="torch"), labels(), labels(), ref_model=model,
+                                    ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
 
 
 CASES = {
@@ -103,6 +113,11 @@ CASES = {
     "group-scores": (lambda: lw(z6, z6, torch.tensor([0.0, 1, float("nan"), 3, 4, 5]), group_size=3), ValueError,
                      "scores must be finite"),
     "group-all-tied": (lambda: lw(z6, z6, torch.ones(6), group_size=3), ValueError, "all its scores tie"),
+    # reliability, third round (tests/test_reference_sources_and_token_shapes.py has the per-class tests)
+    "hf-two-reference-sources": (lambda: _hf_two_references(), ValueError,
+                                 "pass one reference source, not both: got ref_model and ref_chosen_logps"),
+    "per-token-shape": (lambda: pyfused_po.sequence_sums(torch.randn(1, 3), labels()), ValueError,
+                        r"token_values must have the shape of labels \(4, 3\)"),
 }
 
 

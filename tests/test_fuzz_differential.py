@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyfused_po
+from _fuzz_report import print_uncaptured
 from reference import token_logprobs_ref, transformed_logits
 
 LAYOUTS = ("contiguous", "expanded", "overlapping", "flipped", "sliced", "non-mergeable")
@@ -44,12 +45,7 @@ def _report_runtime(request):
     total = time.perf_counter() - start
     line = (f"\nfuzz_differential: {total:.1f} s in all; " + ", ".join(f"{k} {v:.1f} s" for k, v in _ELAPSED.items())
             + "; drawn: " + ", ".join(f"{k} {v}" for k, v in sorted(_DRAWN.items())))
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is not None:
-        with capture.global_and_fixture_disabled():
-            print(line)
-    else:
-        print(line)
+    print_uncaptured(request, line)
 
 
 # ------------------------------------------------------------------ the strided logits

@@ -244,16 +244,51 @@ def test_loss_matches_formula(loss_type, ref_fn, hp, beta):
     check_all(out, leaves, ref, ref_leaves, d["pc"].numel())
 
 
+# TRL 1.16's f'(t) at t = π/π_ref = e^u, constant included (DPOTrainer._compute_loss): the constant
+# cancels in s_w − s_l but not in ipo / sigmoid_norm (divided by each side's length) nor in the
+# losses that read one side alone (nca_pair, bco_pair, sppo_hard).
 F_SCORES = {
-    "forward_kl": lambda u, a: -torch.exp(-u),
-    "js_divergence": lambda u, a: logsig(u),
-    "alpha_divergence": lambda u, a: torch.exp(torch.clamp((a - 1) * u, max=80.0)) / (a - 1),
+    "forward_kl": lambda u, a: 1 - 1 / torch.exp(u),                       # f'(t) = 1 − 1/t
+    "js_divergence": lambda u, a: torch.log(2 * torch.exp(u) / (torch.exp(u) + 1)),  # log(2t/(t+1))
+    "alpha_divergence": lambda u, a: (torch.exp(torch.clamp((a - 1) * u, max=80.0)) - 1) / (a - 1),
 }
+
+
+def _f_reference(loss_type, a, b, pc, d, beta):
+    """Per-pair loss of ``loss_type`` on the scores a = s_w, b = s_l (float64, from the formulas)."""
+    x = beta * (a - b)
+    if loss_type == "sigmoid":
+        return -logsig(x)
+    if loss_type == "hinge":
+        return torch.clamp(1 - x, min=0.0)
+    if loss_type == "ipo":
+        return (avg(a, d["nc"]) - avg(b, d["nr"]) - 1 / (2 * beta)) ** 2
+    if loss_type == "sigmoid_norm":
+        return -logsig(beta * (avg(a, d["nc"]) - avg(b, d["nr"])))
+    if loss_type == "robust":
+        return -logsig(x)  # ε = 0
+    if loss_type == "exo_pair":
+        return torch.sigmoid(x) * (logsig(x) - math.log(1 - 1e-3)) + torch.sigmoid(-x) * (logsig(-x) - math.log(1e-3))
+    if loss_type == "nca_pair":
+        return -logsig(beta * a) - 0.5 * logsig(-beta * a) - 0.5 * logsig(-beta * b)
+    if loss_type == "bco_pair":
+        return -logsig(beta * a) - logsig(-beta * b)
+    if loss_type == "sppo_hard":
+        return (a - 1 / (2 * beta)) ** 2 + (b + 1 / (2 * beta)) ** 2
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * (pc - d["rc"])) + 1 - torch.sigmoid(x)
+    assert loss_type == "discopop"
+    m = torch.sigmoid(x / 0.05)
+    return (1 - m) * -logsig(x) + m * torch.exp(-x)
+
+
+F_LOSS_TYPES = ["sigmoid", "hinge", "ipo", "sigmoid_norm", "robust", "exo_pair", "nca_pair", "bco_pair",
+                "sppo_hard", "apo_down", "discopop"]
 
 
 @pytest.mark.parametrize("f_type,coef", [("forward_kl", 1.0), ("js_divergence", 1.0),
                                          ("alpha_divergence", 0.5), ("alpha_divergence", 3.0)])
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "bco_pair", "apo_down", "discopop"])
+@pytest.mark.parametrize("loss_type", F_LOSS_TYPES)
 def test_f_divergence_scores(f_type, coef, loss_type):
     beta = 0.5
     d = make_inputs(beta)
@@ -266,19 +301,7 @@ def test_f_divergence_scores(f_type, coef, loss_type):
                                      f_alpha_divergence_coef=coef)
     pc, pr = d["pc"].clone().requires_grad_(), d["pr"].clone().requires_grad_()
     s = F_SCORES[f_type]
-    a, b = s(pc - d["rc"], coef), s(pr - d["rr"], coef)
-    if loss_type == "sigmoid":
-        ref = -logsig(beta * (a - b))
-    elif loss_type == "ipo":
-        ref = (avg(a, d["nc"]) - avg(b, d["nr"]) - 1 / (2 * beta)) ** 2
-    elif loss_type == "bco_pair":
-        ref = -logsig(beta * a) - logsig(-beta * b)
-    elif loss_type == "apo_down":
-        ref = torch.sigmoid(beta * (pc - d["rc"])) + 1 - torch.sigmoid(beta * (a - b))
-    else:
-        x = beta * (a - b)
-        m = torch.sigmoid(x / 0.05)
-        ref = (1 - m) * -logsig(x) + m * torch.exp(-x)
+    ref = _f_reference(loss_type, s(pc - d["rc"], coef), s(pr - d["rr"], coef), pc, d, beta)
     assert max_rel_err(out.losses, ref) <= TOL
     for g, r in zip(torch.autograd.grad(out.loss, (leaves["pc"], leaves["pr"])),
                     torch.autograd.grad(ref.mean(), (pc, pr))):

@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from .. import _dispatch
+from ..validation import check_exclusive, check_per_token, check_tensor
 from .lora_head import lora_head_operands
 
 __all__ = ["lm_head_transform", "backbone", "last_hidden_states", "gathered_lm_head", "with_lm_head",
@@ -188,8 +189,9 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
             ``input_ids`` (``shift=True``; per-token ``loss_kwargs`` such as ``token_weights``
             are then aligned with ``input_ids`` too) or already shifted (``shift=False``).
         ref_model: a frozen reference model, run forward-only through the same path; or
-            ``ref_chosen_logps`` / ``ref_rejected_logps`` precomputed.  Reference-free losses
-            need neither.
+            ``ref_chosen_logps`` / ``ref_rejected_logps`` precomputed (both), or ``loss_fn``'s own
+            ``ref_token_logps`` in ``loss_kwargs``.  One source: two raise a ``ValueError`` naming
+            them.  Reference-free losses need none.
         position_ids, cu_seqlens: a packed batch, ``input_ids`` / ``labels`` ``[1, N]`` and no
             ``attention_mask`` (:mod:`pyfused_po.integrations.hf_packed`); pair layouts go in
             ``loss_kwargs`` (``pair_layout=``, ``chosen_index=`` / ``rejected_index=``).
@@ -205,6 +207,8 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
                          "build it with FusedPreferenceLoss(..., **lm_head_transform(model))")
     if loss_fn.token_kwargs["shift"]:
         raise ValueError("model_preference_loss shifts labels itself; build loss_fn with shift=False")
+    check_model_inputs(input_ids, labels, attention_mask, ref_model, ref_chosen_logps, ref_rejected_logps,
+                        loss_kwargs, packed=position_ids is not None or cu_seqlens is not None)
     if position_ids is not None or cu_seqlens is not None:
         packed_model_preference_loss = _dispatch.entry("packed_model_preference_loss")  # .hf_packed builds on hf
         return packed_model_preference_loss(
@@ -242,6 +246,29 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
     if lora is not None:  # a LoRA adapter on the head: its delta enters as extra columns (see lora_head.py)
         return policy_loss(lora.hidden, labels, lora.weight, lora.bias)
     return with_lm_head(model, policy_loss, hidden, labels)
+
+
+# Reference inputs loss_fn itself takes; with ref_model= or ref_*_logps= here they would be a second source.
+_LOSS_REFERENCE_ARGS = ("ref_token_logps", "ref_logits", "ref_hidden")
+
+
+def check_model_inputs(input_ids, labels, attention_mask, ref_model, ref_chosen_logps, ref_rejected_logps,
+                        loss_kwargs, *, packed):
+    """Before the backbone runs: one reference source at most (a second one was silently dropped:
+    ``ref_model`` won over ``ref_chosen_logps``), both precomputed sums or neither, and every
+    per-token input shaped like ``labels`` (``[2P, T]``, or ``[1, N]`` packed)."""
+    check_exclusive("reference source", ref_model=ref_model,
+                    **{"ref_chosen_logps/ref_rejected_logps": ref_chosen_logps if ref_chosen_logps is not None
+                       else ref_rejected_logps},
+                    **{name: loss_kwargs.get(name) for name in _LOSS_REFERENCE_ARGS})
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("pass ref_chosen_logps and ref_rejected_logps together (or neither)")
+    check_tensor("labels", labels, floating=False)
+    check_per_token(labels, floating=None, input_ids=input_ids)
+    if not packed:  # a packed batch takes no attention_mask (hf_packed refuses one, naming why)
+        check_per_token(labels, floating=None, attention_mask=attention_mask)
+    check_per_token(labels, token_weights=loss_kwargs.get("token_weights"),
+                    ref_token_logps=loss_kwargs.get("ref_token_logps"))
 
 
 def _shift_left(x, fill):

@@ -33,6 +33,9 @@ def packed_model_preference_loss(model, loss_fn, input_ids, labels, attention_ma
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
         raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    # One reference source, per-token inputs shaped like labels (also when called directly, not via hf).
+    hf.check_model_inputs(input_ids, labels, None, ref_model, ref_chosen_logps, ref_rejected_logps, loss_kwargs,
+                          packed=True)
     cu = resolve_cu_seqlens(labels, cu_seqlens, position_ids)
     if position_ids is None:
         position_ids = cu_seqlens_to_position_ids(cu, labels.numel())

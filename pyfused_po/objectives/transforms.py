@@ -10,23 +10,28 @@ _ALPHA_EXP_MAX = 80.0
 
 
 def f_divergence_scores(logratio, f_divergence_type="reverse_kl", alpha=1.0):
-    """TRL v1's score s = f'(π/π_ref) (constants dropped) of a log-ratio u = ℓ − ℓʳ.
+    """TRL's score s = f'(t) at t = π/π_ref = e^u of a log-ratio u = ℓ − ℓʳ, constant included.
 
     * ``reverse_kl``: s = u (standard DPO);
-    * ``forward_kl``: s = −e^{−u};
-    * ``js_divergence``: s = log σ(u);
-    * ``alpha_divergence``: s = e^{min((α−1)u, 80)} / (α − 1), and s = u when |α − 1| < 1e-6.
+    * ``forward_kl``: s = 1 − e^{−u};
+    * ``js_divergence``: s = log 2 + log σ(u);
+    * ``alpha_divergence``: s = (e^{min((α−1)u, 80)} − 1) / (α − 1), and s = u when |α − 1| < 1e-6.
+
+    The constant (1, log 2, −1/(α−1)) cancels in a margin s_w − s_l, but not where a side is
+    used alone or divided by its own length (``ipo``, ``sigmoid_norm``: c·(1/n_w − 1/n_l)
+    remains), so it is kept.  The forms are evaluated with ``expm1`` so that s stays accurate
+    near u = 0 (and near α = 1, where e^{(α−1)u}/(α−1) alone would be ≈ 1/(α−1)).
     """
     if f_divergence_type == "reverse_kl":
         return logratio
     if f_divergence_type == "forward_kl":
-        return -torch.exp(-logratio)
+        return -torch.expm1(-logratio)
     if f_divergence_type == "js_divergence":
-        return F.logsigmoid(logratio)
+        return math.log(2.0) + F.logsigmoid(logratio)
     if f_divergence_type == "alpha_divergence":
         if abs(alpha - 1.0) < 1e-6:
             return logratio
-        return torch.exp(((alpha - 1.0) * logratio).clamp(max=_ALPHA_EXP_MAX)) / (alpha - 1.0)
+        return torch.expm1(((alpha - 1.0) * logratio).clamp(max=_ALPHA_EXP_MAX)) / (alpha - 1.0)
     raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCE_TYPES}, got {f_divergence_type!r}")
 
 
