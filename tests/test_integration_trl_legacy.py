@@ -1,0 +1,176 @@
+"""TRL 0.24's DPOTrainer (``concatenated_forward`` computes its own log-probs) with and without
+``pyfused_po.integrations.trl_legacy.legacy_apply``.
+
+Runs only where the installed TRL has that layout (TRL 0.24 needs transformers 4.5x: its own
+environment, see the README's "Older TRL (0.24)"); elsewhere the module skips.  Each case takes
+one batch of a tiny random Llama (fp32), runs TRL's own ``get_batch_loss_metrics`` and the
+switched one on the same trainer, and compares the loss, every parameter gradient and every
+logged metric.  The reference is TRL's step itself (logits formed, ``selective_log_softmax``).
+No case forms logits in the switched step: the LM heads of the policy and the reference model
+are never called.  The torch backend keeps the cases fast; one runs the Triton kernels.
+"""
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+import torch  # noqa: E402
+
+from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer  # noqa: E402
+
+from pyfused_po.integrations.trl_legacy import is_legacy_trainer, legacy_apply  # noqa: E402
+
+if not is_legacy_trainer(trl.DPOTrainer):
+    pytest.skip(f"trl=={trl.__version__}'s DPOTrainer has no concatenated_forward(model, batch, is_ref_model) "
+                "(the TRL 0.24 layout); its switch is pyfused_po.integrations.trl", allow_module_level=True)
+
+RTOL, ATOL = 1e-5, 1e-6
+# TRL 0.24's DPOTrainer attributes / DPOConfig fields a case changes; restored after each case.
+_KNOBS = ("loss_type", "loss_weights", "use_weighting", "use_logits_to_keep", "padding_free", "max_length",
+          "truncation_mode")
+_ARGS = ("rpo_alpha", "ld_alpha")
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=str(tmp_path_factory.mktemp("dpo")), per_device_train_batch_size=4, max_steps=1,
+                     report_to=[], use_cpu=True, save_strategy="no", bf16=False, seed=0, beta=0.2)
+    torch.manual_seed(0)
+    return DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
+                      train_dataset=datasets.Dataset.from_list(preference_rows(4)))
+
+
+@pytest.fixture(scope="module")
+def batch(trainer):
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def _head_calls(trainer):
+    """Counts the calls of the policy's and the reference model's LM heads."""
+    calls = []
+    for model in (trainer.model, trainer.ref_model):
+        model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def _step(trainer, batch):
+    """TRL's loss, metrics and the policy's gradients for one batch."""
+    from trl.trainer.utils import RunningMoments
+
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.running = RunningMoments(trainer.accelerator)  # bco_pair's running mean starts afresh
+    loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), metrics, grads
+
+
+def _compare(trainer, batch, backend="torch", **knobs):
+    saved = {k: getattr(trainer, k) for k in _KNOBS} | {k: getattr(trainer.args, k) for k in _ARGS}
+    for key, value in knobs.items():
+        setattr(trainer.args if key in _ARGS else trainer, key, value)
+    try:
+        calls = _head_calls(trainer)
+        base = _step(trainer, batch)
+        assert calls, "TRL's own step should call the LM head"
+        calls.clear()
+        legacy_apply(trainer, backend=backend)
+        fused = _step(trainer, batch)
+        assert not calls, "the switched step formed logits"
+    finally:
+        vars(trainer).pop("concatenated_forward", None)
+        for key, value in saved.items():
+            setattr(trainer.args if key in _ARGS else trainer, key, value)
+        for model in (trainer.model, trainer.ref_model):
+            model.get_output_embeddings()._forward_hooks.clear()
+    (base_loss, base_metrics, base_grads), (loss, metrics, grads) = base, fused
+    torch.testing.assert_close(loss, base_loss, rtol=RTOL, atol=ATOL)
+    assert metrics.keys() == base_metrics.keys()
+    for key in base_metrics:
+        assert metrics[key] == pytest.approx(base_metrics[key], rel=RTOL, abs=ATOL, nan_ok=True), key
+    assert grads.keys() == base_grads.keys() and base_grads
+    for name in base_grads:
+        torch.testing.assert_close(grads[name], base_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    return base_metrics
+
+
+LOSSES = ["sigmoid", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair", "aot", "aot_pair",
+          "apo_zero", "apo_down", "discopop", "sft"]
+
+
+@pytest.mark.parametrize("loss_type", LOSSES)
+def test_loss_types_match_trl(trainer, batch, loss_type):
+    metrics = _compare(trainer, batch, loss_type=[loss_type])
+    assert ("nll_loss" in metrics) == (loss_type == "sft")
+
+
+CASES = {
+    "rpo_alpha": dict(rpo_alpha=0.5),
+    "ld_alpha": dict(ld_alpha=0.4),
+    "wpo": dict(use_weighting=True),
+    "logits_to_keep": dict(use_logits_to_keep=True, rpo_alpha=1.0),
+    "padding_free": dict(padding_free=True, rpo_alpha=0.5),
+    "keep_start": dict(max_length=7, truncation_mode="keep_start"),
+    "keep_end": dict(max_length=7, truncation_mode="keep_end", loss_type=["ipo"]),
+    "weighted_mix": dict(loss_type=["sigmoid", "sft", "ipo"], loss_weights=[1.0, 0.5, 0.3]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_options_match_trl(trainer, batch, case):
+    metrics = _compare(trainer, batch, **CASES[case])
+    assert ("nll_loss" in metrics) == (case in ("rpo_alpha", "logits_to_keep", "padding_free", "weighted_mix"))
+
+
+def test_empty_prompt_row_matches_trl(trainer, batch):
+    """A row whose first token is a completion token: TRL's roll scores its last position against
+    token 0; that score enters the mean logits, WPO and LD-DPO sums but not the log-prob sums."""
+    odd = dict(batch, prompt_attention_mask=batch["prompt_attention_mask"].clone())
+    odd["prompt_attention_mask"][1] = 0
+    _compare(trainer, odd, use_weighting=True, ld_alpha=0.4, rpo_alpha=0.5)
+
+
+def test_triton_kernels_match_trl(trainer, batch):
+    _compare(trainer, batch, backend="triton", rpo_alpha=0.5)
+
+
+def test_training_logs_match_trl(tmp_path):
+    """Two optimizer steps through Trainer.train (accelerate prepares the switched model)."""
+    from trl import DPOConfig, DPOTrainer
+
+    def run(name, switch):
+        args = DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=2,
+                         learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                         bf16=False, seed=0, data_seed=0, rpo_alpha=0.5)
+        torch.manual_seed(0)
+        made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
+                          train_dataset=datasets.Dataset.from_list(preference_rows(4)))
+        if switch:
+            legacy_apply(made, backend="torch")
+        made.train()
+        timing = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
+        return [{k: v for k, v in row.items() if k not in timing} for row in made.state.log_history]
+
+    base, fused = run("base", False), run("fused", True)
+    assert len(base) == len(fused) == 3 and "nll_loss" in base[0]
+    for b, f in zip(base, fused):
+        assert b.keys() == f.keys()
+        for key in b:
+            assert f[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_refuses_what_it_cannot_reproduce(trainer):
+    trainer.aux_loss_enabled = True
+    try:
+        with pytest.raises(ValueError, match="router auxiliary loss"):
+            legacy_apply(trainer)
+    finally:
+        trainer.aux_loss_enabled = False
+    assert "concatenated_forward" not in vars(trainer)
+    with pytest.raises(TypeError, match="concatenated_forward"):
+        legacy_apply(object())
+    assert not is_legacy_trainer(object())
