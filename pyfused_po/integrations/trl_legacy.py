@@ -168,7 +168,7 @@ def _flush_and_truncate(trainer, attention_mask, *tensors):
 
 
 def _joined_rows(trainer, batch):
-    """``(input_ids, attention_mask, loss_mask, token_type_ids or None)`` of the ``2B`` rows
+    """``(input_ids, loss_mask, token_type_ids or None, attention_mask)`` of the ``2B`` rows
     ``[chosen; rejected]``, laid out as TRL 0.24 lays them out."""
     from trl.trainer.utils import pad_to_length
 
@@ -183,14 +183,14 @@ def _joined_rows(trainer, batch):
     tensors = [input_ids, loss_mask]
     if "token_type_ids" in cat:
         tensors.append(pad_to_length(cat["token_type_ids"], input_ids.shape[1], 0))
-    out = _flush_and_truncate(trainer, attention_mask, *tensors)
-    return (*out, None) if len(out) == 3 else out
+    attention_mask, *tensors = _flush_and_truncate(trainer, attention_mask, *tensors)
+    return (*tensors, attention_mask) if len(tensors) == 3 else (*tensors, None, attention_mask)
 
 
 def _concatenated_forward(self, model, batch, is_ref_model=False, *, backend, impl):
     """Drop-in for TRL 0.24's ``DPOTrainer.concatenated_forward`` (module docstring)."""
     n = batch["prompt_input_ids"].shape[0]
-    input_ids, attention_mask, loss_mask, token_type_ids = _joined_rows(self, batch)
+    input_ids, loss_mask, token_type_ids, attention_mask = _joined_rows(self, batch)
     kwargs = {"use_cache": False}
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
