@@ -14,6 +14,7 @@ import os
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # TRL 0.24 warns that KTOTrainer will move
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 import torch  # noqa: E402
@@ -28,10 +29,15 @@ if not is_legacy_trainer(trl.DPOTrainer):
 
 pytestmark = pytest.mark.slow  # builds TRL trainers; 26 cases, about 30 s of CPU in all
 RTOL, ATOL = 1e-5, 1e-6
-# TRL 0.24's DPOTrainer attributes / DPOConfig fields a case changes; restored after each case.
-_KNOBS = ("loss_type", "loss_weights", "use_weighting", "use_logits_to_keep", "padding_free", "max_length",
-          "truncation_mode")
+# DPOConfig fields a case changes (the trainer reads them from args); other knobs are trainer attributes.
 _ARGS = ("rpo_alpha", "ld_alpha")
+
+
+def _moved_off_reference(trainer):
+    with torch.no_grad():  # the policy moves away from the reference: rewards and margins are not 0
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.3)
+    return trainer
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +47,8 @@ def trainer(tmp_path_factory):
     args = DPOConfig(output_dir=str(tmp_path_factory.mktemp("dpo")), per_device_train_batch_size=4, max_steps=1,
                      report_to=[], use_cpu=True, save_strategy="no", bf16=False, seed=0, beta=0.2)
     torch.manual_seed(0)
-    made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
-                      train_dataset=datasets.Dataset.from_list(preference_rows(4)))
-    with torch.no_grad():  # the policy moves away from the reference: rewards and margins are not 0
-        for p in made.model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.3)
-    return made
+    return _moved_off_reference(DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
+                                           train_dataset=datasets.Dataset.from_list(preference_rows(4))))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def _step(trainer, batch):
 
 
 def _compare(trainer, batch, backend="torch", **knobs):
-    saved = {k: getattr(trainer, k) for k in _KNOBS} | {k: getattr(trainer.args, k) for k in _ARGS}
+    saved = {k: getattr(trainer.args if k in _ARGS else trainer, k) for k in knobs}
     for key, value in knobs.items():
         setattr(trainer.args if key in _ARGS else trainer, key, value)
     try:
@@ -87,7 +89,8 @@ def _compare(trainer, batch, backend="torch", **knobs):
         fused = _step(trainer, batch)
         assert not calls, "the switched step formed logits"
     finally:
-        vars(trainer).pop("concatenated_forward", None)
+        for method in ("concatenated_forward", "forward"):  # back to the class's own methods
+            vars(trainer).pop(method, None)
         for key, value in saved.items():
             setattr(trainer.args if key in _ARGS else trainer, key, value)
         for model in (trainer.model, trainer.ref_model):
@@ -181,3 +184,37 @@ def test_refuses_what_it_cannot_reproduce(trainer):
     with pytest.raises(TypeError, match="concatenated_forward"):
         legacy_apply(object())
     assert not is_legacy_trainer(object())
+
+
+@pytest.fixture(scope="module")
+def kto_trainer(tmp_path_factory):
+    from trl import KTOConfig, KTOTrainer
+
+    rows = [dict(prompt=r["prompt"], completion=r[side], label=side == "chosen")
+            for r in preference_rows(3) for side in ("chosen", "rejected")]
+    args = KTOConfig(output_dir=str(tmp_path_factory.mktemp("kto")), per_device_train_batch_size=6, max_steps=1,
+                     report_to=[], use_cpu=True, save_strategy="no", bf16=False, seed=0, beta=0.2)
+    torch.manual_seed(0)
+    return _moved_off_reference(KTOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
+                                           train_dataset=datasets.Dataset.from_list(rows)))
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_matches_trl(kto_trainer, loss_type):
+    """KTOTrainer.forward: completion and KL log-probs; the logits/*_sum metrics from the head's
+    column sums instead of the logits."""
+    batch = next(iter(kto_trainer.get_train_dataloader()))
+    kto_trainer.calculate_KL = loss_type == "kto"  # as KTOTrainer.__init__ sets it for each loss type
+    metrics = _compare(kto_trainer, batch, loss_type=loss_type)
+    assert {"logits/chosen_sum", "logits/rejected_sum", "logps/chosen_sum"} <= metrics.keys()
+    # The KL completions' log-probs themselves (the "kl" metric is clamped at 0, so it can hide them).
+    with torch.no_grad():
+        base = type(kto_trainer).forward(kto_trainer, kto_trainer.model, batch)
+        legacy_apply(kto_trainer, backend="torch")
+        try:
+            fused = kto_trainer.forward(kto_trainer.model, batch)
+        finally:
+            vars(kto_trainer).pop("forward")
+    for got, want in zip(fused[:2] + fused[4:], base[:2] + base[4:]):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    assert (base[4] is None) == (loss_type != "kto")

@@ -1,4 +1,5 @@
-"""TRL trainers that score tokens themselves: ``DPOTrainer.concatenated_forward`` (TRL 0.24).
+"""TRL trainers that score tokens themselves: ``DPOTrainer.concatenated_forward`` (TRL 0.24);
+``KTOTrainer.forward`` is in :mod:`.trl_legacy_kto`, the model side in :mod:`.trl_legacy_head`.
 
 Before TRL 1.15's fused-LM-head protocol (:mod:`.trl`), ``DPOTrainer`` asked the model for
 ``[rows, seq, vocab]`` logits and gathered the log-probs itself, in
@@ -34,7 +35,6 @@ Refused, with a named error: encoder-decoder models, vision inputs (``pixel_valu
 router auxiliary loss, ``use_liger_loss`` (Liger's own fused loss, which never calls
 ``concatenated_forward``), ``use_weighting`` with ``padding_free`` (TRL 0.24 fails on it).
 """
-import contextlib
 import functools
 import inspect
 import types
@@ -42,9 +42,8 @@ import types
 import torch
 
 from ..linear_token_logprobs import linear_token_logprobs
-from .hf import backbone, lm_head_transform, with_lm_head
-from .lora_head import lora_head_operands
-from .trl_head import head_owner, require_causal_lm
+from .trl_legacy_head import common_refusals, install_forward, run_head
+from .trl_legacy_kto import KTO_STATE, is_kto_layout, kto_forward, kto_refusals
 
 __all__ = ["is_legacy_trainer", "legacy_apply"]
 
@@ -54,98 +53,77 @@ _SIGNATURE = ("model", "batch", "is_ref_model")
 _STATE = ("args", "pad_token_id", "is_encoder_decoder", "max_length", "truncation_mode", "use_logits_to_keep",
           "padding_free", "use_weighting", "aux_loss_enabled", "loss_type")
 _VISION = ("pixel_values", "pixel_attention_mask", "image_sizes")
-# Marks a causal LM whose forward answers ``pyfused_po_head=``; holds the forward it wrapped.
-LEGACY_MARK = "_pyfused_po_legacy_forward"
 
 
-def is_legacy_trainer(trainer):
-    """True when ``trainer`` (an instance or a class) computes its log-probs itself in
-    ``concatenated_forward(self, model, batch, is_ref_model=False)`` next to
-    ``concatenated_inputs`` (TRL 0.24's ``DPOTrainer`` layout and its subclasses, e.g.
-    LLaMA-Factory's).  Decided on the class's methods, not on a version number."""
-    cls = trainer if isinstance(trainer, type) else type(trainer)
+def _is_dpo_layout(cls):
+    """``concatenated_forward(self, model, batch, is_ref_model=False)`` next to ``concatenated_inputs``."""
     method = getattr(cls, "concatenated_forward", None)
     if not callable(method) or not callable(getattr(cls, "concatenated_inputs", None)):
         return False
     try:
-        params = list(inspect.signature(method).parameters)
+        return tuple(inspect.signature(method).parameters)[1:] == _SIGNATURE
     except (TypeError, ValueError):
         return False
-    return tuple(params[1:]) == _SIGNATURE
 
 
-def _check_trainer(trainer):
-    """Named errors for a trainer whose settings the replacement cannot reproduce."""
-    name = type(trainer).__name__
-    if not is_legacy_trainer(trainer):
-        raise TypeError(f"{name} has no concatenated_forward(model, batch, is_ref_model) next to concatenated_inputs "
-                        "(TRL 0.24's DPOTrainer layout), so pyfused_po.integrations.trl_legacy cannot switch it")
-    missing = [a for a in _STATE if not hasattr(trainer, a)]
-    if missing:
-        raise TypeError(f"{name} has concatenated_forward but not the attributes {missing} that TRL 0.24's "
-                        "DPOTrainer sets; its layout is unknown to pyfused_po.integrations.trl_legacy")
-    refused = []
-    if trainer.is_encoder_decoder:
-        refused.append("an encoder-decoder model (is_encoder_decoder=True)")
-    if trainer.aux_loss_enabled:
-        refused.append("the MoE router auxiliary loss (config.output_router_logits=True)")
-    if getattr(trainer.args, "use_liger_loss", False):
-        refused.append("use_liger_loss=True (Liger's fused DPO loss replaces concatenated_forward already)")
+def _layout(trainer):
+    """``(method name, its replacement, attributes it reads, refusals)`` for ``trainer``'s layout, or ``None``."""
+    cls = trainer if isinstance(trainer, type) else type(trainer)
+    if _is_dpo_layout(cls):
+        return "concatenated_forward", _concatenated_forward, _STATE, _dpo_refusals
+    if is_kto_layout(cls):
+        return "forward", kto_forward, KTO_STATE, kto_refusals
+    return None
+
+
+def is_legacy_trainer(trainer):
+    """True when ``trainer`` (an instance or a class) computes its log-probs itself, as TRL 0.24
+    does: ``concatenated_forward(self, model, batch, is_ref_model=False)`` next to
+    ``concatenated_inputs`` (``DPOTrainer`` and subclasses such as LLaMA-Factory's), or
+    ``forward(self, model, batch)`` next to ``get_batch_logps``, ``kto_loss`` and
+    ``_compute_kl_logps`` (``KTOTrainer``).  Decided on the class's methods, not on a version number."""
+    return _layout(trainer) is not None
+
+
+def _dpo_refusals(trainer):
+    """What of a DPO ``trainer``'s settings the replacement cannot reproduce (empty: nothing)."""
+    refused = common_refusals(trainer, "concatenated_forward")
     if trainer.use_weighting and trainer.padding_free:
         refused.append("use_weighting=True with padding_free=True (TRL 0.24's own step fails on it)")
+    return refused
+
+
+def _checked_layout(trainer):
+    """The layout of ``trainer`` (:func:`_layout`), or a named error."""
+    name = type(trainer).__name__
+    layout = _layout(trainer)
+    if layout is None:
+        raise TypeError(
+            f"{name} has neither concatenated_forward(model, batch, is_ref_model) next to concatenated_inputs "
+            "(TRL 0.24's DPOTrainer) nor forward(model, batch) next to get_batch_logps / kto_loss (TRL 0.24's "
+            "KTOTrainer), so pyfused_po.integrations.trl_legacy cannot switch it")
+    method, _, state, refusals = layout
+    missing = [a for a in state if not hasattr(trainer, a)]
+    if missing:
+        raise TypeError(f"{name} has {method} but not the attributes {missing} that TRL 0.24's trainer sets; "
+                        "its layout is unknown to pyfused_po.integrations.trl_legacy")
+    refused = refusals(trainer)
     if refused:
         raise ValueError(f"pyfused_po.integrations.trl_legacy cannot reproduce {name}'s step with "
                          f"{'; '.join(refused)}; leave this trainer unswitched")
-
-
-def _install_forward(model, autocast):
-    """Let ``model``'s causal LM answer ``model(..., pyfused_po_head=fn)`` with
-    ``fn(causal_lm, last_hidden_state)`` (backbone only, no logits); other calls run the
-    previous forward.  Installed on the module under PEFT / DDP / FSDP1 wrappers, so the
-    call still goes through them (gradient hooks, accelerate's autocast)."""
-    target = head_owner(model)
-    require_causal_lm(target, "pyfused_po.integrations.trl_legacy.legacy_apply")
-    if LEGACY_MARK in vars(target):
-        return
-    previous = target.forward
-    # accelerate keeps its mixed-precision autocast in the forward replaced here: enter it again.
-    context = autocast or contextlib.nullcontext
-
-    @functools.wraps(type(target).forward)
-    def forward(self, *args, pyfused_po_head=None, **kwargs):
-        if pyfused_po_head is None:
-            return previous(*args, **kwargs)
-        if kwargs.pop("labels", None) is not None:  # PEFT passes labels=None; nothing here computes a loss
-            raise ValueError("model(..., pyfused_po_head=...) scores its own labels; got labels= as well")
-        with context():
-            out = backbone(self)(*args, **kwargs)
-            return pyfused_po_head(self, out.last_hidden_state)
-
-    target.forward = types.MethodType(forward, target)
-    setattr(target, LEGACY_MARK, previous)
+    return layout
 
 
 def _token_head(targets, keep, extras, backend, impl):
     """The head stage: per-token results of ``targets`` (``-100`` = not scored) from the
     last ``keep`` hidden positions (all when ``None``)."""
 
+    def stage(hidden, labels, weight, bias, transform):
+        return linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras, backend=backend, impl=impl,
+                                     **transform)
+
     def head(causal_lm, hidden):
-        if keep is not None:
-            hidden = hidden[:, -keep:]
-        module = causal_lm.get_output_embeddings()
-        hidden = hidden.to(module.weight.device)
-        if not torch.is_autocast_enabled(module.weight.device.type):  # under autocast F.linear's rules apply
-            hidden = hidden.to(module.weight.dtype)
-        transform = lm_head_transform(causal_lm)
-
-        def stage(h, labels, weight, bias):
-            return linear_token_logprobs(h, weight, labels, bias=bias, extras=extras, backend=backend, impl=impl,
-                                         **transform)
-
-        lora = lora_head_operands(module, hidden)
-        if lora is not None:  # a LoRA adapter on the head enters as extra columns
-            return stage(lora.hidden, targets, lora.weight, lora.bias)
-        return with_lm_head(causal_lm, stage, hidden, targets.to(hidden.device))
+        return run_head(causal_lm, hidden if keep is None else hidden[:, -keep:], targets, stage)
 
     return head
 
@@ -256,19 +234,20 @@ def _length_desensitized(per_token, scored, n, ld_alpha):
 
 
 def legacy_apply(trainer, *, backend="auto", linear_impl="auto"):
-    """Switch a trainer with TRL 0.24's ``concatenated_forward`` layout (:func:`is_legacy_trainer`)
-    to the fused-linear path: its policy, its reference model (when it has one; with PEFT and
-    no reference model the adapter-disabled policy is scored through the same path) and every
-    later call of ``concatenated_forward`` (training, evaluation, reference log-probs).
-    ``backend`` / ``linear_impl``: as :func:`pyfused_po.linear_token_logprobs`.  Returns the
-    trainer.  Call it after constructing the trainer and before ``train()``.  Raises
-    ``TypeError`` for another layout, ``ValueError`` for settings it cannot reproduce."""
-    _check_trainer(trainer)
+    """Switch a trainer with one of TRL 0.24's layouts (:func:`is_legacy_trainer`) to the
+    fused-linear path: its policy, its reference model (when it has one; with PEFT and no
+    reference model the adapter-disabled policy is scored through the same path) and every
+    later call of the replaced method (``concatenated_forward`` / ``forward``: training,
+    evaluation, reference log-probs).  ``backend`` / ``linear_impl``: as
+    :func:`pyfused_po.linear_token_logprobs`.  Returns the trainer.  Call it after constructing
+    the trainer and before ``train()``.  Raises ``TypeError`` for another layout, ``ValueError``
+    for settings it cannot reproduce."""
+    method, replacement, _, _ = _checked_layout(trainer)
     accelerator = getattr(trainer, "accelerator", None)
     autocast = accelerator.autocast if accelerator is not None else None
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if isinstance(model, torch.nn.Module):
-            _install_forward(model, autocast)
-    trainer.concatenated_forward = types.MethodType(
-        functools.partial(_concatenated_forward, backend=backend, impl=linear_impl), trainer)
+            install_forward(model, autocast)
+    setattr(trainer, method, types.MethodType(functools.partial(replacement, backend=backend, impl=linear_impl),
+                                              trainer))
     return trainer
