@@ -59,9 +59,13 @@ def batch(trainer):
 def _head_calls(trainer):
     """Counts the calls of the policy's and the reference model's LM heads."""
     calls = []
-    for model in (trainer.model, trainer.ref_model):
+    for model in _models(trainer):
         model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
     return calls
+
+
+def _models(trainer):
+    return [m for m in (trainer.model, trainer.ref_model) if m is not None]
 
 
 def _step(trainer, batch):
@@ -93,7 +97,7 @@ def _compare(trainer, batch, backend="torch", **knobs):
             vars(trainer).pop(method, None)
         for key, value in saved.items():
             setattr(trainer.args if key in _ARGS else trainer, key, value)
-        for model in (trainer.model, trainer.ref_model):
+        for model in _models(trainer):
             model.get_output_embeddings()._forward_hooks.clear()
     (base_loss, base_metrics, base_grads), (loss, metrics, grads) = base, fused
     torch.testing.assert_close(loss, base_loss, rtol=RTOL, atol=ATOL)
@@ -218,3 +222,24 @@ def test_kto_matches_trl(kto_trainer, loss_type):
     for got, want in zip(fused[:2] + fused[4:], base[:2] + base[4:]):
         torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
     assert (base[4] is None) == (loss_type != "kto")
+
+
+def test_peft_lora_head_matches_trl(tmp_path):
+    """PEFT: no reference model (the adapter-disabled policy is the reference, through the same
+    path) and a LoRA adapter on the LM head (its delta enters as extra head columns)."""
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                     use_cpu=True, save_strategy="no", bf16=False, seed=0, rpo_alpha=0.5)
+    torch.manual_seed(0)
+    made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
+                      train_dataset=datasets.Dataset.from_list(preference_rows(4)),
+                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
+    assert made.ref_model is None
+    with torch.no_grad():  # LoRA's B starts at 0: move it so the adapter changes the scores
+        for name, p in made.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p), alpha=0.3)
+    metrics = _compare(made, next(iter(made.get_train_dataloader())))
+    assert abs(metrics["rewards/margins"]) > 1e-3
