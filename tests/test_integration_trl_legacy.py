@@ -177,14 +177,27 @@ def test_training_logs_match_trl(tmp_path):
             assert f[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
-def test_refuses_what_it_cannot_reproduce(trainer):
-    trainer.aux_loss_enabled = True
+@pytest.mark.parametrize("setting, match", [(dict(aux_loss_enabled=True), "router auxiliary loss"),
+                                            (dict(is_encoder_decoder=True), "encoder-decoder"),
+                                            (dict(use_weighting=True, padding_free=True), "padding_free")])
+def test_refuses_what_it_cannot_reproduce(trainer, setting, match):
+    saved = {k: getattr(trainer, k) for k in setting}
+    vars(trainer).update(setting)
     try:
-        with pytest.raises(ValueError, match="router auxiliary loss"):
+        with pytest.raises(ValueError, match=match):
             legacy_apply(trainer)
     finally:
-        trainer.aux_loss_enabled = False
+        vars(trainer).update(saved)
     assert "concatenated_forward" not in vars(trainer)
+
+
+def test_refuses_vision_batches_and_other_layouts(trainer, batch):
+    legacy_apply(trainer, backend="torch")
+    try:
+        with pytest.raises(ValueError, match="pixel_values"):
+            trainer.concatenated_forward(trainer.model, dict(batch, pixel_values=torch.zeros(4, 3, 2, 2)))
+    finally:
+        vars(trainer).pop("concatenated_forward")
     with pytest.raises(TypeError, match="concatenated_forward"):
         legacy_apply(object())
     assert not is_legacy_trainer(object())
