@@ -203,6 +203,23 @@ def test_refuses_vision_batches_and_other_layouts(trainer, batch):
     assert not is_legacy_trainer(object())
 
 
+def test_subclass_that_redefines_the_method_is_not_switched(trainer):
+    """A subclass keeping TRL's concatenated_forward has the layout; one redefining it (as
+    LLaMA-Factory's CustomDPOTrainer does, on its own batch keys) does not, and is refused by name."""
+    keeps = type("Keeps", (trl.DPOTrainer,), {})
+    redefines = type("Redefines", (trl.DPOTrainer,), {"concatenated_forward": lambda self, model, batch,
+                                                      is_ref_model=False: {}})
+    assert is_legacy_trainer(keeps) and not is_legacy_trainer(redefines)
+    original = type(trainer)
+    trainer.__class__ = redefines
+    try:
+        with pytest.raises(TypeError, match="redefines TRL's concatenated_forward"):
+            legacy_apply(trainer)
+    finally:
+        trainer.__class__ = original
+    assert "concatenated_forward" not in vars(trainer)
+
+
 @pytest.fixture(scope="module")
 def kto_trainer(tmp_path_factory):
     from trl import KTOConfig, KTOTrainer

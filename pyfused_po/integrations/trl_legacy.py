@@ -42,8 +42,8 @@ import types
 import torch
 
 from ..linear_token_logprobs import linear_token_logprobs
-from .trl_legacy_head import common_refusals, install_forward, run_head
-from .trl_legacy_kto import KTO_STATE, is_kto_layout, kto_forward, kto_refusals
+from .trl_legacy_head import common_refusals, install_forward, method_layout, run_head
+from .trl_legacy_kto import KTO_STATE, kto_forward, kto_layout, kto_refusals
 
 __all__ = ["is_legacy_trainer", "legacy_apply"]
 
@@ -55,34 +55,25 @@ _STATE = ("args", "pad_token_id", "is_encoder_decoder", "max_length", "truncatio
 _VISION = ("pixel_values", "pixel_attention_mask", "image_sizes")
 
 
-def _is_dpo_layout(cls):
-    """``concatenated_forward(self, model, batch, is_ref_model=False)`` next to ``concatenated_inputs``."""
-    method = getattr(cls, "concatenated_forward", None)
-    if not callable(method) or not callable(getattr(cls, "concatenated_inputs", None)):
-        return False
-    try:
-        return tuple(inspect.signature(method).parameters)[1:] == _SIGNATURE
-    except (TypeError, ValueError):
-        return False
-
-
-def _layout(trainer):
-    """``(method name, its replacement, attributes it reads, refusals)`` for ``trainer``'s layout, or ``None``."""
+def _layouts(trainer):
+    """``[(how, method name, its replacement, attributes it reads, refusals)]`` for each TRL 0.24
+    layout ``trainer`` (an instance or a class) has, ``how`` as :func:`.trl_legacy_head.method_layout`."""
     cls = trainer if isinstance(trainer, type) else type(trainer)
-    if _is_dpo_layout(cls):
-        return "concatenated_forward", _concatenated_forward, _STATE, _dpo_refusals
-    if is_kto_layout(cls):
-        return "forward", kto_forward, KTO_STATE, kto_refusals
-    return None
+    found = [(method_layout(cls, "concatenated_forward", _SIGNATURE, ("concatenated_inputs",)),
+              "concatenated_forward", _concatenated_forward, _STATE, _dpo_refusals),
+             (kto_layout(cls), "forward", kto_forward, KTO_STATE, kto_refusals)]
+    return [layout for layout in found if layout[0] is not None]
 
 
 def is_legacy_trainer(trainer):
     """True when ``trainer`` (an instance or a class) computes its log-probs itself, as TRL 0.24
     does: ``concatenated_forward(self, model, batch, is_ref_model=False)`` next to
-    ``concatenated_inputs`` (``DPOTrainer`` and subclasses such as LLaMA-Factory's), or
+    ``concatenated_inputs`` (``DPOTrainer`` and its subclasses), or
     ``forward(self, model, batch)`` next to ``get_batch_logps``, ``kto_loss`` and
-    ``_compute_kl_logps`` (``KTOTrainer``).  Decided on the class's methods, not on a version number."""
-    return _layout(trainer) is not None
+    ``_compute_kl_logps`` (``KTOTrainer``), that method being TRL's own (a subclass that redefines
+    it computes something this module does not know).  Decided on the class's methods, not on a
+    version number."""
+    return any(layout[0] == "trl" for layout in _layouts(trainer))
 
 
 def _dpo_refusals(trainer):
@@ -94,15 +85,20 @@ def _dpo_refusals(trainer):
 
 
 def _checked_layout(trainer):
-    """The layout of ``trainer`` (:func:`_layout`), or a named error."""
+    """``(method name, its replacement)`` for ``trainer``'s layout, or a named error."""
     name = type(trainer).__name__
-    layout = _layout(trainer)
-    if layout is None:
+    layouts = _layouts(trainer)
+    if layouts and layouts[0][0] == "overridden":
+        method = layouts[0][1]
+        owner = getattr(type(trainer), method).__qualname__
+        raise TypeError(f"{name} redefines TRL's {method} ({owner}); pyfused_po.integrations.trl_legacy replaces "
+                        "TRL's own method and cannot know what this one computes")
+    if not layouts:
         raise TypeError(
             f"{name} has neither concatenated_forward(model, batch, is_ref_model) next to concatenated_inputs "
             "(TRL 0.24's DPOTrainer) nor forward(model, batch) next to get_batch_logps / kto_loss (TRL 0.24's "
             "KTOTrainer), so pyfused_po.integrations.trl_legacy cannot switch it")
-    method, _, state, refusals = layout
+    _, method, replacement, state, refusals = layouts[0]
     missing = [a for a in state if not hasattr(trainer, a)]
     if missing:
         raise TypeError(f"{name} has {method} but not the attributes {missing} that TRL 0.24's trainer sets; "
@@ -111,7 +107,7 @@ def _checked_layout(trainer):
     if refused:
         raise ValueError(f"pyfused_po.integrations.trl_legacy cannot reproduce {name}'s step with "
                          f"{'; '.join(refused)}; leave this trainer unswitched")
-    return layout
+    return method, replacement
 
 
 def _token_head(targets, keep, extras, backend, impl):
@@ -242,7 +238,7 @@ def legacy_apply(trainer, *, backend="auto", linear_impl="auto"):
     :func:`pyfused_po.linear_token_logprobs`.  Returns the trainer.  Call it after constructing
     the trainer and before ``train()``.  Raises ``TypeError`` for another layout, ``ValueError``
     for settings it cannot reproduce."""
-    method, replacement, _, _ = _checked_layout(trainer)
+    method, replacement = _checked_layout(trainer)
     accelerator = getattr(trainer, "accelerator", None)
     autocast = accelerator.autocast if accelerator is not None else None
     for model in (trainer.model, getattr(trainer, "ref_model", None)):

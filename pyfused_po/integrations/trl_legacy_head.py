@@ -9,6 +9,7 @@ model's own forward.
 """
 import contextlib
 import functools
+import inspect
 import types
 
 import torch
@@ -17,7 +18,7 @@ from .hf import backbone, lm_head_transform, with_lm_head
 from .lora_head import lora_head_operands
 from .trl_head import head_owner, require_causal_lm
 
-__all__ = ["LEGACY_MARK", "install_forward", "run_head", "common_refusals"]
+__all__ = ["LEGACY_MARK", "install_forward", "run_head", "common_refusals", "method_layout"]
 
 # Marks a causal LM whose forward answers ``pyfused_po_head=``; holds the forward it wrapped.
 LEGACY_MARK = "_pyfused_po_legacy_forward"
@@ -78,3 +79,21 @@ def common_refusals(trainer, replaced):
     if getattr(trainer.args, "use_liger_loss", False):
         refused.append(f"use_liger_loss=True (Liger's fused loss takes the place of {replaced} already)")
     return refused
+
+
+def method_layout(cls, name, params, companions):
+    """How ``cls`` provides the trainer method ``name``: ``"trl"`` when it is TRL's own (defined in
+    a ``trl`` module) with parameters ``params`` after ``self``, next to the callable
+    ``companions``; ``"overridden"`` when it has that shape but a class outside TRL redefines it
+    (what it computes is unknown: a subclass such as LLaMA-Factory's reads other batch keys);
+    ``None`` otherwise."""
+    method = getattr(cls, name, None)
+    if not callable(method) or not all(callable(getattr(cls, c, None)) for c in companions):
+        return None
+    try:
+        if tuple(inspect.signature(method).parameters)[1:] != params:
+            return None
+    except (TypeError, ValueError):
+        return None
+    module = getattr(method, "__module__", "") or ""
+    return "trl" if module == "trl" or module.startswith("trl.") else "overridden"

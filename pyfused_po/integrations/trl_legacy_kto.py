@@ -17,27 +17,19 @@ That identity needs a linear head, so a model with a logit softcap (Gemma 2/3) i
 import torch
 
 from ..linear_token_logprobs import linear_token_logprobs
-from .trl_legacy_head import common_refusals, run_head
+from .trl_legacy_head import common_refusals, method_layout, run_head
 
-__all__ = ["KTO_STATE", "is_kto_layout", "kto_refusals", "kto_forward"]
+__all__ = ["KTO_STATE", "kto_layout", "kto_refusals", "kto_forward"]
 
 # Trainer attributes the replacement reads, as TRL 0.24's KTOTrainer.__init__ sets them.
 KTO_STATE = ("is_encoder_decoder", "calculate_KL", "label_pad_token_id", "aux_loss_enabled", "args")
 _METHODS = ("get_batch_logps", "kto_loss", "_compute_kl_logps")
 
 
-def is_kto_layout(cls):
-    """True when ``cls`` scores completions itself in ``forward(self, model, batch)`` next to
+def kto_layout(cls):
+    """:func:`.trl_legacy_head.method_layout` of ``forward(self, model, batch)`` next to
     ``get_batch_logps``, ``kto_loss`` and ``_compute_kl_logps`` (TRL 0.24's ``KTOTrainer``)."""
-    import inspect
-
-    method = getattr(cls, "forward", None)
-    if not callable(method) or not all(callable(getattr(cls, m, None)) for m in _METHODS):
-        return False
-    try:
-        return tuple(inspect.signature(method).parameters)[1:] == ("model", "batch")
-    except (TypeError, ValueError):
-        return False
+    return method_layout(cls, "forward", ("model", "batch"), _METHODS)
 
 
 def kto_refusals(trainer):
