@@ -273,3 +273,17 @@ def test_peft_lora_head_matches_trl(tmp_path):
                 p.add_(torch.randn_like(p), alpha=0.3)
     metrics = _compare(made, next(iter(made.get_train_dataloader())))
     assert abs(metrics["rewards/margins"]) > 1e-3
+
+
+def test_kto_refuses_a_softcapped_head(kto_trainer):
+    """The logits/*_sum metrics come from the head's column sums, exact only for a linear head."""
+    batch = next(iter(kto_trainer.get_train_dataloader()))
+    config = kto_trainer.model.config
+    legacy_apply(kto_trainer, backend="torch")
+    config.final_logit_softcapping = 30.0  # what lm_head_transform reads (Gemma 2/3)
+    try:
+        with pytest.raises(ValueError, match="softcap"):
+            kto_trainer.forward(kto_trainer.model, batch)
+    finally:
+        del config.final_logit_softcapping
+        vars(kto_trainer).pop("forward")
