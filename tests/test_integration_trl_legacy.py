@@ -1,5 +1,5 @@
-"""TRL 0.24's DPOTrainer (``concatenated_forward`` computes its own log-probs) with and without
-``pyfused_po.integrations.trl_legacy.legacy_apply``.
+"""TRL 0.24's DPOTrainer (``concatenated_forward``) and KTOTrainer (``forward``), which compute their own
+log-probs, with and without ``pyfused_po.integrations.trl_legacy.legacy_apply``.
 
 Runs only where the installed TRL has that layout (TRL 0.24 needs transformers 4.5x: its own
 environment, see the README's "Older TRL (0.24)"); elsewhere the module skips.  Each case takes
@@ -27,7 +27,7 @@ if not is_legacy_trainer(trl.DPOTrainer):
     pytest.skip(f"trl=={trl.__version__}'s DPOTrainer has no concatenated_forward(model, batch, is_ref_model) "
                 "(the TRL 0.24 layout); its switch is pyfused_po.integrations.trl", allow_module_level=True)
 
-pytestmark = pytest.mark.slow  # builds TRL trainers; 26 cases, about 30 s of CPU in all
+pytestmark = pytest.mark.slow  # builds TRL trainers; 34 cases, about 50 s in all on 2 cores
 RTOL, ATOL = 1e-5, 1e-6
 # DPOConfig fields a case changes (the trainer reads them from args); other knobs are trainer attributes.
 _ARGS = ("rpo_alpha", "ld_alpha")
