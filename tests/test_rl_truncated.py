@@ -167,3 +167,71 @@ def test_float64_log_probs_entropy_and_gradients(spec, path):
     else:
         torch.testing.assert_close(sources["hidden"].grad, leaves[0].grad, rtol=1e-11, atol=1e-12)
         torch.testing.assert_close(sources["weight"].grad, leaves[1].grad, rtol=1e-11, atol=1e-12)
+
+
+def test_ties_at_the_boundaries_are_kept_whole():
+    """top-k 2 on [3, 2, 2, 1] keeps three values (both 2s); top-p 0.4 on four equal values reaches
+    0.4 at the second and keeps all four (the tie with the last kept value)."""
+    labels = torch.tensor([2, 3])
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    logp, _, out = rl.rl_token_logprobs(labels[:1], logits=logits[:1], top_k=2, return_outside=True, backend="torch")
+    torch.testing.assert_close(logp, torch.log_softmax(logits[0, :3], -1)[2:3])
+    logp, _, out = rl.rl_token_logprobs(labels[1:], logits=logits[1:], top_p=0.4, return_outside=True,
+                                        backend="torch")
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.25)], dtype=torch.float64))
+    assert not out.any()
+
+
+def test_no_truncation_equals_the_full_softmax():
+    """top_k ≥ V, top_p = 1 and min_p = 0 truncate nothing: the plain path's values."""
+    hidden, weight = _data(2)
+    logits = (hidden @ weight.T).float()
+    labels = torch.arange(len(logits)) % logits.shape[-1]
+    plain, _ = rl.rl_token_logprobs(labels, logits=logits, temperature=T, backend="torch")
+    for spec in (dict(top_k=logits.shape[-1]), dict(top_p=1.0), dict(min_p=0.0), dict(top_k=10**6, top_p=1.0)):
+        got, _ = rl.rl_token_logprobs(labels, logits=logits, temperature=T, backend="torch", batch_invariant=True,
+                                      **spec)
+        torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_triton_backend_float32_and_shift(path):
+    """backend='triton' (same chunked implementation) on float32 with shift=True: the float64
+    reference's values on the rows that predict the next label."""
+    hidden, weight = _data(3, n=10)
+    logits = hidden @ weight.T
+    labels = torch.randint(0, weight.shape[0], (10,), generator=torch.Generator().manual_seed(3))
+    want, want_h, _ = _reference(logits[:-1], labels[1:], T, top_k=15, top_p=0.9)
+    src = dict(logits=logits.float()[None]) if path == "logits" else \
+        dict(hidden=hidden.float()[None], weight=weight.float())
+    got, got_h = rl.rl_token_logprobs(labels[None], temperature=T, top_k=15, top_p=0.9, with_entropy=True,
+                                      shift=True, backend="triton", **src)
+    assert got[0, 0] == 0
+    inside = torch.isfinite(want)
+    torch.testing.assert_close(got[0, 1:][inside].double(), want[inside], rtol=1e-5, atol=1e-5)
+    assert torch.all(got[0, 1:][~inside] == -math.inf)
+    torch.testing.assert_close(got_h[0, 1:].double(), want_h, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_stream_equals_rows():
+    hidden, weight = _data(4, n=10)
+    labels = torch.randint(0, weight.shape[0], (2, 5), generator=torch.Generator().manual_seed(4))
+    kw = dict(temperature=T, top_k=11, top_p=0.85, with_entropy=True, shift=True, backend="torch")
+    packed = rl.rl_token_logprobs(labels.reshape(1, 10), hidden=hidden[None], weight=weight,
+                                  cu_seqlens=torch.tensor([0, 5, 10]), return_outside=True, **kw)
+    rows = rl.rl_token_logprobs(labels, hidden=hidden.reshape(2, 5, -1), weight=weight, return_outside=True, **kw)
+    for a, b in zip(packed, rows):
+        assert torch.equal(a.reshape(2, 5), b)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(top_k=0), "top_k must be None or an int >= 1"), (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k"),
+    (dict(top_p=0.0), r"top_p must be None or a number in \(0, 1\]"), (dict(top_p=1.5), "top_p"),
+    (dict(min_p=1.0), r"min_p must be None or a number in \[0, 1\)"), (dict(min_p=-0.1), "min_p"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"), (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_p=0.5, sampler_order="sglang"), "order must be one of"),
+])
+def test_bad_sampler_arguments_are_named(bad, message):
+    logits = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match=message):
+        rl.rl_token_logprobs(torch.zeros(2, dtype=torch.long), logits=logits, **bad)
