@@ -235,3 +235,13 @@ def test_bad_sampler_arguments_are_named(bad, message):
     logits = torch.zeros(2, 5)
     with pytest.raises(ValueError, match=message):
         rl.rl_token_logprobs(torch.zeros(2, dtype=torch.long), logits=logits, **bad)
+
+
+def test_drop_ins_take_the_samplers_truncation():
+    hidden, weight = _data(5)
+    logits = hidden @ weight.T
+    want, _, kept = _reference(logits, torch.zeros(len(logits), dtype=torch.long), T, top_k=8, top_p=0.9)
+    labels = _labels_inside_and_out(kept, 5)
+    want, _, _ = _reference(logits, labels, T, top_k=8, top_p=0.9)
+    torch.testing.assert_close(rl.log_probs_from_logits(logits, labels, T, top_k=8, top_p=0.9), want)
+    torch.testing.assert_close(rl.logprobs_from_logits(logits / T, labels, top_k=8, top_p=0.9), want)

@@ -24,8 +24,10 @@ from ..linear_token_logprobs import linear_token_logprobs
 from ..token_logprobs import token_logprobs
 from ..truncated_logprobs import truncated_token_logprobs
 from ..truncated_support import sampler_spec
+from .rl_ratio import ImportanceRatio, importance_ratio
 
-__all__ = ["rl_token_logprobs", "log_probs_from_logits", "logprobs_from_logits", "entropy_from_logits"]
+__all__ = ["rl_token_logprobs", "log_probs_from_logits", "logprobs_from_logits", "entropy_from_logits",
+           "importance_ratio", "ImportanceRatio"]
 
 
 def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=None, temperature=1.0,
@@ -92,17 +94,20 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     return logps, entropy
 
 
-def log_probs_from_logits(logits, labels, temperature=1.0):
+def log_probs_from_logits(logits, labels, temperature=1.0, *, top_k=None, top_p=None, min_p=None):
     """OpenRLHF's ``log_probs_from_logits(logits, labels, temperature)``: ``log softmax(logits / T)``
-    at ``labels`` (aligned with the rows of ``logits``), without dividing ``logits`` in place."""
-    return rl_token_logprobs(labels, logits=logits, temperature=temperature)[0]
+    at ``labels`` (aligned with the rows of ``logits``), without dividing ``logits`` in place.
+    ``top_k`` / ``top_p`` / ``min_p``: the sampler's truncation (see :func:`rl_token_logprobs`)."""
+    return rl_token_logprobs(labels, logits=logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_p=min_p)[0]
 
 
-def logprobs_from_logits(logits, labels, inplace_backward=True):
+def logprobs_from_logits(logits, labels, inplace_backward=True, *, top_k=None, top_p=None, min_p=None):
     """verl's ``logprobs_from_logits(logits, labels)`` (``logits`` already divided by the temperature
-    by the caller).  ``inplace_backward`` is accepted for signature compatibility and ignored."""
+    by the caller).  ``inplace_backward`` is accepted for signature compatibility and ignored.
+    ``top_k`` / ``top_p`` / ``min_p``: the sampler's truncation (see :func:`rl_token_logprobs`)."""
     del inplace_backward
-    return rl_token_logprobs(labels, logits=logits)[0]
+    return rl_token_logprobs(labels, logits=logits, top_k=top_k, top_p=top_p, min_p=min_p)[0]
 
 
 def entropy_from_logits(logits):
