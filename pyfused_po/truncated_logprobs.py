@@ -10,9 +10,11 @@ calls it when ``top_k`` / ``top_p`` / ``min_p`` or ``batch_invariant`` is given)
   forms ``dH[rows] = G·W``, ``dW += Gᵀ·H[rows]``, ``db += Σ G`` (fp32 accumulators).  At most one
   ``[C, V]`` tile exists at a time: ``[N, V]`` is never materialized.
 
-Both backends run this chunked PyTorch implementation (no Triton kernel yet: the top-k and nucleus
-thresholds come from ``torch.topk`` / ``torch.sort`` of each tile's rows, on whatever device the
-tensors are).
+The per-row fold runs on the resolved backend: ``"torch"`` is :mod:`pyfused_po.truncated_support`
+(``torch.topk`` / ``torch.sort`` of each tile's rows; the CPU path and the float64 reference),
+``"triton"`` is ``kernels/truncated_select.py`` (a radix select of the thresholds in at most 18
+streaming passes over each row, no sort).  The tiles themselves (the gather of logits rows, the
+GEMMs of the hidden path) are PyTorch on both.
 
 **Batch invariance** (``batch_invariant=True``).  A token's results are computed in a tile of exactly
 :data:`INVARIANT_TILE_ROWS` rows (the last tile padded with copies of a real row whose results are
@@ -74,10 +76,11 @@ def _tiles(rows, C, invariant):
 class _Plan:
     """What a forward / backward needs besides tensors: the sampler, the transform, the tiling."""
 
-    def __init__(self, spec: SamplerSpec, config, with_entropy, invariant, chunk_tokens):
+    def __init__(self, spec: SamplerSpec, config, with_entropy, invariant, chunk_tokens, backend):
         self.spec, self.with_entropy, self.invariant, self.chunk_tokens = spec, with_entropy, invariant, chunk_tokens
         self.transform = dict(logit_scale=config.logit_scale, temperature=config.temperature, softcap=config.softcap)
         self.ignore_index, self.shift = config.ignore_index, config.shift
+        self.fold_forward, self.fold_backward = _folds(backend, spec)
 
     def index(self, labels):
         return labelled_tokens(labels_2d(labels), self.ignore_index, self.shift)
@@ -96,8 +99,8 @@ class _Plan:
             n = c1 - c0
             y = targets[c0:c1]
             y = torch.cat([y, y[-1:].expand(idx.numel() - n)]) if idx.numel() > n else y
-            lp, st, ent = fold_forward(tile_logits(idx).to(cdt), y, self.spec, with_entropy=self.with_entropy,
-                                       **self.transform)
+            lp, st, ent = self.fold_forward(tile_logits(idx), y, with_entropy=self.with_entropy,
+                                            **self.transform)
             logp[c0:c1], stats[c0:c1] = lp[:n], st[:n]
             if entropy is not None:
                 entropy[c0:c1] = ent[:n]
@@ -120,9 +123,25 @@ class _Plan:
             st = part(stats)
             if pad:
                 st[n:] = stats[c1 - 1]
-            G = fold_backward(tile_logits(idx).to(cdt), y, st, grad_logp=part(grad_logp),
-                              grad_entropy=part(grad_entropy), entropy=part(entropy), **self.transform)
+            G = self.fold_backward(tile_logits(idx), y, st, grad_logp=part(grad_logp),
+                                   grad_entropy=part(grad_entropy), entropy=part(entropy), **self.transform)
             yield c0, c1, idx, G
+
+
+def _folds(backend, spec: SamplerSpec):
+    """``(fold_forward, fold_backward)`` of a resolved backend, both with the PyTorch fold's
+    signature minus the spec (:mod:`pyfused_po.truncated_support`), on raw tiles in the input dtype
+    (the Triton kernels read bf16 / fp16 rows as they are)."""
+    if backend == "torch":  # rows widened to the compute dtype first (fp32, or float64)
+        return (lambda x, *a, **k: fold_forward(x.to(compute_dtype(x)), *a, spec=spec, **k),
+                lambda x, *a, **k: fold_backward(x.to(compute_dtype(x)), *a, **k))
+    try:
+        from .kernels import truncated_launch
+    except ImportError as err:  # triton missing (e.g. macOS) or broken
+        raise ImportError("backend='triton' needs the triton package (pip install triton); "
+                          "use backend='torch' without it") from err
+    select = dict(top_k=spec.top_k, top_p=spec.top_p, min_p=spec.min_p, minp_first=spec.order == "vllm")
+    return lambda x, *a, **k: truncated_launch.fold_forward(x, *a, **select, **k), truncated_launch.fold_backward
 
 
 def _scatter(values, pos, labels, fill=0.0):
@@ -232,7 +251,8 @@ def truncated_token_logprobs(labels, *, logits=None, hidden=None, weight=None, b
     ``batch_invariant``: a token's results are bitwise independent of the rest of the batch (module
     docstring).  ``chunk_tokens``: tokens per tile (default: the chunked backend's budget; not used
     under ``batch_invariant``).  ``backend`` is validated as everywhere ("triton" needs a
-    float16/bfloat16/float32 input) but both backends run the chunked PyTorch implementation.
+    float16/bfloat16/float32 input); it picks the per-row fold (PyTorch, or the Triton radix-select
+    kernels), the tiles are PyTorch on both.
     Gradients flow to the logits (or hidden, weight, bias) through ``logps`` and ``entropy``.
     """
     spec = sampler_spec(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=order)
@@ -252,12 +272,13 @@ def truncated_token_logprobs(labels, *, logits=None, hidden=None, weight=None, b
         raise ValueError("hidden= needs weight= (the LM head, [vocab, hidden_dim])")
     if logits is not None and (weight is not None or bias is not None):
         raise ValueError("weight=/bias= go with hidden=, not with logits=")
-    plan = _Plan(spec, config, bool(with_entropy), bool(batch_invariant), chunk_tokens)
     if logits is not None:
-        validate_token_inputs(logits, labels, config, backend)
+        resolved = validate_token_inputs(logits, labels, config, backend)
+        plan = _Plan(spec, config, bool(with_entropy), bool(batch_invariant), chunk_tokens, resolved)
         logps, entropy = TruncatedLogitsFunction.apply(logits, labels, plan)
     else:
-        _, _, mm_dtype = validate_linear_inputs(hidden, weight, bias, labels, config, backend, "chunked",
-                                                chunk_tokens)
+        resolved, _, mm_dtype = validate_linear_inputs(hidden, weight, bias, labels, config, backend, "chunked",
+                                                       chunk_tokens)
+        plan = _Plan(spec, config, bool(with_entropy), bool(batch_invariant), chunk_tokens, resolved)
         logps, entropy = TruncatedLinearFunction.apply(hidden, weight, bias, labels, plan, mm_dtype)
     return TruncatedLogprobs(logps, entropy if with_entropy else None, logps == float("-inf"))
