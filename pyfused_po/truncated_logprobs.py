@@ -106,7 +106,7 @@ class _Plan:
                 entropy[c0:c1] = ent[:n]
         return logp, stats, entropy
 
-    def tile_gradients(self, tile_logits, rows, targets, stats, grad_logp, grad_entropy, entropy, V, cdt):
+    def tile_gradients(self, tile_logits, rows, targets, stats, grad_logp, grad_entropy, entropy, V):
         """Yields ``(c0, c1, idx, G)`` with ``G = ∂L/∂x`` of each tile (``[len(idx), V]``, compute
         dtype, padded rows zero)."""
         for c0, c1, idx in self.tiles(rows, V, rows.device):
@@ -150,6 +150,26 @@ def _scatter(values, pos, labels, fill=0.0):
     return out.view(labels.shape)
 
 
+def _outputs(ctx, saved, logp, entropy, pos, labels):
+    """Saves ``saved`` (+ the entropy when computed) and returns ``(logps, entropy or empty)`` shaped
+    like ``labels`` from the per-labelled-token values."""
+    ctx.save_for_backward(*saved, *(() if entropy is None else (entropy,)))
+    ctx.set_materialize_grads(False)
+    ent = _scatter(entropy, pos, labels) if entropy is not None else logp.new_empty(0)
+    return _scatter(logp, pos, labels), ent
+
+
+def check_sources(entry, logits, hidden, weight, bias):
+    """Exactly one source: ``logits``, or ``hidden`` with ``weight`` (and ``bias``)."""
+    if (logits is None) == (hidden is None):
+        raise ValueError(f"{entry} needs exactly one of logits= or hidden= (with weight=), got "
+                         f"{'both' if logits is not None else 'neither'}")
+    if hidden is not None and weight is None:
+        raise ValueError("hidden= needs weight= (the LM head, [vocab, hidden_dim])")
+    if logits is not None and (weight is not None or bias is not None):
+        raise ValueError("weight=/bias= go with hidden=, not with logits=")
+
+
 def _gather(g, pos, dtype):
     return None if g is None else g.reshape(-1).index_select(0, pos).to(dtype)
 
@@ -165,10 +185,7 @@ class TruncatedLogitsFunction(torch.autograd.Function):
         cdt = compute_dtype(logits)
         logp, stats, entropy = plan.forward(lambda idx: x2.index_select(0, idx), rows, targets, V, cdt)
         ctx.plan = plan
-        ctx.save_for_backward(logits, labels, rows, pos, targets, stats, *(() if entropy is None else (entropy,)))
-        ctx.set_materialize_grads(False)
-        ent = _scatter(entropy, pos, labels) if entropy is not None else logp.new_empty(0)
-        return _scatter(logp, pos, labels), ent
+        return _outputs(ctx, (logits, labels, rows, pos, targets, stats), logp, entropy, pos, labels)
 
     @staticmethod
     @first_derivative_only("truncated_token_logprobs")
@@ -181,7 +198,7 @@ class TruncatedLogitsFunction(torch.autograd.Function):
         grad = torch.zeros(x2.shape, dtype=logits.dtype, device=logits.device)
         tiles = ctx.plan.tile_gradients(lambda idx: x2.index_select(0, idx), rows, targets, stats,
                                         _gather(grad_logp, pos, cdt), _gather(grad_entropy, pos, cdt),
-                                        entropy[0] if entropy else None, V, cdt)
+                                        entropy[0] if entropy else None, V)
         for c0, c1, idx, G in tiles:
             grad.index_copy_(0, idx[: c1 - c0], G[: c1 - c0].to(grad.dtype))
         return grad.view(logits.shape), None, None
@@ -200,11 +217,7 @@ class TruncatedLinearFunction(torch.autograd.Function):
             logp, stats, entropy = plan.forward(lambda idx: _chunk_logits(h2, w, b, idx)[1], rows, targets,
                                                 weight.shape[0], cdt)
         ctx.plan, ctx.mm_dtype = plan, mm_dtype
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, pos, targets, stats,
-                              *(() if entropy is None else (entropy,)))
-        ctx.set_materialize_grads(False)
-        ent = _scatter(entropy, pos, labels) if entropy is not None else logp.new_empty(0)
-        return _scatter(logp, pos, labels), ent
+        return _outputs(ctx, (hidden, weight, bias, labels, rows, pos, targets, stats), logp, entropy, pos, labels)
 
     @staticmethod
     @first_derivative_only("truncated_token_logprobs")
@@ -222,7 +235,7 @@ class TruncatedLinearFunction(torch.autograd.Function):
         with autocast_off(hidden.device.type):
             tiles = ctx.plan.tile_gradients(lambda idx: _chunk_logits(h2, w, b, idx)[1], rows, targets, stats,
                                             _gather(grad_logp, pos, cdt), _gather(grad_entropy, pos, cdt),
-                                            entropy[0] if entropy else None, V, cdt)
+                                            entropy[0] if entropy else None, V)
             for c0, c1, idx, G in tiles:
                 G = G.to(h.dtype)  # the GEMM operands' dtype, as the staged backward's in-place G
                 if gh is not None:  # one fixed-shape GEMM per tile; only the real rows are kept
@@ -265,13 +278,7 @@ def truncated_token_logprobs(labels, *, logits=None, hidden=None, weight=None, b
             ignore_index=ignore_index)
     config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, ())
     labels = checked_labels("labels", labels, config.ignore_index)
-    if (logits is None) == (hidden is None):
-        raise ValueError("truncated_token_logprobs needs exactly one of logits= or hidden= (with weight=), got "
-                         f"{'both' if logits is not None else 'neither'}")
-    if hidden is not None and weight is None:
-        raise ValueError("hidden= needs weight= (the LM head, [vocab, hidden_dim])")
-    if logits is not None and (weight is not None or bias is not None):
-        raise ValueError("weight=/bias= go with hidden=, not with logits=")
+    check_sources("truncated_token_logprobs", logits, hidden, weight, bias)
     if logits is not None:
         resolved = validate_token_inputs(logits, labels, config, backend)
         plan = _Plan(spec, config, bool(with_entropy), bool(batch_invariant), chunk_tokens, resolved)

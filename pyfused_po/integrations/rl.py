@@ -22,7 +22,7 @@ import torch
 
 from ..linear_token_logprobs import linear_token_logprobs
 from ..token_logprobs import token_logprobs
-from ..truncated_logprobs import truncated_token_logprobs
+from ..truncated_logprobs import check_sources, truncated_token_logprobs
 from ..truncated_support import sampler_spec
 from .rl_ratio import ImportanceRatio, importance_ratio
 
@@ -45,8 +45,9 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     the entropy is ``H(p̃)``; the gradient is ``(onehot − p̃)/T`` on the kept set (held fixed) and 0
     elsewhere.  ``batch_invariant=True``: each token is computed in a fixed-shape tile, so its
     log-prob, entropy and gradient row are bitwise the same whatever else is in the batch
-    (:mod:`pyfused_po.truncated_logprobs`).  Both options run a chunked PyTorch implementation on
-    either backend (no Triton kernel for them yet).  ``return_outside=True`` appends a bool mask,
+    (:mod:`pyfused_po.truncated_logprobs`).  Both options run tile by tile (PyTorch gathers / GEMMs);
+    each tile is folded by PyTorch or, on the Triton backend, by the radix-select kernels of
+    ``kernels/truncated_select.py``.  ``return_outside=True`` appends a bool mask,
     shaped like ``labels``, of the labelled tokens outside the kept set.
 
     Exactly one source: ``logits`` ``[..., T, V]``, or ``hidden`` ``[..., T, D]`` with the LM head
@@ -67,6 +68,7 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     Bad ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` raise ``ValueError`` before any kernel.
     """
     spec = sampler_spec(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=sampler_order)
+    check_sources("rl_token_logprobs", logits, hidden, weight, bias)
     if spec.truncates or batch_invariant:
         out = truncated_token_logprobs(
             labels, logits=logits, hidden=hidden, weight=weight, bias=bias, temperature=temperature, top_k=top_k,
@@ -74,13 +76,6 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
             ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, backend=backend,
             batch_invariant=batch_invariant, cu_seqlens=cu_seqlens, position_ids=position_ids)
         return (out.logps, out.entropy, out.outside) if return_outside else (out.logps, out.entropy)
-    if (logits is None) == (hidden is None):
-        raise ValueError("rl_token_logprobs needs exactly one of logits= or hidden= (with weight=), got "
-                         f"{'both' if logits is not None else 'neither'}")
-    if hidden is not None and weight is None:
-        raise ValueError("hidden= needs weight= (the LM head, [vocab, hidden_dim])")
-    if logits is not None and (weight is not None or bias is not None):
-        raise ValueError("weight=/bias= go with hidden=, not with logits=")
     kw = dict(ignore_index=ignore_index, shift=shift, temperature=temperature, logit_scale=logit_scale,
               softcap=softcap, extras=("entropy",) if with_entropy else (), backend=backend,
               cu_seqlens=cu_seqlens, position_ids=position_ids)
