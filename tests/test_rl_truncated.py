@@ -128,6 +128,17 @@ def test_orders_differ_where_min_p_and_top_p_meet():
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 @pytest.mark.parametrize("spec", CASES)
 def test_float64_log_probs_entropy_and_gradients(spec, path):
+    _check_against_reference(spec, path, "torch")
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+@pytest.mark.parametrize("spec", [CASES[1], CASES[4]])
+def test_triton_backend_log_probs_entropy_and_gradients(spec, path):
+    """The Triton fold (float32 inputs) against the same float64 reference, both paths."""
+    _check_against_reference(spec, path, "triton")
+
+
+def _check_against_reference(spec, path, backend):
     hidden, weight = _data(1)
     logits = hidden @ weight.T
     want_logp, want_entropy, kept = _reference(logits, torch.zeros(len(logits), dtype=torch.long), T, **spec)
@@ -146,27 +157,30 @@ def test_float64_log_probs_entropy_and_gradients(spec, path):
     ref_entropy = _entropy(logq, kept)
     ((ref_logp.masked_fill(outside, 0) * g_logp).sum() + (ref_entropy * g_entropy).sum()).backward()
 
-    sources = dict(logits=logits.clone().requires_grad_(True)) if path == "logits" else \
-        dict(hidden=hidden.clone().requires_grad_(True), weight=weight.clone().requires_grad_(True))
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tol = dict(rtol=1e-12, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=2e-5)
+    sources = dict(logits=logits.to(dtype).requires_grad_(True)) if path == "logits" else \
+        dict(hidden=hidden.to(dtype).requires_grad_(True), weight=weight.to(dtype).requires_grad_(True))
     logp, entropy, out = rl.rl_token_logprobs(labels, temperature=T, with_entropy=True, return_outside=True,
-                                              backend="torch", **spec, **sources)
-    assert logp.dtype == torch.float64
+                                              backend=backend, **spec, **sources)
+    assert logp.dtype == (torch.float64 if backend == "torch" else torch.float32)
     assert torch.equal(out, outside) and int(out.sum()) == int(outside.sum())
     assert torch.all(logp[outside] == -math.inf)
-    torch.testing.assert_close(logp[~outside], want_logp[~outside], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(entropy, want_entropy, rtol=1e-12, atol=1e-12)
-    ((logp.masked_fill(outside, 0) * g_logp).sum() + (entropy * g_entropy).sum()).backward()
+    torch.testing.assert_close(logp[~outside].double(), want_logp[~outside], **tol)
+    torch.testing.assert_close(entropy.double(), want_entropy, **tol)
+    ((logp.masked_fill(outside, 0) * g_logp.to(dtype)).sum() + (entropy * g_entropy.to(dtype)).sum()).backward()
     if path == "logits":
         z_ref = (hidden @ weight.T).requires_grad_(True)
         lq = torch.log_softmax((z_ref / T).masked_fill(~kept, -math.inf), -1)
         lp = lq.gather(-1, labels[:, None])[:, 0].masked_fill(outside, 0)
         h = _entropy(lq, kept)
         want = torch.autograd.grad((lp * g_logp).sum() + (h * g_entropy).sum(), z_ref)[0]
-        torch.testing.assert_close(sources["logits"].grad, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sources["logits"].grad.double(), want, **tol)
         assert torch.all(sources["logits"].grad[~kept] == 0)  # zero outside the kept set
     else:
-        torch.testing.assert_close(sources["hidden"].grad, leaves[0].grad, rtol=1e-11, atol=1e-12)
-        torch.testing.assert_close(sources["weight"].grad, leaves[1].grad, rtol=1e-11, atol=1e-12)
+        tol = dict(rtol=1e-11, atol=1e-12) if backend == "torch" else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sources["hidden"].grad.double(), leaves[0].grad, **tol)
+        torch.testing.assert_close(sources["weight"].grad.double(), leaves[1].grad, **tol)
 
 
 def test_ties_at_the_boundaries_are_kept_whole():
