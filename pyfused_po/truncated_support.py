@@ -18,7 +18,12 @@ K is built in the sampler's order (``order="hf"``, Hugging Face's warpers
 
 ``order="vllm"`` applies min-p first (vLLM's v1 sampler: temperature, then the argmax-invariant
 min-p processor, then ``apply_top_k_top_p``); top-p then runs on the min-p-truncated distribution, so
-the two orders can keep different sets when both min-p and top-p are on.
+the two orders can keep different sets when both min-p and top-p are on.  vLLM's PyTorch
+``apply_top_k_top_p`` uses the same top-k (``logits < k-th value`` removed: ties kept) and top-p
+(ascending cumulative mass ``≤ 1 − p`` removed) rules as Hugging Face.  On CUDA vLLM may sample
+through FlashInfer's rejection samplers instead, which are only *statistically* equivalent; their
+exact kept set was not checked here.  vLLM reports untruncated log-probs unless
+``logprobs_mode="processed_logprobs"``.
 
 Every rule keeps an *upper set* of the row's values, so K is ``{v : z_v ≥ τ}`` for one value
 τ per row, and top-p ties at the boundary are kept whole (a sort-order rule would keep an arbitrary
