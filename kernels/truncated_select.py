@@ -159,7 +159,7 @@ def truncated_forward_kernel(
     ref = _row_ref(x_row, V, c, scale, inv_temp, softcap, HAS_SOFTCAP, RAW_DIFF, BLOCK)
     floor = tl.zeros([], tl.float32) - float("inf")
     if TOP_K:
-        floor = _select(x_row, V, ref, c, scale, inv_temp, softcap, floor, min_p, top_k.to(tl.float32),
+        floor = _select(x_row, V, ref, c, scale, inv_temp, softcap, floor, min_p, top_k + 0.0,
                         False, MINP_FIRST, HAS_SOFTCAP, RAW_DIFF, BLOCK)
     if TOP_P:
         floor = tl.maximum(floor, _select(x_row, V, ref, c, scale, inv_temp, softcap, floor, min_p, top_p,

@@ -183,16 +183,20 @@ def _check_against_reference(spec, path, backend):
         torch.testing.assert_close(sources["weight"].grad.double(), leaves[1].grad, **tol)
 
 
-def test_ties_at_the_boundaries_are_kept_whole():
-    """top-k 2 on [3, 2, 2, 1] keeps three values (both 2s); top-p 0.4 on four equal values reaches
-    0.4 at the second and keeps all four (the tie with the last kept value)."""
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_ties_at_the_boundaries_are_kept_whole(backend, dtype):
+    """top-k 2 on [3, 2, 2, 1] keeps three values (both 2s), top-k 1 on [2, 2, 1] both 2s;
+    top-p 0.4 on four equal values reaches 0.4 at the second and keeps all four (the tie with the
+    last kept value)."""
     labels = torch.tensor([2, 3])
-    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
-    logp, _, out = rl.rl_token_logprobs(labels[:1], logits=logits[:1], top_k=2, return_outside=True, backend="torch")
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0], [0.5, 0.5, 0.5, 0.5]], dtype=dtype)
+    kw = dict(return_outside=True, backend=backend)
+    logp, _, out = rl.rl_token_logprobs(labels[:1], logits=logits[:1], top_k=2, **kw)
     torch.testing.assert_close(logp, torch.log_softmax(logits[0, :3], -1)[2:3])
-    logp, _, out = rl.rl_token_logprobs(labels[1:], logits=logits[1:], top_p=0.4, return_outside=True,
-                                        backend="torch")
-    torch.testing.assert_close(logp, torch.tensor([math.log(0.25)], dtype=torch.float64))
+    logp, _, out = rl.rl_token_logprobs(torch.tensor([1]), logits=logits[:1, 1:], top_k=1, **kw)
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.5)], dtype=dtype))
+    logp, _, out = rl.rl_token_logprobs(labels[1:], logits=logits[1:], top_p=0.4, **kw)
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.25)], dtype=dtype))
     assert not out.any()
 
 
