@@ -37,13 +37,15 @@ from .linear_token_logprobs import validate_linear_inputs
 from .mixed_precision import autocast_off, cast_operands
 from .packed_layout import run_packed
 from .token_logprobs import make_token_config, validate_token_inputs
-from .torch_backend.linear import _chunk_logits, _mm, chunk_size, compute_dtype, gemm_into, labelled_tokens, labels_2d
+from .torch_backend.linear import (_chunk_logits, _mm, chunk_budget, chunk_size, compute_dtype, gemm_into,
+                                   labelled_tokens, labels_2d)
 from .truncated_support import SamplerSpec, fold_backward, fold_forward, sampler_spec
 from .validation import checked_labels
 
 # Rows per tile under batch_invariant=True: one GEMM / reduction shape for every token.  128 is a
 # whole cuBLAS / Triton M tile on a GPU; on the CPU it is a few MKL micro-tiles.
 INVARIANT_TILE_ROWS = 128
+TORCH_FOLD_TEMPORARIES = 8
 
 
 class TruncatedLogprobs(NamedTuple):
@@ -81,12 +83,18 @@ class _Plan:
         self.transform = dict(logit_scale=config.logit_scale, temperature=config.temperature, softcap=config.softcap)
         self.ignore_index, self.shift = config.ignore_index, config.shift
         self.fold_forward, self.fold_backward = _folds(backend, spec)
+        # The PyTorch fold holds several [C, V] temporaries (the sort's values and int64 indices,
+        # softmax, cumsum, masks): its default tile is a fraction of the chunked backend's budget.
+        self.tile_divisor = TORCH_FOLD_TEMPORARIES if backend == "torch" else 1
 
     def index(self, labels):
         return labelled_tokens(labels_2d(labels), self.ignore_index, self.shift)
 
     def tiles(self, rows, V, device):
-        return _tiles(rows, chunk_size(rows.numel(), V, device, self.chunk_tokens), self.invariant)
+        C = chunk_size(rows.numel(), V, device, self.chunk_tokens)
+        if self.chunk_tokens is None:
+            C = min(C, max(1, chunk_budget(V, device) // max(V, 1) // self.tile_divisor))
+        return _tiles(rows, C, self.invariant)
 
     def forward(self, tile_logits, rows, targets, V, cdt):
         """``(logp [M], stats [M, 2], entropy [M] or None)`` over the labelled tokens;
