@@ -118,7 +118,30 @@ def linear_cases():
                 **transform(fl["softcap"]))
 
 
-CASE_SOURCES = [token_cases, token_kl_cases, linear_cases]
+def truncated_cases():
+    from pyfused_po.kernels import truncated_launch as tr
+    from pyfused_po.kernels.truncated_select import truncated_backward_kernel, truncated_forward_kernel
+
+    C = 8
+    y, f, stats = meta(C, dtype=torch.int64), meta(C), meta(C, 2)
+    for dtype in DTYPES:
+        x = meta(C, V, dtype=dtype)
+        for fl in flag_variants(("top_k", "top_p", "min_p", "minp_first", "softcap", "flip", "entropy")):
+            yield truncated_forward_kernel, lambda fl=fl: tr.fold_forward(
+                x, y, top_k=50 if fl["top_k"] else None, top_p=0.9 if fl["top_p"] else None,
+                min_p=0.05 if fl["min_p"] or fl["minp_first"] else None, minp_first=fl["minp_first"],
+                with_entropy=fl["entropy"], **_transform_only(transform(fl["softcap"], negative_scale=fl["flip"])))
+        for fl in flag_variants(("softcap", "g", "g_ent")):
+            yield truncated_backward_kernel, lambda fl=fl: tr.fold_backward(
+                x, y, stats, grad_logp=f if fl["g"] or not fl["g_ent"] else None,
+                grad_entropy=f if fl["g_ent"] else None, entropy=f, **_transform_only(transform(fl["softcap"])))
+
+
+def _transform_only(kw):
+    return {k: v for k, v in kw.items() if k != "ignore_index"}
+
+
+CASE_SOURCES = [token_cases, token_kl_cases, linear_cases, truncated_cases]
 
 
 def main():

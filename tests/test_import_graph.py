@@ -27,6 +27,8 @@ RANKS = {
     "pyfused_po.linear_token_logprobs": 1,
     "pyfused_po.token_kl": 1,
     "pyfused_po.packed_layout": 1,
+    "pyfused_po.truncated_support": 1,
+    "pyfused_po.truncated_logprobs": 1,
     "pyfused_po.sequence": 2,
     "pyfused_po.ops": 2,
     "pyfused_po.packing": 2,
