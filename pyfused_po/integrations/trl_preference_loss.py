@@ -20,7 +20,7 @@ from ..fused_gradient import TokenCapture
 from .hf import lm_head_transform
 from .trl_head import head_owner
 
-__all__ = ["use_preference_loss", "dpo_config_mismatches", "TRL_DPO_LOSS_TYPES"]
+__all__ = ["use_preference_loss", "dpo_config_mismatches", "TRL_DPO_LOSS_TYPES", "TRL_FIXED_HYPERPARAMETERS"]
 
 # DPOTrainer's loss types in TRL 1.15 / 1.16 (the pyfused_po objectives of the same names compute the same losses).
 TRL_DPO_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -44,7 +44,6 @@ def dpo_config_mismatches(trainer, loss_fn):
     contradicting an explicit choice.
     """
     from ..preference_loss import resolve_loss_weights
-    from ..objectives import get_objective
 
     args, out = trainer.args, []
     fused_types = [loss_fn.loss_type] if isinstance(loss_fn.loss_type, str) else list(loss_fn.loss_type)
@@ -74,21 +73,53 @@ def dpo_config_mismatches(trainer, loss_fn):
                                                 loss_fn.objective_kwargs["f_alpha_divergence_coef"]):
         out.append(f"f_alpha_divergence_coef: DPOConfig {trainer.f_alpha_divergence_coef}, loss_fn "
                    f"{loss_fn.objective_kwargs['f_alpha_divergence_coef']}")
-    for name, trl_value in (("label_smoothing", getattr(trainer, "label_smoothing", 0.0)),
-                            ("discopop_tau", getattr(args, "discopop_tau", None))):
-        takers = [t for t in fused_types if name in get_objective(t).hyperparameters]
-        if not takers or trl_value is None:
-            continue
+    out += _hyperparameter_mismatches(trainer, loss_fn, [t for t in fused_types if t in TRL_DPO_LOSS_TYPES])
+    if loss_fn.bco_running_mean:
+        out.append("bco_running_mean: TRL's bco_pair has no running mean of the rewards (its delta is 0), loss_fn has "
+                   "bco_running_mean=True")
+    if loss_fn.reduction != "mean":
+        out.append(f"reduction: TRL averages the per-pair losses, loss_fn has reduction={loss_fn.reduction!r}")
+    return out
+
+
+# Hyper-parameters of pyfused_po's objectives that TRL 1.15 / 1.16's loss of the same name does not
+# have: the value at which pyfused_po computes TRL's loss.  Any other hyper-parameter of a TRL loss
+# type without a DPOConfig counterpart is refused (a new one must be added here, or to the reads below).
+TRL_FIXED_HYPERPARAMETERS = {"label_smoothing": 0.0, "bco_delta": 0.0}
+
+
+def _hyperparameter_mismatches(trainer, loss_fn, types):
+    """Every objective hyper-parameter of the TRL loss ``types`` against what TRL computes with:
+    DPOConfig's ``label_smoothing`` (the types TRL smooths) and ``discopop_tau``, else the fixed value
+    of :data:`TRL_FIXED_HYPERPARAMETERS`."""
+    from ..objectives import get_objective
+
+    out = []
+    for name in sorted({n for t in types for n in get_objective(t).hyperparameters}):
+        takers = [t for t in types if name in get_objective(t).hyperparameters]
         value = loss_fn.hyperparameters.get(name, get_objective(takers[0]).hyperparameters[name])
-        # TRL's own loss is unsmoothed for these whatever DPOConfig says: smoothing would train differently.
-        ignored = [t for t in takers if name == "label_smoothing" and t in TRL_DPO_LOSS_TYPES
-                   and t not in TRL_SMOOTHED_LOSS_TYPES]
-        readers = [t for t in takers if t not in ignored]
-        if ignored and _differ(0.0, value):
-            out.append(f"label_smoothing: TRL's {ignored} ignores DPOConfig's label_smoothing "
-                       f"({trl_value}), loss_fn smooths with {value}; use label_smoothing=0.0")
-        if readers and _differ(trl_value, value):
-            out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {readers})")
+        if name == "label_smoothing":
+            trl_value = getattr(trainer, "label_smoothing", 0.0)
+            # TRL's own loss is unsmoothed for these whatever DPOConfig says: smoothing would train differently.
+            ignored = [t for t in takers if t not in TRL_SMOOTHED_LOSS_TYPES]
+            readers = [t for t in takers if t in TRL_SMOOTHED_LOSS_TYPES]
+            if ignored and _differ(TRL_FIXED_HYPERPARAMETERS[name], value):
+                out.append(f"label_smoothing: TRL's {ignored} ignores DPOConfig's label_smoothing "
+                           f"({trl_value}), loss_fn smooths with {value}; use label_smoothing=0.0")
+            if readers and _differ(trl_value, value):
+                out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {readers})")
+        elif name == "discopop_tau":
+            trl_value = getattr(trainer.args, "discopop_tau", None)
+            if trl_value is not None and _differ(trl_value, value):
+                out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {takers})")
+        elif name in TRL_FIXED_HYPERPARAMETERS:
+            fixed = TRL_FIXED_HYPERPARAMETERS[name]
+            if _differ(fixed, value):
+                out.append(f"{name}: TRL's {takers} has no {name} (it computes the loss at {name}={fixed}), "
+                           f"loss_fn has {value}; leave it at {fixed}")
+        else:
+            out.append(f"{name}: TRL's {takers} has no {name} and pyfused_po knows no TRL equivalent of it "
+                       f"(loss_fn has {value}); use FusedPreferenceLoss directly instead of TRL's loss")
     return out
 
 
