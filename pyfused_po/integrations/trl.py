@@ -31,8 +31,8 @@ from .lora_head import lora_head_operands
 from .trl_head import head_owner, trl_head_settings
 from .trl_patch_state import PatchState, install_patch, patch_state, plain_forward
 
-__all__ = ["SUPPORTED_TRL", "apply", "patch_model", "use_preference_loss", "check_trl_version",
-           "trl_head_settings"]
+__all__ = ["SUPPORTED_TRL", "apply", "patch_model", "patch_trainer_models", "use_preference_loss",
+           "check_trl_version", "trl_head_settings"]
 
 SUPPORTED_TRL = (">=1.15",)
 _MIN = (1, 15)  # the release that introduced add_fused_lm_head / FusedCausalLMOutput
@@ -239,15 +239,25 @@ def apply(trainer_or_model, *, backend="auto", linear_impl="auto"):
     the outputs the trainer reads); for PEFT without a reference model the adapter-disabled policy
     is the reference and goes through the same path.  Or a Transformers causal LM: TRL's settings
     on it are kept, and a model TRL did not patch gets every per-token output at temperature 1.
+    A ``DPOTrainer`` whose ``DPOConfig`` pyfused_po reproduces exactly also gets its loss as a
+    :class:`~pyfused_po.FusedPreferenceLoss` (the three-GEMM plan, :mod:`.trl_dpo_plan`), with TRL's
+    loss values and logged metrics; otherwise TRL's loss stays and the reason is logged once.
     Returns its argument.  Call it after constructing the trainer and before ``train()``.  Raises
     ``RuntimeError`` on TRL releases without the protocol, ``TypeError`` on a trainer that does not
     use TRL's fused head (there is nothing to switch).
     """
     check_trl_version()
-    kw = dict(backend=backend, linear_impl=linear_impl)
     if isinstance(trainer_or_model, torch.nn.Module):
-        return patch_model(trainer_or_model, **kw)
-    trainer = trainer_or_model
+        return patch_model(trainer_or_model, backend=backend, linear_impl=linear_impl)
+    patch_trainer_models(trainer_or_model, backend=backend, linear_impl=linear_impl)
+    _dispatch.entry("plan_trainer")(trainer_or_model, backend=backend, linear_impl=linear_impl)
+    return trainer_or_model
+
+
+def patch_trainer_models(trainer, *, backend="auto", linear_impl="auto"):
+    """:func:`patch_model` on the trainer's ``model`` and (when TRL patched it) ``ref_model``, with
+    TRL's settings for each and the trainer's autocast; the trainer's loss is left as it is."""
+    kw = dict(backend=backend, linear_impl=linear_impl)
     model = getattr(trainer, "model", None)
     if not isinstance(model, torch.nn.Module) or trl_head_settings(model) is None:
         raise TypeError(
