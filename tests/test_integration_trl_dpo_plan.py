@@ -49,8 +49,44 @@ def _head_flops_of_one_step(trainer, batch):
     return counter.flops, 2 * labelled * head.shape[1] * head.shape[0]
 
 
+# Every type's numbers through the same FusedPreferenceLoss are test_integration_trl's
+# _every_trl_loss_type; here a step runs for the types whose module logs more than TRL (filtered)
+# and for one with a DPOConfig hyper-parameter of its own.
+_STEPPED = ("bco_pair", "sft", "discopop")
+
+
+def _every_loss_type_through_the_plan(base, fused, batch):
+    """Each DPOTrainer loss type: the loss apply() builds from the DPOConfig agrees with it (no
+    mismatch); for _STEPPED, one step's loss, gradients and every logged metric (exactly TRL's
+    names) equal TRL's.  The loss type is switched on both trainers (building one per type costs
+    seconds)."""
+    from pyfused_po.integrations.trl_dpo_plan import dpo_loss_from_config
+    from pyfused_po.integrations.trl_preference_loss import TRL_DPO_LOSS_TYPES, dpo_config_mismatches
+
+    for loss_type in sorted(TRL_DPO_LOSS_TYPES):
+        eps = 0.1 if loss_type in ("exo_pair", "robust") else 0.0
+        for trainer in (base, fused):
+            trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [loss_type], [1.0], eps
+            trainer.ld_alpha, trainer.use_weighting = None, False
+            trainer._total_train_tokens = 0
+        fused.pyfused_po_loss = dpo_loss_from_config(fused, backend="torch")
+        assert dpo_config_mismatches(fused, fused.pyfused_po_loss) == [], loss_type
+        if loss_type not in _STEPPED:
+            continue
+        loss, grads, metrics, _, _ = _one_step(fused, batch=batch)
+        b_loss, b_grads, b_metrics, _, _ = _one_step(base, batch=batch)
+        torch.testing.assert_close(loss.detach(), b_loss.detach(), rtol=RTOL, atol=ATOL, msg=loss_type)
+        for name, g in b_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=1e-5,
+                                       msg=lambda m, n=name: f"{loss_type} {n}: {m}")
+        assert metrics.keys() == b_metrics.keys(), loss_type
+        for key in b_metrics:
+            assert math.isclose(metrics[key], b_metrics[key], rel_tol=RTOL, abs_tol=ATOL), (loss_type, key)
+
+
 def test_apply_dpo_runs_the_plan_at_the_gemm_floor(tmp_path):
     """sigmoid + IPO, LD-DPO and WPO: apply() switches the loss itself (no use_preference_loss call);
+    then every loss type (_every_loss_type_through_the_plan).
     the step costs exactly the floor (3 policy GEMMs + 1 reference GEMM), where TRL's loss on
     pyfused_po's per-token forward (apply before the plan) costs 5 and TRL's own head more."""
     config = dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], ld_alpha=0.5, use_weighting=True)
@@ -69,46 +105,10 @@ def test_apply_dpo_runs_the_plan_at_the_gemm_floor(tmp_path):
     for name, g in b_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=1e-5, msg=name)
     assert metrics.keys() == b_metrics.keys()
+    _every_loss_type_through_the_plan(base, fused, batch)
     pfi.patch_trainer_models(base, backend="torch")  # TRL's loss, pyfused_po's per-token forward
     staged_flops, _ = _head_flops_of_one_step(base, batch)
     assert staged_flops == 5 * gemm, staged_flops / gemm  # logits, recompute, dH, dW + the reference
-
-
-# Every type's numbers through the same FusedPreferenceLoss are test_integration_trl's
-# _every_trl_loss_type; here a step runs for the types whose module logs more than TRL (filtered)
-# and for one with a DPOConfig hyper-parameter of its own.
-_STEPPED = ("bco_pair", "sft", "discopop")
-
-
-def test_apply_dpo_every_loss_type_through_the_plan(tmp_path):
-    """Each DPOTrainer loss type: the loss apply() builds from the DPOConfig agrees with it (no
-    mismatch); for _STEPPED, one step's loss, gradients and every logged metric (exactly TRL's
-    names) equal TRL's.  The loss type is switched on both trainers (building one per type costs
-    seconds)."""
-    from pyfused_po.integrations.trl_dpo_plan import dpo_loss_from_config
-    from pyfused_po.integrations.trl_preference_loss import TRL_DPO_LOSS_TYPES, dpo_config_mismatches
-
-    base, fused = _dpo(tmp_path, "base"), _dpo(tmp_path, "fused")
-    pfi.apply(fused, backend="torch")
-    batch = next(iter(fused.get_train_dataloader()))
-    for loss_type in sorted(TRL_DPO_LOSS_TYPES):
-        eps = 0.1 if loss_type in ("exo_pair", "robust") else 0.0
-        for trainer in (base, fused):
-            trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [loss_type], [1.0], eps
-            trainer._total_train_tokens = 0
-        fused.pyfused_po_loss = dpo_loss_from_config(fused, backend="torch")
-        assert dpo_config_mismatches(fused, fused.pyfused_po_loss) == [], loss_type
-        if loss_type not in _STEPPED:
-            continue
-        loss, grads, metrics, _, _ = _one_step(fused, batch=batch)
-        b_loss, b_grads, b_metrics, _, _ = _one_step(base, batch=batch)
-        torch.testing.assert_close(loss.detach(), b_loss.detach(), rtol=RTOL, atol=ATOL, msg=loss_type)
-        for name, g in b_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=1e-5,
-                                       msg=lambda m, n=name: f"{loss_type} {n}: {m}")
-        assert metrics.keys() == b_metrics.keys(), loss_type
-        for key in b_metrics:
-            assert math.isclose(metrics[key], b_metrics[key], rel_tol=RTOL, abs_tol=ATOL), (loss_type, key)
 
 
 def test_apply_dpo_falls_back_and_logs_the_reason_once(tmp_path, caplog):
