@@ -79,7 +79,19 @@ def test_explicit_patch_settings_are_replaced_on_the_next_patch():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("trl_first", [False, True], ids=["plain", "trl-patched"])
+def _accelerate_wrap(model):
+    """What accelerate's prepare() does to a forward under mixed precision (its own wrappers; the
+    autocast here is disabled, so the numbers stay fp32)."""
+    import types
+
+    from accelerate.utils.operations import convert_outputs_to_fp32
+
+    model._original_forward = model.forward
+    wrapped = torch.autocast(device_type="cpu", enabled=False)(model.forward.__func__)
+    model.forward = types.MethodType(convert_outputs_to_fp32(wrapped), model)
+
+
+@pytest.mark.parametrize("trl_first", [False, True, "accelerate"], ids=["plain", "trl-patched", "accelerate"])
 def test_deepcopy_of_a_switched_model_uses_its_own_weights(trl_first):
     """apply(model), deepcopy, then the original moves: the copy's plain and fused forwards compute
     with the copy's weights, its gradients land on the copy's parameters, and the original's own
@@ -89,7 +101,11 @@ def test_deepcopy_of_a_switched_model_uses_its_own_weights(trl_first):
     model, (ids, labels) = tiny_model(), _batch()
     if trl_first:
         add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
-    pfi.apply(model)
+    if trl_first == "accelerate":  # TRL's forward inside accelerate's wrapper, as a prepared reference model
+        _accelerate_wrap(model)
+        pfi.patch_model(model, autocast=lambda: torch.autocast(device_type="cpu", enabled=False))
+    else:
+        pfi.apply(model)
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for p in model.parameters():
