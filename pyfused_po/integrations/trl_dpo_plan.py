@@ -64,18 +64,22 @@ def plan_trainer(trainer, *, backend="auto", linear_impl="auto"):
     """Switch ``trainer`` (its models already patched by :func:`~pyfused_po.integrations.trl.apply`)
     to the three-GEMM plan where its loss separates; return ``None`` when it did, else the reason
     (also logged once).  Trainers other than ``DPOTrainer`` keep their loss (reason returned)."""
-    from trl import DPOTrainer
+    from trl import DPOTrainer, KTOTrainer
 
+    from .trl_kto_plan import switch_kto_loss
     from .trl_preference_loss import switch_loss
 
-    if not isinstance(trainer, DPOTrainer):
+    if not isinstance(trainer, (DPOTrainer, KTOTrainer)):
         return f"{type(trainer).__name__}: no three-GEMM plan for its loss yet; TRL's loss runs on the fused forward"
     try:
-        loss_fn = dpo_loss_from_config(trainer, backend=backend, linear_impl=linear_impl)
-        switch_loss(trainer, loss_fn, metrics=TRL_DPO_METRICS)
+        if isinstance(trainer, KTOTrainer):
+            switch_kto_loss(trainer, backend=backend, linear_impl=linear_impl)
+        else:
+            loss_fn = dpo_loss_from_config(trainer, backend=backend, linear_impl=linear_impl)
+            switch_loss(trainer, loss_fn, metrics=TRL_DPO_METRICS)
     except (ValueError, TypeError) as error:
-        reason = (f"pyfused_po.integrations.trl.apply: DPOTrainer keeps TRL's loss on pyfused_po's fused forward "
-                  f"(4 LM-head GEMMs a step, not 3): {error}")
+        reason = (f"pyfused_po.integrations.trl.apply: {type(trainer).__name__} keeps TRL's loss on pyfused_po's "
+                  f"fused forward (4 LM-head GEMMs a step, not 3): {error}")
         _log_once(reason)
         return reason
     return None
