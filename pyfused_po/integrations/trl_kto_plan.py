@@ -16,15 +16,13 @@ import types
 
 import torch
 
-from ..fused_gradient import FusedHead, plan_may_run
 from ..kto import kto_loss
-from ..linear_token_logprobs import linear_token_logprobs
 from ..sequence import sequence_sums
+from .trl_fused_step import policy_step
 
 __all__ = ["switch_kto_loss", "kto_plan_refusals"]
 
 _EXTRAS = ("entropy", "mean_logit")
-_NO_PARALLELISM = types.SimpleNamespace(vocab_parallel=False, sequence_parallel=False)
 
 
 def kto_plan_refusals(trainer):
@@ -48,32 +46,6 @@ def switch_kto_loss(trainer, *, backend="auto", linear_impl="auto"):
         raise ValueError("; ".join(refusals))
     trainer.pyfused_po_kto = dict(backend=backend, linear_impl=linear_impl)
     trainer._compute_loss = types.MethodType(_compute_loss_on_the_plan, trainer)
-
-
-def _policy_step(hidden, weight, bias, labels, objective, token_kwargs, linear_impl):
-    """``(result, tokens)``: ``objective(sums)`` with the gradient formed in the forward (the plan)
-    or, when it cannot run, staged; ``tokens``: the policy's per-token values with ``_EXTRAS``."""
-    source = (hidden, weight, bias)
-
-    def sums(token_logps):
-        return sequence_sums(token_logps, labels, ignore_index=-100, shift=False).logps
-
-    # What plan_may_run reads of a loss module: the plan on, its implementation, no parallelism.
-    options = types.SimpleNamespace(fused_gradient=True, linear_impl=linear_impl, parallel=_NO_PARALLELISM)
-    head = None
-    if plan_may_run(options, source):
-        head = FusedHead.build(source, labels, token_kwargs, extras=_EXTRAS, linear_impl=linear_impl)
-    sequence = None if head is None else torch.div(head.pos, labels.shape[1], rounding_mode="floor")
-    chunks = None if head is None else head.chunks(sequence, labels.shape[0])
-    if chunks is None:  # staged: four GEMMs, same numbers
-        tokens = linear_token_logprobs(hidden, weight, labels, bias=bias, extras=_EXTRAS, impl=linear_impl,
-                                       **token_kwargs)
-        return objective(sums(tokens.logps)), tokens
-    head.run(chunks, sequence, lambda tokens: objective(sums(tokens.logps)).loss)
-    with torch.no_grad():
-        result = objective(sums(head.tokens().logps))
-    result.loss = head.attach(result.loss)
-    return result, head.tokens(_EXTRAS)
 
 
 _NON_MODEL_KEYS = {"completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
@@ -126,7 +98,8 @@ def _compute_loss_on_the_plan(self, model, inputs, return_outputs=False):
     token_kwargs = dict(ignore_index=-100, shift=False, temperature=settings["temperature"],
                         backend=self.pyfused_po_kto["backend"], **lm_head_transform(head_owner(model)))
 
-    def objective(sums):
+    def objective(token_logps, labels):
+        sums = sequence_sums(token_logps, labels, ignore_index=-100, shift=False).logps
         return kto_loss(sums, ref_logps.to(sums.device), flags, kl=kl, beta=self.beta,
                         desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
                         loss_type=self.loss_type)
@@ -134,8 +107,11 @@ def _compute_loss_on_the_plan(self, model, inputs, return_outputs=False):
     captured = {}
 
     def head_loss(hidden, weight, bias, labels):
-        result, tokens = _policy_step(hidden, weight, bias, labels, objective, token_kwargs,
-                                      self.pyfused_po_kto["linear_impl"])
+        loss, tokens = policy_step((hidden, weight, bias), labels, lambda lp: objective(lp, labels).loss,
+                                   token_kwargs, extras=_EXTRAS, linear_impl=self.pyfused_po_kto["linear_impl"])
+        with torch.no_grad():
+            result = objective(tokens.logps, labels)
+        result.loss = loss
         captured.update(tokens=tokens, labels=labels)
         return result
 
