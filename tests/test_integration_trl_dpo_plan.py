@@ -115,9 +115,9 @@ def test_apply_dpo_falls_back_and_logs_the_reason_once(tmp_path, caplog):
     """sigmoid + robust with label_smoothing 0.1: TRL smooths robust only, pyfused_po shares one
     value, so no FusedPreferenceLoss reproduces it; TRL's loss stays (on the fused forward), and the
     reason is logged once however often apply() runs."""
-    from pyfused_po.integrations import trl_dpo_plan
+    from pyfused_po.integrations import trl_plan
 
-    trl_dpo_plan._LOGGED.clear()
+    trl_plan._LOGGED.clear()
     trainer = _dpo(tmp_path, "mixed", loss_type=["sigmoid", "robust"], label_smoothing=0.1)
     with caplog.at_level(logging.WARNING, logger="pyfused_po"):
         pfi.apply(trainer)
