@@ -126,3 +126,11 @@ def test_apply_dpo_falls_back_and_logs_the_reason_once(tmp_path, caplog):
     reasons = [r.getMessage() for r in caplog.records if r.name == "pyfused_po"]
     assert len(reasons) == 1 and "label_smoothing" in reasons[0] and "4 LM-head GEMMs" in reasons[0], reasons
     assert pfi.trl_head_settings(trainer.model) is not None  # the per-token forward is switched
+    # Each apply decides afresh (issue 26 class 1's sibling on the trainer): a plan installed for
+    # a reproducible config is removed when the config in force no longer is.
+    trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = ["sigmoid"], [1.0], 0.0
+    pfi.apply(trainer)
+    assert "_compute_loss" in vars(trainer) and trainer.pyfused_po_loss.loss_type == ["sigmoid"]
+    trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = ["sigmoid", "robust"], [1.0, 1.0], 0.1
+    pfi.apply(trainer)
+    assert "_compute_loss" not in vars(trainer) and not hasattr(trainer, "pyfused_po_loss")

@@ -12,7 +12,7 @@ import logging
 
 from .. import _dispatch
 
-__all__ = ["plan_trainer"]
+__all__ = ["plan_trainer", "clear_plan"]
 
 logger = logging.getLogger("pyfused_po")
 _LOGGED = set()
@@ -48,11 +48,30 @@ def _switch(trainer, backend, linear_impl):
     return True
 
 
+# What a plan installs on the trainer: its step (bound to the trainer) and its settings.
+_PLAN_METHODS = ("_compute_loss", "compute_loss")
+_PLAN_STATE = ("pyfused_po_loss", "pyfused_po_metrics", "pyfused_po_kto", "pyfused_po_sft")
+
+
+def clear_plan(trainer):
+    """Remove a plan an earlier ``apply`` / ``use_preference_loss`` installed on ``trainer``, so each
+    ``apply`` decides afresh from the trainer's settings in force."""
+    own = vars(trainer)
+    for name in _PLAN_METHODS:
+        method = own.get(name)
+        if method is not None and getattr(getattr(method, "__func__", None), "__module__", "").startswith(
+                "pyfused_po.integrations."):
+            del own[name]
+    for name in _PLAN_STATE:
+        own.pop(name, None)
+
+
 @_dispatch.register  # integrations.trl.apply runs it
 def plan_trainer(trainer, *, backend="auto", linear_impl="auto"):
     """Switch ``trainer`` (its models already patched by :func:`~pyfused_po.integrations.trl.apply`)
     to the three-GEMM plan where its loss separates; return ``None`` when it did, else the reason
-    (logged once for the trainers that have a plan)."""
+    (logged once for the trainers that have a plan).  A plan from an earlier call is removed first."""
+    clear_plan(trainer)
     try:
         if _switch(trainer, backend, linear_impl):
             return None
