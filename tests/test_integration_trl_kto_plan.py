@@ -3,7 +3,6 @@ types, the KL pass forward-only: one step's loss, gradients and metrics equal TR
 the LM-head GEMMs are exactly the floor (3 over the policy's labelled tokens, 1 over the
 reference's, 1 over the mismatched KL completions' for each of policy and reference).
 ``test_integration_trl.test_kto_switch_matches_trl`` runs two logged steps of the same switch."""
-import contextlib
 import math
 
 import pytest
@@ -15,6 +14,7 @@ import torch  # noqa: E402
 from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer  # noqa: E402
 from test_integration_trl import ATOL, RTOL  # noqa: E402
 from test_integration_trl_dpo_plan import _HeadFlops  # noqa: E402
+from test_integration_trl_sft_plan import _step  # noqa: E402
 
 pfi = pytest.importorskip("pyfused_po.integrations.trl")
 
@@ -34,20 +34,6 @@ def _kto(tmp_path, name, loss_type):
     torch.manual_seed(0)
     return KTOTrainer(model=tiny_model(), ref_model=tiny_model(1), args=args, processing_class=tiny_tokenizer(),
                       train_dataset=datasets.Dataset.from_list(rows))
-
-
-def _step(trainer, batch, counter=None):
-    trainer.model.zero_grad(set_to_none=True)
-    trainer.model.train()
-    for values in trainer._metrics.values():
-        values.clear()
-    trainer._total_train_tokens = 0
-    with counter if counter is not None else contextlib.nullcontext():
-        loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
-        loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if v}
-    return loss.detach(), grads, metrics
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])

@@ -4,11 +4,12 @@ TRL's DPOTrainer scores the policy's tokens through its fused head and sums them
 head costs four GEMMs per step (logits, the backward's recompute, dH, dW).  The same loss as a
 :class:`~pyfused_po.FusedPreferenceLoss` built from the trainer's own ``DPOConfig`` forms its exact
 gradient in the forward (:mod:`pyfused_po.fused_gradient`): three GEMMs, and the reference pass one.
-:func:`~pyfused_po.integrations.trl_plan.plan_trainer` builds that loss, checks it against the DPOConfig with the same rules as
-:func:`~pyfused_po.integrations.trl.use_preference_loss` (every hyper-parameter, every option) and
-switches the trainer's loss to it silently when they agree.  When they cannot agree (a DPOConfig
-that pyfused_po does not reproduce exactly, e.g. ``sigmoid`` and ``robust`` with ``label_smoothing``
-> 0, or the MoE router aux loss) the trainer keeps TRL's loss on pyfused_po's per-token forward
+:func:`~pyfused_po.integrations.trl_plan.plan_trainer` builds that loss, checks it against the
+DPOConfig with the same rules as :func:`~pyfused_po.integrations.trl.use_preference_loss` (every
+hyper-parameter, every option) and switches the trainer's loss to it silently when they agree.
+When they cannot agree (a DPOConfig that pyfused_po does not reproduce exactly, e.g. ``sigmoid``
+and ``robust`` with ``label_smoothing`` > 0, or the MoE router aux loss) the trainer keeps TRL's
+loss on pyfused_po's per-token forward
 (four GEMMs) and the reason is logged once.  Losses and logged metric names stay TRL's.
 """
 __all__ = ["dpo_loss_from_config", "TRL_DPO_METRICS"]

@@ -15,7 +15,7 @@ import torch
 from ..fused_gradient import FusedHead, plan_may_run
 from ..linear_token_logprobs import linear_token_logprobs
 
-__all__ = ["policy_step"]
+__all__ = ["policy_step", "switch_to_plan"]
 
 _NO_PARALLELISM = types.SimpleNamespace(vocab_parallel=False, sequence_parallel=False)
 
@@ -50,3 +50,21 @@ def policy_step(source, labels, loss_of, token_kwargs, *, extras=(), linear_impl
     with torch.no_grad():
         loss = loss_of(values.logps)
     return head.attach(loss), values
+
+
+def switch_to_plan(trainer, loss_type, supported, method_name, step, **settings):
+    """Install ``step`` (bound to ``trainer``) as its ``method_name`` and ``settings`` as
+    ``trainer.pyfused_po_settings``; ``ValueError`` naming every reason the plan cannot reproduce the
+    trainer's loss: a ``loss_type`` outside ``supported``, the MoE router aux loss, prompt-learning
+    PEFT (virtual tokens prepended to the hidden states)."""
+    refusals = []
+    if loss_type not in supported:
+        refusals.append(f"loss_type {loss_type!r} is not one of TRL 1.16's {', '.join(map(repr, supported))}")
+    if getattr(trainer, "aux_loss_enabled", False):
+        refusals.append("the MoE router aux loss is enabled")
+    if getattr(getattr(trainer.model, "active_peft_config", None), "is_prompt_learning", False):
+        refusals.append("prompt-learning PEFT prepends virtual tokens to the hidden states")
+    if refusals:
+        raise ValueError("; ".join(refusals))
+    trainer.pyfused_po_settings = dict(settings)
+    setattr(trainer, method_name, types.MethodType(step, trainer))

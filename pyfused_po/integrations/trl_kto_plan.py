@@ -12,40 +12,23 @@ each), through TRL's own code on the switched forward.  Losses and logged metric
 When the plan cannot run for a batch (a sequence longer than a chunk, grad mode off, ...), the
 same step runs staged (four GEMMs) with the same numbers.
 """
-import types
 
 import torch
 
 from ..kto import kto_loss
 from ..sequence import sequence_sums
-from .trl_fused_step import policy_step
+from .trl_fused_step import policy_step, switch_to_plan
 
-__all__ = ["switch_kto_loss", "kto_plan_refusals"]
+__all__ = ["switch_kto_loss"]
 
 _EXTRAS = ("entropy", "mean_logit")
 
 
-def kto_plan_refusals(trainer):
-    """Why ``trainer`` (a ``KTOTrainer``) cannot run the plan, one line each (empty: it can)."""
-    out = []
-    if trainer.loss_type not in ("kto", "apo_zero_unpaired"):
-        out.append(f"loss_type {trainer.loss_type!r} is not one of TRL 1.16's 'kto', 'apo_zero_unpaired'")
-    if getattr(trainer, "aux_loss_enabled", False):
-        out.append("the MoE router aux loss is enabled")
-    peft_config = getattr(trainer.model, "active_peft_config", None)
-    if getattr(peft_config, "is_prompt_learning", False):
-        out.append("prompt-learning PEFT prepends virtual tokens to the hidden states")
-    return out
-
-
 def switch_kto_loss(trainer, *, backend="auto", linear_impl="auto"):
     """Run ``trainer``'s loss on the plan (its models already patched); ``ValueError`` naming every
-    reason it cannot."""
-    refusals = kto_plan_refusals(trainer)
-    if refusals:
-        raise ValueError("; ".join(refusals))
-    trainer.pyfused_po_kto = dict(backend=backend, linear_impl=linear_impl)
-    trainer._compute_loss = types.MethodType(_compute_loss_on_the_plan, trainer)
+    reason it cannot (:func:`.trl_fused_step.switch_to_plan`)."""
+    switch_to_plan(trainer, trainer.loss_type, ("kto", "apo_zero_unpaired"), "_compute_loss", _compute_loss_on_the_plan,
+                   backend=backend, linear_impl=linear_impl)
 
 
 _NON_MODEL_KEYS = {"completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
@@ -96,7 +79,7 @@ def _compute_loss_on_the_plan(self, model, inputs, return_outputs=False):
         kl = torch.zeros(1, device=device)
     settings = trl_head_settings(model)
     token_kwargs = dict(ignore_index=-100, shift=False, temperature=settings["temperature"],
-                        backend=self.pyfused_po_kto["backend"], **lm_head_transform(head_owner(model)))
+                        backend=self.pyfused_po_settings["backend"], **lm_head_transform(head_owner(model)))
 
     def objective(token_logps, labels):
         sums = sequence_sums(token_logps, labels, ignore_index=-100, shift=False).logps
@@ -108,7 +91,7 @@ def _compute_loss_on_the_plan(self, model, inputs, return_outputs=False):
 
     def head_loss(hidden, weight, bias, labels):
         loss, tokens = policy_step((hidden, weight, bias), labels, lambda lp: objective(lp, labels).loss,
-                                   token_kwargs, extras=_EXTRAS, linear_impl=self.pyfused_po_kto["linear_impl"])
+                                   token_kwargs, extras=_EXTRAS, linear_impl=self.pyfused_po_settings["linear_impl"])
         with torch.no_grad():
             result = objective(tokens.logps, labels)
         result.loss = loss

@@ -50,7 +50,7 @@ def _switch(trainer, backend, linear_impl):
 
 # What a plan installs on the trainer: its step (bound to the trainer) and its settings.
 _PLAN_METHODS = ("_compute_loss", "compute_loss")
-_PLAN_STATE = ("pyfused_po_loss", "pyfused_po_metrics", "pyfused_po_kto", "pyfused_po_sft")
+_PLAN_STATE = ("pyfused_po_loss", "pyfused_po_metrics", "pyfused_po_settings")
 
 
 def clear_plan(trainer):

@@ -8,40 +8,23 @@ of any tokens: padded, packed and padding-free rows alike) and TRL's ``entropy``
 ``mean_token_accuracy`` come from the same fold.  The configurations whose loss reads the full
 logits (``compute_loss_func``, label smoothing), DeepSpeed sequence parallelism and
 ``return_outputs`` run TRL's own ``compute_loss`` for that call; the MoE aux loss and
-prompt-learning PEFT keep TRL's loss for the run (:func:`sft_plan_refusals`).
+prompt-learning PEFT keep TRL's loss for the run.
 """
-import types
 
 import torch
 
-from .trl_fused_step import policy_step
+from .trl_fused_step import policy_step, switch_to_plan
 
-__all__ = ["switch_sft_loss", "sft_plan_refusals"]
+__all__ = ["switch_sft_loss"]
 
 _EXTRAS = ("entropy", "is_top1")
 
 
-def sft_plan_refusals(trainer):
-    """Why ``trainer`` (an ``SFTTrainer``) cannot run the plan, one line each (empty: it can)."""
-    out = []
-    if trainer.args.loss_type not in ("nll", "dft"):
-        out.append(f"loss_type {trainer.args.loss_type!r} is not one of TRL 1.16's 'nll', 'dft'")
-    if getattr(trainer, "aux_loss_enabled", False):
-        out.append("the MoE router aux loss is enabled")
-    peft_config = getattr(trainer.model, "active_peft_config", None)
-    if getattr(peft_config, "is_prompt_learning", False):
-        out.append("prompt-learning PEFT prepends virtual tokens to the hidden states")
-    return out
-
-
 def switch_sft_loss(trainer, *, backend="auto", linear_impl="auto"):
     """Run ``trainer``'s loss on the plan (its model already patched); ``ValueError`` naming every
-    reason it cannot."""
-    refusals = sft_plan_refusals(trainer)
-    if refusals:
-        raise ValueError("; ".join(refusals))
-    trainer.pyfused_po_sft = dict(backend=backend, linear_impl=linear_impl)
-    trainer.compute_loss = types.MethodType(_compute_loss_on_the_plan, trainer)
+    reason it cannot (:func:`.trl_fused_step.switch_to_plan`)."""
+    switch_to_plan(trainer, trainer.args.loss_type, ("nll", "dft"), "compute_loss", _compute_loss_on_the_plan,
+                   backend=backend, linear_impl=linear_impl)
 
 
 def _needs_trl_step(self, return_outputs):
@@ -64,7 +47,7 @@ def _compute_loss_on_the_plan(self, model, inputs, return_outputs=False, num_ite
     inputs["use_cache"] = False
     dft = self.args.loss_type == "dft"
     token_kwargs = dict(ignore_index=-100, shift=False, temperature=trl_head_settings(model)["temperature"],
-                        backend=self.pyfused_po_sft["backend"], **lm_head_transform(head_owner(model)))
+                        backend=self.pyfused_po_settings["backend"], **lm_head_transform(head_owner(model)))
     captured = {}
 
     def head_loss(hidden, weight, bias, labels):
@@ -79,7 +62,7 @@ def _compute_loss_on_the_plan(self, model, inputs, return_outputs=False, num_ite
             return (per_token * mask).sum() / count
 
         loss, tokens = policy_step((hidden, weight, bias), labels, loss_of, token_kwargs, extras=_EXTRAS,
-                                   linear_impl=self.pyfused_po_sft["linear_impl"], per_token=True)
+                                   linear_impl=self.pyfused_po_settings["linear_impl"], per_token=True)
         captured.update(tokens=tokens, mask=mask)
         return loss
 
