@@ -46,3 +46,34 @@ def test_mixed_types_check_both_rules():
     smoothed = dpo_config_mismatches(trainer, FusedPreferenceLoss(["sigmoid", "robust"], beta=0.1,
                                                                   label_smoothing=0.1))
     assert len(smoothed) == 1 and "ignores DPOConfig's label_smoothing" in smoothed[0], smoothed
+
+
+# issue 26 class 4: every setting of the module is checked against what TRL's loss of the same name computes with.
+
+def test_bco_delta_trl_lacks_is_refused():
+    """TRL 1.16's bco_pair is -logσ(βΔc) - logσ(-βΔr): no delta.  bco_delta=0.5 gave loss 1.4471
+    against TRL's 1.3819 and was accepted."""
+    assert dpo_config_mismatches(_trainer("bco_pair", 0.0), FusedPreferenceLoss("bco_pair", beta=0.1)) == []
+    lines = dpo_config_mismatches(_trainer("bco_pair", 0.0), FusedPreferenceLoss("bco_pair", beta=0.1,
+                                                                                bco_delta=0.5))
+    assert lines == ["bco_delta: TRL's ['bco_pair'] has no bco_delta (it computes the loss at bco_delta=0.0), "
+                     "loss_fn has 0.5; leave it at 0.0"], lines
+
+
+@pytest.mark.parametrize("option, line", [
+    (dict(bco_running_mean=True), "bco_running_mean: TRL's bco_pair has no running mean"),
+    (dict(reduction="sum"), "reduction: TRL averages the per-pair losses, loss_fn has reduction='sum'"),
+])
+def test_module_options_trl_lacks_are_refused(option, line):
+    lines = dpo_config_mismatches(_trainer("bco_pair", 0.0), FusedPreferenceLoss("bco_pair", beta=0.1, **option))
+    assert len(lines) == 1 and lines[0].startswith(line), lines
+
+
+def test_a_hyperparameter_without_known_trl_equivalent_is_refused(monkeypatch):
+    """A hyper-parameter later added to a TRL-named objective is refused until its TRL value is known."""
+    from pyfused_po.objectives import get_objective
+
+    objective = get_objective("hinge")
+    monkeypatch.setitem(objective.hyperparameters, "hinge_margin", 1.0)
+    lines = dpo_config_mismatches(_trainer("hinge", 0.0), FusedPreferenceLoss("hinge", beta=0.1))
+    assert len(lines) == 1 and lines[0].startswith("hinge_margin: TRL's ['hinge'] has no hinge_margin"), lines

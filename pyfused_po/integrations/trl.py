@@ -18,9 +18,7 @@ Supported: every TRL release with the fused-LM-head protocol (TRL ``>= 1.15``; c
 protocol itself, :func:`check_trl_version`).  Older releases raise, naming what to use instead.
 """
 import contextlib
-import functools
 import inspect
-import types
 import warnings
 from importlib import metadata
 
@@ -30,10 +28,12 @@ from .. import _dispatch
 from ..linear_token_logprobs import linear_token_logprobs
 from .hf import backbone, lm_head_transform, with_lm_head
 from .lora_head import lora_head_operands
-from .trl_head import PATCH_MARK, head_owner, require_causal_lm, trl_head_settings
+from .trl_head import head_owner, require_causal_lm, trl_head_settings
+from .trl_legacy import is_legacy_trainer, legacy_apply
+from .trl_patch_state import PatchState, install_patch, patch_state, plain_forward
 
-__all__ = ["SUPPORTED_TRL", "apply", "patch_model", "use_preference_loss", "check_trl_version",
-           "trl_head_settings"]
+__all__ = ["SUPPORTED_TRL", "apply", "patch_model", "patch_trainer_models", "use_preference_loss",
+           "check_trl_version", "trl_head_settings"]
 
 SUPPORTED_TRL = (">=1.15",)
 _MIN = (1, 15)  # the release that introduced add_fused_lm_head / FusedCausalLMOutput
@@ -45,7 +45,8 @@ _PROTOCOL_FIELDS = {"loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_lo
                     "aux_loss"}
 _PROTOCOL_ARGS = {"temperature", "cast_lm_head_to_fp32", "outputs"}
 _OLD_TRL_ROUTE = (
-    "upgrade to 'trl>=1.15', or leave the trainer's loss alone and compute the preference loss yourself with "
+    "upgrade to 'trl>=1.15' (TRL 0.24's DPOTrainer / KTOTrainer: apply() switches them through "
+    "pyfused_po.integrations.trl_legacy.legacy_apply), or leave the trainer's loss alone and compute the preference loss yourself with "
     "pyfused_po.integrations.hf.model_preference_loss(model, FusedPreferenceLoss(...), input_ids, labels, "
     "attention_mask, ref_model=...) (e.g. in an overridden compute_loss), or per-token log-probs with "
     "pyfused_po.linear_token_logprobs on pyfused_po.integrations.hf.last_hidden_states(model, ...) and the LM head "
@@ -125,8 +126,6 @@ def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=N
     inside the forward (where ZeRO-3 expects the head to be used) and returns its result.
     """
     check_trl_version()
-    from trl.trainer.utils import FusedCausalLMOutput
-
     target = head_owner(model)
     require_causal_lm(target, "pyfused_po.integrations.trl.patch_model")
     found = trl_head_settings(target) or dict(temperature=1.0, cast_lm_head_to_fp32=False, outputs=_ALL_OUTPUTS)
@@ -138,88 +137,94 @@ def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=N
         raise ValueError(f"outputs must be names from {_ALL_OUTPUTS}, got unknown {unknown}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    extras = tuple(_EXTRAS[o] for o in _ALL_OUTPUTS[1:] if o in outputs)
-    transform = lm_head_transform(target)
-    text_config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
-    previous = getattr(target, "_pyfused_po_previous_forward", None) or target.forward
     if autocast is None and _prepared_with_autocast(target):
         warnings.warn(f"{type(target).__name__}.forward was wrapped by accelerate's mixed-precision autocast, which "
                       "this patch replaces; pass autocast=accelerator.autocast to keep it", stacklevel=2)
-    context = autocast or contextlib.nullcontext
-
-    @functools.wraps(type(target).forward)
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                pyfused_po_loss=None, **kwargs):
-        if not fused_lm_head:
-            passed = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
-            return previous(*args, **{k: v for k, v in passed.items() if v is not None}, **kwargs)
-        with context():
-            return fused_forward(self, args, labels, shift_labels, num_items_in_batch, pyfused_po_loss, kwargs)
-
-    def fused_forward(self, args, labels, shift_labels, num_items_in_batch, pyfused_po_loss, kwargs):
-        kwargs["use_cache"] = False
-        if getattr(text_config, "output_router_logits", False):
-            kwargs.setdefault("output_router_logits", True)
-        out = backbone(self)(*args, **kwargs)
-        # Hidden state t predicts token t + 1 unless the labels come pre-shifted (context parallelism).
-        hidden, shift = out.last_hidden_state, shift_labels is None
-        labels = labels if shift else shift_labels
-        head = self.get_output_embeddings()
-        head_weight = head.weight
-        hidden, labels = hidden.to(head_weight.device), labels.to(head_weight.device)
-        if cast_fp32:
-            hidden = hidden.float()
-        elif not torch.is_autocast_enabled(head_weight.device.type):  # under autocast the head GEMMs cast (F.linear)
-            hidden = hidden.to(head_weight.dtype)
-
-        def head_stage(hidden, labels, weight, bias):  # runs where ZeRO-3 expects the head to be used
-            head_context = contextlib.nullcontext()
-            if cast_fp32:  # TRL's cast_lm_head_to_fp32: the head's GEMMs in float32, outside autocast
-                head_context = torch.autocast(hidden.device.type, enabled=False)
-                weight, bias = weight.float(), None if bias is None else bias.float()
-            with head_context:
-                if pyfused_po_loss is not None:
-                    if shift:  # the loss module takes pre-shifted inputs
-                        hidden, labels = hidden[:, :-1], labels[:, 1:]
-                    return pyfused_po_loss(hidden=hidden, weight=weight, bias=bias, labels=labels)
-                # shift=True reads hidden row t for label t + 1 in place: no copy of the hidden states.
-                return linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras,
-                                             temperature=temperature, backend=backend, impl=linear_impl,
-                                             shift=shift, **transform)
-
-        lora = lora_head_operands(head, hidden)
-        if lora is not None:  # a LoRA adapter on the head: its delta enters as extra columns
-            res = head_stage(lora.hidden, labels, lora.weight, lora.bias)
-        else:
-            res = with_lm_head(self, head_stage, hidden, labels)
-        if pyfused_po_loss is not None:
-            return res
-        if shift:  # TRL's fields are aligned with labels[:, 1:]
-            labels = labels[:, 1:]
-            res = res[:, 1:] if not extras else type(res)(*(None if t is None else t[:, 1:] for t in res))
-        got = dict(log_probs=res) if not extras else dict(res._asdict(), log_probs=res.logps)
-        mask = labels != -100
-        fields = dict(log_probs=got["log_probs"], entropy=got.get("entropy"), label_mask=mask)
-        # As in TRL: mean_logits and log_sum_sq_probs carry no gradient, is_top1 is boolean.
-        for trl_name, name in (("mean_logits", "mean_logit"), ("log_sum_sq_probs", "log_sum_sq_probs")):
-            fields[trl_name] = None if got.get(name) is None else got[name].detach()
-        fields["is_top1"] = None if got.get("is_top1") is None else (got["is_top1"] > 0.5) & mask
-        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = -fields["log_probs"].sum() / denom
-        aux_loss = None
-        if kwargs.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-            n_exp = getattr(text_config, "num_experts", None) or getattr(self, "num_experts", None)
-            n_tok = getattr(text_config, "num_experts_per_tok", None) or getattr(self, "num_experts_per_tok", None)
-            aux_loss = load_balancing_loss_func(out.router_logits, n_exp, n_tok, kwargs.get("attention_mask"))
-            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
-        return FusedCausalLMOutput(loss=loss, aux_loss=aux_loss, **fields)
-
-    target.forward = types.MethodType(forward, target)
-    target._pyfused_po_previous_forward = previous
-    setattr(target, PATCH_MARK, dict(outputs=outputs, temperature=temperature, cast_lm_head_to_fp32=cast_fp32,
-                                     backend=backend))
+    previous, looked_through = plain_forward(target)
+    state = PatchState(outputs=outputs, temperature=temperature, cast_lm_head_to_fp32=cast_fp32, backend=backend,
+                       linear_impl=linear_impl, autocast=autocast, previous=previous,
+                       previous_context=autocast if looked_through else None)
+    install_patch(target, state, _patched_forward)
     return model
+
+
+def _patched_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                     pyfused_po_loss=None, **kwargs):
+    """The forward :func:`patch_model` installs.  Everything it needs is read from ``self`` (the
+    module it runs on) and its :class:`PatchState`, so a ``copy.deepcopy`` of the model computes
+    with the copy's weights, and a later :func:`patch_model` replaces the settings."""
+    state = patch_state(self)
+    if not fused_lm_head:
+        passed = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+        with (state.previous_context or contextlib.nullcontext)():
+            return state.previous(*args, **{k: v for k, v in passed.items() if v is not None}, **kwargs)
+    with (state.autocast or contextlib.nullcontext)():
+        return _fused_forward(self, state, args, labels, shift_labels, num_items_in_batch, pyfused_po_loss, kwargs)
+
+
+def _fused_forward(self, state, args, labels, shift_labels, num_items_in_batch, pyfused_po_loss, kwargs):
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    extras = tuple(_EXTRAS[o] for o in _ALL_OUTPUTS[1:] if o in state.outputs)
+    cast_fp32, transform = state.cast_lm_head_to_fp32, lm_head_transform(self)
+    text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+    kwargs["use_cache"] = False
+    if getattr(text_config, "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)
+    out = backbone(self)(*args, **kwargs)
+    # Hidden state t predicts token t + 1 unless the labels come pre-shifted (context parallelism).
+    hidden, shift = out.last_hidden_state, shift_labels is None
+    labels = labels if shift else shift_labels
+    head = self.get_output_embeddings()
+    head_weight = head.weight
+    hidden, labels = hidden.to(head_weight.device), labels.to(head_weight.device)
+    if cast_fp32:
+        hidden = hidden.float()
+    elif not torch.is_autocast_enabled(head_weight.device.type):  # under autocast the head GEMMs cast (F.linear)
+        hidden = hidden.to(head_weight.dtype)
+
+    def head_stage(hidden, labels, weight, bias):  # runs where ZeRO-3 expects the head to be used
+        head_context = contextlib.nullcontext()
+        if cast_fp32:  # TRL's cast_lm_head_to_fp32: the head's GEMMs in float32, outside autocast
+            head_context = torch.autocast(hidden.device.type, enabled=False)
+            weight, bias = weight.float(), None if bias is None else bias.float()
+        with head_context:
+            if pyfused_po_loss is not None:
+                if shift:  # the loss module takes pre-shifted inputs
+                    hidden, labels = hidden[:, :-1], labels[:, 1:]
+                return pyfused_po_loss(hidden=hidden, weight=weight, bias=bias, labels=labels)
+            # shift=True reads hidden row t for label t + 1 in place: no copy of the hidden states.
+            return linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras,
+                                         temperature=state.temperature, backend=state.backend,
+                                         impl=state.linear_impl, shift=shift, **transform)
+
+    lora = lora_head_operands(head, hidden)
+    if lora is not None:  # a LoRA adapter on the head: its delta enters as extra columns
+        res = head_stage(lora.hidden, labels, lora.weight, lora.bias)
+    else:
+        res = with_lm_head(self, head_stage, hidden, labels)
+    if pyfused_po_loss is not None:
+        return res
+    if shift:  # TRL's fields are aligned with labels[:, 1:]
+        labels = labels[:, 1:]
+        res = res[:, 1:] if not extras else type(res)(*(None if t is None else t[:, 1:] for t in res))
+    got = dict(log_probs=res) if not extras else dict(res._asdict(), log_probs=res.logps)
+    mask = labels != -100
+    fields = dict(log_probs=got["log_probs"], entropy=got.get("entropy"), label_mask=mask)
+    # As in TRL: mean_logits and log_sum_sq_probs carry no gradient, is_top1 is boolean.
+    for trl_name, name in (("mean_logits", "mean_logit"), ("log_sum_sq_probs", "log_sum_sq_probs")):
+        fields[trl_name] = None if got.get(name) is None else got[name].detach()
+    fields["is_top1"] = None if got.get("is_top1") is None else (got["is_top1"] > 0.5) & mask
+    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -fields["log_probs"].sum() / denom
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+        n_exp = getattr(text_config, "num_experts", None) or getattr(self, "num_experts", None)
+        n_tok = getattr(text_config, "num_experts_per_tok", None) or getattr(self, "num_experts_per_tok", None)
+        aux_loss = load_balancing_loss_func(out.router_logits, n_exp, n_tok, kwargs.get("attention_mask"))
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+    return FusedCausalLMOutput(loss=loss, aux_loss=aux_loss, **fields)
 
 
 # The trainers of TRL 1.15 / 1.16 that call model(..., fused_lm_head=True); any other trainer
@@ -237,15 +242,30 @@ def apply(trainer_or_model, *, backend="auto", linear_impl="auto"):
     the outputs the trainer reads); for PEFT without a reference model the adapter-disabled policy
     is the reference and goes through the same path.  Or a Transformers causal LM: TRL's settings
     on it are kept, and a model TRL did not patch gets every per-token output at temperature 1.
+    A ``DPOTrainer`` whose ``DPOConfig`` pyfused_po reproduces exactly also gets its loss as a
+    :class:`~pyfused_po.FusedPreferenceLoss` (the three-GEMM plan, :mod:`.trl_dpo_plan`), with TRL's
+    loss values and logged metrics; otherwise TRL's loss stays and the reason is logged once.
     Returns its argument.  Call it after constructing the trainer and before ``train()``.  Raises
     ``RuntimeError`` on TRL releases without the protocol, ``TypeError`` on a trainer that does not
     use TRL's fused head (there is nothing to switch).
+    On TRL releases whose ``DPOTrainer`` / ``KTOTrainer`` compute their own log-probs
+    (``concatenated_forward``, TRL 0.24), the trainer goes to :func:`.trl_legacy.legacy_apply`
+    (decided by what the trainer class looks like, not by its version).
     """
+    if not isinstance(trainer_or_model, torch.nn.Module) and is_legacy_trainer(trainer_or_model):
+        return legacy_apply(trainer_or_model, backend=backend, linear_impl=linear_impl)
     check_trl_version()
-    kw = dict(backend=backend, linear_impl=linear_impl)
     if isinstance(trainer_or_model, torch.nn.Module):
-        return patch_model(trainer_or_model, **kw)
-    trainer = trainer_or_model
+        return patch_model(trainer_or_model, backend=backend, linear_impl=linear_impl)
+    patch_trainer_models(trainer_or_model, backend=backend, linear_impl=linear_impl)
+    _dispatch.entry("plan_trainer")(trainer_or_model, backend=backend, linear_impl=linear_impl)
+    return trainer_or_model
+
+
+def patch_trainer_models(trainer, *, backend="auto", linear_impl="auto"):
+    """:func:`patch_model` on the trainer's ``model`` and (when TRL patched it) ``ref_model``, with
+    TRL's settings for each and the trainer's autocast; the trainer's loss is left as it is."""
+    kw = dict(backend=backend, linear_impl=linear_impl)
     model = getattr(trainer, "model", None)
     if not isinstance(model, torch.nn.Module) or trl_head_settings(model) is None:
         raise TypeError(

@@ -9,10 +9,9 @@ same module TRL patched: the causal LM itself, never a distributed wrapper aroun
 """
 import torch
 
-__all__ = ["PATCH_MARK", "head_owner", "trl_head_settings"]
+from .trl_patch_state import PATCH_MARK, innermost_patch, installed_patch, trl_closure
 
-# Attribute holding the settings of a forward installed by pyfused_po.integrations.trl.patch_model.
-PATCH_MARK = "_pyfused_po_fused_forward"
+__all__ = ["PATCH_MARK", "head_owner", "trl_head_settings"]
 _SETTINGS = ("temperature", "cast_lm_head_to_fp32", "outputs")
 # Wrappers that keep the causal LM as ``.module`` and call its forward from their own.
 _WRAPPERS = ("FullyShardedDataParallel", "DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
@@ -38,39 +37,35 @@ def head_owner(model):
 
 def require_causal_lm(model, who):
     """``TypeError`` unless ``model`` (unwrapped by :func:`head_owner`) is a Transformers-style causal
-    LM: a ``config`` and an output embedding with a 2-D ``weight`` (the LM head the patch computes with)."""
+    LM: a ``config`` and an output embedding with a ``weight`` (the LM head the patch computes with; under
+    ZeRO-3 it is a partitioned, empty tensor outside the forward, so its shape is not checked here)."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
     weight = getattr(head, "weight", None)
-    if getattr(model, "config", None) is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    if getattr(model, "config", None) is None or not isinstance(weight, torch.Tensor):
         raise TypeError(
             f"{who} takes a Transformers causal LM (a config and get_output_embeddings() returning the LM "
             f"head), a PEFT model or an FSDP1 / DDP wrapper around one, or a TRL trainer; got "
             f"{type(model).__name__}, which has no such head")
 
 
-def _closure(fn):
-    func = getattr(fn, "__func__", fn)
-    code = getattr(func, "__code__", None)
-    if code is None or code.co_name != "_fused_forward" or func.__closure__ is None:
-        return None
-    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, func.__closure__)}
-
-
 def trl_head_settings(model):
     """``dict(temperature=, cast_lm_head_to_fp32=, outputs=)`` of the fused head on ``model``.
 
-    Read from TRL's ``add_fused_lm_head`` closure (also when ``accelerate`` has since wrapped the
-    forward in its autocast, which keeps TRL's as ``_original_forward``), or from a forward
-    :func:`pyfused_po.integrations.trl.patch_model` installed.  ``None`` when neither patched it.
+    Read from the forward the module runs now (also inside ``accelerate``'s autocast wrapper,
+    which keeps the wrapped one as ``_original_forward``): TRL's ``add_fused_lm_head`` closure, or
+    the state of a forward :func:`pyfused_po.integrations.trl.patch_model` installed.  When TRL
+    patched the module again after pyfused_po did, TRL's new settings are the ones returned.
+    ``None`` when neither patched it.
     Raises ``RuntimeError`` when TRL's forward is there but its settings cannot be read (a TRL
     release whose closure differs): switching it would silently change them.
     """
     target = head_owner(model)
-    ours = vars(target).get(PATCH_MARK)
+    ours = installed_patch(target)
     if ours is not None:
-        return {k: ours[k] for k in _SETTINGS}
-    for candidate in (vars(target).get("_original_forward"), vars(target).get("forward")):
-        cells = _closure(candidate) if candidate is not None else None
+        return ours.settings()
+    for candidate in (vars(target).get("forward"), vars(target).get("_original_forward")):
+        inner = innermost_patch(candidate)[0] if candidate is not None else None
+        cells = trl_closure(inner) if inner is not None else None
         if cells is None:
             continue
         missing = [k for k in _SETTINGS if k not in cells]

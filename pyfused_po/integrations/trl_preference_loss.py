@@ -20,7 +20,8 @@ from ..fused_gradient import TokenCapture
 from .hf import lm_head_transform
 from .trl_head import head_owner
 
-__all__ = ["use_preference_loss", "dpo_config_mismatches", "TRL_DPO_LOSS_TYPES"]
+__all__ = ["use_preference_loss", "switch_loss", "check_preference_loss", "dpo_config_mismatches", "TRL_DPO_LOSS_TYPES",
+           "TRL_FIXED_HYPERPARAMETERS"]
 
 # DPOTrainer's loss types in TRL 1.15 / 1.16 (the pyfused_po objectives of the same names compute the same losses).
 TRL_DPO_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -44,7 +45,6 @@ def dpo_config_mismatches(trainer, loss_fn):
     contradicting an explicit choice.
     """
     from ..preference_loss import resolve_loss_weights
-    from ..objectives import get_objective
 
     args, out = trainer.args, []
     fused_types = [loss_fn.loss_type] if isinstance(loss_fn.loss_type, str) else list(loss_fn.loss_type)
@@ -74,21 +74,53 @@ def dpo_config_mismatches(trainer, loss_fn):
                                                 loss_fn.objective_kwargs["f_alpha_divergence_coef"]):
         out.append(f"f_alpha_divergence_coef: DPOConfig {trainer.f_alpha_divergence_coef}, loss_fn "
                    f"{loss_fn.objective_kwargs['f_alpha_divergence_coef']}")
-    for name, trl_value in (("label_smoothing", getattr(trainer, "label_smoothing", 0.0)),
-                            ("discopop_tau", getattr(args, "discopop_tau", None))):
-        takers = [t for t in fused_types if name in get_objective(t).hyperparameters]
-        if not takers or trl_value is None:
-            continue
+    out += _hyperparameter_mismatches(trainer, loss_fn, [t for t in fused_types if t in TRL_DPO_LOSS_TYPES])
+    if loss_fn.bco_running_mean:
+        out.append("bco_running_mean: TRL's bco_pair has no running mean of the rewards (its delta is 0), loss_fn has "
+                   "bco_running_mean=True")
+    if loss_fn.reduction != "mean":
+        out.append(f"reduction: TRL averages the per-pair losses, loss_fn has reduction={loss_fn.reduction!r}")
+    return out
+
+
+# Hyper-parameters of pyfused_po's objectives that TRL 1.15 / 1.16's loss of the same name does not
+# have: the value at which pyfused_po computes TRL's loss.  Any other hyper-parameter of a TRL loss
+# type without a DPOConfig counterpart is refused (a new one must be added here, or to the reads below).
+TRL_FIXED_HYPERPARAMETERS = {"label_smoothing": 0.0, "bco_delta": 0.0}
+
+
+def _hyperparameter_mismatches(trainer, loss_fn, types):
+    """Every objective hyper-parameter of the TRL loss ``types`` against what TRL computes with:
+    DPOConfig's ``label_smoothing`` (the types TRL smooths) and ``discopop_tau``, else the fixed value
+    of :data:`TRL_FIXED_HYPERPARAMETERS`."""
+    from ..objectives import get_objective
+
+    out = []
+    for name in sorted({n for t in types for n in get_objective(t).hyperparameters}):
+        takers = [t for t in types if name in get_objective(t).hyperparameters]
         value = loss_fn.hyperparameters.get(name, get_objective(takers[0]).hyperparameters[name])
-        # TRL's own loss is unsmoothed for these whatever DPOConfig says: smoothing would train differently.
-        ignored = [t for t in takers if name == "label_smoothing" and t in TRL_DPO_LOSS_TYPES
-                   and t not in TRL_SMOOTHED_LOSS_TYPES]
-        readers = [t for t in takers if t not in ignored]
-        if ignored and _differ(0.0, value):
-            out.append(f"label_smoothing: TRL's {ignored} ignores DPOConfig's label_smoothing "
-                       f"({trl_value}), loss_fn smooths with {value}; use label_smoothing=0.0")
-        if readers and _differ(trl_value, value):
-            out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {readers})")
+        if name == "label_smoothing":
+            trl_value = getattr(trainer, "label_smoothing", 0.0)
+            # TRL's own loss is unsmoothed for these whatever DPOConfig says: smoothing would train differently.
+            ignored = [t for t in takers if t not in TRL_SMOOTHED_LOSS_TYPES]
+            readers = [t for t in takers if t in TRL_SMOOTHED_LOSS_TYPES]
+            if ignored and _differ(TRL_FIXED_HYPERPARAMETERS[name], value):
+                out.append(f"label_smoothing: TRL's {ignored} ignores DPOConfig's label_smoothing "
+                           f"({trl_value}), loss_fn smooths with {value}; use label_smoothing=0.0")
+            if readers and _differ(trl_value, value):
+                out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {readers})")
+        elif name == "discopop_tau":
+            trl_value = getattr(trainer.args, "discopop_tau", None)
+            if trl_value is not None and _differ(trl_value, value):
+                out.append(f"{name}: DPOConfig {trl_value}, loss_fn {value} (used by {takers})")
+        elif name in TRL_FIXED_HYPERPARAMETERS:
+            fixed = TRL_FIXED_HYPERPARAMETERS[name]
+            if _differ(fixed, value):
+                out.append(f"{name}: TRL's {takers} has no {name} (it computes the loss at {name}={fixed}), "
+                           f"loss_fn has {value}; leave it at {fixed}")
+        else:
+            out.append(f"{name}: TRL's {takers} has no {name} and pyfused_po knows no TRL equivalent of it "
+                       f"(loss_fn has {value}); use FusedPreferenceLoss directly instead of TRL's loss")
     return out
 
 
@@ -108,11 +140,33 @@ def use_preference_loss(trainer, loss_fn, *, backend=None):
     trainer, with :func:`pyfused_po.integrations.trl.apply` already applied.
     """
     from trl import DPOTrainer
-    from .trl import apply, check_trl_version
+    from .trl import check_trl_version, patch_trainer_models
 
     check_trl_version()
     if not isinstance(trainer, DPOTrainer):
         raise TypeError(f"use_preference_loss supports trl.DPOTrainer, got {type(trainer).__name__}")
+    check_preference_loss(trainer, loss_fn)
+    patch_trainer_models(trainer, backend=backend or loss_fn.token_kwargs["backend"], linear_impl=loss_fn.linear_impl)
+    _install(trainer, loss_fn, metrics=None)
+    return trainer
+
+
+def switch_loss(trainer, loss_fn, *, metrics=None):
+    """Make ``loss_fn`` the loss of ``trainer`` (a ``DPOTrainer`` whose models are already patched)
+    after the checks of :func:`check_preference_loss`; log only the metric names in ``metrics``
+    (``None``: every one ``loss_fn`` returns)."""
+    check_preference_loss(trainer, loss_fn)
+    _install(trainer, loss_fn, metrics)
+
+
+def _install(trainer, loss_fn, metrics):
+    trainer.pyfused_po_loss = loss_fn
+    trainer.pyfused_po_metrics = None if metrics is None else frozenset(metrics)
+    trainer._compute_loss = types.MethodType(_compute_loss_with_fused_loss, trainer)
+
+
+def check_preference_loss(trainer, loss_fn):
+    """``ValueError`` naming every reason ``loss_fn`` cannot replace ``trainer``'s DPO loss exactly."""
     kw = loss_fn.token_kwargs
     if kw["shift"] or kw["ignore_index"] != -100:
         raise ValueError("loss_fn must be built with shift=False and ignore_index=-100 (TRL's labels), got "
@@ -126,15 +180,18 @@ def use_preference_loss(trainer, loss_fn, *, backend=None):
                          "with FusedPreferenceLoss(..., **pyfused_po.integrations.hf.lm_head_transform(model))")
     if getattr(trainer, "aux_loss_enabled", False):
         raise ValueError("use_preference_loss does not add the MoE router aux loss; use apply() with TRL's loss")
+    if getattr(trainer, "padding_free", False):
+        raise ValueError("use_preference_loss needs the padded [chosen; rejected] batch; DPOConfig has "
+                         "padding_free=True")
+    peft_config = getattr(trainer.model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError("use_preference_loss does not support prompt-learning PEFT (virtual tokens prepended to "
+                         "the hidden states); use apply() with TRL's loss")
     mismatches = dpo_config_mismatches(trainer, loss_fn)
     if mismatches:
         raise ValueError("use_preference_loss: loss_fn disagrees with the trainer's DPOConfig, which TRL also uses "
                          "outside the loss (precomputed reference sums, logged rewards); make them equal:\n  "
                          + "\n  ".join(mismatches))
-    apply(trainer, backend=backend or kw["backend"], linear_impl=loss_fn.linear_impl)
-    trainer.pyfused_po_loss = loss_fn
-    trainer._compute_loss = types.MethodType(_compute_loss_with_fused_loss, trainer)
-    return trainer
 
 
 def _reference_token_logps(trainer, model_kwargs, labels):
@@ -205,6 +262,8 @@ def _log_token_metrics(trainer, mode, tokens, labels, inputs):
 def _compute_loss_with_fused_loss(self, model, inputs, return_outputs=False):
     """DPOTrainer._compute_loss with ``self.pyfused_po_loss`` as the objective."""
     if return_outputs:
+        if self.pyfused_po_metrics is not None:  # apply()'s automatic plan: TRL's own step for this call
+            return type(self)._compute_loss(self, model, inputs, return_outputs)
         raise ValueError("use_preference_loss computes no logits; evaluate with prediction_loss_only=True")
     mode = "train" if self.model.training else "eval"
     loss_fn = self.pyfused_po_loss
@@ -228,6 +287,8 @@ def _compute_loss_with_fused_loss(self, model, inputs, return_outputs=False):
 
     result = model(**model_kwargs, labels=labels, fused_lm_head=True, pyfused_po_loss=objective)
     for name, value in result.metrics.items():
+        if self.pyfused_po_metrics is not None and name not in self.pyfused_po_metrics:
+            continue
         value = torch.as_tensor(value, device=self.accelerator.device).detach().float().reshape(1)
         self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
     _log_token_metrics(self, mode, captured["policy"], captured["labels"], inputs)
