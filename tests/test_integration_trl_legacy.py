@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer  # noqa: E402
 
 from pyfused_po.integrations.trl_legacy import is_legacy_trainer, legacy_apply  # noqa: E402
+from pyfused_po.integrations.trl import apply  # noqa: E402
 
 if not is_legacy_trainer(trl.DPOTrainer):
     pytest.skip(f"trl=={trl.__version__}'s DPOTrainer has no concatenated_forward(model, batch, is_ref_model) "
@@ -89,7 +90,7 @@ def _compare(trainer, batch, backend="torch", **knobs):
         base = _step(trainer, batch)
         assert calls, "TRL's own step should call the LM head"
         calls.clear()
-        legacy_apply(trainer, backend=backend)
+        apply(trainer, backend=backend)  # the one-line switch routes it to legacy_apply
         fused = _step(trainer, batch)
         assert not calls, "the switched step formed logits"
     finally:
