@@ -41,6 +41,7 @@ from .fast_math import exp2_ftz, key_logit, key_scales, logit_key, max_logit
 from .lse_pair import lse_pair
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
+from .top1 import first_max_index, first_max_merge
 
 
 @triton.jit
@@ -104,12 +105,20 @@ def token_forward_kernel(
         q_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         zs_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         x_body = x_ptr + body_off
+        trip_l = tl.zeros([BLOCK_V // LANE], tl.int32)  # WANT_TOP1: trip of each lane row's max
         for i in range(0, n_full):
             x = tl.load(x_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_xv)
             key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            k_old = k_l
             k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
+            if WANT_TOP1:
+                # Only a strict rise moves it: the trip where the lane row's final max first appears.
+                trip_l = tl.where(k_l > k_old, i, trip_l)
             if WANT_MEAN:
                 zs_l += tl.sum(key_logit(key, kz, HAS_SOFTCAP), axis=1)
+        body_l = k_l  # WANT_TOP1: the body's per-lane-row max keys, before the edge joins them
+        edge_k = tl.full([], -float("inf"), tl.float32)  # WANT_TOP1: the edge's max key, first id
+        edge_first = tl.zeros([], tl.int32) + V
         for e0 in range(0, n_edge, BLOCK_V):
             inside = e0 + k < n_edge
             idx = edge_index(e0 + k, head, tail_start)
@@ -118,6 +127,8 @@ def token_forward_kernel(
             if WANT_MEAN:
                 zs_l += tl.sum(tl.where(inside, key_logit(key, kz, HAS_SOFTCAP), 0.0), axis=1)
             key = tl.where(inside, key, -float("inf"))
+            if WANT_TOP1:
+                edge_k, edge_first = first_max_merge(key, idx, inside, edge_k, edge_first, V)
             k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
         # One combine of the lane rows: weights w_l = e^{m_l − m}.  The row's largest logit
         # m = z at the max key, computed as transform computes it, and the max's own term
@@ -152,10 +163,15 @@ def token_forward_kernel(
         if WANT_MEAN:
             tl.store(mean_ptr + out, tl.sum(zs_l, axis=0) / V)
         if WANT_TOP1:
+            first = first_max_index(x_body, stride_xv, body_l, trip_l, n_full, head, edge_k, edge_first,
+                                    V, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
             if VOCAB_SHARD:
-                tl.store(top1_ptr + out, m)
+                # The slice's max for the combine, or +inf when the label is ours but an earlier
+                # id of the slice ties or beats it: then no rank can make it the top-1.
+                mine = (y >= 0) & (y < V)
+                tl.store(top1_ptr + out, tl.where(mine & (first != y), float("inf"), m))
             else:
-                tl.store(top1_ptr + out, (z_y >= m).to(tl.float32))
+                tl.store(top1_ptr + out, (first == y).to(tl.float32))
     else:
         tl.store(lse_ptr + 2 * row, 0.0)
         tl.store(lse_ptr + 2 * row + 1, 0.0)
