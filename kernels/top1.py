@@ -45,12 +45,11 @@ def first_max_index(x_body, stride_xv, body_l, trip_l, n_full, head, edge_k, edg
     pos_l = trip_l * BLOCK_V + tl.arange(0, BLOCK_V // LANE) * LANE
     seg = tl.min(tl.where(body_l == body_k, pos_l, n_full * BLOCK_V), axis=0)
     j = tl.arange(0, LANE)
-    has_body = n_full > 0
-    x = tl.load(x_body + vocab_offset(seg + j, ALIGN) * stride_xv, mask=has_body & (j < LANE), other=0.0)
+    inside = seg + j < n_full * BLOCK_V  # nothing when the row has no body
+    x = tl.load(x_body + vocab_offset(seg + j, ALIGN) * stride_xv, mask=inside, other=0.0)
     key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
     # ≥ rather than ==: the re-read key is the loop's key, and anything at the max is a maximizer.
-    body_first = head + tl.min(tl.where(key >= body_k, seg + j, V - head), axis=0)
-    body_first = tl.where(has_body, body_first, V)
+    body_first = head + tl.min(tl.where(inside & (key >= body_k), seg + j, V - head), axis=0)
     top = tl.maximum(body_k, edge_k)
-    return tl.minimum(tl.where(has_body & (body_k == top), body_first, V),
+    return tl.minimum(tl.where(body_k == top, body_first, V),
                       tl.where(edge_k == top, edge_first, V))

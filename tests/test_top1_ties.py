@@ -18,10 +18,10 @@ BACKENDS = ("torch", "triton")
 EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
 
 
-def tied_logits(shape, seed, levels=4):
-    """Integer logits in [0, levels): several ids share each row's max."""
+def tied_logits(shape, seed):
+    """Integer logits in [0, V/2): a row's max is shared by about two ids, often more, sometimes one."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, levels, shape, generator=g).double()
+    return torch.randint(0, max(2, shape[-1] // 2), shape, generator=g).double()
 
 
 def labels_on_maxima(x, seed):
@@ -85,11 +85,19 @@ def test_linear_token_logprobs_ties(backend, impl):
     N, D, V = 12, 8, 200
     h = torch.randint(-2, 3, (N, D), generator=g).double()
     w = torch.randint(-2, 3, (V, D), generator=g).double()
-    w[150] = w[17]   # two tied rows in different vocabulary splits / tiles
-    w[60] = w[59]
+    # Two pairs of equal rows that hold the largest logit of tokens 0-3 (u·u = 32; every other
+    # row, clamped to [-1, 1], gives at most 16): 17 / 150 lie in different vocabulary splits,
+    # 59 / 60 in one tile.
+    u, u2 = torch.full((D,), 2.0, dtype=torch.float64), torch.tensor([2.0, -2.0] * (D // 2))
+    h[:2], h[2:4] = u, u2
+    w[17], w[150] = u, u
+    w[59], w[60] = u2, u2
+    others = [v for v in range(V) if v not in (17, 150, 59, 60)]
+    w[others] = w[others].clamp(-1, 1)
     x = h @ w.T      # exact in fp32: small integers
     y = labels_on_maxima(x, seed=9)
-    y[:4] = torch.tensor([17, 150, 59, 60])
+    y[:4] = torch.tensor([17, 150, 60, 59])
+    assert reference(x, y)[:4].tolist() == [1.0, 0.0, 0.0, 1.0]
     out = pyfused_po.linear_token_logprobs(h.float(), w.float(), y, extras=("entropy", "is_top1"),
                                            backend=backend, impl=impl)
     assert torch.equal(out.is_top1.double(), reference(x, y))
