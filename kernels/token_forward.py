@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 
 from .fast_math import exp2_ftz, key_logit, key_scales, logit_key, max_logit
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
 from .lse_pair import lse_pair
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
@@ -63,10 +65,11 @@ def _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY: tl.constexpr, WANT_LS
     d = key - k_ref[:, None]
     e = exp2_ftz(d * ku)
     if WANT_ENTROPY:
-        # Re-base the old sum on the new max: Σ e·(key − k_new) = α·(a + s·(k_old − k_new));
-        # e·d is 0·(−inf) at −inf logits: count those entries as 0.
+        # Re-base the old sum on the new max: Σ e·(key − k_new) = α·(a + s·(k_old − k_new)).
+        # At a −inf logit e·d would be 0·(−inf): d is floored at −FLT_MAX, which changes no finite
+        # d, so such entries count as 0 (one FMNMX per element, where a compare and select were two).
         shift = tl.where(k_l == -float("inf"), 0.0, k_l - k_ref)
-        a_l = (a_l + s_l * shift) * alpha + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=1)
+        a_l = (a_l + s_l * shift) * alpha + tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)
     s_l = s_l * alpha + tl.sum(e, axis=1)
     if WANT_LSQ:
         q_l = q_l * (alpha * alpha) + tl.sum(e * e, axis=1)
@@ -115,7 +118,7 @@ def token_forward_kernel(
                 # Only a strict rise moves it: the trip where the lane row's final max first appears.
                 trip_l = tl.where(k_l > k_old, i, trip_l)
             if WANT_MEAN:
-                zs_l += tl.sum(key_logit(key, kz, HAS_SOFTCAP), axis=1)
+                zs_l += tl.sum(key, axis=1)  # Σ key; z = key·kz is applied once after the loop
         body_l = k_l  # WANT_TOP1: the body's per-lane-row max keys, before the edge joins them
         edge_k = tl.full([], -float("inf"), tl.float32)  # WANT_TOP1: the edge's max key, first id
         edge_first = tl.zeros([], tl.int32) + V
@@ -125,7 +128,7 @@ def token_forward_kernel(
             x = tl.load(x_row + vocab_offset(idx, ALIGN) * stride_xv, mask=inside, other=0.0)
             key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
             if WANT_MEAN:
-                zs_l += tl.sum(tl.where(inside, key_logit(key, kz, HAS_SOFTCAP), 0.0), axis=1)
+                zs_l += tl.sum(tl.where(inside, key, 0.0), axis=1)
             key = tl.where(inside, key, -float("inf"))
             if WANT_TOP1:
                 edge_k, edge_first = first_max_merge(key, idx, inside, edge_k, edge_first, V)
@@ -161,7 +164,7 @@ def token_forward_kernel(
         if WANT_LSQ:
             tl.store(lsq_ptr + out, tl.log(tl.sum(q_l * (w * w), axis=0)) - 2.0 * tl.log(s))
         if WANT_MEAN:
-            tl.store(mean_ptr + out, tl.sum(zs_l, axis=0) / V)
+            tl.store(mean_ptr + out, kz * tl.sum(zs_l, axis=0) / V)  # mean z = kz · Σ key / V
         if WANT_TOP1:
             first = first_max_index(x_body, stride_xv, body_l, trip_l, n_full, head, edge_k, edge_first,
                                     V, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)

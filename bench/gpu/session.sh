@@ -106,12 +106,12 @@ run_step() {
 step_env() {
   if [ "$DRY" = 0 ]; then nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
     --format=csv > "$RES/device.txt" 2>&1; else echo "CPU dry run: no GPU" > "$RES/device.txt"; fi
-  run_step env 20 "$RES/session_env.json" "$PY" bench/gpu/summarize.py env "$RES"
+  run_step env 30 "$RES/session_env.json" "$PY" bench/gpu/summarize.py env "$RES"
 }
 
 step_tests() {
   if [ "$DRY" = 0 ]; then
-    run_step tests 85 "$LOGS/gpu_tests.xml" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests bench \
+    run_step tests 75 "$LOGS/gpu_tests.xml" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests bench \
       --durations=15 --junitxml="$LOGS/gpu_tests.xml"
   else  # the same selection, collected (the tests need CUDA); at least one must be selected
     run_step tests 60 "$LOGS/gpu_tests_collected.txt" bash -c "set -o pipefail; '$PY' -m pytest -q -p no:cacheprovider \
