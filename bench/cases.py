@@ -105,8 +105,8 @@ def session_cases(path, toy=False):
     realistic), on the linear path also with a frozen head, a small batch, and V = 50,257 beside
     128,256.  ``toy``: the same structure at CPU sizes (the session's dry run)."""
     if toy:
-        big = dict(pairs=2, seq_len=32, vocab=2048, hidden=64 if path == "linear" else 0)
-        small, odd = dict(pairs=1, seq_len=8), 1031
+        big = dict(pairs=2, seq_len=16, vocab=512, hidden=32 if path == "linear" else 0)
+        small, odd = dict(pairs=1, seq_len=4), 257
     else:
         big = dict(pairs=HEADLINE_PAIRS, seq_len=HEADLINE_SEQ, vocab=HEADLINE_VOCAB,
                    hidden=HEADLINE_HIDDEN if path == "linear" else 0)

@@ -174,12 +174,19 @@ def cpu_inputs(cases):
     return out, tensors, notes
 
 
-def checkpointer(args, out_dir, summary):
-    """``on_record`` for :func:`sweep` under ``--session``: the records so far are saved (merged
-    with what ``out_dir`` held before the run) after every method; else ``None``."""
+def merge_base(args, out_dir):
+    """What a ``--session`` run merges into, read once before it starts (its own saves after each
+    method must not be merged again); ``None`` otherwise (``save`` reads the folder then)."""
     if args.session is None:
         return None
-    base = None if args.fresh else load_summary(out_dir)
+    return (None if args.fresh else load_summary(out_dir)) or {"records": [], "runs": [], "max_context": []}
+
+
+def checkpointer(args, out_dir, summary, base):
+    """``on_record`` for :func:`sweep` under ``--session``: the records so far are saved, merged
+    with ``base``, after every method; else ``None``."""
+    if args.session is None:
+        return None
 
     def checkpoint(records):
         save(out_dir, dict(summary, records=list(records), runs=list(summary["runs"])), args.fresh, base=base)
@@ -187,14 +194,14 @@ def checkpointer(args, out_dir, summary):
     return checkpoint
 
 
-def cpu_run(args, env, cases, out_dir=None):
+def cpu_run(args, env, cases, out_dir=None, base=None):
     """The CPU form as a sequence of steps; each adds to ``summary``."""
     cpu = torch.device("cpu")
     summary = {"environment": env, "roofline": {}, "records": [], "max_context": [], "runs": [env]}
     # 1. inputs: the real model's activations at its head shapes (or random, noted)
     cases, tensors, summary["notes"] = cpu_inputs(cases)
     # 2. value check against a float64 reference, then timings (median, min–max of the reps)
-    summary["records"] = sweep(cases, args, cpu, {}, tensors, on_record=checkpointer(args, out_dir, summary))
+    summary["records"] = sweep(cases, args, cpu, {}, tensors, on_record=checkpointer(args, out_dir, summary, base))
     # 3. peak memory: each method's own fresh process, above a baseline process
     if not args.no_memory:
         print("memory: one fresh process per method and a baseline per case ...", flush=True)
@@ -234,18 +241,19 @@ def main(argv=None):
     env = environment(device, ["python", "bench/run.py"] + list(argv if argv is not None else sys.argv[1:]))
     cases = pick_cases(args, device)
     out_dir = args.out or (RESULTS / slug(env["device"]) if device.type == "cuda" else CPU_RESULTS)
+    base = merge_base(args, out_dir)
     if device.type != "cuda":
-        summary = cpu_run(args, env, cases, out_dir)
+        summary = cpu_run(args, env, cases, out_dir, base)
     else:
         roof = roofline.measure(device)
         summary = {"environment": env, "roofline": roof, "records": [], "max_context": [], "runs": [env]}
-        summary["records"] = sweep(cases, args, device, roof, on_record=checkpointer(args, out_dir, summary))
+        summary["records"] = sweep(cases, args, device, roof, on_record=checkpointer(args, out_dir, summary, base))
         want_mc = args.only_max_context or (args.max_context if args.max_context is not None
                                             else not (args.quick or args.headline_only))
         if want_mc:
             summary["max_context"] = run_max_context(args, device)
     print(render_any(summary))
-    for p in save(out_dir, summary, args.fresh):
+    for p in save(out_dir, summary, args.fresh, base=base):
         print(f"wrote {p}")
     if device.type != "cuda":
         print("\n".join(_pointers(out_dir)))
