@@ -1,9 +1,10 @@
 """CI guards on the compiled machine code for sm_90a, read from the static profile (no GPU).
 
-``bench/static_profile.py`` compiles every kernel through its launcher with the launch
-specialization and reads its SASS; the guards compare against the committed profile in
-``bench/results/static-sm90a/``.  The profile run takes about a minute on two cores
-(14 compilations); it is skipped where Triton's ptxas is missing.
+``bench/static_profile.py`` compiles every kernel variant a default entry point launches
+(``static_guards.VARIANTS``) through its launcher with the launch specialization and reads its
+SASS; the guards compare against the committed profile in ``bench/results/static-sm90a/``.  The
+profile run takes about two minutes on two cores (28 compilations); it is skipped where
+Triton's ptxas is missing.
 """
 import json
 import os
