@@ -43,7 +43,7 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
 from .lse_pair import lse_pair
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
-from .top1 import first_max_index, first_max_merge
+from .top1 import body_first_max, first_max_index, first_max_merge
 
 
 @triton.jit
@@ -119,7 +119,9 @@ def token_forward_kernel(
                 trip_l = tl.where(k_l > k_old, i, trip_l)
             if WANT_MEAN:
                 zs_l += tl.sum(key, axis=1)  # Σ key; z = key·kz is applied once after the loop
-        body_l = k_l  # WANT_TOP1: the body's per-lane-row max keys, before the edge joins them
+        if WANT_TOP1:  # the body's max and its first id, before the edge joins the lane rows
+            body_k, body_first = body_first_max(x_body, stride_xv, k_l, trip_l, n_full, head, V, scale, inv_temp,
+                                                softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
         edge_k = tl.full([], -float("inf"), tl.float32)  # WANT_TOP1: the edge's max key, first id
         edge_first = tl.zeros([], tl.int32) + V
         for e0 in range(0, n_edge, BLOCK_V):
@@ -166,8 +168,7 @@ def token_forward_kernel(
         if WANT_MEAN:
             tl.store(mean_ptr + out, kz * tl.sum(zs_l, axis=0) / V)  # mean z = kz · Σ key / V
         if WANT_TOP1:
-            first = first_max_index(x_body, stride_xv, body_l, trip_l, n_full, head, edge_k, edge_first,
-                                    V, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
+            first = first_max_index(body_k, body_first, edge_k, edge_first, V)
             if VOCAB_SHARD:
                 # The slice's max for the combine, or +inf when the label is ours but an earlier
                 # id of the slice ties or beats it: then no rank can make it the top-1.

@@ -35,21 +35,25 @@ def first_max_merge(key, idx, inside, best_k, best_first, V):
 
 
 @triton.jit
-def first_max_index(x_body, stride_xv, body_l, trip_l, n_full, head, edge_k, edge_first, V,
-                    scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, FLIP: tl.constexpr,
-                    BLOCK_V: tl.constexpr, LANE: tl.constexpr, ALIGN: tl.constexpr):
-    """Row id of the first largest logit (int32): ``body_l``/``trip_l`` the body's per-lane-row
-    max keys and trips of their first appearance, ``edge_k``/``edge_first`` the edge's
-    (:func:`first_max_merge`)."""
-    body_k = tl.max(body_l, axis=0)
+def body_first_max(x_body, stride_xv, k_l, trip_l, n_full, head, V,
+                   scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, FLIP: tl.constexpr,
+                   BLOCK_V: tl.constexpr, LANE: tl.constexpr, ALIGN: tl.constexpr):
+    """``(max key, its first row id)`` of the body, right after the body loop: ``k_l``/``trip_l``
+    the per-lane-row max keys and trips of their first appearance (``V`` when there is no body).
+    Taken before the edge loop, so that only two scalars, not the lane rows, live through it."""
+    body_k = tl.max(k_l, axis=0)
     pos_l = trip_l * BLOCK_V + tl.arange(0, BLOCK_V // LANE) * LANE
-    seg = tl.min(tl.where(body_l == body_k, pos_l, n_full * BLOCK_V), axis=0)
+    seg = tl.min(tl.where(k_l == body_k, pos_l, n_full * BLOCK_V), axis=0)
     j = tl.arange(0, LANE)
     inside = seg + j < n_full * BLOCK_V  # nothing when the row has no body
     x = tl.load(x_body + vocab_offset(seg + j, ALIGN) * stride_xv, mask=inside, other=0.0)
     key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
     # ≥ rather than ==: the re-read key is the loop's key, and anything at the max is a maximizer.
-    body_first = head + tl.min(tl.where(inside & (key >= body_k), seg + j, V - head), axis=0)
+    return body_k, head + tl.min(tl.where(inside & (key >= body_k), seg + j, V - head), axis=0)
+
+
+@triton.jit
+def first_max_index(body_k, body_first, edge_k, edge_first, V):
+    """Row id of the first largest logit (int32) from the body's and the edge's candidates."""
     top = tl.maximum(body_k, edge_k)
-    return tl.minimum(tl.where(body_k == top, body_first, V),
-                      tl.where(edge_k == top, edge_first, V))
+    return tl.minimum(tl.where(body_k == top, body_first, V), tl.where(edge_k == top, edge_first, V))
