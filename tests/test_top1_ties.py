@@ -123,3 +123,31 @@ def test_vocab_parallel_ties(backend, monkeypatch):
             forward(rank, v0, v1)
     for rank, (v0, v1) in slices:
         assert torch.equal(forward(rank, v0, v1).is_top1.double(), ref), rank
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_parallel_linear_ties(backend, monkeypatch):
+    """The fused-linear form: the combine reads each token's owner from its global label (the
+    statistics are per labelled token there, not per position)."""
+    g = torch.Generator().manual_seed(31)
+    N, D, V = 10, 4, 60
+    h = torch.randint(-1, 2, (1, N, D), generator=g).double()
+    w = torch.randint(-1, 2, (V, D), generator=g).double()
+    w[45] = w[12]    # tied rows on ranks 0 and 2
+    w[25] = w[24]    # tied rows inside rank 1
+    x = h[0] @ w.T
+    y = labels_on_maxima(x, seed=32).unsqueeze(0)
+    y[0, :2] = -100  # ignored tokens: the per-token statistics skip them
+    ref = reference(x, y[0]).unsqueeze(0) * (y != -100)
+    fake, slices = fake_ranks(monkeypatch, (0, 20, 40, V))
+
+    def forward(rank, v0, v1):
+        fake.rank = rank
+        return vocab_parallel.vocab_parallel_linear_token_logprobs(
+            h.float(), w[v0:v1].float(), y, group=object(), vocab_start=v0, extras=("is_top1",), backend=backend)
+
+    for rank, (v0, v1) in slices:
+        with pytest.raises(Recorded):
+            forward(rank, v0, v1)
+    for rank, (v0, v1) in slices:
+        assert torch.equal(forward(rank, v0, v1).is_top1.double(), ref), rank
