@@ -15,7 +15,8 @@ Online log-sum-exp over vocabulary blocks of ``BLOCK_V`` (running max ``m``):
 Every quantity is relative to the max, so nothing cancels at a large common offset of the
 logits; the row's LSE ``m + log s`` is stored as the pair ``(hi, lo)`` of
 ``kernels/lse_pair.py`` (``lse[row, 0:2]``) for the backward.
-Each extra is computed only when its constexpr flag is set.  Rows whose label is
+``is_top1`` is 1 exactly when the label is the row's ``argmax``, ties going to the lowest id
+(``kernels/top1.py``).  Each extra is computed only when its constexpr flag is set.  Rows whose label is
 ``ignore_index`` are never read and produce 0 everywhere.
 
 ``VOCAB_SHARD`` (vocabulary parallelism): the row is one rank's slice of the
@@ -23,7 +24,9 @@ vocabulary and the label, given relative to the slice, may fall outside
 ``[0, V)`` (the target lives on another rank).  The row is still reduced — ``lse``,
 entropy, log Σ p² and the mean are the *shard's* statistics, to be combined across
 ranks — and two outputs change meaning: ``logp`` holds the raw target logit z_y
-(0 when the label is not in the slice) and ``top1`` holds the shard's max logit.
+(0 when the label is not in the slice) and ``top1`` holds the shard's max logit, or +inf when
+the label is in the slice but an earlier id of it ties or beats the label (``argmax``'s rule:
+the label cannot be the row's first maximizer then).
 
 Layout (``kernels/row_split.py``): an unmasked, 16-byte-aligned body of whole blocks and
 a masked edge (head + tail).  Each block is ``[BLOCK_V // LANE, LANE]`` and every lane row

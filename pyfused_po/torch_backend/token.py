@@ -156,7 +156,7 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
                   extras=(), block_v=None, vocab_shard=False):
     """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does (``lse`` the
     ``[B, T, 2]`` pairs of :func:`lse_pair`; also its ``vocab_shard`` mode: raw target logit in
-    ``logp``, the slice's max in ``is_top1``)."""
+    ``logp``, the slice's max in ``is_top1``, +inf where the owned label loses inside the slice)."""
     del block_v  # Triton-only tuning knob
     B, T, V = logits.shape
     cdt = _compute_dtype(logits)
