@@ -77,33 +77,33 @@ class SyncCounter(TorchDispatchMode):
 P, T, V, D = 2, 6, 150, 16
 
 
-def _batch(seed=0):
+def _batch(device, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, V, (2 * P, T), generator=g)
     labels[:, :2] = -100  # prompt tokens
-    return labels, torch.zeros(P)
+    return labels.to(device), torch.zeros(P, device=device)
 
 
-def _logits_step(backend):
-    labels, ref = _batch()
-    x = torch.randn(2 * P, T, V, requires_grad=True)
+def _logits_step(backend, device="cpu"):
+    labels, ref = _batch(device)
+    x = torch.randn(2 * P, T, V, device=device, requires_grad=True)
     module = pyfused_po.FusedPreferenceLoss(backend=backend)
     module(logits=x, labels=labels, ref_chosen_logps=ref, ref_rejected_logps=ref).loss.backward()
 
 
-def _hidden_step(backend, frozen):
-    labels, ref = _batch()
-    h = torch.randn(2 * P, T, D, requires_grad=True)
-    w = torch.randn(V, D, requires_grad=not frozen)
+def _hidden_step(backend, frozen, device="cpu"):
+    labels, ref = _batch(device)
+    h = torch.randn(2 * P, T, D, device=device, requires_grad=True)
+    w = torch.randn(V, D, device=device, requires_grad=not frozen)
     module = pyfused_po.FusedPreferenceLoss(backend=backend)
     module(hidden=h, weight=w, labels=labels, ref_chosen_logps=ref, ref_rejected_logps=ref).loss.backward()
 
 
-def _dpo_head_step(backend):
+def _dpo_head_step(backend, device="cpu"):
     """What apply(DPOTrainer)'s patched head runs: the fused-linear token stage with DPO's outputs."""
-    labels, _ = _batch()
-    h = torch.randn(2 * P, T, D, requires_grad=True)
-    w = torch.randn(V, D, requires_grad=True)
+    labels, _ = _batch(device)
+    h = torch.randn(2 * P, T, D, device=device, requires_grad=True)
+    w = torch.randn(V, D, device=device, requires_grad=True)
     out = pyfused_po.linear_token_logprobs(h, w, labels, extras=("entropy", "mean_logit", "is_top1"),
                                            backend=backend)
     out.logps.sum().backward()
@@ -111,10 +111,10 @@ def _dpo_head_step(backend):
 
 STEPS = {
     "logits": (_logits_step, {}),
-    "hidden": (lambda b: _hidden_step(b, False), {("linear.py", "labelled_tokens"): 1,
+    "hidden": (lambda b, device="cpu": _hidden_step(b, False, device), {("linear.py", "labelled_tokens"): 1,
                                                   ("fused_gradient.py", "group_chunks"): 1, ("fused_gradient.py", "run"): 1,
                                                   ("fused_gradient.py", "backward"): 1}),
-    "hidden_frozen": (lambda b: _hidden_step(b, True), {("linear.py", "labelled_tokens"): 1,
+    "hidden_frozen": (lambda b, device="cpu": _hidden_step(b, True, device), {("linear.py", "labelled_tokens"): 1,
                                                         ("fused_gradient.py", "group_chunks"): 1, ("fused_gradient.py", "run"): 1,
                                                         ("fused_gradient.py", "backward"): 1}),
     "dpo_head": (_dpo_head_step, {("linear.py", "labelled_tokens"): 1}),
@@ -150,17 +150,16 @@ def test_counter_sees_each_kind_of_sync():
 @pytest.mark.parametrize("step", sorted(STEPS))
 def test_cuda_sync_debug_mode_counts_the_same(step, recwarn):
     """On a GPU, torch's own sync detector (``set_sync_debug_mode('warn')``) sees no more syncs
-    than the CPU count of the CUDA-relevant sites (``nonzero`` may warn once per call)."""
+    than the CPU count of the CUDA-relevant sites.  Not run here (no GPU in the session that wrote it)."""
     fn, expected = STEPS[step]
-    torch.set_default_device("cuda")
+    fn("auto", "cuda")  # compile the kernels outside the counted step
+    torch.cuda.synchronize()
+    recwarn.clear()
+    torch.cuda.set_sync_debug_mode("warn")
     try:
-        fn("auto")  # compile the kernels outside the counted step
-        torch.cuda.synchronize()
-        recwarn.clear()
-        torch.cuda.set_sync_debug_mode("warn")
-        fn("auto")
+        fn("auto", "cuda")
     finally:
         torch.cuda.set_sync_debug_mode(0)
-        torch.set_default_device(None)
     syncs = [w for w in recwarn if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) <= sum(expected.values()), [str(w.message)[:200] for w in syncs]
+    # + 1: the step copies its CPU-drawn labels to the device (a pageable host-to-device copy).
+    assert len(syncs) <= sum(expected.values()) + 1, [str(w.message)[:200] for w in syncs]
