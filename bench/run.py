@@ -137,9 +137,10 @@ def render_any(summary):
     return render(summary) if _is_cuda(summary) else render_cpu(summary)
 
 
-def save(out_dir, summary, fresh, base=None):
+def save(out_dir, summary, fresh, base=None, plots=True):
     """Writes ``summary`` merged with ``base`` (default: what ``out_dir`` holds now; a run that saves
-    as it goes passes what it held before the run, so no record or run stamp is merged twice)."""
+    as it goes passes what it held before the run, so no record or run stamp is merged twice).
+    ``plots=False``: JSON and Markdown only (the saves after each method; the run's last save plots)."""
     old = None if fresh else (load_summary(out_dir) if base is None else base)
     if old is not None:
         summary["records"] = merge_records(old["records"], summary["records"])
@@ -152,6 +153,8 @@ def save(out_dir, summary, fresh, base=None):
     paths = write_json(out_dir, summary)
     md = Path(out_dir) / "README.md"
     md.write_text(render_any(summary))
+    if not plots:
+        return paths + [md]
     plot = write_plots if _is_cuda(summary) else write_cpu_plots
     pngs = plot(summary["records"], Path(out_dir) / "plots")
     return paths + [md] + pngs
@@ -189,7 +192,8 @@ def checkpointer(args, out_dir, summary, base):
         return None
 
     def checkpoint(records):
-        save(out_dir, dict(summary, records=list(records), runs=list(summary["runs"])), args.fresh, base=base)
+        save(out_dir, dict(summary, records=list(records), runs=list(summary["runs"])), args.fresh, base=base,
+             plots=False)
         print(f"saved {len(records)} records to {out_dir}", flush=True)
     return checkpoint
 

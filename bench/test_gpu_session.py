@@ -173,9 +173,9 @@ def test_session_run_saves_after_every_method(tmp_path, monkeypatch):
     saved = []
     real_save = run.save
 
-    def spy(out_dir, summary, fresh, base=None):
+    def spy(out_dir, summary, fresh, base=None, plots=True):
         saved.append(len(summary["records"]))
-        return real_save(out_dir, summary, fresh, base=base)
+        return real_save(out_dir, summary, fresh, base=base, plots=plots)
 
     monkeypatch.setattr(run, "save", spy)
     monkeypatch.setattr(run, "write_cpu_plots", lambda records, out: [])
