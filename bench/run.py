@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results folder (default on GPU: bench/results/<gpu>)")
     p.add_argument("--fresh", action="store_true", help="replace, not merge with, existing results")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write JSON and Markdown only (a later run plots)")
     p.add_argument("--toy", action="store_true",
                    help="CPU only: tiny random shapes instead of the real model's (the runner's tests)")
     p.add_argument("--no-memory", action="store_true", help="CPU only: skip the per-process peak-memory probe")
@@ -257,7 +258,7 @@ def main(argv=None):
         if want_mc:
             summary["max_context"] = run_max_context(args, device)
     print(render_any(summary))
-    for p in save(out_dir, summary, args.fresh, base=base):
+    for p in save(out_dir, summary, args.fresh, base=base, plots=not args.no_plots):
         print(f"wrote {p}")
     if device.type != "cuda":
         print("\n".join(_pointers(out_dir)))

@@ -138,10 +138,12 @@ step_headline() {
     if [ "$DRY" = 0 ]; then
       run_step "headline_$name" "$budget" "$RES/summary.json $RES/README.md" "$PY" bench/run.py "${cases[@]}" \
         --no-progress --methods "$methods" --out "$RES"
-    else  # toy sizes (session_cases' CPU form), realistic inputs only (the random case is the same code)
+    else  # toy sizes (session_cases' CPU form), realistic inputs only (the random case is the same
+          # code); the plots are drawn once, by the last group
+      plots=(--no-plots); [ "$name" = compile ] && plots=()
       run_step "headline_$name" 90 "$RES/summary.json $RES/README.md" "$PY" bench/run.py "${cases[@]}" \
         --no-progress --methods "$methods" --out "$RES" --max-tokens-per-pair 64 --reps 1 --warmup 0 \
-        --no-memory --kinds realistic
+        --no-memory --kinds realistic "${plots[@]}"
     fi
   done
 }
@@ -156,7 +158,7 @@ step_kernel_profile() {
 step_ablations() {
   local acts=()
   [ -f "$ACTS" ] && acts=(--activations "$ACTS")
-  run_step ablations 55 "$RES/ablations/ablations.json $RES/ablations/ablations.md" \
+  run_step ablations "$( [ "$DRY" = 1 ] && echo 70 || echo 55 )" "$RES/ablations/ablations.json $RES/ablations/ablations.md" \
     "$PY" bench/ablations.py --out "$RES/ablations" "${acts[@]}"
 }
 
