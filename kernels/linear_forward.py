@@ -11,6 +11,8 @@ max, taken on the logit key of ``kernels/fast_math.py`` (±x without a softcap, 
 
     s = Σ e^{z−m}     a = Σ e^{z−m}·(key − k_max)     q = Σ e^{2(z−m)}     Σ z     key_y (target)
 
+and, for ``is_top1``, whether the label is the split's first id at its max key (``argmax``'s rule)
+
 with e^{z−m} = e^{(key − k_max)·kz}: the key difference is exact near the max, so neither
 ``z = x·scale/T`` nor ``z − m`` is rounded to the ulp of a large |z| (4e-4 at T = 0.7 and
 |x| = 1e4, 0.75 at T = 1e-3).  ``a`` is relative to the running max, re-based as the max
@@ -40,6 +42,7 @@ def linear_forward_kernel(
     WANT_ENTROPY: tl.constexpr,
     WANT_LSQ: tl.constexpr,
     WANT_MEAN: tl.constexpr,
+    WANT_TOP1: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -62,6 +65,7 @@ def linear_forward_kernel(
     q_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     zsum_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     zy_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # the target's key
+    first_i = tl.zeros([BLOCK_M], dtype=tl.int64) + V  # WANT_TOP1: first id at the running max
 
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
@@ -76,7 +80,13 @@ def linear_forward_kernel(
             zsum_i += tl.sum(tl.where(in_v[None, :], key_logit(key, kz, HAS_SOFTCAP), 0.0), axis=1)
         zy_i += tl.sum(tl.where(offs_v[None, :] == y[:, None], key, 0.0), axis=1)
         key = tl.where(in_v[None, :], key, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(key, axis=1))
+        tile_max = tl.max(key, axis=1)
+        m_new = tl.maximum(m_i, tile_max)
+        if WANT_TOP1:
+            # argmax's tie rule: tiles come in increasing id order, so only a strict rise moves
+            # the first maximizer, to the tile's lowest id at its max.
+            tile_first = tl.min(tl.where(key == tile_max[:, None], offs_v[None, :], V), axis=1)
+            first_i = tl.where((tile_max > m_i) | (first_i == V), tile_first, first_i)
         # Rows still at −inf (nothing seen yet) exponentiate against 0: no inf − inf.
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp2((m_i - m_ref) * ku)
@@ -91,8 +101,8 @@ def linear_forward_kernel(
             q_i = q_i * (alpha * alpha) + tl.sum(e * e, axis=1)
         m_i = m_new
 
-    # part is [8, n_splits, M] fp32: max key, s, key_y, a (key units), q, Σz, and the max logit
-    # m = fl(k_max·kz) with its rounding error (fast_math.max_logit: the LSE pair's lo carries it,
+    # part is [9, n_splits, M] fp32: max key, s, key_y, a (key units), q, Σz, the max logit
+    # m = fl(k_max·kz) with its rounding error, and the top-1 flag (fast_math.max_logit: the LSE pair's lo carries it,
     # with kz as this kernel forms it, for the backward's fma(x, scale/T, −hi)).
     stat = n_splits * M
     base = part_ptr + split * M + offs_m
@@ -105,6 +115,8 @@ def linear_forward_kernel(
         tl.store(base + 4 * stat, q_i, mask=in_m)
     if WANT_MEAN:
         tl.store(base + 5 * stat, zsum_i, mask=in_m)
+    if WANT_TOP1:  # whether the label is this split's first maximizer
+        tl.store(base + 8 * stat, (first_i == y).to(tl.float32), mask=in_m)
     m_top, m_err = max_logit(m_i, kz, HAS_SOFTCAP)
     tl.store(base + 6 * stat, m_top, mask=in_m)
     tl.store(base + 7 * stat, m_err, mask=in_m)

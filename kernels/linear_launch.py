@@ -17,7 +17,9 @@ from .linear_forward import linear_forward_kernel
 from .lse_pair import lse_pair_torch
 from .token_launch import flip_key
 
-N_STATS = 8  # max key, s, key_y, a, q, Σz, max logit, its rounding error: the forward's partial statistics
+# max key, s, key_y, a, q, Σz, max logit, its rounding error, label is the split's first maximizer:
+# the forward's partial statistics
+N_STATS = 9
 
 
 def _interpreting() -> bool:
@@ -93,7 +95,7 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
         float(logit_scale), 1.0 / float(temperature), cap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap,
         WANT_ENTROPY="entropy" in want, WANT_LSQ="log_sum_sq_probs" in want,
-        WANT_MEAN="mean_logit" in want, FLIP=flip_key(logit_scale, temperature, softcap),
+        WANT_MEAN="mean_logit" in want, WANT_TOP1="is_top1" in want, FLIP=flip_key(logit_scale, temperature, softcap),
         **_dot_flags(hidden2d.dtype), **cfg,
     )
     return combine_splits(part, V, extras, key_scale(logit_scale, temperature, softcap))
@@ -118,8 +120,9 @@ def combine_splits(part, V, extras, kz):
     both from the kernel, whose fp32 ``scale·(1/T)`` the backward uses: under the interpreter it
     is not torch's product),
     ``H = log s − kz·Σ w_k (a_k + s_k (k_k − K)) / s``,
-    ``log Σp² = log Σ w_k² q_k − 2 log s``, ``mean = Σ_k Σz_k / V``, top-1 iff ``key_y ≥ K``."""
-    m, s, zy, a, q, zsum, m_top, m_err = part.unbind(0)
+    ``log Σp² = log Σ w_k² q_k − 2 log s``, ``mean = Σ_k Σz_k / V``, top-1 iff the label is the
+    first maximizer of the first split that reaches ``K`` (``argmax``: the lowest id wins a tie)."""
+    m, s, zy, a, q, zsum, m_top, m_err, top1 = part.unbind(0)
     kz = kz.to(part.device)
     mx = m.max(0).values
     mx_ref = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
@@ -136,9 +139,9 @@ def combine_splits(part, V, extras, kz):
         outs["log_sum_sq_probs"] = torch.log((w * w * q).sum(0)) - 2.0 * log_s
     if "mean_logit" in extras:
         outs["mean_logit"] = zsum.sum(0) / V
-    if "is_top1" in extras:
-        outs["is_top1"] = (zy >= mx).to(torch.float32)
-    first = m.argmax(0, keepdim=True)  # a split holding the max key: its max logit is the row's
+    first = m.argmax(0, keepdim=True)  # the first split holding the max key: its max logit is the row's
+    if "is_top1" in extras:  # argmax's tie rule: the first split at the max holds the first maximizer
+        outs["is_top1"] = top1.gather(0, first)[0]
     top, top_err = m_top.gather(0, first)[0], m_err.gather(0, first)[0]
     return (zy - mx_ref) * kz - log_s, lse_pair_torch(top, log_s, top_err), outs
 

@@ -15,7 +15,8 @@ Online log-sum-exp over vocabulary blocks of ``BLOCK_V`` (running max ``m``):
 Every quantity is relative to the max, so nothing cancels at a large common offset of the
 logits; the row's LSE ``m + log s`` is stored as the pair ``(hi, lo)`` of
 ``kernels/lse_pair.py`` (``lse[row, 0:2]``) for the backward.
-Each extra is computed only when its constexpr flag is set.  Rows whose label is
+``is_top1`` is 1 exactly when the label is the row's ``argmax``, ties going to the lowest id
+(``kernels/top1.py``).  Each extra is computed only when its constexpr flag is set.  Rows whose label is
 ``ignore_index`` are never read and produce 0 everywhere.
 
 ``VOCAB_SHARD`` (vocabulary parallelism): the row is one rank's slice of the
@@ -23,7 +24,9 @@ vocabulary and the label, given relative to the slice, may fall outside
 ``[0, V)`` (the target lives on another rank).  The row is still reduced — ``lse``,
 entropy, log Σ p² and the mean are the *shard's* statistics, to be combined across
 ranks — and two outputs change meaning: ``logp`` holds the raw target logit z_y
-(0 when the label is not in the slice) and ``top1`` holds the shard's max logit.
+(0 when the label is not in the slice) and ``top1`` holds the shard's max logit, or +inf when
+the label is in the slice but an earlier id of it ties or beats the label (``argmax``'s rule:
+the label cannot be the row's first maximizer then).
 
 Layout (``kernels/row_split.py``): an unmasked, 16-byte-aligned body of whole blocks and
 a masked edge (head + tail).  Each block is ``[BLOCK_V // LANE, LANE]`` and every lane row
@@ -38,9 +41,12 @@ import triton
 import triton.language as tl
 
 from .fast_math import exp2_ftz, key_logit, key_scales, logit_key, max_logit
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
 from .lse_pair import lse_pair
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
+from .top1 import body_first_max, first_max_index, first_max_merge
 
 
 @triton.jit
@@ -62,10 +68,11 @@ def _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY: tl.constexpr, WANT_LS
     d = key - k_ref[:, None]
     e = exp2_ftz(d * ku)
     if WANT_ENTROPY:
-        # Re-base the old sum on the new max: Σ e·(key − k_new) = α·(a + s·(k_old − k_new));
-        # e·d is 0·(−inf) at −inf logits: count those entries as 0.
+        # Re-base the old sum on the new max: Σ e·(key − k_new) = α·(a + s·(k_old − k_new)).
+        # At a −inf logit e·d would be 0·(−inf): d is floored at −FLT_MAX, which changes no finite
+        # d, so such entries count as 0 (one FMNMX per element, where a compare and select were two).
         shift = tl.where(k_l == -float("inf"), 0.0, k_l - k_ref)
-        a_l = (a_l + s_l * shift) * alpha + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=1)
+        a_l = (a_l + s_l * shift) * alpha + tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)
     s_l = s_l * alpha + tl.sum(e, axis=1)
     if WANT_LSQ:
         q_l = q_l * (alpha * alpha) + tl.sum(e * e, axis=1)
@@ -104,20 +111,32 @@ def token_forward_kernel(
         q_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         zs_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         x_body = x_ptr + body_off
+        trip_l = tl.zeros([BLOCK_V // LANE], tl.int32)  # WANT_TOP1: trip of each lane row's max
         for i in range(0, n_full):
             x = tl.load(x_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_xv)
             key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            k_old = k_l
             k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
+            if WANT_TOP1:
+                # Only a strict rise moves it: the trip where the lane row's final max first appears.
+                trip_l = tl.where(k_l > k_old, i, trip_l)
             if WANT_MEAN:
-                zs_l += tl.sum(key_logit(key, kz, HAS_SOFTCAP), axis=1)
+                zs_l += tl.sum(key, axis=1)  # Σ key; z = key·kz is applied once after the loop
+        if WANT_TOP1:  # the body's max and its first id, before the edge joins the lane rows
+            body_k, body_first = body_first_max(x_body, stride_xv, k_l, trip_l, n_full, head, V, scale, inv_temp,
+                                                softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
+        edge_k = tl.full([], -float("inf"), tl.float32)  # WANT_TOP1: the edge's max key, first id
+        edge_first = tl.zeros([], tl.int32) + V
         for e0 in range(0, n_edge, BLOCK_V):
             inside = e0 + k < n_edge
             idx = edge_index(e0 + k, head, tail_start)
             x = tl.load(x_row + vocab_offset(idx, ALIGN) * stride_xv, mask=inside, other=0.0)
             key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
             if WANT_MEAN:
-                zs_l += tl.sum(tl.where(inside, key_logit(key, kz, HAS_SOFTCAP), 0.0), axis=1)
+                zs_l += tl.sum(tl.where(inside, key, 0.0), axis=1)
             key = tl.where(inside, key, -float("inf"))
+            if WANT_TOP1:
+                edge_k, edge_first = first_max_merge(key, idx, inside, edge_k, edge_first, V)
             k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
         # One combine of the lane rows: weights w_l = e^{m_l − m}.  The row's largest logit
         # m = z at the max key, computed as transform computes it, and the max's own term
@@ -150,12 +169,16 @@ def token_forward_kernel(
         if WANT_LSQ:
             tl.store(lsq_ptr + out, tl.log(tl.sum(q_l * (w * w), axis=0)) - 2.0 * tl.log(s))
         if WANT_MEAN:
-            tl.store(mean_ptr + out, tl.sum(zs_l, axis=0) / V)
+            tl.store(mean_ptr + out, kz * tl.sum(zs_l, axis=0) / V)  # mean z = kz · Σ key / V
         if WANT_TOP1:
+            first = first_max_index(body_k, body_first, edge_k, edge_first, V)
             if VOCAB_SHARD:
-                tl.store(top1_ptr + out, m)
+                # The slice's max for the combine, or +inf when the label is ours but an earlier
+                # id of the slice ties or beats it: then no rank can make it the top-1.
+                mine = (y >= 0) & (y < V)
+                tl.store(top1_ptr + out, tl.where(mine & (first != y), float("inf"), m))
             else:
-                tl.store(top1_ptr + out, (z_y >= m).to(tl.float32))
+                tl.store(top1_ptr + out, (first == y).to(tl.float32))
     else:
         tl.store(lse_ptr + 2 * row, 0.0)
         tl.store(lse_ptr + 2 * row + 1, 0.0)

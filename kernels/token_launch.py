@@ -69,7 +69,8 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
 
     ``vocab_shard=True``: ``logits`` is one rank's vocabulary slice and labels are
     relative to it (outside ``[0, V)`` when another rank owns them); ``logp`` then holds
-    the raw target logit (0 when not owned), ``is_top1`` the slice's max logit, and
+    the raw target logit (0 when not owned), ``is_top1`` the slice's max logit (+inf where the
+    owned label loses a tie or more inside the slice), and
     ``lse`` / the other extras the slice's own statistics (see ``token_forward.py``).
     """
     B, T, V = logits.shape

@@ -30,7 +30,8 @@ class TokenLogprobs(NamedTuple):
     * ``entropy`` — −Σ_v p_v log p_v;
     * ``log_sum_sq_probs`` — log Σ_v p_v² (WPO's weights);
     * ``mean_logit`` — mean over the vocabulary of the transformed logits;
-    * ``is_top1`` — 1.0 where the label has the largest logit (ties count), else 0.0.
+    * ``is_top1`` — 1.0 where the label is the row's ``argmax`` (of tied largest logits the
+      lowest id, as ``torch.argmax``, Hugging Face and TRL's accuracy resolve it), else 0.0.
     """
 
     logps: torch.Tensor

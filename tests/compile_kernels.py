@@ -101,8 +101,8 @@ def linear_cases():
     rows, g, pairs = meta(N, dtype=torch.int64), meta(N), meta(N, 2)
     for dtype in DTYPES:
         h, w, b = meta(N, D, dtype=dtype), meta(V_LIN, D, dtype=dtype), meta(V_LIN, dtype=dtype)
-        for fl in flag_variants(("bias", "softcap", "entropy", "log_sum_sq_probs", "mean_logit")):
-            extras = tuple(n for n in ("entropy", "log_sum_sq_probs", "mean_logit") if fl[n])
+        for fl in flag_variants(("bias", "softcap", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1")):
+            extras = tuple(n for n in ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1") if fl[n])
             yield linear_forward_kernel, lambda fl=fl, extras=extras: ll.linear_forward(
                 h, w, b if fl["bias"] else None, rows, rows, extras=extras, **transform(fl["softcap"]))
         for fl in flag_variants(("bias", "softcap", "g", "g_ent", "g_lsq", "g_mean", "dh", "dw", "db", "filter")):

@@ -26,7 +26,6 @@ def token_logprobs_ref(logits, labels, *, ignore_index=-100, shift=False, temper
     logq = torch.log_softmax(z, dim=-1)
     p = logq.exp()
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    z_y = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     out = {
         "logps": logq.gather(-1, safe.unsqueeze(-1)).squeeze(-1),
         # p·log p → 0 as p → 0 (−inf logits of a padded vocabulary); log q is made finite
@@ -34,7 +33,8 @@ def token_logprobs_ref(logits, labels, *, ignore_index=-100, shift=False, temper
         "entropy": -(p * torch.where(p > 0, logq, torch.zeros_like(logq))).sum(-1),
         "log_sum_sq_probs": torch.log((p * p).sum(-1)),
         "mean_logit": z.mean(-1),
-        "is_top1": (z_y >= z.max(-1).values).double(),
+        # argmax's tie rule: the lowest of several maximal ids (as HF / TRL accuracy)
+        "is_top1": (z.argmax(-1) == safe).double(),
     }
     return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
 

@@ -61,7 +61,8 @@ def test_combine_stats_formula():
     meta = [torch.tensor([[3.0], [0.0], [0], [0], [0], [0], [0]]),
             torch.tensor([[4.0], [3.0], [0], [0], [0], [0], [0]])]
     gathered = torch.stack([torch.cat([s.unsqueeze(1), m.double()], 1) for s, m in zip(stats, meta)])
-    logp, lse, out = combine_stats(gathered, ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1"))
+    logp, lse, out = combine_stats(gathered, ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1"),
+                                torch.tensor([y]))
     p = torch.softmax(z, 0)
     assert lse.shape == (1, 2)  # the (hi, lo) pair
     assert torch.allclose(lse.sum(-1), torch.logsumexp(z, 0).reshape(1), atol=1e-12)

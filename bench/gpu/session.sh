@@ -10,9 +10,10 @@
 # Run from the repository root on the GPU machine with `.whl` carried (bench/gpu/fetch_peers.sh,
 # bench/gpu/pack_activations.py).  Each step runs under its own `timeout` (SIGINT, then SIGKILL),
 # cut further to what is left of SESSION_BUDGET_S; the results go to
-# $STAGE/bench/results/<gpu>/ and, after every step, into at most 7 files in $OUT (the device
+# $STAGE/bench/results/<gpu>/ and, after every step, into at most 8 files in $OUT (the device
 # tool brings back 8 files at most, none deeper than two folders):
 #   SUMMARY.md session.json results.tar.gz session.log headline.md ablations.md ablations.png
+#   kernel_profile.md
 # Exit status: 0 when every step is ok (or skipped with a recorded reason), else 1.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,7 +34,7 @@ RESERVE=15                        # kept for the last packaging
 MIN_STEP=10                       # a step with less time left than this is "not run" (a failure)
 OUT=${OUT:-/tmp/pyfused_session_out}
 mkdir -p "$OUT"
-rm -f "$OUT"/{SUMMARY.md,session.json,results.tar.gz,session.log,headline.md,ablations.md,ablations.png}
+rm -f "$OUT"/{SUMMARY.md,session.json,results.tar.gz,session.log,headline.md,ablations.md,ablations.png,kernel_profile.md}
 export DRY_RUN=$DRY PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 
 # --- set-up: peers from carried wheels, the kernels link, the device's folder name ----------
@@ -110,7 +111,7 @@ step_env() {
 
 step_tests() {
   if [ "$DRY" = 0 ]; then
-    run_step tests 105 "$LOGS/gpu_tests.xml" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests bench \
+    run_step tests 75 "$LOGS/gpu_tests.xml" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests bench \
       --durations=15 --junitxml="$LOGS/gpu_tests.xml"
   else  # the same selection, collected (the tests need CUDA); at least one must be selected
     run_step tests 60 "$LOGS/gpu_tests_collected.txt" bash -c "set -o pipefail; '$PY' -m pytest -q -p no:cacheprovider \
@@ -119,36 +120,51 @@ step_tests() {
   fi
 }
 
-# The headline in three runs that merge into one summary (run.py saves only at its end, so a
-# slow group cannot cost the others their numbers): fused-linear path, logits path, torch.compile.
-HEADLINE_GROUPS=("linear 75 pyfused_linear,pyfused_linear_fused,trl_chunked,liger,cce,torch_eager_linear"
+# The headline in three runs that merge into one summary: fused-linear path, logits path,
+# torch.compile.  The two path groups run the session's cases (bench/cases.py session_cases: the
+# headline on random and realistic inputs, on the linear path also with a frozen head, a small
+# batch of 1 pair x 2 x 512 tokens, V = 50,257 beside 128,256) and save after every method
+# (run.py --session), so a timeout loses only the method in flight.  The linear group's headline
+# methods are what users run: the module's default plan and apply(DPOTrainer)'s head, beside TRL
+# with DPOTrainer's outputs (and without), the staged path, Liger, CCE and eager.
+HEADLINE_GROUPS=("linear 120 pyfused_module_linear,pyfused_apply_dpo,trl_chunked_dpo,pyfused_linear,trl_chunked,liger,cce,pyfused_linear_fused,torch_eager_linear"
                  "logits 55 pyfused,pyfused_inplace,trl_selective,trl_kernel,flash_attn,torch_eager"
-                 "compile 45 torch_compile,torch_compile_linear")
+                 "compile 40 torch_compile,torch_compile_linear")
 step_headline() {
-  local g name budget methods all=""
+  local g name budget methods cases
   for g in "${HEADLINE_GROUPS[@]}"; do
     read -r name budget methods <<< "$g"
+    case $name in compile) cases=(--headline-only) ;; *) cases=(--session "$name") ;; esac
     if [ "$DRY" = 0 ]; then
-      run_step "headline_$name" "$budget" "$RES/summary.json $RES/README.md" "$PY" bench/run.py --headline-only \
+      run_step "headline_$name" "$budget" "$RES/summary.json $RES/README.md" "$PY" bench/run.py "${cases[@]}" \
         --no-progress --methods "$methods" --out "$RES"
+    else  # toy sizes (session_cases' CPU form), realistic inputs only (the random case is the same
+          # code); the plots are drawn once, by the last group
+      plots=(--no-plots); [ "$name" = compile ] && plots=()
+      run_step "headline_$name" 90 "$RES/summary.json $RES/README.md" "$PY" bench/run.py "${cases[@]}" \
+        --no-progress --methods "$methods" --out "$RES" --max-tokens-per-pair 64 --reps 1 --warmup 0 \
+        --no-memory --kinds realistic "${plots[@]}"
     fi
-    all=$all${all:+,}$methods
   done
-  # Dry run: one run over the same methods at toy sizes (same code path, a third of the start-ups).
-  [ "$DRY" = 0 ] || run_step headline 120 "$RES/summary.json $RES/README.md" "$PY" bench/run.py --headline-only \
-    --no-progress --methods "$all" --out "$RES" --max-tokens-per-pair 64 --reps 1 --warmup 0
+}
+
+# torch.profiler: one step of the default plan, apply(DPOTrainer)'s head, the staged path and TRL
+# with DPO's outputs, per kernel; cuBLAS alone at the same GEMM shapes (the roof for the GEMMs).
+step_kernel_profile() {
+  run_step kernel_profile 45 "$RES/kernel_profile/kernel_profile.json $RES/kernel_profile/kernel_profile.md" \
+    "$PY" bench/gpu/kernel_profile.py --out "$RES/kernel_profile"
 }
 
 step_ablations() {
   local acts=()
   [ -f "$ACTS" ] && acts=(--activations "$ACTS")
-  run_step ablations 70 "$RES/ablations/ablations.json $RES/ablations/ablations.md" \
+  run_step ablations "$( [ "$DRY" = 1 ] && echo 70 || echo 55 )" "$RES/ablations/ablations.json $RES/ablations/ablations.md" \
     "$PY" bench/ablations.py --out "$RES/ablations" "${acts[@]}"
 }
 
 step_context() {  # one run per method: a slow search cannot cost the others their result
-  local methods=(pyfused_linear trl_chunked liger cce) each=22 m
-  [ "$DRY" = 0 ] || methods=(pyfused_linear)
+  local methods=(pyfused_module_linear trl_chunked liger cce) each=18 m
+  [ "$DRY" = 0 ] || methods=(pyfused_module_linear)
   for m in "${methods[@]}"; do
     run_step "context_$m" "$each" "$RES/max-context-80GB/summary.json" "$PY" bench/gpu/memcap.py 80e9 \
       bench/run.py --only-max-context --methods "$m" --no-progress --out "$RES/max-context-80GB"
@@ -160,13 +176,13 @@ step_sanitizer() {
     echo "compute-sanitizer on PATH: $(command -v compute-sanitizer || echo no)" > "$LOGS/sanitizer_binary.txt"
     run_step sanitizer 60 "$LOGS/sanitizer.log" "$PY" bench/gpu/small_case.py
   elif command -v compute-sanitizer > /dev/null; then
-    run_step sanitizer 40 "$LOGS/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
+    run_step sanitizer 30 "$LOGS/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
       "$PY" bench/gpu/small_case.py
   else
     echo "compute-sanitizer not on PATH: memcheck not run" > "$LOGS/sanitizer.log"
     "$PY" bench/gpu/summarize.py step "$RES" sanitizer "skipped: compute-sanitizer not on PATH" 0 0 40 0 \
       "$LOGS/sanitizer.log" "$(date +%s)"
-    run_step small_case 30 "$LOGS/small_case.log" "$PY" bench/gpu/small_case.py
+    run_step small_case 25 "$LOGS/small_case.log" "$PY" bench/gpu/small_case.py
   fi
 }
 
@@ -177,9 +193,9 @@ step_sweep() {
 
 step_env
 case "$mode" in
-  all) step_tests; step_headline; step_ablations; step_context; step_sanitizer ;;
+  all) step_tests; step_headline; step_kernel_profile; step_ablations; step_context; step_sanitizer ;;
   tests) step_tests ;;
-  headline) step_headline ;;
+  headline) step_headline; step_kernel_profile ;;
   ablations) step_ablations ;;
   context) step_context ;;
   sanitizer) step_sanitizer ;;

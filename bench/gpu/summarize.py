@@ -132,13 +132,16 @@ def headline_lines(summary):
     ratios = {}
     for case in sorted({c for c, _ in by}):
         if case.startswith("linear"):
-            trl = by.get((case, "trl_chunked"))
-            for m in ("pyfused_linear", "pyfused_linear_fused"):
-                r = by.get((case, m))
+            # What users run against what TRL users run: the module's default plan and apply(DPOTrainer)'s
+            # head against TRL with DPOTrainer's outputs; the staged and fused impls against plain TRL.
+            for m, base in (("pyfused_module_linear", "trl_chunked_dpo"), ("pyfused_apply_dpo", "trl_chunked_dpo"),
+                            ("pyfused_linear", "trl_chunked"), ("pyfused_linear_fused", "trl_chunked")):
+                r, trl = by.get((case, m)), by.get((case, base))
+                label = "TRL chunked" + (" (DPO outputs)" if base == "trl_chunked_dpo" else "")
                 if r and trl and _ms(r) and _ms(trl):
-                    ratios[f"{case}: {m} time / TRL chunked (target ≤ 0.8)"] = _ms(r) / _ms(trl)
+                    ratios[f"{case}: {m} time / {label} (target ≤ 0.8)"] = _ms(r) / _ms(trl)
                     if r.get("peak_extra_bytes") and trl.get("peak_extra_bytes"):
-                        ratios[f"{case}: {m} peak / TRL chunked (target ≤ 1)"] = \
+                        ratios[f"{case}: {m} peak / {label} (target ≤ 1)"] = \
                             r["peak_extra_bytes"] / trl["peak_extra_bytes"]
                 if r and r.get("score_pct") is not None:
                     ratios[f"{case}: {m} % of cuBLAS bf16 (target ≥ 70)"] = r["score_pct"]
@@ -180,6 +183,9 @@ def summary(res, out):
     if not (ctx or {}).get("max_context"):
         lines.append("(no max-context results)")
     lines += ["", "## Ablations", "", "see ablations.md" if abl else "(no ablations.json)", ""]
+    kp = res / "kernel_profile" / "kernel_profile.md"
+    lines += ["## Per-kernel profile of one step", "", "see kernel_profile.md" if kp.is_file()
+              else "(no kernel_profile.md)", ""]
     text = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (res / "SESSION.md").write_text(text)
@@ -189,7 +195,8 @@ def summary(res, out):
     (res / "session.json").write_text(json.dumps(doc, indent=1))
     (out / "session.json").write_text(json.dumps(doc, indent=1))
     for src, dst in ((res / "README.md", "headline.md"), (res / "ablations" / "ablations.md", "ablations.md"),
-                     (res / "ablations" / "ablations.png", "ablations.png")):
+                     (res / "ablations" / "ablations.png", "ablations.png"),
+                     (res / "kernel_profile" / "kernel_profile.md", "kernel_profile.md")):
         if src.is_file():
             shutil.copyfile(src, out / dst)
     bad = [s["step"] for s in steps if not _fine(s["status"])]

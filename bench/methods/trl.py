@@ -97,7 +97,12 @@ def _build_kernel(case, device):
     return lambda inp: token_dpo(fn(inp.logits, inp.labels)[0], inp, case.pairs)
 
 
-def _build_chunked(case, device):
+# The outputs TRL 1.16's DPOTrainer asks of its fused LM head besides the log-probs
+# (trl/trainer/dpo_trainer.py; ChunkedLogProbFunction's ``outputs`` names only the optional ones).
+DPO_OUTPUTS = ("entropy", "mean_logits", "is_top1")
+
+
+def _build_chunked(case, device, outputs=()):
     fn_cls = _chunked()
     module = inspect.getmodule(fn_cls)
     # 1.16's backward imports trl.trainer.utils on first use; a TRL trainer has it loaded
@@ -108,7 +113,7 @@ def _build_chunked(case, device):
         hidden = inp.hidden.reshape(-1, case.hidden)
         args = chunked_positional_args(
             fn_cls, {"hidden": hidden, "weight": inp.weight, "bias": None,
-                     "targets": inp.labels.reshape(-1), "temperature": 1.0}, module)
+                     "targets": inp.labels.reshape(-1), "temperature": 1.0, "outputs": outputs}, module)
         out = fn_cls.apply(*args)
         logps = out[0] if isinstance(out, (tuple, list)) else out
         return token_dpo(logps, inp, case.pairs)
@@ -144,4 +149,7 @@ METHODS = [
            cuda_only=True),
     Method("trl_chunked", "TRL ChunkedLogProbFunction", "linear", _build_chunked,
            probe=_probe_chunked, cpu_probe=_cpu_probe_chunked),
+    Method("trl_chunked_dpo", "TRL ChunkedLogProbFunction, DPOTrainer's outputs", "linear",
+           lambda case, device: _build_chunked(case, device, DPO_OUTPUTS), probe=_probe_chunked,
+           cpu_probe=_cpu_probe_chunked, note="outputs=" + ",".join(DPO_OUTPUTS)),
 ]

@@ -79,11 +79,12 @@ class _SliceFold:
         return self.base.token_backward(*args, vocab_shard=True, **kw)
 
 
-def _combine(lse, target, outs, config, v_local, vocab_start, group, labels):
-    """One all_gather, then the full-vocabulary values; also returns ``V_local / V``."""
+def _combine(lse, target, outs, config, v_local, vocab_start, group, labels, token_labels):
+    """One all_gather, then the full-vocabulary values; also returns ``V_local / V``.
+    ``token_labels``: the global label of each statistic's token (``lse``'s order)."""
     gathered = all_gather_stats(pack_stats(lse, target, outs, config.extras, v_local, vocab_start), group)
     total = check_layout(gathered, labels, config.ignore_index)
-    logp, lse_all, extras = combine_stats(gathered, config.extras)
+    logp, lse_all, extras = combine_stats(gathered, config.extras, token_labels)
     return logp, lse_all, extras, v_local / total
 
 
@@ -111,7 +112,7 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         lse_at_label = torch.zeros_like(lse)
         lse_at_label[:, shift:] = lse[:, :T - shift]
         logp, lse_all, extras, ratio = _combine(lse_at_label, target, outs, config, v_local, vocab_start,
-                                                group, labels)
+                                                group, labels, labels.reshape(-1))
         valid = (y2 != SLICE_IGNORE)
         valid[:, :shift] = False
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
@@ -199,6 +200,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         fold = _SliceFold(_backend.token_ops(backend))
         D, T, v_local = hidden.shape[-1], labels.shape[-1], weight.shape[0]
         rows, pos, targets = _chunked.labelled_tokens(_chunked.labels_2d(labels), config.ignore_index, config.shift)
+        global_targets = targets
         targets = slice_labels(targets, vocab_start, v_local, config.ignore_index)
         kw = dict(ignore_index=SLICE_IGNORE, temperature=config.temperature,
                   logit_scale=config.logit_scale, softcap=config.softcap, chunk_tokens=chunk_tokens, fold=fold)
@@ -206,7 +208,8 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         with autocast_off(hidden.device.type):
             target, lse, outs = _chunked.linear_forward(h.reshape(-1, D), w, b, rows, targets,
                                                         extras=config.extras, **kw)
-        logp, lse_all, extras, ratio = _combine(lse, target, outs, config, v_local, vocab_start, group, labels)
+        logp, lse_all, extras, ratio = _combine(lse, target, outs, config, v_local, vocab_start, group, labels,
+                                                global_targets)
 
         def scatter(v):  # [M] per labelled token → zeros shaped like labels
             full = torch.zeros(labels.numel(), device=labels.device, dtype=v.dtype)

@@ -16,7 +16,7 @@ the max), ``L = log Σ_r e^{ℓ_r}`` (so lse = H + L) and the slice weights
     entropy        = Σ_r w_r·(H_r − log w_r)               (Σ_r w_r = 1)
     log Σ_v p_v²   = log Σ_r e^{2 log w_r + S_r}
     mean_logit     = Σ_r Z_r / Σ_r V_r
-    is_top1        = [z_y ≥ max_r M_r]
+    is_top1        = [z_y ≥ max_r M_r, and the lowest rank reaching it owns y]   (argmax's tie rule)
 
 and the combined LSE is the pair of ``H + L``: nothing is rounded to the ulp of a large
 common offset of the logits.
@@ -102,10 +102,23 @@ def check_layout(gathered, labels, ignore_index):
     return total
 
 
-def combine_stats(gathered, extras):
+def _first_max_is_label(top, z_y, starts, sizes, labels):
+    """``argmax == label`` over the full vocabulary, the lowest id winning a tie: ``top [W, n]``
+    holds each slice's max (+inf on the owner where an earlier id of its slice ties or beats
+    the label), so the label is the first maximizer iff ``z_y`` reaches the largest ``top`` and
+    the lowest rank that reaches it owns the label."""
+    best = top.max(0).values
+    first_rank = (top == best).to(torch.int8).argmax(0, keepdim=True)  # argmax: the first such rank
+    lab = labels.reshape(1, -1).to(starts.dtype)
+    owner = (lab >= starts[:, None]) & (lab < (starts + sizes)[:, None])
+    return (z_y >= best) & owner.gather(0, first_rank)[0]
+
+
+def combine_stats(gathered, extras, labels):
     """Full-vocabulary ``(logp, lse, {extra: value})`` per token from ``[W, K, n + 1]``
-    gathered statistics (module docstring; ``lse`` as ``[n, 2]`` pairs); values of ignored
-    tokens are meaningless and the caller masks them."""
+    gathered statistics (module docstring; ``lse`` as ``[n, 2]`` pairs) and the ``n`` tokens'
+    global labels (for ``is_top1``: which rank owns each); values of ignored tokens are
+    meaningless and the caller masks them."""
     g = gathered[..., :-1]
     hi_r, lo_r, z_y = g[:, 0], g[:, 1], g[:, 2].sum(0)  # only the owner's z_y is non-zero
     top = hi_r.max(0).values
@@ -126,6 +139,6 @@ def combine_stats(gathered, extras):
         elif name == "mean_logit":
             out[name] = v.sum(0) / gathered[:, 0, -1].sum()
         elif name == "is_top1":
-            out[name] = (z_y >= v.max(0).values).to(v.dtype)
+            out[name] = _first_max_is_label(v, z_y, gathered[:, 1, -1], gathered[:, 0, -1], labels).to(v.dtype)
     return (z_y - top) - big_l, lse_pair(top, big_l), out
 

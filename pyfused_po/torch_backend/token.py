@@ -131,6 +131,17 @@ def log_probs(x, lse, exact, *, logit_scale, temperature, softcap):
     return (x - x_max.unsqueeze(-1)) * c + ((m.unsqueeze(-1) - hi) + m_err.unsqueeze(-1)) - lo
 
 
+def first_max_index(x, logit_scale, temperature, softcap):
+    """Index of each row's first largest logit, as ``argmax`` picks it (the lowest id wins a
+    tie), decided on the kernels' logit key (``kernels/fast_math.logit_key``): the raw logit,
+    negated when ``scale/T < 0``, or ``z`` itself with a softcap."""
+    if softcap is not None:
+        key = _transform(x, logit_scale, temperature, softcap)
+    else:
+        key = -x if logit_scale / temperature < 0 else x
+    return key.argmax(-1)
+
+
 def _owned(targets, V, vocab_shard):
     """``(in_slice mask or None, safe index)``: under ``vocab_shard`` a label outside
     ``[0, V)`` belongs to another rank's vocabulary slice."""
@@ -145,7 +156,7 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
                   extras=(), block_v=None, vocab_shard=False):
     """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does (``lse`` the
     ``[B, T, 2]`` pairs of :func:`lse_pair`; also its ``vocab_shard`` mode: raw target logit in
-    ``logp``, the slice's max in ``is_top1``)."""
+    ``logp``, the slice's max in ``is_top1``, +inf where the owned label loses inside the slice)."""
     del block_v  # Triton-only tuning knob
     B, T, V = logits.shape
     cdt = _compute_dtype(logits)
@@ -178,9 +189,13 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
             if "mean_logit" in outs:
                 outs["mean_logit"][b, pos] = z.mean(-1)
             if "is_top1" in outs:
-                row_max = z.max(-1).values
-                z_y = z.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-                outs["is_top1"][b, pos] = row_max if vocab_shard else (z_y >= row_max).to(cdt)
+                top1 = first_max_index(x, **tkw) == index
+                if vocab_shard:  # the slice's max, +inf where our label is beaten inside the slice
+                    beaten = mine & ~top1
+                    outs["is_top1"][b, pos] = torch.where(beaten, torch.full_like(z[..., 0], float("inf")),
+                                                          z.max(-1).values)
+                else:
+                    outs["is_top1"][b, pos] = top1.to(cdt)
     return logp, lse, outs
 
 
