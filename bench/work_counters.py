@@ -351,15 +351,23 @@ def long_pair_methods(batch, budget, liger=False):
             ("TRL 1.16 ChunkedLogProbFunction + DPO (trainable)", True, _trl(batch, budget))]
 
 
-# The table's sections: (name, the section's batch from the main one, its methods).  Another
-# module (e.g. rows for each trainer through apply()) appends a section here; every row of a
-# section is compared with the TRL row of the same section and head.
+# The table's sections: (name, the section's batch from the main one, its methods), or
+# (name, None, rows(shape)) for a section that builds and counts its own steps
+# (bench/trainer_counters.py: each trainer through apply()).  Every row of a section is compared
+# with the TRL row of the same section and head.
 SECTIONS = [
     ("padded", lambda batch, shape: batch, methods),
     ("packed", lambda batch, shape: packed_batch(batch), packed_methods),
     ("long pairs", lambda batch, shape: make_batch(1, shape["long_seq"], shape["vocab"], shape["hidden_dim"]),
      long_pair_methods),
+    ("trainers through apply()", None, lambda shape: _trainer_rows(shape)),
 ]
+
+
+def _trainer_rows(shape):
+    from bench.trainer_counters import trainer_rows  # imported late: it imports this module
+
+    return trainer_rows(shape)
 
 
 def count_step(step, batch, trainable):
@@ -392,6 +400,9 @@ def run(pairs=2, seq=256, vocab=8192, dim=1024, budget=1 << 22, liger=True, long
                  unit_flops=unit, torch=torch.__version__, long_seq=long_seq or (5 * dim) // 4)
     rows = []
     for section, make, section_methods in (SECTIONS if sections is None else sections):
+        if make is None:  # a section that counts its own steps: finished rows
+            rows += section_methods(shape)
+            continue
         b = make(batch, shape)
         m = int((b["labels"] != -100).sum())
         section_unit = 2 * m * dim * vocab
