@@ -542,8 +542,8 @@ NOTES = """Notes.
   as the pair. More sections go in `SECTIONS`.
 * *apply(): …* rows (bench/trainer_counters.py): LM-head GEMMs only (matmuls with an operand of
   size V), `compute_loss` + backward on one prepared batch. TRL's own step runs its head over every
-  position it is handed (prompt and padding included), so on these short, padded rows its × floor is
-  above the 1.33 of its 4 GEMMs; its peak there is mostly its fixed-size tile buffers, so the peak
+  position it is handed (prompt and padding included; GRPO: 40 positions for 26 completion tokens),
+  so on these short, padded rows its × floor is above the 1.33 of its 4 GEMMs; its peak there is mostly its fixed-size tile buffers, so the peak
   ratio says little about a real shape. GRPO (β = 0) stays at 4 GEMMs through `apply()`: its plan is
   not built, `apply()` switches the per-token forward only; the sampler's GEMMs are not counted."""
 
