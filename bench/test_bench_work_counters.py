@@ -3,7 +3,9 @@ import gc
 
 import torch
 
-from bench.work_counters import WorkCounter, run
+import pytest
+
+from bench.work_counters import SECTIONS, WorkCounter, run
 
 
 def _ab(m=3, k=5, n=7):
@@ -74,7 +76,8 @@ def test_traffic_model_in_place_against_temporary():
 
 def test_table_runs_at_a_tiny_shape():
     # Chunks hold a pair (109 tokens); the long-pair section's rows of 80 tokens make pairs of ~130.
-    result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 15, liger=False, long_seq=80)
+    own_batch = [s for s in SECTIONS if s[1] is not None]  # the trainer section: its own test
+    result = run(pairs=1, seq=40, vocab=300, dim=16, budget=1 << 15, liger=False, long_seq=80, sections=own_batch)
     trl = [r for r in result["rows"] if r["method"].startswith("TRL")]
     trl = [r for r in trl if r["section"] == "padded"]
     assert [r["gemms"] for r in trl] == [4.0, 3.0]  # TRL: logits, recompute, dH (, dW)
@@ -120,3 +123,28 @@ def test_models_at_the_headline_shape():
     assert t[fused] == 7 * dw + 3 * 2 * dh
     assert t[trl] == 2 * (4 * dw + 4 * dh * 4)  # 4 token tiles × |dW|, 4 vocabulary tiles × |dH| fp32
     assert t[fused] < t[trl] and p[fused] < p[trl]
+
+
+@pytest.mark.slow
+def test_trainer_rows_through_apply():
+    """One step of each TRL trainer, TRL's own and through apply(): the plan is at the floor for
+    DPO (trainable and LoRA), KTO and SFT; GRPO keeps 4 GEMMs (1.33x, its plan is not built).
+    TRL's head runs over every position it is handed (prompt and padding too): above the floor."""
+    pytest.importorskip("trl")
+    from bench.trainer_counters import trainer_rows
+
+    rows = trainer_rows()
+    by = {(r["section"], r["method"].startswith("TRL")): r for r in rows}
+    assert len(by) == len(rows) == 10
+    expected = {"DPOTrainer": 1.0, "DPOTrainer + LoRA": 1.0, "KTOTrainer": 1.0, "SFTTrainer": 1.0,
+                "GRPOTrainer (β = 0)": 4 / 3}
+    for label, ratio in expected.items():
+        ours, trl = by[(f"apply(): {label}", False)], by[(f"apply(): {label}", True)]
+        assert ours["gemm_vs_floor"] == pytest.approx(ratio, abs=1e-12), (label, ours["gemm_vs_floor"])
+        assert trl["gemm_vs_floor"] > 4 / 3, (label, trl["gemm_vs_floor"])
+        assert 0 < ours["peak_bytes"] < trl["peak_bytes"], label
+    # The floor by hand: 3 (2 frozen) per policy token + 1 per reference token, KTO's KL pass 1 + 1.
+    assert by[("apply(): DPOTrainer", False)]["floor_gemms"] == 4.0
+    assert by[("apply(): DPOTrainer + LoRA", False)]["floor_gemms"] == 3.0
+    assert by[("apply(): SFTTrainer", False)]["floor_gemms"] == 3.0
+    assert by[("apply(): KTOTrainer", False)]["floor_gemms"] > 4.0  # the KL completions

@@ -351,15 +351,23 @@ def long_pair_methods(batch, budget, liger=False):
             ("TRL 1.16 ChunkedLogProbFunction + DPO (trainable)", True, _trl(batch, budget))]
 
 
-# The table's sections: (name, the section's batch from the main one, its methods).  Another
-# module (e.g. rows for each trainer through apply()) appends a section here; every row of a
-# section is compared with the TRL row of the same section and head.
+# The table's sections: (name, the section's batch from the main one, its methods), or
+# (name, None, rows(shape)) for a section that builds and counts its own steps
+# (bench/trainer_counters.py: each trainer through apply()).  Every row of a section is compared
+# with the TRL row of the same section and head.
 SECTIONS = [
     ("padded", lambda batch, shape: batch, methods),
     ("packed", lambda batch, shape: packed_batch(batch), packed_methods),
     ("long pairs", lambda batch, shape: make_batch(1, shape["long_seq"], shape["vocab"], shape["hidden_dim"]),
      long_pair_methods),
+    ("trainers through apply()", None, lambda shape: _trainer_rows(shape)),
 ]
+
+
+def _trainer_rows(shape):
+    from bench.trainer_counters import trainer_rows  # imported late: it imports this module
+
+    return trainer_rows(shape)
 
 
 def count_step(step, batch, trainable):
@@ -392,6 +400,9 @@ def run(pairs=2, seq=256, vocab=8192, dim=1024, budget=1 << 22, liger=True, long
                  unit_flops=unit, torch=torch.__version__, long_seq=long_seq or (5 * dim) // 4)
     rows = []
     for section, make, section_methods in (SECTIONS if sections is None else sections):
+        if make is None:  # a section that counts its own steps: finished rows
+            rows += section_methods(shape)
+            continue
         b = make(batch, shape)
         m = int((b["labels"] != -100).sum())
         section_unit = 2 * m * dim * vocab
@@ -528,7 +539,13 @@ NOTES = """Notes.
 * *Packed* rows run the module with `layout=BatchLayout(cu_seqlens=…)`: the plan is asked on the
   same batch representation as the padded rows. *Long pairs*: the default `long_group_plan='staged'`
   falls back by name (logged once, `module.fallback_reason`); `'three_gemm'` holds a chunk as long
-  as the pair. More sections (e.g. each trainer through `apply()`) go in `SECTIONS`."""
+  as the pair. More sections go in `SECTIONS`.
+* *apply(): …* rows (bench/trainer_counters.py): LM-head GEMMs only (matmuls with an operand of
+  size V), `compute_loss` + backward on one prepared batch. TRL's own step runs its head over every
+  position it is handed (prompt and padding included; GRPO: 40 positions for 26 completion tokens),
+  so on these short, padded rows its × floor is above the 1.33 of its 4 GEMMs; its peak there is mostly its fixed-size tile buffers, so the peak
+  ratio says little about a real shape. GRPO (β = 0) stays at 4 GEMMs through `apply()`: its plan is
+  not built, `apply()` switches the per-token forward only; the sampler's GEMMs are not counted."""
 
 
 def render(result):
@@ -539,14 +556,18 @@ def render(result):
              "Sections: *padded* `[2P, T]`; *packed*: the same rows cut at random lengths and packed "
              "`[1, N]` with `cu_seqlens`; *long pairs*: rows of "
              f"{s.get('long_seq', '—')} tokens, every pair longer than the plan's chunk. The floor is 3 GEMMs "
-             "(trainable head), 2 (frozen).", "",
+             "(trainable head), 2 (frozen); *apply(): …* sections: one step of a TRL 1.16 trainer on the tiny "
+             "local Llama (V=61, D=24), its own and through `apply()`, M = the policy's labelled tokens, the floor "
+             "3 (2 frozen) per policy token + 1 per forward-only pass token (bench/trainer_counters.py); no "
+             "traffic model there.", "",
              "| section | method | M | GEMMs | × floor | × TRL | peak live MiB | × TRL | acc. traffic MiB | × TRL |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r.get('section', 'padded')} | {r['method']} | {r.get('labelled_tokens', '')} | "
                      f"{r['gemms']:.2f} | {r.get('gemm_vs_floor', float('nan')):.2f} | {r['gemm_vs_trl']:.2f} | "
                      f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_vs_trl']:.2f} | "
-                     f"{r['acc_bytes'] / 2**20:.1f} | {r['acc_vs_trl']:.2f} |")
+                     + (f"{r['acc_bytes'] / 2**20:.1f} | {r['acc_vs_trl']:.2f} |" if "floor_gemms" not in r
+                        else "— | — |"))
     if result["liger_skipped"]:
         lines += ["", f"Liger skipped: {result['liger_skipped']}"]
     return "\n".join(lines)
