@@ -207,3 +207,104 @@ def test_fp16_loss_scaled_preference_plan(seed):
 @pytest.mark.parametrize("seed", range(8))
 def test_fp16_loss_scaled_kto_plan(seed):
     _timed("fp16", _fp16_case, 100 + seed, True)
+
+
+# ------------------------------------------------------------------ ties and is_top1
+
+
+def _labels_on_ties(x, g):
+    """Per row: the first maximal id, a later maximal id (where the max is shared) or any id,
+    in about equal parts."""
+    at_max = x == x.max(-1, keepdim=True).values
+    first = at_max.double().argmax(-1)
+    later = (at_max * torch.rand(x.shape, generator=g, dtype=torch.float64)).argmax(-1)  # a random maximizer
+    shared = at_max.sum(-1) > 1
+    later = torch.where(shared & (later == first), (at_max.cumsum(-1) == 2).double().argmax(-1), later)
+    anywhere = torch.randint(0, x.shape[-1], first.shape, generator=g)
+    choice = torch.randint(0, 3, first.shape, generator=g)
+    return torch.where(choice == 0, first, torch.where(choice == 1, later, anywhere))
+
+
+def _argmax_reference(x, labels, shift, ignore_index=-100):
+    """1.0 where the float64 ``argmax`` (first maximal id) of the logits that predict a label is
+    that label; 0 at ignored positions and, under ``shift``, at position 0."""
+    if shift:
+        x = torch.cat([x[..., :1, :], x[..., :-1, :]], dim=-2)  # row t predicts label t
+    top1 = (x.argmax(-1) == labels).double()
+    keep = labels != ignore_index
+    if shift:
+        keep[..., 0] = False
+    return torch.where(keep, top1, torch.zeros_like(top1))
+
+
+def _ties_options(g):
+    return dict(shift=bool(torch.randint(0, 2, (), generator=g)), temperature=_pick(g, (1.0, 0.7)))
+
+
+def _tie_stats(x, labels, ref):
+    """Counts for the report: labels on a tied max that is (not) the first maximal id."""
+    at_max = x == x.max(-1, keepdim=True).values
+    on_tie = at_max.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) & (at_max.sum(-1) > 1)
+    _count(*(["label on first tied id"] * int((on_tie & (ref == 1)).sum())),
+           *(["label on later tied id"] * int((on_tie & (ref == 0)).sum())))
+
+
+def _masked(labels, g):
+    labels = labels.clone()
+    labels[torch.rand(labels.shape, generator=g) < 0.15] = -100
+    return labels
+
+
+def _token_ties_case(seed, backend):
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = _pick(g, (1, 2, 3)), _pick(g, (1, 3, 5, 7)), _pick(g, (3, 37, 131, 151, 263))
+    dtype = _pick(g, (torch.float32, torch.bfloat16))
+    x = torch.randint(0, max(2, V // 3), (B, T, V), generator=g).double()  # integers: exact in bf16 too
+    labels = _masked(_labels_on_ties(x, g), g)
+    opts = _ties_options(g)
+    extras = tuple(e for e in EXTRAS[:-1] if torch.rand((), generator=g) < 0.5) + ("is_top1",)
+    out = pyfused_po.token_logprobs(x.to(dtype), labels, extras=extras, backend=backend, **opts)
+    ref = _argmax_reference(x, labels, opts["shift"])
+    _count(f"token {backend}", str(dtype).replace("torch.", ""))
+    if not opts["shift"]:
+        _tie_stats(x, labels, ref)
+    assert torch.equal(out.is_top1.double() * (labels != -100), ref), (seed, opts, extras)
+
+
+def _linear_ties_case(seed, backend, impl):
+    """Integer hidden states and LM head, some head rows duplicated (among them the max of some
+    tokens), so ties are exact in fp32 and fall across the fused kernel's vocabulary splits."""
+    g = torch.Generator().manual_seed(seed)
+    N, D, V = _pick(g, (3, 7, 13)), _pick(g, (3, 5)), _pick(g, (37, 131, 263))
+    h = torch.randint(-2, 3, (1, N, D), generator=g).double()
+    w = torch.randint(-2, 3, (V, D), generator=g).double()
+    best = (h[0] @ w.t()).argmax(-1)
+    for v in best[: N // 2].tolist():  # copy a token's best row to a random later / earlier id
+        w[int(torch.randint(0, V, (), generator=g))] = w[v]
+    x = h @ w.t()
+    labels = _masked(_labels_on_ties(x, g), g)
+    opts = _ties_options(g)
+    out = pyfused_po.linear_token_logprobs(h.float(), w.float(), labels, extras=("entropy", "is_top1"),
+                                           backend=backend, impl=impl, **opts)
+    ref = _argmax_reference(x, labels, opts["shift"])
+    _count(f"linear {backend} {impl}")
+    if not opts["shift"]:
+        _tie_stats(x, labels, ref)
+    assert torch.equal(out.is_top1.double() * (labels != -100), ref), (seed, opts)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+@pytest.mark.parametrize("seed", range(10))
+def test_ties_token_logprobs(seed, backend):
+    _timed("ties", _token_ties_case, 200 + seed, backend)
+
+
+@pytest.mark.parametrize("backend,impl", [("torch", "chunked"), ("triton", "chunked"), ("triton", "fused")])
+@pytest.mark.parametrize("seed", range(8))
+def test_ties_linear_token_logprobs(seed, backend, impl):
+    _timed("ties", _linear_ties_case, 300 + seed, backend, impl)
+
+
+def test_ties_axis_draws_both_outcomes():
+    """The ties axis is only worth its time if labels land on the first and on a later tied id."""
+    assert _DRAWN.get("label on first tied id", 0) > 0 and _DRAWN.get("label on later tied id", 0) > 0, _DRAWN
