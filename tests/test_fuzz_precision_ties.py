@@ -5,7 +5,7 @@ shapes and options are drawn, so CI runs the same problems every time.  The runt
 the end of the module (budget: < 60 s on 2 cores under ``TRITON_INTERPRET``).
 
 * **fp16 with loss scaling** (class 2): ``FusedPreferenceLoss(hidden=, weight=)`` (the three-GEMM
-  plan) and ``FusedKTOLoss(hidden=, weight=)`` on fp16 inputs, odd small shapes, padded or packed
+  plan) and ``FusedKTOLoss(hidden=, weight=)`` on fp16 inputs, either backend, odd small shapes, padded or packed
   (``cu_seqlens``), trainable or frozen head, loss scale 2^0 … 2^16, the gradients taken as
   ``GradScaler`` does: ``(loss · s).backward()``, then ``grad / s``.  The reference is float64
   math written here from the formulas (logits = H·Wᵀ, log-softmax, masked sums per sequence, the
@@ -79,7 +79,8 @@ def _fp16_problem(seed, kto):
                 packed=bool(torch.randint(0, 2, (), generator=g)), trainable=bool(torch.randint(0, 2, (), generator=g)),
                 log2_scale=int(torch.randint(0, 17, (), generator=g)),
                 loss_type=loss_type, beta=_pick(g, (0.1, 0.5) if loss_type == "ipo" else (1e-5, 1e-3, 0.1)),
-                desirable=torch.rand(S, generator=g) < 0.5, kl=float(torch.rand((), generator=g)))
+                desirable=torch.rand(S, generator=g) < 0.5, backend=_pick(g, ("torch", "triton")),
+                kl=float(torch.rand((), generator=g)))
 
 
 def _batch(p):
@@ -146,10 +147,10 @@ def _run_fp16(p, kto, fused, scale):
     h = hidden.half().requires_grad_()
     w = p["weight"].half().requires_grad_(p["trainable"])
     if kto:
-        module = FusedKTOLoss(beta=p["beta"], backend="torch")
+        module = FusedKTOLoss(beta=p["beta"], backend=p["backend"])
         kw = dict(is_desirable=p["desirable"], ref_logps=p["ref"].half(), kl=p["kl"])
     else:
-        module = FusedPreferenceLoss(p["loss_type"], beta=p["beta"], backend="torch", logit_metrics=False)
+        module = FusedPreferenceLoss(p["loss_type"], beta=p["beta"], backend=p["backend"], logit_metrics=False)
         kw = dict(ref_chosen_logps=p["ref"][: p["P"]].half(), ref_rejected_logps=p["ref"][p["P"]:].half())
     module.fused_gradient = fused
     out = module(hidden=h, weight=w, labels=labels, **layout, **kw)
@@ -184,7 +185,7 @@ def _fp16_case(seed, kto):
     peak = max(expected_h.abs().max().item(), expected_w.abs().max().item())
     while scale > 1 and scale * peak > 2.0 ** 12:
         scale /= 2
-    _count("kto" if kto else p["loss_type"], "packed" if p["packed"] else "padded",
+    _count("kto" if kto else p["loss_type"], p["backend"], "packed" if p["packed"] else "padded",
            "trainable" if p["trainable"] else "frozen", f"scale 2^{int(scale).bit_length() - 1}")
     fused_h, fused_w = _run_fp16(p, kto, True, scale)
     staged_h, staged_w = _run_fp16(p, kto, False, scale)
