@@ -72,7 +72,7 @@ def _fp16_problem(seed, kto):
     labels = [torch.randint(0, V, (n,), generator=g) for n in lengths]
     for s, lab in enumerate(labels):
         lab[: 1 + s % 2] = -100
-    weight = (torch.randn(V, D, generator=g, dtype=torch.float64) * 3.2 / D ** 0.5 * 2).half().double()
+    weight = (torch.randn(V, D, generator=g, dtype=torch.float64) * 6.4 / D ** 0.5).half().double()  # logit std 6.4
     ref = (torch.randn(S, generator=g, dtype=torch.float64) - 20).half().double()
     loss_type = _pick(g, PREFERENCE_TYPES)  # ipo's margin 1/(2β) needs a β of order 1 to stay in fp16's range
     return dict(lengths=lengths, hidden=hidden, labels=labels, weight=weight, ref=ref, P=P,
