@@ -183,7 +183,7 @@ def _fp16_case(seed, kto):
     # (here of the logits, bounded by that of the sums) must stay below fp16's range.
     scale = 2.0 ** p["log2_scale"]
     peak = max(expected_h.abs().max().item(), expected_w.abs().max().item())
-    while scale > 1 and scale * peak > 2.0 ** 12:
+    while scale > 1 and scale * peak > 2.0 ** 14:
         scale /= 2
     _count("kto" if kto else p["loss_type"], p["backend"], "packed" if p["packed"] else "padded",
            "trainable" if p["trainable"] else "frozen", f"scale 2^{int(scale).bit_length() - 1}")
