@@ -97,7 +97,9 @@ class SequenceGroups(NamedTuple):
         ids = torch.arange(P, device=device)
         group[chosen], group[rejected] = ids, ids
         role[chosen], role[rejected] = 0, 1
-        unused = (group < 0).nonzero().squeeze(1)
+        if 2 * P == num_sequences:  # every sequence is in a pair (ids are distinct): no host read
+            return cls(group, role, P)
+        unused = (group < 0).nonzero().squeeze(1)  # packed streams with unpaired sequences: one sync
         group[unused] = P + torch.arange(unused.numel(), device=device)
         return cls(group, role, P + unused.numel())
 

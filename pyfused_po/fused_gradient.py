@@ -86,10 +86,10 @@ def plan_may_run(module, source, others=()):
             and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in others))
 
 
-def group_chunks(group_of_token, groups, budget_tokens):
+def group_chunks(counts, budget_tokens):
     """Contiguous group ranges ``[(g0, g1)]`` whose labelled tokens fit ``budget_tokens`` each,
-    or ``None`` when one group alone does not."""
-    counts = torch.bincount(group_of_token, minlength=groups).tolist()
+    or ``None`` when one group alone does not; ``counts``: each group's labelled tokens (a host list)."""
+    groups = len(counts)
     if groups and max(counts) > budget_tokens:
         return None
     chunks, g0, used = [], 0, 0
@@ -186,7 +186,9 @@ class FusedHead:
         self.fallback_reason = None
         if not self.pos.numel():
             return None
-        longest = int(torch.bincount(group, minlength=groups).max()) if groups else 0
+        # the one host read of the plan's layout: each group's labelled tokens, for the chunk cuts
+        counts = torch.bincount(group, minlength=groups).tolist()
+        longest = max(counts, default=0)
         if longest > self.chunk_tokens:
             if long_groups == "staged":
                 self.fallback_reason = (f"a group of {longest} labelled tokens is longer than the three-GEMM chunk "
@@ -195,7 +197,7 @@ class FusedHead:
                                         "group (more peak memory)")
                 return None
             self.chunk_tokens = longest
-        return group_chunks(group, groups, self.chunk_tokens)
+        return group_chunks(counts, self.chunk_tokens)
 
     def run(self, chunks, group, loss_of):
         """The chunk loop.  ``loss_of(tokens)``: the module's scalar loss from per-token values

@@ -30,8 +30,9 @@ CPU_ONLY = {("validation.py", "check_label_range"), ("compiled_checks.py", "nonn
 ON_CUDA = {
     # the number of labelled tokens M sizes the chunks and the grid: one nonzero per forward
     ("linear.py", "labelled_tokens"),
-    # the three-GEMM plan: the tokens per pair, on the host, to cut chunks of whole pairs
-    ("fused_gradient.py", "group_chunks"),
+    # the three-GEMM plan: the tokens per pair, on the host, to cut chunks of whole pairs (and to
+    # see whether one pair is longer than a chunk)
+    ("fused_gradient.py", "chunks"),
     # the three-GEMM plan: the labelled tokens of each chunk (one per chunk; removable, see the note)
     ("fused_gradient.py", "run"),
     # the three-GEMM plan's backward: skip a [V, D] scaling pass when the upstream gradient is 1
@@ -112,10 +113,10 @@ def _dpo_head_step(backend, device="cpu"):
 STEPS = {
     "logits": (_logits_step, {}),
     "hidden": (lambda b, device="cpu": _hidden_step(b, False, device), {("linear.py", "labelled_tokens"): 1,
-                                                  ("fused_gradient.py", "group_chunks"): 1, ("fused_gradient.py", "run"): 1,
+                                                  ("fused_gradient.py", "chunks"): 1, ("fused_gradient.py", "run"): 1,
                                                   ("fused_gradient.py", "backward"): 1}),
     "hidden_frozen": (lambda b, device="cpu": _hidden_step(b, True, device), {("linear.py", "labelled_tokens"): 1,
-                                                        ("fused_gradient.py", "group_chunks"): 1, ("fused_gradient.py", "run"): 1,
+                                                        ("fused_gradient.py", "chunks"): 1, ("fused_gradient.py", "run"): 1,
                                                         ("fused_gradient.py", "backward"): 1}),
     "dpo_head": (_dpo_head_step, {("linear.py", "labelled_tokens"): 1}),
 }
