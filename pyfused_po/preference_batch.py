@@ -24,7 +24,7 @@ from .batch_layout import SequenceGroups
 from .packed_columns import packed_batch
 from .packing import pair_index, packed_ld_token_weights
 from .sequence import label_mask, ld_token_weights, merge_labels, sequence_sums, split_pairs
-from .validation import check_same_device, check_shape, check_tensor
+from .validation import check_exclusive, check_same_device, check_shape, check_tensor
 
 
 def product(a, b):
@@ -33,12 +33,10 @@ def product(a, b):
 
 
 def check_one_reference(ref_source, ref_token_logps, ref_chosen_logps, ref_rejected_logps):
-    given = [n for n, v in (("ref_logits/ref_hidden", ref_source), ("ref_token_logps", ref_token_logps),
-                            ("ref_chosen_logps/ref_rejected_logps",
-                             ref_chosen_logps if ref_chosen_logps is not None else ref_rejected_logps))
-             if v is not None]
-    if len(given) > 1:
-        raise ValueError(f"pass one reference source, not both: got {' and '.join(given)}")
+    """One reference source per call (the library's one rule, :func:`~pyfused_po.validation.check_exclusive`)."""
+    check_exclusive("reference source", **{
+        "ref_logits/ref_hidden": ref_source, "ref_token_logps": ref_token_logps,
+        "ref_chosen_logps/ref_rejected_logps": ref_chosen_logps if ref_chosen_logps is not None else ref_rejected_logps})
 
 
 def preference_batch(module, layout, policy_source, ref_source, labels, *, ref_logits, ref_chosen_logps,
