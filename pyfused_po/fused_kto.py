@@ -20,10 +20,8 @@ one.  Only ``loss`` carries a gradient: ``losses``, rewards and metrics are deta
 """
 import torch
 
-from . import packed_columns
-from .batch_layout import SequenceGroups
 from .fused_gradient import FusedHead, note_fallback, plan_may_run
-from .packing import check_desirable_flags
+from .head_source import run_token_stage
 
 
 def applies(module, source, token_offset=None):
@@ -32,57 +30,32 @@ def applies(module, source, token_offset=None):
             and module.loss_kwargs["reduction"] != "none")
 
 
-def fused_forward(module, source, ref_source, labels, is_desirable, ref_logps, objective, *, cu_seqlens=None,
-                  position_ids=None):
+def fused_forward(module, batch, ref_logps, objective):
     """The module's forward with the gradient formed per chunk of sequences; ``None`` to fall back.
 
+    ``batch``: the call's :mod:`pyfused_po.kto_batch` (padded or packed, one representation);
     ``objective(policy_sums, ref_sums)``: the module's :class:`~pyfused_po.kto.KTOLossOutput` from
     ``[S]`` per-sequence sums (the flags and KL inputs bound by the caller)."""
-    kw = module.token_kwargs
-    if cu_seqlens is None and position_ids is None:
-        token_labels, token_kwargs, groups = labels, kw, labels.shape[0]
-
-        def sums(token_logps):
-            return module._sums(token_logps, labels)
-
-        def reference(src):
-            return module._token_stage(src, labels)
-    else:
-        batch = packed_columns.packed_batch(module, labels, cu_seqlens, position_ids, None)
-        groups = batch.layout.num_sequences
-        check_desirable_flags(is_desirable, groups)
-        source = batch.source(source, "hidden")
-        ref_source = batch.source(ref_source, "ref_hidden" if isinstance(ref_source, tuple) else "ref_logits")
-        token_labels, token_kwargs = batch.labels, dict(kw, shift=False)  # labels shifted within each sequence
-        mask = token_labels != batch.ignore_index
-
-        def sums(token_logps):
-            return batch.layout.sums(torch.where(mask, token_logps, token_logps.new_zeros(())))
-
-        def reference(src):
-            return packed_columns.token_stage(module, src, token_labels).logps
-    head = FusedHead.build(source, token_labels, token_kwargs, linear_impl=module.linear_impl,
+    source, ref_source = batch.sources
+    head = FusedHead.build(source, batch.token_labels, batch.token_kwargs, linear_impl=module.linear_impl,
                            chunk_tokens=getattr(module, "chunk_tokens", None))
     if head is None:
         return None
-    if cu_seqlens is None and position_ids is None:
-        sequence = torch.div(head.pos, labels.shape[1], rounding_mode="floor")
-    else:
-        sequence = batch.layout.segments.reshape(-1).index_select(0, head.pos)
-    singles = SequenceGroups.singles(groups, labels.device)  # a KTO sequence is a group of one
-    group = singles.of_tokens(sequence)
+    singles = batch.groups  # a KTO sequence is a group of one
+    group = singles.of_tokens(batch.sequence_of(head.pos))
     chunks = head.chunks(group, singles.num_groups, getattr(module, "long_group_plan", "staged"))
     note_fallback(module, head.fallback_reason)
     if chunks is None:
         return None
     if ref_source is not None:
         with torch.no_grad():  # forward only, once: the staged path's reference sums
-            ref_logps = sums(reference(ref_source))
+            ref_tokens = run_token_stage(module, ref_source, batch.token_labels, token_kwargs=batch.token_kwargs)
+            ref_logps = batch.sums(ref_tokens.logps)
     with torch.no_grad():  # the objective's input checks (flags, reference, KL) before any GEMM
-        objective(torch.zeros(groups, dtype=head.source[0].dtype, device=labels.device), ref_logps)
+        objective(torch.zeros(batch.num_sequences, dtype=head.source[0].dtype, device=group.device), ref_logps)
 
-    head.run(chunks, group, lambda tokens: objective(sums(tokens.logps), ref_logps).loss)
+    head.run(chunks, group, lambda tokens: objective(batch.sums(tokens.logps), ref_logps).loss)
     with torch.no_grad():
-        result = objective(sums(head.tokens().logps), ref_logps)
+        result = objective(batch.sums(head.tokens().logps), ref_logps)
     result.loss = head.attach(result.loss)
     return result

@@ -20,14 +20,14 @@ from typing import Dict
 import torch
 from torch import nn
 
-from . import fused_kto, packed_columns
+from . import fused_kto
 from .batch_layout import BatchLayout
 from .distributed.options import ParallelOptions
 from .head_source import check_head_shapes, resolve_sources, run_token_stage
+from .kto_batch import kto_batch
 from .linear_token_logprobs import IMPLS
 from .objectives.checks import check_number
-from .sequence import sequence_sums
-from .validation import as_number, check_positive, check_same_device, check_shape, check_tensor, checked_labels
+from .validation import as_number, check_exclusive, check_positive, check_same_device, check_shape, check_tensor, checked_labels
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 REDUCTIONS = ("mean", "sum", "none")
@@ -45,8 +45,8 @@ class KTOLossOutput:
 
 
 def _kl_estimate(kl, policy_kl_logps, ref_kl_logps, like, wide):
-    if kl is not None and (policy_kl_logps is not None or ref_kl_logps is not None):
-        raise ValueError("pass either kl or policy_kl_logps/ref_kl_logps, not both")
+    check_exclusive("KL estimate", kl=kl, **{
+        "policy_kl_logps/ref_kl_logps": policy_kl_logps if policy_kl_logps is not None else ref_kl_logps})
     if kl is not None:
         if isinstance(kl, torch.Tensor):
             if kl.numel() != 1:
@@ -199,15 +199,6 @@ class FusedKTOLoss(nn.Module):
     long_group_plan = "staged"
     fallback_reason = None
 
-    def _token_stage(self, source, labels, *, inplace=False):
-        """The one call into the token stage: logits or ``(hidden, weight, bias)``
-        (vocabulary-parallel when asked)."""
-        return run_token_stage(self, source, labels, inplace=inplace).logps
-
-    def _sums(self, token_logps, labels):
-        return sequence_sums(token_logps, labels, ignore_index=self.token_kwargs["ignore_index"],
-                             shift=self.token_kwargs["shift"]).logps
-
     def forward(self, logits=None, labels=None, is_desirable=None, ref_logps=None, ref_logits=None, *,
                 hidden=None, weight=None, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                 kl=None, policy_kl_logps=None, ref_kl_logps=None, cu_seqlens=None, position_ids=None,
@@ -246,22 +237,23 @@ class FusedKTOLoss(nn.Module):
         check_head_shapes(ref_source, labels, prefix="ref_")
         if ref_logits is not None:
             ref_source = ref_logits.detach()
+        # The one representation: a stream of sequences, each a group of one (padded or packed).
+        batch = kto_batch(self, layout, source, ref_source, labels, is_desirable)
         if fused_kto.applies(self, source, token_offset):
             fused = fused_kto.fused_forward(
-                self, source, ref_source, labels, is_desirable, ref_logps,
+                self, batch, ref_logps,
                 lambda policy, ref: kto_loss(policy, ref, is_desirable, kl=kl, policy_kl_logps=policy_kl_logps,
-                                             ref_kl_logps=ref_kl_logps, **self.loss_kwargs),
-                cu_seqlens=cu_seqlens, position_ids=position_ids)
+                                             ref_kl_logps=ref_kl_logps, **self.loss_kwargs))
             if fused is not None:  # None: a sequence longer than the chunk budget
                 return fused
-        if cu_seqlens is not None or position_ids is not None or token_offset is not None:
-            columns = packed_columns.kto_columns(self, source, labels, is_desirable, ref_source, cu_seqlens=cu_seqlens,
-                                                 position_ids=position_ids, token_offset=token_offset)
-        else:
-            columns = {"policy": self._sums(self._token_stage(source, labels, inplace=self.inplace_backward), labels)}
-            if ref_source is not None:
-                with torch.no_grad():
-                    columns["ref"] = self._sums(self._token_stage(ref_source, labels), labels)
+        source, ref_source = batch.sources
+        policy = run_token_stage(self, source, batch.token_labels, inplace=self.inplace_backward,
+                                 token_kwargs=batch.token_kwargs).logps
+        columns = {"policy": batch.sums(policy)}
+        if ref_source is not None:
+            with torch.no_grad():
+                ref = run_token_stage(self, ref_source, batch.token_labels, token_kwargs=batch.token_kwargs).logps
+            columns["ref"] = batch.sums(ref)
         if policy_kl_logps is not None and ref_kl_logps is not None:
             # Under sequence parallelism these are this rank's partial sums of the mismatched pairs.
             columns["policy_kl"], columns["ref_kl"] = policy_kl_logps.detach(), ref_kl_logps.detach()

@@ -1,12 +1,11 @@
 """Packed batches in the loss modules: the token stage's view of a packed stream.
 
 :func:`packed_batch` checks a packed (or padded-as-packed) call's labels and layout and moves
-the per-token inputs to the predicting positions; :func:`token_stage` runs a module's token stage
-on the stream.  :class:`~pyfused_po.FusedPreferenceLoss` builds its pairs on them
-(:class:`pyfused_po.preference_batch.PackedPairs`); :func:`kto_columns` is
-:class:`~pyfused_po.FusedKTOLoss`'s staged sequence stage of a packed stream.  The result is
-the same per-sequence column dict the padded path builds, so the sequence-parallel all-reduce
-and the objective stage run unchanged.
+the per-token inputs to the predicting positions.  :class:`~pyfused_po.FusedPreferenceLoss`
+builds its pairs on it (:class:`pyfused_po.preference_batch.PackedPairs`) and
+:class:`~pyfused_po.FusedKTOLoss` its sequences (:class:`pyfused_po.kto_batch.PackedSequences`);
+both hand the objective stage the same per-sequence sums as their padded forms, so the
+sequence-parallel all-reduce and the objective stage run unchanged.
 
 How: ``shift`` becomes shifted labels (and shifted per-token inputs) within each sequence,
 the token stage runs once over the ``[1, N]`` stream with ``shift=False`` and no padding
@@ -14,8 +13,7 @@ rows, and every per-sequence sum is a segment sum (:mod:`pyfused_po.packing`).
 """
 import torch
 
-from .head_source import run_token_stage
-from .packing import PackedLayout, check_desirable_flags, packed_layout
+from .packing import PackedLayout, packed_layout
 from .validation import check_tensor
 
 class PackedBatch:
@@ -81,33 +79,3 @@ def packed_batch(module, labels, cu_seqlens, position_ids, token_offset):
                          "positions do not say which sequence it continues)")
     layout = packed_layout(labels, cu_seqlens, position_ids, token_offset=token_offset)
     return PackedBatch(layout, labels, kw["shift"], kw["ignore_index"])
-
-
-def token_stage(module, source, labels, extras=(), inplace=False):
-    """The module's token stage (:func:`~pyfused_po.head_source.run_token_stage`) on the stream,
-    with ``shift=False`` (the labels are shifted already)."""
-    return run_token_stage(module, source, labels, extras=extras, inplace=inplace,
-                           token_kwargs=dict(module.token_kwargs, shift=False))
-
-
-def kto_columns(module, source, labels, is_desirable, ref_source, *, cu_seqlens=None, position_ids=None,
-                token_offset=None):
-    """:class:`FusedKTOLoss`'s per-sequence sums of a packed stream: ``policy`` (and ``ref``)
-    ``[S]`` in sequence order; ``is_desirable`` is ``[S]``, one flag per packed sequence.
-    ``source`` / ``ref_source``: logits ``[1, N, V]`` or ``(hidden [1, N, D], weight, bias)``."""
-    if cu_seqlens is None and position_ids is None:
-        raise ValueError("FusedKTOLoss takes token_offset= only with cu_seqlens= (a packed stream)")
-    batch = packed_batch(module, labels, cu_seqlens, position_ids, token_offset)
-    check_desirable_flags(is_desirable, batch.layout.num_sequences)
-    y = batch.labels
-    mask = y != batch.ignore_index
-    source = batch.source(source, "hidden" if isinstance(source, tuple) else "logits")
-    ref_source = batch.source(ref_source, "ref_hidden" if isinstance(ref_source, tuple) else "ref_logits")
-    zero = torch.zeros((), dtype=torch.float32, device=y.device)
-    policy = token_stage(module, source, y, (), module.inplace_backward).logps
-    columns = {"policy": batch.layout.sums(torch.where(mask, policy, zero.to(policy.dtype)))}
-    if ref_source is not None:
-        with torch.no_grad():
-            ref = token_stage(module, ref_source, y).logps
-        columns["ref"] = batch.layout.sums(torch.where(mask, ref, zero.to(ref.dtype)))
-    return columns

@@ -36,6 +36,7 @@ RANKS = {
     "pyfused_po.packed_columns": 3,
     "pyfused_po.batch_layout": 2,
     "pyfused_po.preference_batch": 3,
+    "pyfused_po.kto_batch": 3,
     "pyfused_po.autograd_guard": 0,
     "pyfused_po.grad_filter": 1,
     "pyfused_po.distributed": 3,
