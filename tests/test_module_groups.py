@@ -295,3 +295,70 @@ def test_module_group_size_and_layout_group_size_must_agree():
         _call(module, layout=BatchLayout(group_size=2), scores=SCORES6, ref_logps=REF6)
     out = _call(module, scores=SCORES6, ref_logps=REF6)  # the module's K fills an empty layout
     assert out.losses.shape == (2,)
+
+
+def test_hugging_face_helper_takes_groups():
+    """integrations.hf.model_preference_loss with a module of groups (K = 3, a frozen reference
+    model): loss and parameter gradients equal all-pairs sigmoid written on the model's own logits."""
+    pytest.importorskip("transformers")
+    from _hf_tiny import tiny_model
+    from pyfused_po.integrations import hf
+
+    model, ref_model = tiny_model(seed=0), tiny_model(seed=1)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, model.config.vocab_size, (S, 7), generator=g)
+    labels = ids.clone()
+    labels[:, :2] = IGNORE
+    labels[4, 5:] = IGNORE
+    scores = torch.tensor(SCORES)
+    loss_fn = FusedPreferenceLoss("sigmoid", beta=0.5, group_size=K, **hf.lm_head_transform(model))
+    out = hf.model_preference_loss(model, loss_fn, ids, labels, ref_model=ref_model, scores=scores)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    def sums(m):
+        logp = torch.log_softmax(m(input_ids=ids).logits.double()[:, :-1], -1)
+        y = labels[:, 1:]
+        return (logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != IGNORE)).sum(-1)
+
+    with torch.no_grad():
+        ref = sums(ref_model)
+    expected = _formula("sigmoid", sums(model), ref, scores.double(), 0.5, [s // K for s in range(S)]).mean()
+    expected.backward()
+    torch.testing.assert_close(out.loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and got
+    for name, w in want.items():
+        torch.testing.assert_close(got[name].double(), w.double(), rtol=1e-3, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="ref_model and ref_logps"):
+        hf.model_preference_loss(model, loss_fn, ids, labels, ref_model=ref_model, scores=scores,
+                                 ref_logps=torch.zeros(S))
+
+
+@pytest.mark.slow  # dynamo compiles the pieces between graph breaks (~15 s on 2 cores)
+def test_torch_compile_matches_eager_and_the_formula():
+    """torch.compile (aot_eager) over a step calling the module on groups of logits: the same loss
+    and gradient as eager and as the float64 formula.  Not fullgraph: building the groups reads
+    scores and ids on the host (the checks, the ordered pairs), which breaks the graph there."""
+    torch._dynamo.reset()
+    hidden, weight, bias, labels, ref, scores = _data(seed=12)
+    logits = (hidden @ weight.T + bias).float()
+    module = FusedPreferenceLoss("plackett_luce", beta=0.5, group_size=K, shift=True, backend="torch")
+
+    def step(x):
+        return module(x, labels, scores=scores.float(), ref_logps=ref.float()).loss
+
+    x_eager, x_comp, x64 = logits.clone().requires_grad_(), logits.clone().requires_grad_(), \
+        logits.double().requires_grad_()
+    step(x_eager).backward()
+    compiled = torch.compile(step, backend="aot_eager")
+    loss_c = compiled(x_comp)
+    loss_c.backward()
+    logp = torch.log_softmax(x64[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    sums = (logp * (labels[:, 1:] != IGNORE)).sum(-1)
+    expected = _formula("plackett_luce", sums, ref, scores, 0.5, [s // K for s in range(S)]).mean()
+    expected.backward()
+    torch.testing.assert_close(loss_c.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(x_comp.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
