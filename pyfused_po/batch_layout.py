@@ -9,8 +9,9 @@ Every batch a loss module takes is a stream of ``S`` sequences of tokens:
 On top of the stream, the objective's **groups**: each sequence belongs to at most one group and
 has a **role** in it.  A preference pair is a group of two (role 0 chosen, 1 rejected; the pair
 layouts of :mod:`pyfused_po.packing` say which sequences), a KTO sequence a group of one (role
-0).  :class:`SequenceGroups` holds that map as two ``[S]`` tensors, so a later loss over groups
-of ``K`` responses only adds a way to build it (``group_size=K`` or ``group_index=[S]``).
+0), a group of ``K`` responses to one prompt ``K`` sequences (role: the rank by score;
+``group_size=K`` or ``group_index=[S]``, with the call's ``scores``).  :class:`SequenceGroups`
+holds that map as two ``[S]`` tensors, whichever kind of group the batch has.
 
 :class:`BatchLayout` is the one object that names the layout arguments of
 :meth:`FusedPreferenceLoss.forward <pyfused_po.FusedPreferenceLoss.forward>` (``layout=``); the
