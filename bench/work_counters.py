@@ -273,7 +273,8 @@ def _pyfused_token_stage(batch, budget):
     return step
 
 
-def _trl(batch, budget):
+def _trl(batch, budget, objective=None):
+    """TRL's chunked head for the per-token log-probs, then ``objective(sums, batch)`` (DPO's by default)."""
     from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, ChunkedLogProbFunction
 
     labels = batch["labels"]
@@ -284,7 +285,7 @@ def _trl(batch, budget):
     def step(hidden, weight):
         logps = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk, None, 1.0, ())[0]
         per_token = logps.new_zeros(mask.shape).masked_scatter(mask, logps)
-        _dpo(_sequence_sums(per_token, batch), batch).backward()
+        (objective or _dpo)(_sequence_sums(per_token, batch), batch).backward()
     return step
 
 
@@ -328,17 +329,22 @@ def methods(batch, budget, liger=True):
     return out
 
 
-def packed_methods(batch, budget, liger=False):
-    """The packed-batch section: the module on ``[1, N]`` with ``cu_seqlens`` (both plans) and TRL."""
+def _plan_rows(module_name, module_step, others):
+    """Rows for a trainable then a frozen head: the module's staged and default plans
+    (``module_step(fused=…)``), then ``others`` (``[(name, step)]``)."""
     out = []
     for trainable in (True, False):
         head = "trainable" if trainable else "frozen"
-        out += [(f"pyfused_po module packed, fused_gradient=False ({head})", trainable,
-                 _pyfused_module(batch, budget, fused=False)),
-                (f"pyfused_po module packed, fused gradient (default) ({head})", trainable,
-                 _pyfused_module(batch, budget, fused=True)),
-                (f"TRL 1.16 ChunkedLogProbFunction + DPO ({head})", trainable, _trl(batch, budget))]
+        out += [(f"{module_name}, fused_gradient=False ({head})", trainable, module_step(fused=False)),
+                (f"{module_name}, fused gradient (default) ({head})", trainable, module_step(fused=True))]
+        out += [(f"{name} ({head})", trainable, step) for name, step in others]
     return out
+
+
+def packed_methods(batch, budget, liger=False):
+    """The packed-batch section: the module on ``[1, N]`` with ``cu_seqlens`` (both plans) and TRL."""
+    return _plan_rows("pyfused_po module packed", lambda fused: _pyfused_module(batch, budget, fused=fused),
+                      [("TRL 1.16 ChunkedLogProbFunction + DPO", _trl(batch, budget))])
 
 
 def long_pair_methods(batch, budget, liger=False):
@@ -387,21 +393,6 @@ def _pyfused_groups(batch, budget, *, fused):
     return step
 
 
-def _trl_listwise(batch, budget):
-    """TRL's chunked head for the per-token log-probs, the listwise loss on their sums."""
-    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, ChunkedLogProbFunction
-
-    labels = batch["labels"]
-    mask = labels != -100
-    chunk = max(1, budget // min(int(mask.sum()), TOKEN_CHUNK_SIZE))
-
-    def step(hidden, weight):
-        logps = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk, None, 1.0, ())[0]
-        per_token = logps.new_zeros(mask.shape).masked_scatter(mask, logps)
-        _listwise(per_token.sum(-1), batch).backward()
-    return step
-
-
 def _naive_listwise(batch, budget):
     """The plain PyTorch computation: logits ``[S, T, V]`` in fp32 over every position, log-softmax,
     gather the labels, sum per sequence, the listwise loss; autograd keeps the log-softmax."""
@@ -418,18 +409,10 @@ def _naive_listwise(batch, budget):
 def group_methods(batch, budget, liger=False):
     """A *groups* section: plackett_luce on groups of K through the module (both plans), TRL's
     head + the same loss, and the naive full-logits computation."""
-    K = batch["group_size"]
-    out = []
-    for trainable in (True, False):
-        head = "trainable" if trainable else "frozen"
-        out += [(f"pyfused_po module K={K}, fused_gradient=False ({head})", trainable,
-                 _pyfused_groups(batch, budget, fused=False)),
-                (f"pyfused_po module K={K}, fused gradient (default) ({head})", trainable,
-                 _pyfused_groups(batch, budget, fused=True)),
-                (f"TRL 1.16 ChunkedLogProbFunction + plackett_luce ({head})", trainable, _trl_listwise(batch, budget)),
-                (f"naive full logits [S, T, V] fp32 + plackett_luce ({head})", trainable,
-                 _naive_listwise(batch, budget))]
-    return out
+    return _plan_rows(f"pyfused_po module K={batch['group_size']}",
+                      lambda fused: _pyfused_groups(batch, budget, fused=fused),
+                      [("TRL 1.16 ChunkedLogProbFunction + plackett_luce", _trl(batch, budget, objective=_listwise)),
+                       ("naive full logits [S, T, V] fp32 + plackett_luce", _naive_listwise(batch, budget))])
 
 
 # The table's sections: (name, the section's batch from the main one, its methods), or
@@ -633,7 +616,9 @@ NOTES = """Notes.
   `FusedPreferenceLoss(group_size=K)`; TRL's row is its chunked head with the same listwise loss on
   its sums (TRL has no listwise loss); the *naive* row is plain PyTorch: logits `[S, T, V]` in fp32
   over every position (prompt included: its GEMMs are over S·T rows, not the labelled M),
-  log-softmax, gather, sums, the loss, autograd."""
+  log-softmax, gather, sums, the loss, autograd. Frozen head at K=8: a group (~880 labelled tokens)
+  is longer than the frozen plan's chunk (the staged chunk, 512 tokens at this budget), so the default
+  falls back by name to the staged frozen path (2 GEMMs as well: the same numbers)."""
 
 
 def render(result):
