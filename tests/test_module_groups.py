@@ -176,10 +176,10 @@ class _GemmFlops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("trainable, fused, expected", [(True, True, 3), (False, True, 2), (True, False, 4)])
+@pytest.mark.parametrize("trainable, fused, expected", [(True, True, 3), (False, True, 2), (True, False, 4), (False, False, 2)])
 def test_lm_head_gemms_per_labelled_token(trainable, fused, expected):
     """GEMM units (2·M·D·V FLOPs over the M labelled tokens): 3 with a trainable head, 2 with a
-    frozen one, 4 on the staged plan."""
+    frozen one; the staged plan: 4, and 2 with a frozen head (its forward forms ∂log p/∂h)."""
     hidden, weight, bias, labels, ref, scores = _data(seed=5)
     M = int((labels[:, 1:] != IGNORE).sum())
     module = FusedPreferenceLoss("plackett_luce", group_size=K, shift=True, backend="torch", linear_impl="chunked")
@@ -199,6 +199,10 @@ def test_a_group_longer_than_the_chunk_falls_back_by_name_or_keeps_three_gemms()
     out, grads = _module_run(module, "hidden", "packed", hidden, weight, bias, labels, scores=scores, ref_logps=ref)
     assert "StoredGradient" not in type(out.loss.grad_fn).__name__
     assert "longer than the three-GEMM chunk" in module.fallback_reason
+    assert "the staged plan (4 GEMMs) runs" in module.fallback_reason
+    h = hidden.clone().requires_grad_(True)
+    module(hidden=h, weight=weight, labels=labels, scores=scores, ref_logps=ref)  # a frozen head
+    assert "the staged plan (2 GEMMs with this frozen head) runs" in module.fallback_reason
     module.long_group_plan = "three_gemm"
     out2, grads2 = _module_run(module, "hidden", "packed", hidden, weight, bias, labels, scores=scores, ref_logps=ref)
     assert "StoredGradient" in type(out2.loss.grad_fn).__name__ and module.fallback_reason is None
@@ -208,12 +212,13 @@ def test_a_group_longer_than_the_chunk_falls_back_by_name_or_keeps_three_gemms()
 
 
 def test_reference_from_tokens_and_a_frozen_head_through_the_plan():
-    """ref_token_logps on a padded batch of groups given by group_index, frozen head (2 GEMMs):
-    the plan equals the staged run of the same module."""
+    """ref_token_logps and token_weights on a padded batch of groups given by group_index, frozen
+    head (2 GEMMs): the plan equals the staged run of the same module."""
     hidden, weight, bias, labels, _, scores = _data(seed=8)
     ref_tokens = -torch.rand(S, T, dtype=torch.float64)
     module = FusedPreferenceLoss("softmax_dpo", beta=0.6, shift=True, backend="torch")
-    kw = dict(scores=scores, ref_token_logps=ref_tokens, group_index=torch.tensor([0, 1, 1, 0, 1, 0]))
+    kw = dict(scores=scores, ref_token_logps=ref_tokens, group_index=torch.tensor([0, 1, 1, 0, 1, 0]),
+              token_weights=torch.rand(S, T, dtype=torch.float64) + 0.5)
     outs = []
     for fused in (True, False):
         module.fused_gradient = fused
