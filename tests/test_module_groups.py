@@ -367,3 +367,13 @@ def test_torch_compile_matches_eager_and_the_formula():
     torch.testing.assert_close(loss_c.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(x_comp.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_kto_module_refuses_a_layout_with_groups():
+    """A BatchLayout's groups are not silently ignored by FusedKTOLoss (each sequence scored alone)."""
+    from pyfused_po import FusedKTOLoss
+
+    with pytest.raises(ValueError, match="takes no pair layout or groups"):
+        FusedKTOLoss(backend="torch")(torch.randn(S, T, V), torch.zeros(S, T, dtype=torch.long),
+                                      torch.ones(S, dtype=torch.bool), torch.zeros(S),
+                                      layout=BatchLayout(group_size=3))
