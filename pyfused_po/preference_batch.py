@@ -45,15 +45,11 @@ def preference_batch(module, layout, policy_source, ref_source, labels, *, ref_l
                      ref_rejected_logps, ref_token_logps, token_weights, nll_labels, scores=None, ref_logps=None):
     """The batch of one ``forward`` call (``layout``: a :class:`~pyfused_po.BatchLayout`; a batch
     of groups takes ``scores`` ``[S]`` and may take the reference as ``ref_logps`` ``[S]``)."""
-    if layout.grouped:
-        return PackedPairs(module, layout, policy_source, ref_source, labels, ref_logits=ref_logits,
-                           ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                           ref_token_logps=ref_token_logps, token_weights=token_weights, nll_labels=nll_labels,
-                           scores=scores, ref_logps=ref_logps)
-    cls = PaddedPairs if layout.padded_halves else PackedPairs
+    cls = PaddedPairs if layout.padded_halves else PackedPairs  # a layout with groups is not padded halves
+    groups = dict(scores=scores, ref_logps=ref_logps) if layout.grouped else {}
     return cls(module, layout, policy_source, ref_source, labels, ref_logits=ref_logits,
                ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-               ref_token_logps=ref_token_logps, token_weights=token_weights, nll_labels=nll_labels)
+               ref_token_logps=ref_token_logps, token_weights=token_weights, nll_labels=nll_labels, **groups)
 
 
 class PaddedPairs:

@@ -127,6 +127,7 @@ def test_three_gemm_plan_equals_the_staged_listwise_path(loss_type, hyper):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow  # the Triton interpreter on both paths (~5 s on an idle 2-core machine)
 def test_triton_backend_on_logits_and_hidden():
     """The Triton token stage (interpreted on the CPU, float32) against the float64 formula."""
     hidden, weight, bias, labels, ref, scores = _data(seed=11)
@@ -302,6 +303,7 @@ def test_module_group_size_and_layout_group_size_must_agree():
     assert out.losses.shape == (2,)
 
 
+@pytest.mark.slow  # builds two tiny Llama models (and imports transformers when run alone)
 def test_hugging_face_helper_takes_groups():
     """integrations.hf.model_preference_loss with a module of groups (K = 3, a frozen reference
     model): loss and parameter gradients equal all-pairs sigmoid written on the model's own logits."""
