@@ -54,7 +54,8 @@ def check_group_options(module):
 def check_group_call(module, layout, *, scores, ref_logps, nll_index, **pair_arguments):
     """The call's group / pair arguments agree with its layout (before any kernel)."""
     if not layout.grouped:
-        given = [n for n, v in (("scores", scores), ("ref_logps", ref_logps), ("nll_index", nll_index)) if v is not None]
+        group_arguments = (("scores", scores), ("ref_logps", ref_logps), ("nll_index", nll_index))
+        given = [name for name, value in group_arguments if value is not None]
         if module.nll_alpha is not None:
             given.append("nll_alpha")
         if given:

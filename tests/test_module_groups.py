@@ -177,7 +177,8 @@ class _GemmFlops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("trainable, fused, expected", [(True, True, 3), (False, True, 2), (True, False, 4), (False, False, 2)])
+@pytest.mark.parametrize("trainable, fused, expected",
+                         [(True, True, 3), (False, True, 2), (True, False, 4), (False, False, 2)])
 def test_lm_head_gemms_per_labelled_token(trainable, fused, expected):
     """GEMM units (2·M·D·V FLOPs over the M labelled tokens): 3 with a trainable head, 2 with a
     frozen one; the staged plan: 4, and 2 with a frozen head (its forward forms ∂log p/∂h)."""
@@ -244,12 +245,14 @@ BAD_CALLS = [
     (dict(layout=BatchLayout(group_size=4), scores=SCORES6, ref_logps=REF6), "group_size=4 does not divide the 6"),
     (dict(group_index=torch.tensor([0, 0, 1, 1, 3, 3]), scores=SCORES6, ref_logps=REF6), "group 2 is empty"),
     (dict(group_index=torch.tensor([0, 0, 1, 1, -1, 2]), scores=SCORES6, ref_logps=REF6), "group ids >= 0"),
-    (dict(group_index=torch.tensor([0, 0, 1, 1, 2]), scores=SCORES6, ref_logps=REF6), r"group_index must have shape \(6,\)"),
+    (dict(group_index=torch.tensor([0, 0, 1, 1, 2]), scores=SCORES6, ref_logps=REF6),
+     r"group_index must have shape \(6,\)"),
     (dict(layout=BatchLayout(group_size=3), scores=torch.tensor([1.0, float("nan"), 0, 1, 2, 3]), ref_logps=REF6),
      "scores must be finite"),
     (dict(layout=BatchLayout(group_size=3), scores=torch.ones(4), ref_logps=REF6), r"scores must have shape \(6,\)"),
     (dict(layout=BatchLayout(group_size=3), ref_logps=REF6), "needs scores="),
-    (dict(layout=BatchLayout(group_size=3), scores=SCORES6, ref_logps=torch.zeros(3)), r"ref_logps must have shape \(6,\)"),
+    (dict(layout=BatchLayout(group_size=3), scores=SCORES6, ref_logps=torch.zeros(3)),
+     r"ref_logps must have shape \(6,\)"),
     (dict(layout=BatchLayout(group_size=3), scores=SCORES6), "needs a reference"),
     (dict(layout=BatchLayout(group_size=3), scores=SCORES6, ref_chosen_logps=torch.zeros(3),
           ref_rejected_logps=torch.zeros(3)), "ref_chosen_logps is an argument of pair batches"),
