@@ -273,7 +273,8 @@ def _pyfused_token_stage(batch, budget):
     return step
 
 
-def _trl(batch, budget):
+def _trl(batch, budget, objective=None):
+    """TRL's chunked head for the per-token log-probs, then ``objective(sums, batch)`` (DPO's by default)."""
     from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, ChunkedLogProbFunction
 
     labels = batch["labels"]
@@ -284,7 +285,7 @@ def _trl(batch, budget):
     def step(hidden, weight):
         logps = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk, None, 1.0, ())[0]
         per_token = logps.new_zeros(mask.shape).masked_scatter(mask, logps)
-        _dpo(_sequence_sums(per_token, batch), batch).backward()
+        (objective or _dpo)(_sequence_sums(per_token, batch), batch).backward()
     return step
 
 
@@ -328,17 +329,22 @@ def methods(batch, budget, liger=True):
     return out
 
 
-def packed_methods(batch, budget, liger=False):
-    """The packed-batch section: the module on ``[1, N]`` with ``cu_seqlens`` (both plans) and TRL."""
+def _plan_rows(module_name, module_step, others):
+    """Rows for a trainable then a frozen head: the module's staged and default plans
+    (``module_step(fused=…)``), then ``others`` (``[(name, step)]``)."""
     out = []
     for trainable in (True, False):
         head = "trainable" if trainable else "frozen"
-        out += [(f"pyfused_po module packed, fused_gradient=False ({head})", trainable,
-                 _pyfused_module(batch, budget, fused=False)),
-                (f"pyfused_po module packed, fused gradient (default) ({head})", trainable,
-                 _pyfused_module(batch, budget, fused=True)),
-                (f"TRL 1.16 ChunkedLogProbFunction + DPO ({head})", trainable, _trl(batch, budget))]
+        out += [(f"{module_name}, fused_gradient=False ({head})", trainable, module_step(fused=False)),
+                (f"{module_name}, fused gradient (default) ({head})", trainable, module_step(fused=True))]
+        out += [(f"{name} ({head})", trainable, step) for name, step in others]
     return out
+
+
+def packed_methods(batch, budget, liger=False):
+    """The packed-batch section: the module on ``[1, N]`` with ``cu_seqlens`` (both plans) and TRL."""
+    return _plan_rows("pyfused_po module packed", lambda fused: _pyfused_module(batch, budget, fused=fused),
+                      [("TRL 1.16 ChunkedLogProbFunction + DPO", _trl(batch, budget))])
 
 
 def long_pair_methods(batch, budget, liger=False):
@@ -351,6 +357,64 @@ def long_pair_methods(batch, budget, liger=False):
             ("TRL 1.16 ChunkedLogProbFunction + DPO (trainable)", True, _trl(batch, budget))]
 
 
+# ----------------------------------------------------------------------------- groups of K responses
+
+GROUPS = 2  # groups per batch in the *groups* sections
+GROUP_SEQ = 128  # row length there: a group of K = 8 rows stays under the plan's min(M, 4096, D) chunk
+
+
+def group_batch(K, shape):
+    """``GROUPS`` groups of ``K`` consecutive rows of ``GROUP_SEQ`` tokens (:func:`make_batch`'s
+    rows), scores K−1 … 0 in each group, reference sums ``[S]``."""
+    batch = make_batch(GROUPS * K // 2, GROUP_SEQ, shape["vocab"], shape["hidden_dim"], seed=K)
+    S = GROUPS * K
+    return dict(batch, group_size=K, scores=(K - 1 - torch.arange(S) % K).to(torch.float32),
+                ref_logps=torch.cat([batch["ref_chosen"], batch["ref_rejected"]]))
+
+
+def _listwise(seq_logps, batch):
+    from pyfused_po import listwise_preference_loss
+
+    return listwise_preference_loss(seq_logps, batch["ref_logps"], batch["scores"], group_size=batch["group_size"],
+                                    loss_type="plackett_luce", beta=batch["beta"]).loss
+
+
+def _pyfused_groups(batch, budget, *, fused):
+    from pyfused_po import FusedPreferenceLoss
+
+    def step(hidden, weight):
+        module = FusedPreferenceLoss("plackett_luce", beta=batch["beta"], group_size=batch["group_size"],
+                                     backend="torch", linear_impl="chunked")
+        module.fused_gradient = fused
+        module.chunk_tokens = _module_chunk_tokens(batch, budget, fused, weight.requires_grad)
+        out = module(hidden=hidden, weight=weight, labels=batch["labels"], scores=batch["scores"],
+                     ref_logps=batch["ref_logps"])
+        out.loss.backward()
+    return step
+
+
+def _naive_listwise(batch, budget):
+    """The plain PyTorch computation: logits ``[S, T, V]`` in fp32 over every position, log-softmax,
+    gather the labels, sum per sequence, the listwise loss; autograd keeps the log-softmax."""
+    labels = batch["labels"]
+    mask = labels != -100
+
+    def step(hidden, weight):
+        logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        _listwise(torch.where(mask, picked, torch.zeros_like(picked)).sum(-1), batch).backward()
+    return step
+
+
+def group_methods(batch, budget, liger=False):
+    """A *groups* section: plackett_luce on groups of K through the module (both plans), TRL's
+    head + the same loss, and the naive full-logits computation."""
+    return _plan_rows(f"pyfused_po module K={batch['group_size']}",
+                      lambda fused: _pyfused_groups(batch, budget, fused=fused),
+                      [("TRL 1.16 ChunkedLogProbFunction + plackett_luce", _trl(batch, budget, objective=_listwise)),
+                       ("naive full logits [S, T, V] fp32 + plackett_luce", _naive_listwise(batch, budget))])
+
+
 # The table's sections: (name, the section's batch from the main one, its methods), or
 # (name, None, rows(shape)) for a section that builds and counts its own steps
 # (bench/trainer_counters.py: each trainer through apply()).  Every row of a section is compared
@@ -360,6 +424,8 @@ SECTIONS = [
     ("packed", lambda batch, shape: packed_batch(batch), packed_methods),
     ("long pairs", lambda batch, shape: make_batch(1, shape["long_seq"], shape["vocab"], shape["hidden_dim"]),
      long_pair_methods),
+    ("groups K=4", lambda batch, shape: group_batch(4, shape), group_methods),
+    ("groups K=8", lambda batch, shape: group_batch(8, shape), group_methods),
     ("trainers through apply()", None, lambda shape: _trainer_rows(shape)),
 ]
 
@@ -545,7 +611,14 @@ NOTES = """Notes.
   position it is handed (prompt and padding included; GRPO: 40 positions for 26 completion tokens),
   so on these short, padded rows its × floor is above the 1.33 of its 4 GEMMs; its peak there is mostly its fixed-size tile buffers, so the peak
   ratio says little about a real shape. GRPO (β = 0) stays at 4 GEMMs through `apply()`: its plan is
-  not built, `apply()` switches the per-token forward only; the sampler's GEMMs are not counted."""
+  not built, `apply()` switches the per-token forward only; the sampler's GEMMs are not counted.
+* *groups K=4 / K=8* (issue 25): 2 groups of K rows of 128 tokens, `plackett_luce`,
+  `FusedPreferenceLoss(group_size=K)`; TRL's row is its chunked head with the same listwise loss on
+  its sums (TRL has no listwise loss); the *naive* row is plain PyTorch: logits `[S, T, V]` in fp32
+  over every position (prompt included: its GEMMs are over S·T rows, not the labelled M),
+  log-softmax, gather, sums, the loss, autograd. Frozen head at K=8: a group (~880 labelled tokens)
+  is longer than the frozen plan's chunk (the staged chunk, 512 tokens at this budget), so the default
+  falls back by name to the staged frozen path (2 GEMMs as well: the same numbers)."""
 
 
 def render(result):
@@ -555,7 +628,8 @@ def render(result):
              f"1 GEMM = 2·M·D·V FLOPs over the section's M labelled tokens (padded: {s['unit_flops']:.3g}). "
              "Sections: *padded* `[2P, T]`; *packed*: the same rows cut at random lengths and packed "
              "`[1, N]` with `cu_seqlens`; *long pairs*: rows of "
-             f"{s.get('long_seq', '—')} tokens, every pair longer than the plan's chunk. The floor is 3 GEMMs "
+             f"{s.get('long_seq', '—')} tokens, every pair longer than the plan's chunk; *groups K=…*: "
+             f"{GROUPS} groups of K rows of {GROUP_SEQ} tokens, plackett_luce. The floor is 3 GEMMs "
              "(trainable head), 2 (frozen); *apply(): …* sections: one step of a TRL 1.16 trainer on the tiny "
              "local Llama (V=61, D=24), its own and through `apply()`, M = the policy's labelled tokens, the floor "
              "3 (2 frozen) per policy token + 1 per forward-only pass token (bench/trainer_counters.py); no "

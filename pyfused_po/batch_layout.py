@@ -9,8 +9,9 @@ Every batch a loss module takes is a stream of ``S`` sequences of tokens:
 On top of the stream, the objective's **groups**: each sequence belongs to at most one group and
 has a **role** in it.  A preference pair is a group of two (role 0 chosen, 1 rejected; the pair
 layouts of :mod:`pyfused_po.packing` say which sequences), a KTO sequence a group of one (role
-0).  :class:`SequenceGroups` holds that map as two ``[S]`` tensors, so a later loss over groups
-of ``K`` responses only adds a way to build it (``group_size=K`` or ``group_index=[S]``).
+0), a group of ``K`` responses to one prompt ``K`` sequences (role: the rank by score;
+``group_size=K`` or ``group_index=[S]``, with the call's ``scores``).  :class:`SequenceGroups`
+holds that map as two ``[S]`` tensors, whichever kind of group the batch has.
 
 :class:`BatchLayout` is the one object that names the layout arguments of
 :meth:`FusedPreferenceLoss.forward <pyfused_po.FusedPreferenceLoss.forward>` (``layout=``); the
@@ -18,7 +19,7 @@ separate keywords (``cu_seqlens=``, ``pair_layout=``, …) remain as a compatibi
 the same object.  The plans (staged, three GEMMs, frozen head) are chosen on this one
 representation, never on which keywords were passed.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -39,6 +40,11 @@ class BatchLayout:
             ``pair_layout``); other sequences are in no pair.
         token_offset: under sequence parallelism, the index in the whole stream of this rank's
             first token (with the whole stream's ``cu_seqlens``).
+        group_size: ``K``: groups of ``K`` responses to one prompt instead of pairs, consecutive
+            sequences (padded rows ``g·K … g·K + K − 1``; packed sequences in ``cu_seqlens`` order); or
+        group_index: ``[S]`` int, the group of each sequence (any order, groups of any size ≥ 2).
+            Either one makes the batch a batch of groups (:mod:`pyfused_po.groups`; the call then
+            takes ``scores=[S]``), and excludes the pair arguments.
 
     Nothing given: a padded ``[2P, T]`` batch in ``[chosen; rejected]`` halves."""
 
@@ -48,6 +54,8 @@ class BatchLayout:
     chosen_index: Optional[torch.Tensor] = None
     rejected_index: Optional[torch.Tensor] = None
     token_offset: Optional[int] = None
+    group_size: Optional[int] = None
+    group_index: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, layout=None, **keywords):
@@ -61,6 +69,21 @@ class BatchLayout:
         if given:
             raise ValueError(f"pass the layout once: got layout= and {', '.join(sorted(given))}=")
         return layout
+
+    def with_group_size(self, group_size):
+        """This layout with a module's default ``group_size`` (``None``: unchanged): it fills a
+        layout that names no groups; a layout with another ``group_size`` raises."""
+        if group_size is None or self.group_index is not None:
+            return self
+        if self.group_size is not None and self.group_size != group_size:
+            raise ValueError(f"the layout's group_size={self.group_size!r} differs from the module's "
+                             f"group_size={group_size!r}")
+        return replace(self, group_size=group_size)
+
+    @property
+    def grouped(self):
+        """True for a batch of groups (``group_size`` or ``group_index``) rather than pairs."""
+        return self.group_size is not None or self.group_index is not None
 
     def as_kwargs(self):
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -79,7 +102,8 @@ class BatchLayout:
 
 class SequenceGroups(NamedTuple):
     """The sequence → group map of a batch: ``group`` ``[S]`` int64 (0 … ``num_groups`` − 1) and
-    ``role`` ``[S]`` int64 (the sequence's place in its group; :data:`ROLE_UNUSED` for a sequence
+    ``role`` ``[S]`` int64 (the sequence's place in its group, in a group of K responses its rank by
+    descending score; :data:`ROLE_UNUSED` for a sequence
     in no objective group, which still gets a group of its own so that every token has one)."""
 
     group: torch.Tensor
@@ -102,6 +126,12 @@ class SequenceGroups(NamedTuple):
         unused = (group < 0).nonzero().squeeze(1)  # packed streams with unpaired sequences: one sync
         group[unused] = P + torch.arange(unused.numel(), device=device)
         return cls(group, role, P + unused.numel())
+
+    @classmethod
+    def ranked(cls, layout):
+        """Groups of K responses: a :class:`~pyfused_po.groups.GroupLayout`'s group of each
+        sequence, the role its rank in the group (0 = the best score)."""
+        return cls(layout.group_of, layout.rank_of, layout.num_groups)
 
     @classmethod
     def singles(cls, num_sequences, device):

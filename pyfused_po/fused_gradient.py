@@ -191,8 +191,11 @@ class FusedHead:
         longest = max(counts, default=0)
         if longest > self.chunk_tokens:
             if long_groups == "staged":
+                # the staged plan's GEMMs: logits, recompute, dH, dW; with a frozen head its forward
+                # forms ∂log p/∂h, so 2 (the same count as the plan, whose chunk only is longer)
+                staged = "4 GEMMs" if self.source[1].requires_grad else "2 GEMMs with this frozen head"
                 self.fallback_reason = (f"a group of {longest} labelled tokens is longer than the three-GEMM chunk "
-                                        f"({self.chunk_tokens} tokens): the staged plan (4 GEMMs) runs; "
+                                        f"({self.chunk_tokens} tokens): the staged plan ({staged}) runs; "
                                         "long_group_plan='three_gemm' keeps 3 GEMMs with a chunk of the longest "
                                         "group (more peak memory)")
                 return None

@@ -7,7 +7,8 @@ lengths), so the engine runs on chunks of whole pairs with the module's own sequ
 objective as ``loss_of``.  Pairs come from the batch's one representation
 (:mod:`pyfused_po.batch_layout`): the padded ``[chosen; rejected]`` rows and every packed or
 pair layout alike (``cu_seqlens=``, ``position_ids=``, ``pair_layout=``, ``chosen_index=``);
-a sequence in no pair is a group of its own (its gradient is 0).  The loss and metrics are then computed once on the whole batch's sums,
+a sequence in no pair is a group of its own (its gradient is 0); a batch of groups of K responses
+(:mod:`pyfused_po.preference_groups`) runs on chunks of whole groups with the listwise objective.  The loss and metrics are then computed once on the whole batch's sums,
 by the same functions as the staged path.  Only ``loss`` carries a gradient: ``losses``, rewards
 and metrics are detached (they are detached metrics in the staged path too, except ``losses``).
 

@@ -214,9 +214,10 @@ class FusedKTOLoss(nn.Module):
         ``cu_seqlens`` / ``position_ids`` / ``token_offset``) is the same as those keywords; a KTO
         sequence is a group of one, so it takes no pair layout."""
         layout = BatchLayout.of(layout, cu_seqlens=cu_seqlens, position_ids=position_ids, token_offset=token_offset)
-        if layout.pair_layout is not None or layout.chosen_index is not None or layout.rejected_index is not None:
-            raise ValueError("FusedKTOLoss takes no pair layout (each sequence is scored alone): pass a BatchLayout "
-                             "with cu_seqlens / position_ids / token_offset only")
+        if layout.pair_layout is not None or layout.chosen_index is not None or layout.rejected_index is not None \
+                or layout.grouped:
+            raise ValueError("FusedKTOLoss takes no pair layout or groups (each sequence is scored alone): pass a "
+                             "BatchLayout with cu_seqlens / position_ids / token_offset only")
         cu_seqlens, position_ids, token_offset = layout.cu_seqlens, layout.position_ids, layout.token_offset
         source, ref_source = resolve_sources("FusedKTOLoss", logits, hidden, weight, bias, ref_logits, ref_hidden,
                                              ref_weight, ref_bias)

@@ -5,8 +5,9 @@ Padded batches are ``[S, T, ·]`` with groups of consecutive rows (``group_size`
 rows (``group_index``); packed batches are one ``[1, N, ·]`` stream whose sequences,
 delimited by ``cu_seqlens`` / ``position_ids``, are numbered in stream order.  Both
 backends of the token stage apply (``backend=``).  This is the staged plan (a forward and a
-backward pass over the logits, or four GEMMs on the fused-linear path); the fused module's
-three-GEMM plan takes groups once :class:`~pyfused_po.FusedPreferenceLoss` carries them.
+backward pass over the logits, or four GEMMs on the fused-linear path);
+:class:`~pyfused_po.FusedPreferenceLoss` with ``group_size=K`` runs the same losses through its
+three-GEMM plan (:mod:`pyfused_po.preference_groups`).
 """
 import torch
 

@@ -16,6 +16,7 @@ from .sequence import split_pairs
 from . import fused_pairs
 from .batch_layout import BatchLayout
 from .preference_batch import preference_batch
+from .preference_groups import check_group_call, check_group_options, group_objective, group_plan
 from .distributed.options import ParallelOptions
 from .float64_state import apply_keeping_float64
 from .head_source import resolve_sources, run_token_stage
@@ -58,6 +59,11 @@ class FusedPreferenceLoss(nn.Module):
             and ``bco_running_mean`` are unavailable).  Loss, metrics and gradients equal the
             single-process module's on the unsharded tensors.
 
+        group_size: ``K``: the batch is groups of ``K`` consecutive responses to one prompt, not
+            pairs (see :meth:`forward`; ``loss_type`` a listwise type such as ``"plackett_luce"``
+            or any pair type, averaged over each group's ordered pairs; ``nll_alpha`` weighs the
+            NLL term of ``nll_index``).  Without it a call may still pass groups in its layout.
+
     ``loss_type="expo"`` (λ > 0) reads the policy and reference logits in one pass of the
     KL kernel (:func:`pyfused_po.token_kl`), so it needs ``logits=`` and ``ref_logits=``;
     it does not log ``logits/*`` metrics and takes neither ``use_weighting`` nor
@@ -82,8 +88,14 @@ class FusedPreferenceLoss(nn.Module):
                  f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, ld_alpha=None,
                  ld_alpha_reference=True, use_weighting=False, bco_running_mean=False,
                  linear_impl="auto", vocab_parallel_group=None, vocab_start=None,
-                 sequence_parallel_group=None, reduce_grad_hidden=True, **hyperparameters):
+                 sequence_parallel_group=None, reduce_grad_hidden=True, group_size=None, **hyperparameters):
         super().__init__()
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size < 2):
+            raise ValueError(f"group_size must be an integer >= 2 (responses per prompt), got {group_size!r}")
+        self.group_size = group_size
+        # nll_alpha: weight of the NLL term of nll_index's members (groups only; checked per call)
+        self.nll_alpha = as_number("nll_alpha", hyperparameters.pop("nll_alpha", None))
         beta, ld_alpha = as_number("beta", beta), as_number("ld_alpha", ld_alpha)  # NumPy / 0-d tensors
         # Fail at construction rather than at the first step.
         resolve_hyperparameters(loss_type, beta, hyperparameters, f_divergence_type=f_divergence_type,
@@ -127,13 +139,16 @@ class FusedPreferenceLoss(nn.Module):
         if self.bco_running_mean:
             self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
             self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
+        if group_size is not None:
+            check_group_options(self)
 
     def _apply(self, fn, recurse=True):
         # The BCO running mean is float64 state: device moves apply to it, dtype casts do not.
         return apply_keeping_float64(self, super()._apply, fn, recurse, ("bco_reward_sum", "bco_reward_count"))
 
     def extra_repr(self):
-        return f"loss_type={self.loss_type!r}, beta={self.beta}, {self.token_kwargs}"
+        groups = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"loss_type={self.loss_type!r}, beta={self.beta}{groups}, {self.token_kwargs}"
 
     def _token_stage(self, source, labels, *, extras=(), inplace=False) -> TokenLogprobs:
         """The one call into the token stage: ``source`` is a logits tensor or a
@@ -166,7 +181,8 @@ class FusedPreferenceLoss(nn.Module):
                 ref_weight=None, ref_bias=None, ref_token_logps=None, token_weights=None,
                 nll_labels=None, weights=None, label_smoothing=None, cu_seqlens=None, position_ids=None,
                 pair_layout=None, chosen_index=None, rejected_index=None,
-                token_offset=None, layout=None) -> PreferenceLossOutput:
+                token_offset=None, layout=None, group_index=None, scores=None, ref_logps=None,
+                nll_index=None) -> PreferenceLossOutput:
         """``logits``: ``[2P, T, V]``, or ``hidden`` ``[2P, T, D]`` with the LM head ``weight``
         ``[V, D]`` (and ``bias`` ``[V]``); ``labels``: ``[2P, T]`` (``ignore_index`` marks prompt
         and padding).  Reference: ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[P]`` each,
@@ -188,6 +204,17 @@ class FusedPreferenceLoss(nn.Module):
         :class:`~pyfused_po.BatchLayout`) groups these six arguments in one object; the keywords
         are its compatibility spelling.  Every layout runs the same plans (three GEMMs on a
         trainable head where the loss separates, :mod:`pyfused_po.fused_pairs`).
+
+        **Groups of K responses** (:mod:`pyfused_po.preference_groups`): with ``group_size=K`` (the
+        module's, or a ``BatchLayout``'s) or ``group_index=[S]`` (a keyword of ``BatchLayout``; also
+        accepted here) the ``S`` sequences (padded rows or packed sequences) form groups, and the
+        call takes ``scores`` ``[S]`` (higher is preferred), the reference as ``ref_logps`` ``[S]``
+        (or ``ref_token_logps``, ``ref_logits``, ``ref_hidden``) and ``nll_index`` ``[G]`` (per group
+        the member whose NLL is added, weight ``nll_alpha``).  The loss is
+        :func:`pyfused_po.listwise_preference_loss`'s: a listwise type, or any pair type as the mean
+        over each group's ordered pairs; the result is a
+        :class:`~pyfused_po.listwise_loss.ListwiseLossOutput` (``losses`` ``[G]``).  Every plan runs
+        (staged, three GEMMs, frozen head; parallelism).
         """
         policy_source, ref_source = self._sources(logits, hidden, weight, bias, ref_logits, ref_hidden,
                                                   ref_weight, ref_bias)
@@ -196,26 +223,40 @@ class FusedPreferenceLoss(nn.Module):
         if nll_labels is not None:
             nll_labels = checked_labels("nll_labels", nll_labels, self.token_kwargs["ignore_index"])
         layout = BatchLayout.of(layout, cu_seqlens=cu_seqlens, position_ids=position_ids, pair_layout=pair_layout,
-                                chosen_index=chosen_index, rejected_index=rejected_index, token_offset=token_offset)
-        # The one representation: every layout is a stream of sequences grouped in pairs.
+                                chosen_index=chosen_index, rejected_index=rejected_index, token_offset=token_offset,
+                                group_index=group_index).with_group_size(self.group_size)
+        check_group_call(self, layout, scores=scores, ref_logps=ref_logps, nll_index=nll_index,
+                         ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, weights=weights,
+                         label_smoothing=label_smoothing, pair_layout=layout.pair_layout,
+                         chosen_index=layout.chosen_index, rejected_index=layout.rejected_index)
+        # The one representation: every layout is a stream of sequences grouped in pairs or in groups of K.
         batch = preference_batch(self, layout, policy_source, ref_source, labels, ref_logits=ref_logits,
                                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                                 ref_token_logps=ref_token_logps, token_weights=token_weights, nll_labels=nll_labels)
+                                 ref_token_logps=ref_token_logps, token_weights=token_weights, nll_labels=nll_labels,
+                                 scores=scores, ref_logps=ref_logps)
         policy_source, ref_source = batch.sources
 
-        def objective(columns):
-            return self._objective(columns, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing)
+        if layout.grouped:  # the listwise plan, checked once before any kernel
+            plan = group_plan(self, batch, ref_logps, nll_index,
+                              has_reference=any(x is not None for x in (ref_source, ref_token_logps, ref_logps)))
+
+            def objective(columns):
+                return group_objective(plan, columns, ref_logps)
+        else:
+            def objective(columns):
+                return self._objective(columns, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing)
 
         # The plan is asked on the batch, whatever its layout: three GEMMs where the loss separates.
-        others = (ref_chosen_logps, ref_rejected_logps, token_weights, weights, label_smoothing)
+        extras = self._policy_extras(layout.grouped)
+        others = (ref_chosen_logps, ref_rejected_logps, ref_logps, token_weights, weights, label_smoothing)
         if isinstance(policy_source, tuple) and fused_pairs.applies(self, policy_source, others):
             fused = fused_pairs.fused_forward(
-                self, batch, policy_source, extras=self._policy_extras(), objective=objective,
+                self, batch, policy_source, extras=extras, objective=objective,
                 reference=lambda: self._reference_tokens(batch, ref_source),
                 capture=getattr(self, "token_capture", None))
             if fused is not None:  # None: a pair longer than the chunk budget
                 return fused
-        columns = self._sequence_columns(batch, policy_source, ref_source)
+        columns = self._sequence_columns(batch, policy_source, ref_source, extras)
         # Under sequence parallelism the sums are partial: one all-reduce makes them whole.
         return objective(self.parallel.reduce_columns(columns))
 
@@ -234,7 +275,7 @@ class FusedPreferenceLoss(nn.Module):
         with torch.no_grad():
             return self._run_tokens(batch, ref_source, batch.labels).logps
 
-    def _sequence_columns(self, batch, policy_source, ref_source):
+    def _sequence_columns(self, batch, policy_source, ref_source, extras):
         """The staged plan: token stage, then the batch's sequence stage (per-sequence sums over
         this process's tokens, :mod:`pyfused_po.preference_batch`)."""
         kl_tokens = None
@@ -244,12 +285,14 @@ class FusedPreferenceLoss(nn.Module):
                             **batch.token_kwargs)
             policy, kl_tokens = TokenLogprobs(both.logps), both.kl
         else:
-            policy = self._run_tokens(batch, policy_source, batch.token_labels, extras=self._policy_extras(),
+            policy = self._run_tokens(batch, policy_source, batch.token_labels, extras=extras,
                                       inplace=self.inplace_backward)
         return batch.columns(policy, kl_tokens, self._reference_tokens(batch, ref_source))
 
-    def _policy_extras(self):
-        return (("mean_logit",) if self.logit_metrics else ()) + (("log_sum_sq_probs",) if self.use_weighting else ())
+    def _policy_extras(self, grouped=False):
+        """The token stage's extras the objective reads (``logits/*`` metrics are pair metrics)."""
+        mean_logit = self.logit_metrics and not grouped
+        return (("mean_logit",) if mean_logit else ()) + (("log_sum_sq_probs",) if self.use_weighting else ())
 
     def _objective(self, total, ref_chosen_logps, ref_rejected_logps, weights, label_smoothing):
         """Objective stage on whole per-sequence sums (see :meth:`_sequence_columns`)."""

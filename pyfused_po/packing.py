@@ -118,6 +118,22 @@ class PairIndex(NamedTuple):
         return per_sequence[self.order]
 
 
+class EverySequence(NamedTuple):
+    """The column map of a batch of groups (:mod:`pyfused_po.groups`): columns stay per sequence,
+    ``[S]`` in stream order (the listwise objective orders each group itself); every sequence may
+    carry the NLL term (``chosen``: all of them; the objective's ``nll_index`` picks per group)."""
+
+    chosen: torch.Tensor
+
+    @classmethod
+    def of(cls, num_sequences, device):
+        return cls(torch.arange(num_sequences, device=device))
+
+    def columns(self, per_sequence):
+        """``[S]`` per-sequence values, unchanged."""
+        return per_sequence
+
+
 def _check_index(name, index, num_sequences, device):
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of sequence ids, got {type(index).__name__}")

@@ -22,7 +22,8 @@ import torch
 
 from .batch_layout import SequenceGroups
 from .packed_columns import packed_batch
-from .packing import pair_index, packed_ld_token_weights
+from .groups import group_layout
+from .packing import EverySequence, pair_index, packed_ld_token_weights
 from .sequence import label_mask, ld_token_weights, merge_labels, sequence_sums, split_pairs
 from .validation import check_exclusive, check_same_device, check_shape, check_tensor
 
@@ -32,20 +33,23 @@ def product(a, b):
     return b if a is None else a if b is None else a * b
 
 
-def check_one_reference(ref_source, ref_token_logps, ref_chosen_logps, ref_rejected_logps):
+def check_one_reference(ref_source, ref_token_logps, ref_chosen_logps, ref_rejected_logps, ref_logps=None):
     """One reference source per call (the library's one rule, :func:`~pyfused_po.validation.check_exclusive`)."""
     check_exclusive("reference source", **{
         "ref_logits/ref_hidden": ref_source, "ref_token_logps": ref_token_logps,
-        "ref_chosen_logps/ref_rejected_logps": ref_chosen_logps if ref_chosen_logps is not None else ref_rejected_logps})
+        "ref_chosen_logps/ref_rejected_logps": ref_chosen_logps if ref_chosen_logps is not None else ref_rejected_logps,
+        "ref_logps": ref_logps})
 
 
 def preference_batch(module, layout, policy_source, ref_source, labels, *, ref_logits, ref_chosen_logps,
-                     ref_rejected_logps, ref_token_logps, token_weights, nll_labels):
-    """The batch of one ``forward`` call (``layout``: a :class:`~pyfused_po.BatchLayout`)."""
-    cls = PaddedPairs if layout.padded_halves else PackedPairs
+                     ref_rejected_logps, ref_token_logps, token_weights, nll_labels, scores=None, ref_logps=None):
+    """The batch of one ``forward`` call (``layout``: a :class:`~pyfused_po.BatchLayout`; a batch
+    of groups takes ``scores`` ``[S]`` and may take the reference as ``ref_logps`` ``[S]``)."""
+    cls = PaddedPairs if layout.padded_halves else PackedPairs  # a layout with groups is not padded halves
+    groups = dict(scores=scores, ref_logps=ref_logps) if layout.grouped else {}
     return cls(module, layout, policy_source, ref_source, labels, ref_logits=ref_logits,
                ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-               ref_token_logps=ref_token_logps, token_weights=token_weights, nll_labels=nll_labels)
+               ref_token_logps=ref_token_logps, token_weights=token_weights, nll_labels=nll_labels, **groups)
 
 
 class PaddedPairs:
@@ -147,24 +151,34 @@ def _check_padded_inputs(module, logits, labels, ref_logits, ref_token_logps, to
 
 
 class PackedPairs:
-    """Every other layout: a packed stream (``cu_seqlens`` / ``position_ids``), or a padded batch
-    with another pair layout.  With ``shift`` the labels and per-token inputs move within each
-    sequence and the token stage runs with ``shift=False`` (values at the predicting positions);
-    sums are segment sums; the pair layout maps sequences to ``[chosen; rejected]`` columns."""
+    """Every other layout: a packed stream (``cu_seqlens`` / ``position_ids``), a padded batch
+    with another pair layout, or a batch of groups of K responses (padded or packed).  With
+    ``shift`` the labels and per-token inputs move within each sequence and the token stage runs
+    with ``shift=False`` (values at the predicting positions); sums are segment sums; the pair
+    layout maps sequences to ``[chosen; rejected]`` columns, while a batch of groups keeps them
+    per sequence (``[S]``, :class:`~pyfused_po.packing.EverySequence`) with its
+    :class:`~pyfused_po.groups.GroupLayout` in :attr:`group_layout`."""
 
     packed = True
 
     def __init__(self, module, layout, policy_source, ref_source, labels, *, ref_logits, ref_chosen_logps,
-                 ref_rejected_logps, ref_token_logps, token_weights, nll_labels):
+                 ref_rejected_logps, ref_token_logps, token_weights, nll_labels, scores=None, ref_logps=None):
         batch = packed_batch(module, labels, layout.cu_seqlens, layout.position_ids, layout.token_offset)
         self.config, self.layout, ii = module, batch.layout, batch.ignore_index
-        self.pairs = pair_index(self.layout.num_sequences, labels.device, layout.pair_layout, layout.chosen_index,
-                                layout.rejected_index)
+        self.group_layout = None
+        if layout.grouped:  # groups of K: the sequence → group map and each group's order by score
+            check_same_device(scores=scores, labels=labels)
+            self.group_layout = group_layout(scores, num_sequences=self.layout.num_sequences,
+                                             group_size=layout.group_size, group_index=layout.group_index)
+            self.pairs = EverySequence.of(self.layout.num_sequences, labels.device)
+        else:
+            self.pairs = pair_index(self.layout.num_sequences, labels.device, layout.pair_layout,
+                                    layout.chosen_index, layout.rejected_index)
         if not layout.packed and nll_labels is not None and tuple(nll_labels.shape) != tuple(labels.shape):
             raise ValueError(f"with pair_layout/chosen_index on a padded batch nll_labels must be shaped like "
                              f"labels {tuple(labels.shape)} (rows in the batch's own order), got "
                              f"{tuple(nll_labels.shape)}")
-        check_one_reference(ref_source, ref_token_logps, ref_chosen_logps, ref_rejected_logps)
+        check_one_reference(ref_source, ref_token_logps, ref_chosen_logps, ref_rejected_logps, ref_logps)
         if module.expo and (isinstance(policy_source, tuple) or ref_logits is None):
             raise ValueError("loss_type 'expo' needs logits= and ref_logits= (its KL kernel reads both)")
         for name, value in (("ref_token_logps", ref_token_logps), ("token_weights", token_weights)):
@@ -182,7 +196,8 @@ class PackedPairs:
                         batch.source(ref_source, "ref_hidden" if isinstance(ref_source, tuple) else "ref_logits"))
         self.mask = y != ii
         if nll is not None:
-            # nll_labels count on chosen sequences only, as the padded path uses the chosen rows.
+            # nll_labels count on chosen sequences only, as the padded path uses the chosen rows
+            # (on every sequence of a batch of groups: the objective's nll_index picks).
             is_chosen = torch.zeros(self.layout.num_sequences, dtype=torch.bool, device=y.device)
             is_chosen[self.pairs.chosen] = True
             nll = torch.where(is_chosen[self.layout.segments].view(batch.shape), nll, torch.full_like(nll, ii))
@@ -192,7 +207,10 @@ class PackedPairs:
 
     @property
     def groups(self):
-        """The pairs of the pair layout; a sequence in no pair is a group of its own."""
+        """The pairs of the pair layout (a sequence in no pair is a group of its own), or the
+        groups of K responses (role: the rank by score)."""
+        if self.group_layout is not None:
+            return SequenceGroups.ranked(self.group_layout)
         return SequenceGroups.pairs(self.pairs.chosen, self.pairs.rejected, self.layout.num_sequences)
 
     def sequence_of(self, pos):

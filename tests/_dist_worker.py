@@ -511,10 +511,51 @@ def check_packed_sp(rank, world, backend):
 PACKED_CHECKS = {"packed_vp": check_packed_vp, "packed_sp": check_packed_sp}
 
 
+# ----------------------------------------------------------------------------- groups of K responses
+
+def check_groups(rank, world, backend):
+    """Groups of K = 2 and 3 responses (issue 25): this rank's vocabulary slice of the logits, then
+    this rank's token slice of every row (the per-sequence sums all-reduced once, as for pairs)."""
+    from pyfused_po.module import FusedPreferenceLoss
+
+    logits, labels, _, ref_logits, g = paired_batch(P=3)  # 6 sequences: groups (0, 1, 2), (3, 4, 5)
+    scores = torch.tensor([0.0, 2.0, 1.0, 5.0, 3.0, 4.0])
+    ref_logps = -torch.rand(6, generator=g, dtype=torch.float64) * 10 - 15
+    V, T = logits.shape[-1], labels.shape[1]
+    s0, s1 = my_range(V, world, rank)
+    t0, t1 = my_range(T, world, rank)
+    runs = [("vp plackett_luce", dict(loss_type="plackett_luce", shift=True, vocab_parallel_group=dist.group.WORLD,
+                                      vocab_start=s0), (..., slice(s0, s1)), dict(ref_logps=ref_logps.float()),
+             dict(ref_logps=ref_logps), "all_gather"),
+            ("sp all-pairs sigmoid", dict(loss_type="sigmoid", sequence_parallel_group=dist.group.WORLD),
+             (slice(None), slice(t0, t1)), dict(ref_logits=ref_logits[:, t0:t1]), dict(ref_logits=ref_logits.double()),
+             "all_reduce")]
+    for name, cfg, where, local_ref, full_ref, collective in runs:
+        options = {k: v for k, v in cfg.items() if k in ("loss_type", "shift")}
+        module = FusedPreferenceLoss(**cfg, beta=0.3, group_size=3, backend=backend)
+        x = logits[where].clone().requires_grad_()
+        y = labels if collective == "all_gather" else labels[:, t0:t1]
+        out = module(x, y, scores=scores, **local_ref)
+        expect_counts(f"groups {name} forward", **{collective: 1})  # sp: the reference's sums in the same one
+        out.loss.backward()
+        expect_counts(f"groups {name} backward")
+        full = logits.double().requires_grad_()
+        ref = FusedPreferenceLoss(**options, beta=0.3, group_size=3, backend="torch")(
+            full, labels, scores=scores.double(), **full_ref)
+        ref.loss.backward()
+        _compare_outputs(out, ref, f"groups {name}")
+        close(x.grad, full.grad[where], GRAD_TOL, f"groups {name} grad logits")
+
+
 VP_CHECKS = {"vp_token": check_vp_token, "vp_linear": check_vp_linear, "vp_losses": check_vp_losses}
 SP_CHECKS = {"sp_losses": check_sp_losses, "sp_sums": check_sp_sums, **PACKED_CHECKS}
 MESH_CHECKS = {"mesh_losses": check_mesh_losses}
+# Groups reach the token stage through the same calls as pairs (checked on both backends above):
+# the torch backend alone keeps the spawned ranks inside their time limit.
+GROUP_CHECKS = {"groups": check_groups}
+GROUP_BACKENDS = ("torch",)
 CHECK_NAMES = [f"{name}[{backend}]" for name in {**VP_CHECKS, **SP_CHECKS} for backend in BACKENDS]
+CHECK_NAMES += [f"{name}[{backend}]" for name in GROUP_CHECKS for backend in GROUP_BACKENDS]
 MESH_CHECK_NAMES = [f"{name}[{backend}]" for name in MESH_CHECKS for backend in BACKENDS]
 MESH_WORLD = 4  # the 2 × 2 mesh runs alone in a world of 4; the 1-D checks in the other worlds
 
@@ -527,8 +568,12 @@ def main():
     dist.all_gather = _count("all_gather", dist.all_gather)
     dist.all_reduce = _count("all_reduce", dist.all_reduce)
     report = {}
-    for name, fn in (MESH_CHECKS if world == MESH_WORLD else {**VP_CHECKS, **SP_CHECKS}).items():
-        for backend in BACKENDS:
+    one_d = {**VP_CHECKS, **SP_CHECKS}
+    checks = [(entry, BACKENDS) for entry in (MESH_CHECKS if world == MESH_WORLD else one_d).items()]
+    if world != MESH_WORLD:
+        checks += [(entry, GROUP_BACKENDS) for entry in GROUP_CHECKS.items()]
+    for (name, fn), backends in checks:
+        for backend in backends:
             reset_counts()
             try:
                 fn(rank, world, backend)

@@ -113,6 +113,9 @@ CASES = {
     "group-scores": (lambda: lw(z6, z6, torch.tensor([0.0, 1, float("nan"), 3, 4, 5]), group_size=3), ValueError,
                      "scores must be finite"),
     "group-all-tied": (lambda: lw(z6, z6, torch.ones(6), group_size=3), ValueError, "all its scores tie"),
+    "group-module-arguments": (lambda: FPL("plackett_luce", group_size=3)(logits(6, 3, V), labels(6, 3), torch.zeros(3),
+                                                                         torch.zeros(3), scores=torch.arange(6.0)),
+                               ValueError, "ref_chosen_logps is an argument of pair batches"),
     # reliability, third round (tests/test_reference_sources_and_token_shapes.py has the per-class tests)
     "hf-two-reference-sources": (lambda: _hf_two_references(), ValueError,
                                  "pass one reference source, not both: got ref_model and ref_chosen_logps"),

@@ -8,7 +8,8 @@ gradient — with the single-process float64 result, and with the collectives co
 forward, none in either backward).  With 3 ranks the 37-entry vocabulary splits
 13/12/12 and the 7-token sequences 3/2/2.  Packed streams (``cu_seqlens``) run under both options
 too: the same rows on every vocabulary rank; contiguous token slices (sequences cut anywhere) per
-sequence rank.  A world of 4 runs the 2 × 2 mesh (vocabulary ×
+sequence rank.  Groups of K = 3 responses (plackett_luce under vocabulary parallelism, all-pairs
+sigmoid under sequence parallelism) run on the torch backend.  A world of 4 runs the 2 × 2 mesh (vocabulary ×
 sequence groups at once) alone.
 """
 import pytest

@@ -47,6 +47,7 @@ RANKS = {
     "pyfused_po.fused_gradient": 4,
     "pyfused_po.fused_pairs": 4,
     "pyfused_po.module": 4,
+    "pyfused_po.preference_groups": 4,
     "pyfused_po.fused_kto": 5,
     "pyfused_po.expo": 5,
     "pyfused_po.kto": 5,

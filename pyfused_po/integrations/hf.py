@@ -184,7 +184,9 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
             (build the loss with ``**lm_head_transform(model)``); a mismatch raises.
         loss_fn: the :class:`~pyfused_po.FusedPreferenceLoss`; built with ``shift=False``
             (this helper shifts: hidden state ``t`` predicts token ``t + 1``).
-        input_ids, attention_mask: ``[2P, T]``, pairs laid out ``[chosen; rejected]``.
+        input_ids, attention_mask: ``[2P, T]``, pairs laid out ``[chosen; rejected]``; or ``[S, T]``,
+            groups of responses when ``loss_fn`` has ``group_size=K`` (or with ``group_index=`` /
+            ``layout=`` in ``loss_kwargs``; then ``scores=[S]``, and ``ref_logps=[S]`` or ``ref_model``).
         labels: ``[2P, T]`` token ids with ``ignore_index`` on prompt and padding, aligned with
             ``input_ids`` (``shift=True``; per-token ``loss_kwargs`` such as ``token_weights``
             are then aligned with ``input_ids`` too) or already shifted (``shift=False``).
@@ -249,7 +251,7 @@ def model_preference_loss(model, loss_fn, input_ids, labels, attention_mask=None
 
 
 # Reference inputs loss_fn itself takes; with ref_model= or ref_*_logps= here they would be a second source.
-_LOSS_REFERENCE_ARGS = ("ref_token_logps", "ref_logits", "ref_hidden")
+_LOSS_REFERENCE_ARGS = ("ref_token_logps", "ref_logits", "ref_hidden", "ref_logps")
 
 
 def check_model_inputs(input_ids, labels, attention_mask, ref_model, ref_chosen_logps, ref_rejected_logps,
