@@ -96,6 +96,12 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     if batch_invariant and splits is None:
         splits = min(2, n_tiles) if _interpreting() else INVARIANT_SPLITS
+    if batch_invariant and M % cfg["BLOCK_M"]:  # whole token blocks (see _whole_blocks), results sliced back
+        rows_p, targets_p = _whole_blocks(M, cfg["BLOCK_M"], rows, targets)
+        logp, lse, outs = linear_forward(hidden2d, weight, bias, rows_p, targets_p, ignore_index=None,
+                                         temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                                         extras=extras, splits=splits, block_v=block_v, batch_invariant=True)
+        return logp[:M], lse[:M], {name: t[:M] for name, t in outs.items()}
     n_splits = _num_splits(m_blocks, n_tiles, dev, splits)
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
@@ -112,7 +118,10 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
         WANT_MEAN="mean_logit" in want, WANT_TOP1="is_top1" in want, FLIP=flip_key(logit_scale, temperature, softcap),
         **_dot_flags(hidden2d.dtype), **cfg,
     )
-    return combine_splits(part, V, extras, key_scale(logit_scale, temperature, softcap), ordered=batch_invariant)
+    kz = key_scale(logit_scale, temperature, softcap)
+    if batch_invariant:
+        return combine_in_tiles(part, V, extras, kz)
+    return combine_splits(part, V, extras, kz)
 
 
 def key_scale(logit_scale, temperature, softcap):
@@ -123,6 +132,53 @@ def key_scale(logit_scale, temperature, softcap):
     kz = torch.tensor(float(logit_scale), dtype=torch.float32) * torch.tensor(1.0 / float(temperature),
                                                                                dtype=torch.float32)
     return -kz if flip_key(logit_scale, temperature, softcap) else kz
+
+
+def _whole_blocks(M, block, *tensors, fill=None):
+    """``tensors`` (``[M, ...]``) grown to a whole number of ``block`` tokens under
+    ``batch_invariant=True``: copies of the last token (``fill=None``: indices, labels, LSE pairs) or
+    zeros (``fill=0``: upstream gradients, so a padded token's gradient is 0; ``None`` stays ``None``).
+    A block with masked (absent) rows computes them from −inf keys, and where a math library
+    vectorizes (the interpreter's NumPy) a lane of −inf can send its neighbours through another
+    code path: with whole blocks every token of a block is real or a copy of a real one."""
+    pad = -M % block
+    out = []
+    for t in tensors:
+        if t is None or pad == 0:
+            out.append(t)
+            continue
+        tail = t[-1:] if fill is None else torch.full_like(t[:1], fill)
+        out.append(torch.cat([t, tail.expand(pad, *t.shape[1:])]))
+    return out
+
+
+# Tokens per combine under batch_invariant=True (see combine_in_tiles).
+COMBINE_TILE = 128
+
+
+def combine_in_tiles(part, V, extras, kz):
+    """:func:`combine_splits` with ``ordered`` sums, on tiles of exactly :data:`COMBINE_TILE` tokens
+    (the last one padded with copies of its last token): every elementwise op then runs on one
+    shape.  On the GPU an elementwise op computes each element alike anyway; on the CPU a vectorized
+    loop hands a length-dependent tail to scalar code whose ``exp`` / ``log`` may round differently,
+    so without fixed tiles a token's statistics would depend on ``M`` and on its position."""
+    M = part.shape[-1]
+    logp, lse = torch.empty(M, **_like(part)), torch.empty(M, 2, **_like(part))
+    outs = {name: torch.empty(M, **_like(part)) for name in extras}
+    for c0 in range(0, M, COMBINE_TILE):
+        c1 = min(M, c0 + COMBINE_TILE)
+        tile = part[..., c0:c1]
+        if c1 - c0 < COMBINE_TILE:
+            tile = torch.cat([tile, tile[..., -1:].expand(*tile.shape[:-1], COMBINE_TILE - (c1 - c0))], dim=-1)
+        lp, ls, ex = combine_splits(tile, V, extras, kz, ordered=True)
+        logp[c0:c1], lse[c0:c1] = lp[: c1 - c0], ls[: c1 - c0]
+        for name in extras:
+            outs[name][c0:c1] = ex[name][: c1 - c0]
+    return logp, lse, outs
+
+
+def _like(t):
+    return dict(device=t.device, dtype=t.dtype)
 
 
 def _split_sum(t, ordered):
@@ -214,10 +270,14 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     perm = mean_logit_order(hidden2d, weight, bias, rows) if use_filter and grad_filter > 0 else None
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
     if batch_invariant and need_hidden:
-        _per_vocab_tile(hidden2d, weight, bias, rows, targets, lse, gh, gw, gb, cfg, dict(
-            grad_logp=grad_logp, entropy=entropy, grad_entropy=grad_entropy, log_sum_sq_probs=log_sum_sq_probs,
-            grad_log_sum_sq_probs=grad_log_sum_sq_probs, grad_mean_logit=grad_mean_logit),
-            dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap))
+        names = ("grad_logp", "entropy", "grad_entropy", "log_sum_sq_probs", "grad_log_sum_sq_probs",
+                 "grad_mean_logit")
+        rows_p, targets_p, lse_p = _whole_blocks(M, cfg["BLOCK_M"], rows, targets, lse)
+        upstream = _whole_blocks(M, cfg["BLOCK_M"], grad_logp, entropy, grad_entropy, log_sum_sq_probs,
+                                 grad_log_sum_sq_probs, grad_mean_logit, fill=0.0)
+        _per_vocab_tile(hidden2d, weight, bias, rows_p, targets_p, lse_p.contiguous(), gh, gw, gb, cfg,
+                        dict(zip(names, upstream)),
+                        dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap))
         return gh, gw, gb
     linear_backward_kernel[grid](
         hidden2d, *hidden2d.stride(), weight, *weight.stride(),
@@ -244,7 +304,9 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
 
 
 def _per_vocab_tile(hidden2d, weight, bias, rows, targets, lse, gh, gw, gb, cfg, upstream, transform):
-    """The backward as ``⌈V / BLOCK_V⌉`` launches of one vocabulary tile each (``batch_invariant``):
+    """The backward as ``⌈V / BLOCK_V⌉`` launches of one vocabulary tile each (``batch_invariant``;
+    ``rows`` padded to whole token blocks, the padded tokens' upstream gradients 0, so their ``G``
+    rows are 0 and add exact zeros to the ``dH`` row they share with the last real token):
     the tile's head rows ``W[v0:v1]`` (bias, ``dW``, ``db`` slices alike) and labels relative to
     ``v0`` (a label outside the tile never matches a column).  The mean-logit gradient ``g_M / V``
     is passed as ``(g_M · w / V) / w`` for the tile's width ``w``."""
