@@ -304,7 +304,8 @@ def test_module_option_runs_staged_plan_and_is_invariant(module):
             out = loss_fn(hidden=h, weight=w, labels=y, ref_chosen_logps=ref[:P], ref_rejected_logps=ref[P:])
         else:
             loss_fn = FusedKTOLoss(beta=0.2, reduction="sum", backend="torch", batch_invariant=True)
-            desirable = torch.arange(h.shape[0]) % 2 == 0
+            # the target's two sequences desirable / undesirable in both batches
+            desirable = torch.tensor([True, False] if not with_others else [False, True, True, False, False, True])
             out = loss_fn(hidden=h, weight=w, labels=y, is_desirable=desirable, ref_logps=ref, kl=0.0)
         out.loss.backward()
         assert loss_fn.fallback_reason == INVARIANT_PLAN_REASON

@@ -34,7 +34,7 @@ import types
 import torch
 
 from . import token as _torch_fold
-from .invariant_tiles import pad_rows, tiles
+from .invariant_tiles import pad_rows, tile_ranges, tile_rows, tiles
 
 # Elements of one [C, V] logits chunk: 128M on CUDA (256 MB in bf16, about 1k tokens
 # at a 128k vocabulary, large enough for cuBLAS to run near peak); 4M on the CPU.
@@ -148,9 +148,14 @@ def operand_scale(max_abs_upstream, dtype, temperature, logit_scale):
 def _chunk_logits(hidden2d, weight, bias, idx):
     """``H[idx]·Wᵀ (+ b)`` in the input dtype: an O(C·D) gather, then one GEMM."""
     h = hidden2d.index_select(0, idx)
+    return h, _tile_logits(h, weight, bias)
+
+
+def _tile_logits(h, weight, bias, out=None):
+    """``h·Wᵀ (+ b)`` in the input dtype, one GEMM (into ``out`` when given)."""
     if bias is None:
-        return h, torch.matmul(h, weight.t())
-    return h, torch.addmm(bias, h, weight.t())
+        return torch.matmul(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
 
 
 def _mm(a, b, dtype):
@@ -317,26 +322,63 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
         _vocab_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, width, gh, gw, gb, cdt)
         return gh, gw, gb
     C = chunk_size(M, V, dev, chunk_tokens)
-    for c0, c1, idx in tiles(rows, C, batch_invariant):
-        n, size = c1 - c0, idx.numel()
+    if batch_invariant:
+        _invariant_token_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, C, gh, gw, gb, cdt)
+        return gh, gw, gb
+
+    def part(t, c0, c1):
+        return None if t is None else t[c0:c1].unsqueeze(0)
+
+    for c0 in range(0, M, C):
+        c1 = min(M, c0 + C)
+        idx = rows[c0:c1]
         h, x = _chunk_logits(hidden2d, weight, bias, idx)
         x3 = x.unsqueeze(0)
-        # In place: the recomputed logits chunk becomes G = ∂L/∂X_c (padded rows: upstream 0).
-        fold.token_backward(x3, pad_rows(targets[c0:c1], size).unsqueeze(0),
-                            pad_rows(lse[c0:c1], size).unsqueeze(0), x3,
-                            **{k: None if v is None else pad_rows(v[c0:c1], size, fill="zero").unsqueeze(0)
-                               for k, v in upstream.items()}, **kw)
+        # In place: the recomputed logits chunk becomes G = ∂L/∂X_c.
+        fold.token_backward(x3, targets[c0:c1].unsqueeze(0), lse[c0:c1].unsqueeze(0), x3,
+                            **{k: part(v, c0, c1) for k, v in upstream.items()}, **kw)
         G = x
         if gh is not None:  # rows finished inside the chunk: written once
-            gh.index_copy_(0, idx[:n], _mm(G, weight, gh_dtype)[:n])
-        if gw is not None:
-            gemm_into(gw, G.t(), h, accumulate=c0 > 0)
-        if gb is not None:
-            if c0 > 0:
-                gb += G.sum(0, dtype=cdt)
-            else:
-                torch.sum(G, 0, dtype=cdt, out=gb)
+            gh.index_copy_(0, idx, _mm(G, weight, gh_dtype))
+        _add_weight_grads(gw, gb, G, h, c0 > 0, cdt)
     return gh, gw, gb
+
+
+def _add_weight_grads(gw, gb, G, h, accumulate, cdt):
+    """``dW (+)= Gᵀ·H`` and ``db (+)= Σ G`` of one chunk, in the fp32 (fp64) accumulators."""
+    if gw is not None:
+        gemm_into(gw, G.t(), h, accumulate=accumulate)
+    if gb is not None:
+        if accumulate:
+            gb += G.sum(0, dtype=cdt)
+        else:
+            torch.sum(G, 0, dtype=cdt, out=gb)
+
+
+def _invariant_token_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, C, gh, gw, gb, cdt):
+    """The token-outer backward under ``batch_invariant=True``: chunks of whole fixed tiles (``C``
+    rounded to a multiple of the tile, at least one).  Each tile's logits GEMM, fold and ``dH`` GEMM
+    have the fixed shape, so a token's ``G`` and ``dH`` rows do not depend on the batch; ``dW`` /
+    ``db`` are accumulated once per chunk from the chunk's ``G`` (their traffic is the default
+    token-outer loop's, not once per 128-token tile)."""
+    M, step = rows.numel(), tile_rows()
+    C = max(step, C - C % step)
+    for c0, c1 in tile_ranges(M, C):
+        chunk = list(tiles(rows[c0:c1], None, True))
+        h = hidden2d.index_select(0, torch.cat([idx for _, _, idx in chunk]))
+        G = torch.empty(h.shape[0], weight.shape[0], device=h.device, dtype=h.dtype)
+        for j, (t0, t1, idx) in enumerate(chunk):
+            n, g = t1 - t0, G[j * step:(j + 1) * step]
+            _tile_logits(h[j * step:(j + 1) * step], weight, bias, out=g)
+            a, b = c0 + t0, c0 + t1
+            # In place: the tile's recomputed logits become its G (padded rows: upstream 0, so G rows 0).
+            fold.token_backward(g.unsqueeze(0), pad_rows(targets[a:b], step).unsqueeze(0),
+                                pad_rows(lse[a:b], step).unsqueeze(0), g.unsqueeze(0),
+                                **{k: None if v is None else pad_rows(v[a:b], step, fill="zero").unsqueeze(0)
+                                   for k, v in upstream.items()}, **kw)
+            if gh is not None:
+                gh.index_copy_(0, idx[:n], _mm(g, weight, gh.dtype)[:n])
+        _add_weight_grads(gw, gb, G, h, c0 > 0, cdt)
 
 
 def _vocab_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, width, gh, gw, gb, cdt):
