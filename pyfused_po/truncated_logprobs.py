@@ -17,9 +17,10 @@ streaming passes over each row, no sort).  The tiles themselves (the gather of l
 GEMMs of the hidden path) are PyTorch on both.
 
 **Batch invariance** (``batch_invariant=True``).  A token's results are computed in a tile of exactly
-:data:`~pyfused_po.torch_backend.invariant_tiles.INVARIANT_TILE_ROWS` rows (the last tile padded with copies of a real row whose results are
-dropped and whose gradient rows are zeroed), every tile by its own GEMM / reduction of the same
-shape.  No reduction ever runs over the token dimension except ``dW`` / ``db`` (which are sums over
+:data:`~pyfused_po.torch_backend.invariant_tiles.INVARIANT_TILE_ROWS` rows (the last tile padded with
+copies of a real row whose results are dropped and whose gradient rows are zeroed), every tile by
+its own GEMM / reduction of the same shape (:mod:`pyfused_po.torch_backend.invariant_tiles`, shared
+with the token stage's own invariant mode).  No reduction ever runs over the token dimension except ``dW`` / ``db`` (which are sums over
 the batch by definition), so a token's ``log p̃``, entropy, logits gradient and ``dH`` row do not
 depend on how many tokens there are, on their values, on the token's position or on
 ``chunk_tokens``.  This rests on one property of the libraries: a GEMM (or row reduction) of a fixed

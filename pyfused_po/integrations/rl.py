@@ -48,8 +48,8 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     :mod:`pyfused_po.truncated_logprobs`; without: the token stage's own invariant mode,
     :func:`pyfused_po.token_logprobs` / :func:`pyfused_po.linear_token_logprobs`).  Truncation runs
     tile by tile (PyTorch gathers / GEMMs); each tile is folded by PyTorch or, on the Triton
-    backend, by the radix-select kernels of ``kernels/truncated_select.py``.  ``return_outside=True`` appends a bool mask,
-    shaped like ``labels``, of the labelled tokens outside the kept set.
+    backend, by the radix-select kernels of ``kernels/truncated_select.py``.  ``return_outside=True``
+    appends a bool mask, shaped like ``labels``, of the labelled tokens outside the kept set.
 
     Exactly one source: ``logits`` ``[..., T, V]``, or ``hidden`` ``[..., T, D]`` with the LM head
     ``weight`` ``[V, D]`` (and ``bias``), the logits never materialized.  ``z`` is the logits after

@@ -103,7 +103,8 @@ def _invariant_tiles(logits, labels, ignore_index, shift):
 def _fold_chunks(logits, labels, ignore_index, shift, batch_invariant):
     """``(src, rows, dst, targets, n)`` per chunk of labelled rows: ``logits[src]`` are the chunk's
     rows; results of the first ``n`` of them (``None``: all; only invariant tiles are padded) go to
-    ``out[dst]`` (per label position) or ``lse[rows]`` / ``grad[rows]`` (per logits row).  Default: :func:`_row_chunks`; ``batch_invariant``: :func:`_invariant_tiles`."""
+    ``out[dst]`` (per label position) or ``lse[rows]`` / ``grad[rows]`` (per logits row).
+    Default: :func:`_row_chunks`; ``batch_invariant``: :func:`_invariant_tiles`."""
     if batch_invariant:
         yield from _invariant_tiles(logits, labels, ignore_index, shift)
         return
