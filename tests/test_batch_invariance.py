@@ -67,7 +67,7 @@ def _sequence_results(case, target, others, before, chunk_tokens=None):
     start = sum(len(h) for h, _ in others[:before])
     hidden = torch.cat([h for h, _ in parts]).to(case.device, case.dtype)
     labels = torch.cat([y for _, y in parts]).to(case.device)
-    w = weight.to(case.device, case.dtype)
+    w = weight.to(case.device, case.dtype).clone()  # a fresh leaf per batch (requires_grad set below)
     if case.path == "logits":
         # Each sequence's logits by its own GEMM: the target's inputs are the same in every batch.
         leaf = torch.cat([h.to(case.device, case.dtype) @ w.T for h, _ in parts]).requires_grad_(True)
@@ -129,10 +129,15 @@ def test_token_stage_bitwise_identical_in_any_batch_cpu(path, frozen):
 
 
 def test_default_mode_is_not_invariant_cpu():
-    """The property is not vacuous: without the option a lone token's hidden-path results differ
-    from the same token's inside a batch (MKL's M = 1 GEMM)."""
-    with pytest.raises(AssertionError, match="differs"):
+    """A control: without the option a lone token's hidden-path results differ from the same
+    token's inside a batch (MKL's M = 1 GEMM rounds differently on the machines this ran on; a BLAS
+    whose M = 1 path agrees would make the control say nothing, hence a skip there)."""
+    try:
         _check(Case("token", "hidden", "torch", invariant=False), n=1)
+    except AssertionError as err:
+        assert "differs" in str(err)
+    else:
+        pytest.skip("this BLAS gives a one-row GEMM the bits of a many-row one: the control shows nothing here")
 
 
 @pytest.mark.slow  # ~15 s each under the interpreter
