@@ -262,16 +262,16 @@ def truncated_token_logprobs(labels, *, logits=None, hidden=None, weight=None, b
             logit_scale=logit_scale, softcap=softcap, backend=backend, batch_invariant=batch_invariant,
             chunk_tokens=chunk_tokens), labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift,
             ignore_index=ignore_index)
-    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, ())
+    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, (), batch_invariant)
     labels = checked_labels("labels", labels, config.ignore_index)
     check_sources("truncated_token_logprobs", logits, hidden, weight, bias)
     if logits is not None:
         resolved = validate_token_inputs(logits, labels, config, backend)
-        plan = _Plan(spec, config, bool(with_entropy), bool(batch_invariant), chunk_tokens, resolved)
+        plan = _Plan(spec, config, bool(with_entropy), config.batch_invariant, chunk_tokens, resolved)
         logps, entropy = TruncatedLogitsFunction.apply(logits, labels, plan)
     else:
         resolved, _, mm_dtype = validate_linear_inputs(hidden, weight, bias, labels, config, backend, "chunked",
                                                        chunk_tokens)
-        plan = _Plan(spec, config, bool(with_entropy), bool(batch_invariant), chunk_tokens, resolved)
+        plan = _Plan(spec, config, bool(with_entropy), config.batch_invariant, chunk_tokens, resolved)
         logps, entropy = TruncatedLinearFunction.apply(hidden, weight, bias, labels, plan, mm_dtype)
     return TruncatedLogprobs(logps, entropy if with_entropy else None, logps == float("-inf"))

@@ -331,8 +331,12 @@ def test_options_that_cannot_be_invariant_are_refused():
         linear_token_logprobs(h, w, y, vocab_parallel_group=object(), vocab_start=0, batch_invariant=True)
     with pytest.raises(ValueError, match="cannot take grad_filter"):
         linear_token_logprobs(h, w, y, impl="fused", grad_filter=0.01, batch_invariant=True)
-    with pytest.raises(TypeError, match="batch_invariant must be True or False"):
-        token_logprobs(x, y, batch_invariant="yes")
+    for entry in (lambda: token_logprobs(x, y, batch_invariant="yes"),
+                  lambda: linear_token_logprobs(h, w, y, batch_invariant="yes"),
+                  lambda: rl.rl_token_logprobs(y, logits=x, top_k=3, batch_invariant="no"),
+                  lambda: FusedPreferenceLoss(batch_invariant=1)):
+        with pytest.raises(TypeError, match="batch_invariant must be True or False"):
+            entry()
     with pytest.raises(ValueError, match="loss_type 'expo'"):
         FusedPreferenceLoss(loss_type="expo", batch_invariant=True)
     with pytest.raises(ValueError, match="vocab_parallel_group"):
