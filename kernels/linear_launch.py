@@ -138,9 +138,10 @@ def _whole_blocks(M, block, *tensors, fill=None):
     """``tensors`` (``[M, ...]``) grown to a whole number of ``block`` tokens under
     ``batch_invariant=True``: copies of the last token (``fill=None``: indices, labels, LSE pairs) or
     zeros (``fill=0``: upstream gradients, so a padded token's gradient is 0; ``None`` stays ``None``).
-    A block with masked (absent) rows computes them from −inf keys, and where a math library
-    vectorizes (the interpreter's NumPy) a lane of −inf can send its neighbours through another
-    code path: with whole blocks every token of a block is real or a copy of a real one."""
+    With whole blocks every token of a block is real or a copy of a real one, so no block holds
+    masked rows computed from −inf keys next to a real token (a precaution for vectorized math
+    libraries such as the interpreter's NumPy, whose special-value lanes may take another code path;
+    not isolated as a cause of a difference)."""
     pad = -M % block
     out = []
     for t in tensors:
