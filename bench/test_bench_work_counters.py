@@ -1,5 +1,6 @@
 """The work counters themselves: FLOPs of every matmul form, the live-bytes peak, the traffic model."""
 import gc
+import math
 
 import torch
 
@@ -82,8 +83,15 @@ def test_table_runs_at_a_tiny_shape():
     trl = [r for r in trl if r["section"] == "padded"]
     assert [r["gemms"] for r in trl] == [4.0, 3.0]  # TRL: logits, recompute, dH (, dW)
     frozen = [r for r in result["rows"] if r["method"].startswith("pyfused_po") and r["head"] == "frozen"
-              and r["section"] == "padded"]
+              and r["section"] == "padded" and "batch_invariant" not in r["method"]]
     assert [r["gemms"] for r in frozen] == [2.0] * 3  # logits, ∂log p/∂h in the forward; no backward GEMM
+    # batch_invariant: the same GEMMs on tiles of 128 tokens, the last one padded (the module: the
+    # staged plan's 4 with a trainable head).
+    invariant = [r for r in result["rows"] if "batch_invariant" in r["method"]]
+    assert len(invariant) == 4
+    for r in invariant:
+        padded = math.ceil(r["labelled_tokens"] / 128) * 128 / r["labelled_tokens"]
+        assert r["gemms"] == pytest.approx((4.0 if r["head"] == "trainable" else 2.0) * padded, rel=1e-12)
     assert all(r["peak_bytes"] > 0 for r in result["rows"])
     kto = [r for r in result["rows"] if "FusedKTOLoss" in r["method"]]
     assert [r["gemms"] for r in kto] == [4.0, 3.0]  # staged: logits, recompute, dH, dW; fused: no recompute

@@ -227,12 +227,12 @@ def _module_chunk_tokens(batch, budget, fused, trainable):
     return gradient_chunk_size(M, D, min(staged, M)) if fused and trainable else staged
 
 
-def _pyfused_module(batch, budget, *, fused, long_group_plan="staged"):
+def _pyfused_module(batch, budget, *, fused, long_group_plan="staged", batch_invariant=False):
     from pyfused_po import FusedPreferenceLoss
 
     def step(hidden, weight):
         module = FusedPreferenceLoss("sigmoid", beta=batch["beta"], backend="torch", linear_impl="chunked",
-                                     logit_metrics=False)
+                                     logit_metrics=False, batch_invariant=batch_invariant)
         module.fused_gradient = fused
         module.long_group_plan = long_group_plan
         module.chunk_tokens = _module_chunk_tokens(batch, budget, fused, weight.requires_grad)
@@ -261,14 +261,14 @@ def _pyfused_kto(batch, budget, *, fused):
     return step
 
 
-def _pyfused_token_stage(batch, budget):
+def _pyfused_token_stage(batch, budget, batch_invariant=False):
     from pyfused_po import linear_token_logprobs
 
     V = batch["weight"].shape[0]
 
     def step(hidden, weight):
         logps = linear_token_logprobs(hidden, weight, batch["labels"], backend="torch", impl="chunked",
-                                      chunk_tokens=max(1, budget // V))
+                                      chunk_tokens=max(1, budget // V), batch_invariant=batch_invariant)
         _dpo(_sequence_sums(logps, batch), batch).backward()
     return step
 
@@ -320,6 +320,10 @@ def methods(batch, budget, liger=True):
             (f"pyfused_po module, fused_gradient=False ({head})", trainable, _pyfused_module(batch, budget, fused=False)),
             (f"pyfused_po module, fused gradient (default) ({head})", trainable, _pyfused_module(batch, budget, fused=True)),
             (f"pyfused_po linear_token_logprobs ({head})", trainable, _pyfused_token_stage(batch, budget)),
+            (f"pyfused_po linear_token_logprobs, batch_invariant ({head})", trainable,
+             _pyfused_token_stage(batch, budget, batch_invariant=True)),
+            (f"pyfused_po module, batch_invariant ({head})", trainable,
+             _pyfused_module(batch, budget, fused=True, batch_invariant=True)),
             (f"TRL 1.16 ChunkedLogProbFunction + DPO ({head})", trainable, _trl(batch, budget)),
         ]
         if liger and liger_unavailable_reason() is None:

@@ -58,6 +58,13 @@ def _softcap_args(softcap):
     return (0.0 if softcap is None else float(softcap)), softcap is not None
 
 
+# Vocabulary splits of the forward under batch_invariant=True: a constant, so that the split
+# boundaries (and with them the order in which a row's statistics are combined) do not depend on
+# the number of tokens.  8 splits keep a few-token forward at 8 programs per token block; the
+# partial statistics cost 9 · 8 · 4 = 288 bytes per token.
+INVARIANT_SPLITS = 8
+
+
 def _num_splits(m_blocks, n_tiles, device, splits):
     """Vocabulary splits: enough programs to fill the GPU (≈4 per SM) when tokens are few."""
     if splits is not None:
@@ -69,8 +76,13 @@ def _num_splits(m_blocks, n_tiles, device, splits):
 
 
 def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, temperature,
-                   logit_scale, softcap, extras=(), splits=None, block_v=None):
-    """Per labelled token: fp32 ``(logp [M], lse [M, 2], {extra: [M]})`` (``lse``: LSE pairs)."""
+                   logit_scale, softcap, extras=(), splits=None, block_v=None, batch_invariant=False):
+    """Per labelled token: fp32 ``(logp [M], lse [M, 2], {extra: [M]})`` (``lse``: LSE pairs).
+
+    ``batch_invariant=True``: :data:`INVARIANT_SPLITS` vocabulary splits whatever ``M`` (the
+    default adds splits when tokens are few) and an ordered combine (:func:`combine_splits`).  A
+    row's tiles are ``[BLOCK_M, BLOCK_V]`` dots of one shape, so its statistics then do not depend
+    on the batch."""
     del ignore_index  # the tokens were compacted: every target is a real label
     M = rows.numel()
     V, D = weight.shape
@@ -82,6 +94,14 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
     cfg = linear_config(V, D, hidden2d.dtype, block_v)
     m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
+    if batch_invariant and splits is None:
+        splits = min(2, n_tiles) if _interpreting() else INVARIANT_SPLITS
+    if batch_invariant and M % cfg["BLOCK_M"]:  # whole token blocks (see _whole_blocks), results sliced back
+        rows_p, targets_p = _whole_blocks(M, cfg["BLOCK_M"], rows, targets)
+        logp, lse, outs = linear_forward(hidden2d, weight, bias, rows_p, targets_p, ignore_index=None,
+                                         temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                                         extras=extras, splits=splits, block_v=block_v, batch_invariant=True)
+        return logp[:M], lse[:M], {name: t[:M] for name, t in outs.items()}
     n_splits = _num_splits(m_blocks, n_tiles, dev, splits)
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
@@ -98,7 +118,10 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
         WANT_MEAN="mean_logit" in want, WANT_TOP1="is_top1" in want, FLIP=flip_key(logit_scale, temperature, softcap),
         **_dot_flags(hidden2d.dtype), **cfg,
     )
-    return combine_splits(part, V, extras, key_scale(logit_scale, temperature, softcap))
+    kz = key_scale(logit_scale, temperature, softcap)
+    if batch_invariant:
+        return combine_in_tiles(part, V, extras, kz)
+    return combine_splits(part, V, extras, kz)
 
 
 def key_scale(logit_scale, temperature, softcap):
@@ -111,7 +134,66 @@ def key_scale(logit_scale, temperature, softcap):
     return -kz if flip_key(logit_scale, temperature, softcap) else kz
 
 
-def combine_splits(part, V, extras, kz):
+def _whole_blocks(M, block, *tensors, fill=None):
+    """``tensors`` (``[M, ...]``) grown to a whole number of ``block`` tokens under
+    ``batch_invariant=True``: copies of the last token (``fill=None``: indices, labels, LSE pairs) or
+    zeros (``fill=0``: upstream gradients, so a padded token's gradient is 0; ``None`` stays ``None``).
+    With whole blocks every token of a block is real or a copy of a real one, so no block holds
+    masked rows computed from −inf keys next to a real token (a precaution for vectorized math
+    libraries such as the interpreter's NumPy, whose special-value lanes may take another code path;
+    not isolated as a cause of a difference)."""
+    pad = -M % block
+    out = []
+    for t in tensors:
+        if t is None or pad == 0:
+            out.append(t)
+            continue
+        tail = t[-1:] if fill is None else torch.full_like(t[:1], fill)
+        out.append(torch.cat([t, tail.expand(pad, *t.shape[1:])]))
+    return out
+
+
+# Tokens per combine under batch_invariant=True (see combine_in_tiles).
+COMBINE_TILE = 128
+
+
+def combine_in_tiles(part, V, extras, kz):
+    """:func:`combine_splits` with ``ordered`` sums, on tiles of exactly :data:`COMBINE_TILE` tokens
+    (the last one padded with copies of its last token): every elementwise op then runs on one
+    shape.  On the GPU an elementwise op computes each element alike anyway; on the CPU a vectorized
+    loop hands a length-dependent tail to scalar code whose ``exp`` / ``log`` may round differently,
+    so without fixed tiles a token's statistics would depend on ``M`` and on its position."""
+    M = part.shape[-1]
+    logp, lse = torch.empty(M, **_like(part)), torch.empty(M, 2, **_like(part))
+    outs = {name: torch.empty(M, **_like(part)) for name in extras}
+    for c0 in range(0, M, COMBINE_TILE):
+        c1 = min(M, c0 + COMBINE_TILE)
+        tile = part[..., c0:c1]
+        if c1 - c0 < COMBINE_TILE:
+            tile = torch.cat([tile, tile[..., -1:].expand(*tile.shape[:-1], COMBINE_TILE - (c1 - c0))], dim=-1)
+        lp, ls, ex = combine_splits(tile, V, extras, kz, ordered=True)
+        logp[c0:c1], lse[c0:c1] = lp[: c1 - c0], ls[: c1 - c0]
+        for name in extras:
+            outs[name][c0:c1] = ex[name][: c1 - c0]
+    return logp, lse, outs
+
+
+def _like(t):
+    return dict(device=t.device, dtype=t.dtype)
+
+
+def _split_sum(t, ordered):
+    """``Σ_k t[k]`` over the splits: ``t.sum(0)``, or with ``ordered`` ``((t₀ + t₁) + t₂) + …`` by
+    elementwise adds, whose order no reduction kernel's choice for the shape ``[splits, M]`` can change."""
+    if not ordered:
+        return t.sum(0)
+    acc = t[0]
+    for k in range(1, t.shape[0]):
+        acc = acc + t[k]
+    return acc
+
+
+def combine_splits(part, V, extras, kz, ordered=False):
     """Merges per-split statistics (max key ``k_k``, ``s_k``, target key, ``a_k`` in key units, ``q_k``,
     ``Σz_k``, the max logit ``fl(k_k·kz)`` and its rounding error; ``z = key·kz``): with
     ``K = max_k k_k`` and ``w_k = e^{(k_k − K)·kz}``, ``s = Σ w_k s_k``,
@@ -121,24 +203,25 @@ def combine_splits(part, V, extras, kz):
     is not torch's product),
     ``H = log s − kz·Σ w_k (a_k + s_k (k_k − K)) / s``,
     ``log Σp² = log Σ w_k² q_k − 2 log s``, ``mean = Σ_k Σz_k / V``, top-1 iff the label is the
-    first maximizer of the first split that reaches ``K`` (``argmax``: the lowest id wins a tie)."""
+    first maximizer of the first split that reaches ``K`` (``argmax``: the lowest id wins a tie).
+    ``ordered``: the sums over splits in split order (:func:`_split_sum`; batch invariance)."""
     m, s, zy, a, q, zsum, m_top, m_err, top1 = part.unbind(0)
     kz = kz.to(part.device)
     mx = m.max(0).values
     mx_ref = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
     w = torch.exp((m - mx_ref) * kz)
-    s_tot = (w * s).sum(0)
+    s_tot = _split_sum(w * s, ordered)
     log_s = torch.log(s_tot)
-    zy = zy.sum(0)
+    zy = _split_sum(zy, ordered)
     outs = {}
     if "entropy" in extras:
         # An empty split (k_k = −inf) has s_k = a_k = 0: its shift term is 0, not 0·(−inf).
         shift = torch.where(torch.isinf(m), torch.zeros_like(m), m - mx_ref)
-        outs["entropy"] = log_s - kz * (w * (a + s * shift)).sum(0) / s_tot
+        outs["entropy"] = log_s - kz * _split_sum(w * (a + s * shift), ordered) / s_tot
     if "log_sum_sq_probs" in extras:
-        outs["log_sum_sq_probs"] = torch.log((w * w * q).sum(0)) - 2.0 * log_s
+        outs["log_sum_sq_probs"] = torch.log(_split_sum(w * w * q, ordered)) - 2.0 * log_s
     if "mean_logit" in extras:
-        outs["mean_logit"] = zsum.sum(0) / V
+        outs["mean_logit"] = _split_sum(zsum, ordered) / V
     first = m.argmax(0, keepdim=True)  # the first split holding the max key: its max logit is the row's
     if "is_top1" in extras:  # argmax's tie rule: the first split at the max holds the first maximizer
         outs["is_top1"] = top1.gather(0, first)[0]
@@ -150,7 +233,7 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
                     grad_entropy=None, log_sum_sq_probs=None, grad_log_sum_sq_probs=None,
                     grad_mean_logit=None, need_hidden=True, need_weight=True, need_bias=True,
                     ignore_index, temperature, logit_scale, softcap, block_v=None, grad_hidden_dtype=None,
-                    grad_filter=None):
+                    grad_filter=None, batch_invariant=False):
     """fp32 ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V])``, ``None`` where not needed;
     ``lse``: the forward's ``[M, 2]`` LSE pairs.
 
@@ -159,7 +242,13 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     gradient is below it, relative to the token's upstream gradient, skip their dH/dW dots
     (``kernels.linear_backward``); with a threshold above 0 the vocabulary tiles are formed
     in :func:`mean_logit_order`.  Not applied when ``grad_mean_logit`` is given: that
-    gradient is ``g_M / V`` on every id and would fall under any threshold above ``1/V``."""
+    gradient is ``g_M / V`` on every id and would fall under any threshold above ``1/V``.
+
+    ``batch_invariant=True`` (with ``need_hidden``): one launch per vocabulary tile
+    (:func:`_per_vocab_tile`), so each ``dH`` element receives one atomic add per launch, in launch
+    order: ``dH = ((0 + t₀) + t₁) + …`` with ``t_j`` a fixed-shape dot, whatever ``M`` is.  One launch
+    for the whole grid would let the vocabulary tiles' adds land in any order.  ``dW`` / ``db`` still
+    sum token blocks by atomics (not deterministic; they are sums over the batch anyway)."""
     del ignore_index, grad_hidden_dtype
     M = rows.numel()
     if tuple(lse.shape) != (M, 2) or not lse.is_contiguous() or lse.dtype != torch.float32:
@@ -181,6 +270,16 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     # Threshold 0 skips nothing: keep the id order so the result is exactly the unfiltered one.
     perm = mean_logit_order(hidden2d, weight, bias, rows) if use_filter and grad_filter > 0 else None
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
+    if batch_invariant and need_hidden:
+        names = ("grad_logp", "entropy", "grad_entropy", "log_sum_sq_probs", "grad_log_sum_sq_probs",
+                 "grad_mean_logit")
+        rows_p, targets_p, lse_p = _whole_blocks(M, cfg["BLOCK_M"], rows, targets, lse)
+        upstream = _whole_blocks(M, cfg["BLOCK_M"], grad_logp, entropy, grad_entropy, log_sum_sq_probs,
+                                 grad_log_sum_sq_probs, grad_mean_logit, fill=0.0)
+        _per_vocab_tile(hidden2d, weight, bias, rows_p, targets_p, lse_p.contiguous(), gh, gw, gb, cfg,
+                        dict(zip(names, upstream)),
+                        dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap))
+        return gh, gw, gb
     linear_backward_kernel[grid](
         hidden2d, *hidden2d.stride(), weight, *weight.stride(),
         weight if bias is None else bias, rows, targets, rows if perm is None else perm,
@@ -203,6 +302,43 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
         **_dot_flags(hidden2d.dtype), **cfg,
     )
     return gh, gw, gb
+
+
+def _per_vocab_tile(hidden2d, weight, bias, rows, targets, lse, gh, gw, gb, cfg, upstream, transform):
+    """The backward as ``⌈V / BLOCK_V⌉`` launches of one vocabulary tile each (``batch_invariant``;
+    ``rows`` padded to whole token blocks, the padded tokens' upstream gradients 0, so their ``G``
+    rows are 0 and add exact zeros to the ``dH`` row they share with the last real token):
+    the tile's head rows ``W[v0:v1]`` (bias, ``dW``, ``db`` slices alike) and labels relative to
+    ``v0`` (a label outside the tile never matches a column).  The mean-logit gradient ``g_M / V``
+    is passed as ``(g_M · w / V) / w`` for the tile's width ``w``."""
+    M, D = rows.numel(), weight.shape[1]
+    V, width = weight.shape[0], cfg["BLOCK_V"]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    dummy = lse
+    cap, has_cap = _softcap_args(transform["softcap"])
+    g_mean = upstream["grad_mean_logit"]
+    for v0 in range(0, V, width):
+        v1 = min(V, v0 + width)
+        w = weight[v0:v1]
+        mean = None if g_mean is None else g_mean * ((v1 - v0) / V)
+        linear_backward_kernel[grid](
+            hidden2d, *hidden2d.stride(), w, *w.stride(),
+            w if bias is None else bias[v0:v1], rows, targets - v0, rows,
+            lse,
+            *(dummy if upstream[k] is None else upstream[k] for k in (
+                "grad_logp", "entropy", "grad_entropy", "log_sum_sq_probs", "grad_log_sum_sq_probs")),
+            dummy if mean is None else mean,
+            gh, *gh.stride(),
+            dummy if gw is None else gw[v0:v1], *((0, 0) if gw is None else gw.stride()),
+            dummy if gb is None else gb[v0:v1],
+            M, v1 - v0, D,
+            float(transform["logit_scale"]), 1.0 / float(transform["temperature"]), cap, 0.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, FILTER=False, PERMUTED=False,
+            HAS_G=upstream["grad_logp"] is not None, GRAD_ENTROPY=upstream["grad_entropy"] is not None,
+            GRAD_LSQ=upstream["grad_log_sum_sq_probs"] is not None, GRAD_MEAN=mean is not None,
+            NEED_DH=True, NEED_DW=gw is not None, NEED_DB=gb is not None,
+            **_dot_flags(hidden2d.dtype), **cfg,
+        )
 
 
 def mean_logit_order(hidden2d, weight, bias, rows):

@@ -46,6 +46,21 @@ def row_layout(block_v, *rows):
     return dict(LANE=min(per16, block_v), ALIGN=per16 if unit else 1, SAME_ROWS=same)
 
 
+def invariant_layout(layout, *rows):
+    """``row_layout``'s constexprs for ``batch_invariant=True``: every row split with an empty head.
+
+    The kernels reduce a row block by block from where its aligned body starts
+    (``kernels/row_split.py``), so a row whose element offset is not a multiple of ``ALIGN`` (odd
+    ``V``, a row at another position of another batch) would group its sum differently.  When every
+    row offset is a multiple of ``ALIGN`` (unit vocabulary stride, leading strides multiples of it)
+    the head is empty anyway; otherwise ``ALIGN = 1`` empties it (the body is then read without the
+    16-byte vector hint).  Either way a row's blocks are ``[0, BLOCK_V), [BLOCK_V, 2·BLOCK_V), …``:
+    the same order at any position, in any batch."""
+    align = layout["ALIGN"]
+    aligned = all(s % align == 0 for r in rows for n, s in zip(r.shape[:-1], r.stride()[:-1]) if n > 1)
+    return dict(layout, ALIGN=align if aligned else 1)
+
+
 def flip_key(logit_scale, temperature, softcap) -> bool:
     """Whether the forward kernels' max key is −x (``z = x·scale/T`` decreasing in x)."""
     return softcap is None and float(logit_scale) / float(temperature) < 0
@@ -63,7 +78,7 @@ def _softcap_args(softcap):
 
 
 def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_scale, softcap,
-                  extras=(), block_v=None, vocab_shard=False):
+                  extras=(), block_v=None, vocab_shard=False, batch_invariant=False):
     """Returns ``(logp, lse, {extra: tensor})``; ``lse`` is per logits row, ``[B, T, 2]``: the
     pair ``(hi, lo)`` of ``kernels/lse_pair.py`` (LSE = hi + lo; 0 for rows without a label).
 
@@ -72,6 +87,10 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
     the raw target logit (0 when not owned), ``is_top1`` the slice's max logit (+inf where the
     owned label loses a tie or more inside the slice), and
     ``lse`` / the other extras the slice's own statistics (see ``token_forward.py``).
+
+    One program per row and a ``BLOCK_V`` that depends on ``V`` only: a row's reduction order does
+    not depend on the batch, except through the aligned split, which ``batch_invariant=True`` fixes
+    (:func:`invariant_layout`).
     """
     B, T, V = logits.shape
     dev = logits.device
@@ -84,6 +103,8 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
     if B * T == 0:
         return logp, lse, outs
     layout = row_layout(block, logits)
+    if batch_invariant:
+        layout = invariant_layout(layout, logits)
     token_forward_kernel[(B * T,)](
         logits, *logits.stride(),
         labels, *labels.stride(),
@@ -105,7 +126,7 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
 def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temperature,
                    logit_scale, softcap, grad_logp=None, entropy=None, grad_entropy=None,
                    log_sum_sq_probs=None, grad_log_sum_sq_probs=None, grad_mean_logit=None,
-                   block_v=None, vocab_shard=False):
+                   block_v=None, vocab_shard=False, batch_invariant=False):
     """Writes ∂loss/∂logits into ``grad_out`` (``[B, T, V]``, may be ``logits`` itself).
     ``lse``: the forward's ``[B, T, 2]`` pairs (contiguous).
 
@@ -123,6 +144,8 @@ def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temper
     cap, has_cap = _softcap_args(softcap)
     block, warps = launch_config(V, block_v)
     layout = row_layout(block, logits, grad_out)
+    if batch_invariant:  # elementwise given the LSE; the same split as the forward's all the same
+        layout = invariant_layout(layout, logits, grad_out)
     token_backward_kernel[(B * T,)](
         logits, *logits.stride(),
         grad_out, *grad_out.stride(),

@@ -73,11 +73,23 @@ def note_fallback(module, reason):
         _log.warning("%s: %s", type(module).__name__, reason)
 
 
+# Why a module built with batch_invariant=True runs the staged plan (a named choice, kept in
+# module.fallback_reason): the three-GEMM plan sizes its chunks by whole groups (so a token's GEMM
+# shape depends on its neighbours) and scales the half-precision gradient operand by the batch's
+# largest upstream gradient; the staged plan's token stage has the fixed-tile invariant mode.
+INVARIANT_PLAN_REASON = ("batch_invariant=True runs the staged plan (4 GEMMs): the three-GEMM plan's chunks "
+                         "and operand scale depend on the batch")
+
+
 def plan_may_run(module, source, others=()):
     """The conditions every fused plan shares: ``module.fused_gradient`` on, grad mode on, not
     under ``torch.compile`` tracing, some of ``source`` (``(hidden, weight, bias)``) requiring
-    grad, the chunked implementation, no vocabulary or sequence parallelism, and none of the
-    ``others`` (inputs whose gradient the plan does not form) requiring grad."""
+    grad, the chunked implementation, no vocabulary or sequence parallelism, none of the
+    ``others`` (inputs whose gradient the plan does not form) requiring grad, and not
+    ``module.batch_invariant`` (:data:`INVARIANT_PLAN_REASON`, noted once)."""
+    if getattr(module, "batch_invariant", False):
+        note_fallback(module, INVARIANT_PLAN_REASON)
+        return False
     return (getattr(module, "fused_gradient", True) and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and any(t is not None and t.requires_grad for t in source)

@@ -9,8 +9,8 @@ head unless ``ref_weight=`` is given) and the token-stage dispatch are written o
 import torch
 
 from .linear_token_logprobs import linear_token_logprobs
-from .token_logprobs import TokenLogprobs, token_logprobs
-from .validation import check_tensor
+from .token_logprobs import TokenLogprobs, check_batch_invariant, token_logprobs
+from .validation import check_flag, check_tensor
 
 
 def resolve_sources(owner, logits, hidden, weight, bias, ref_logits, ref_hidden, ref_weight, ref_bias):
@@ -47,6 +47,17 @@ def resolve_sources(owner, logits, hidden, weight, bias, ref_logits, ref_hidden,
     return policy, reference
 
 
+def check_invariant_options(owner, batch_invariant, parallel, *, expo=False):
+    """A loss module's ``batch_invariant`` as a bool, refused (``ValueError``, at construction) with
+    vocabulary parallelism and with ``expo`` (the KL kernel has no invariant mode)."""
+    flag = check_flag("batch_invariant", batch_invariant)
+    check_batch_invariant(owner, flag, vocab_parallel=parallel.vocab_parallel)
+    if flag and expo:
+        raise ValueError(f"{owner}: batch_invariant=True is not available with loss_type 'expo' (its KL kernel "
+                         "has no batch-invariant mode)")
+    return flag
+
+
 def check_head_shapes(source, labels, prefix=""):
     """Shape checks of a ``(hidden, weight, bias)`` source against ``labels`` before any kernel:
     ``hidden`` ``labels.shape + (D,)``, ``weight`` ``[V, D]``, ``bias`` ``[V]``.  ``prefix``
@@ -72,8 +83,11 @@ def check_head_shapes(source, labels, prefix=""):
 def run_token_stage(module, source, labels, *, extras=(), inplace=False, token_kwargs=None) -> TokenLogprobs:
     """The one call into the token stage for a loss ``module`` (its ``parallel`` options,
     ``linear_impl`` and ``token_kwargs``, the latter overridable): vocabulary-parallel,
-    fused-linear for a ``(hidden, weight, bias)`` source, or on logits."""
+    fused-linear for a ``(hidden, weight, bias)`` source, or on logits; ``module.batch_invariant``
+    (when set) goes to the token stage."""
     token_kwargs = module.token_kwargs if token_kwargs is None else token_kwargs
+    if getattr(module, "batch_invariant", False):
+        token_kwargs = dict(token_kwargs, batch_invariant=True)
     if module.parallel.vocab_parallel:
         out = module.parallel.token_stage(source, labels, extras=extras, inplace=inplace, token_kwargs=token_kwargs)
     elif isinstance(source, tuple):

@@ -23,7 +23,7 @@ from torch import nn
 from . import fused_kto
 from .batch_layout import BatchLayout
 from .distributed.options import ParallelOptions
-from .head_source import check_head_shapes, resolve_sources, run_token_stage
+from .head_source import check_head_shapes, check_invariant_options, resolve_sources, run_token_stage
 from .kto_batch import kto_batch
 from .linear_token_logprobs import IMPLS
 from .objectives.checks import check_number
@@ -164,12 +164,14 @@ class FusedKTOLoss(nn.Module):
             token slices, ``ref_logps`` holds full per-sequence sums, and ``policy_kl_logps`` /
             ``ref_kl_logps`` are this rank's partial sums, summed over the group (same
             all-reduce) before the KL estimate is taken.
+        batch_invariant: the token stage's bitwise batch invariance, on the staged plan; as in
+            :class:`pyfused_po.FusedPreferenceLoss`.
     """
 
     def __init__(self, beta=0.1, *, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
                  reduction="mean", ignore_index=-100, shift=False, temperature=1.0, logit_scale=1.0,
                  softcap=None, backend="auto", inplace_backward=False, linear_impl="auto",
-                 vocab_parallel_group=None, vocab_start=None, sequence_parallel_group=None):
+                 vocab_parallel_group=None, vocab_start=None, sequence_parallel_group=None, batch_invariant=False):
         super().__init__()
         beta, desirable_weight, undesirable_weight = (as_number(n, v) for n, v in (
             ("beta", beta), ("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)))
@@ -190,6 +192,7 @@ class FusedKTOLoss(nn.Module):
         self.linear_impl = linear_impl
         self.parallel = ParallelOptions(vocab_parallel_group, vocab_start, sequence_parallel_group)
         self.parallel.check_sequence_parallel(shift=shift)
+        self.batch_invariant = check_invariant_options("FusedKTOLoss", batch_invariant, self.parallel)
 
     # hidden=/weight= inputs: form the exact gradient during the forward (three GEMMs instead of
     # four, two for a frozen head; :mod:`pyfused_po.fused_kto`).  False: the staged plan.

@@ -36,7 +36,8 @@ from .autograd_guard import first_derivative_only
 from .grad_filter import resolve_grad_filter, validate_grad_filter
 from .mixed_precision import autocast_off, cast_operands, head_matmul_dtype
 from .packed_layout import run_packed
-from .token_logprobs import TokenConfig, make_token_config, pack_results, resolve_backend, validate_token_config
+from .token_logprobs import (TokenConfig, check_batch_invariant, make_token_config, pack_results, resolve_backend,
+                             validate_token_config)
 from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold
 from .validation import as_number, check_label_range, check_same_device, check_tensor, checked_labels
@@ -144,8 +145,11 @@ def linear_backward(hidden, weight, bias, labels, lse, saved, grads, config: Tok
 
 
 def _kernel_kwargs(config: TokenConfig):
-    return dict(ignore_index=config.ignore_index, temperature=config.temperature,
-                logit_scale=config.logit_scale, softcap=config.softcap)
+    kw = dict(ignore_index=config.ignore_index, temperature=config.temperature,
+              logit_scale=config.logit_scale, softcap=config.softcap)
+    if config.batch_invariant:
+        kw["batch_invariant"] = True
+    return kw
 
 
 def frozen_head_plan(hidden, weight, bias, config: TokenConfig, backend, impl):
@@ -261,7 +265,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
                           temperature=1.0, logit_scale=1.0, softcap=None, extras=(),
                           backend="auto", impl="auto", chunk_tokens=None, vocab_parallel_group=None,
                           vocab_start=None, reduce_grad_hidden=True, cu_seqlens=None, position_ids=None,
-                          grad_filter=None):
+                          grad_filter=None, batch_invariant=False):
     """Per-token log-probs of ``logits = hidden @ weight.T (+ bias)``, logits never materialized.
 
     Same results as ``token_logprobs(hidden @ weight.T + bias, labels, ...)``: the logit
@@ -296,6 +300,17 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             Lossy: on SmolLM2-135M, ``"auto"`` in bf16 (2⁻¹²) skips 25% of the tiles at a
             relative L2 error of 1.8e-3 in dH and 2.3e-4 in dW (:mod:`pyfused_po.grad_filter`
             has the measured numbers).
+        batch_invariant: a token's log-prob, extras, ``dH`` row (and the logits-gradient row it
+            feeds into ``dW``) are bitwise the same whatever else is in the batch, wherever the
+            token sits and whatever ``chunk_tokens`` is.  ``"chunked"``: GEMMs and folds on tiles of
+            exactly 128 tokens (:mod:`pyfused_po.torch_backend.invariant_tiles`), never the
+            vocabulary-outer backward.  ``"fused"``: vocabulary splits fixed for every ``M`` with an
+            ordered combine, and ``dH`` accumulated one vocabulary tile per launch
+            (:func:`pyfused_po.kernels.linear_launch.linear_backward`).  ``dW`` / ``db`` are sums
+            over the batch: run-to-run deterministic on ``"chunked"`` for one batch, never equal
+            across batches, and not deterministic on ``"fused"`` (fp32 atomics over token blocks).
+            Not with ``vocab_parallel_group``, ``grad_filter`` (a tile's skip depends on its other
+            rows) or under ``torch.compile`` (``ValueError``).
 
     Returns:
         float32 log-probs shaped like ``labels`` (float64 for float64 inputs on the torch
@@ -309,8 +324,13 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             hidden, weight, y, bias=bias, ignore_index=ignore_index, shift=s, temperature=temperature,
             logit_scale=logit_scale, softcap=softcap, extras=extras, backend=backend, impl=impl,
             chunk_tokens=chunk_tokens, vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
-            reduce_grad_hidden=reduce_grad_hidden, grad_filter=grad_filter),
+            reduce_grad_hidden=reduce_grad_hidden, grad_filter=grad_filter, batch_invariant=batch_invariant),
             labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift, ignore_index=ignore_index)
+    check_batch_invariant("linear_token_logprobs", batch_invariant,
+                          vocab_parallel=vocab_parallel_group is not None or vocab_start is not None)
+    if batch_invariant and grad_filter is not None:
+        raise ValueError("linear_token_logprobs: batch_invariant=True cannot take grad_filter (whether a "
+                         "128 x 128 tile's dots are skipped depends on every row of the tile)")
     if vocab_parallel_group is not None or vocab_start is not None:
         vocab_parallel_linear_token_logprobs = _dispatch.entry("vocab_parallel_linear_token_logprobs")
         if impl == "fused":
@@ -320,7 +340,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
             ignore_index=ignore_index, shift=shift, temperature=temperature, logit_scale=logit_scale,
             softcap=softcap, extras=extras, backend=backend, chunk_tokens=chunk_tokens,
             reduce_grad_hidden=reduce_grad_hidden)
-    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
+    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras, batch_invariant)
     labels = checked_labels("labels", labels, config.ignore_index)
     resolved, impl, mm_dtype = validate_linear_inputs(hidden, weight, bias, labels, config, backend, impl,
                                                       chunk_tokens)

@@ -19,7 +19,7 @@ from .preference_batch import preference_batch
 from .preference_groups import check_group_call, check_group_options, group_objective, group_plan
 from .distributed.options import ParallelOptions
 from .float64_state import apply_keeping_float64
-from .head_source import resolve_sources, run_token_stage
+from .head_source import check_invariant_options, resolve_sources, run_token_stage
 from .objectives import get_objective
 from .token_kl import token_kl
 from .token_logprobs import TokenLogprobs
@@ -58,6 +58,13 @@ class FusedPreferenceLoss(nn.Module):
             slice of every sequence (``shift`` must be False; ``ld_alpha``, ``use_weighting``
             and ``bco_running_mean`` are unavailable).  Loss, metrics and gradients equal the
             single-process module's on the unsharded tensors.
+        batch_invariant: the token stage's ``batch_invariant=True`` (:func:`pyfused_po.token_logprobs`,
+            :func:`pyfused_po.linear_token_logprobs`): each token's log-prob and extras, and its
+            logits-gradient row for a given ``∂L/∂ log p_t``, are bitwise independent of the rest
+            of the batch.  On ``hidden=`` it selects the staged plan (4 GEMMs,
+            :data:`pyfused_po.fused_gradient.INVARIANT_PLAN_REASON`).  The loss itself is a function
+            of the whole batch (the mean over pairs) and is not invariant.  Not with
+            ``vocab_parallel_group`` nor ``loss_type="expo"`` (``ValueError``).
 
         group_size: ``K``: the batch is groups of ``K`` consecutive responses to one prompt, not
             pairs (see :meth:`forward`; ``loss_type`` a listwise type such as ``"plackett_luce"``
@@ -88,7 +95,8 @@ class FusedPreferenceLoss(nn.Module):
                  f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, ld_alpha=None,
                  ld_alpha_reference=True, use_weighting=False, bco_running_mean=False,
                  linear_impl="auto", vocab_parallel_group=None, vocab_start=None,
-                 sequence_parallel_group=None, reduce_grad_hidden=True, group_size=None, **hyperparameters):
+                 sequence_parallel_group=None, reduce_grad_hidden=True, group_size=None, batch_invariant=False,
+                 **hyperparameters):
         super().__init__()
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
                                        or group_size < 2):
@@ -124,6 +132,8 @@ class FusedPreferenceLoss(nn.Module):
         if self.expo and (self.parallel.vocab_parallel or self.parallel.sequence_parallel):
             raise ValueError("loss_type 'expo' (the KL kernel) does not support vocab_parallel_group or "
                              "sequence_parallel_group yet")
+        self.batch_invariant = check_invariant_options("FusedPreferenceLoss", batch_invariant, self.parallel,
+                                                       expo=self.expo)
         self.linear_impl = linear_impl
         self.loss_type, self.beta, self.reduction = loss_type, beta, reduction
         self.hyperparameters = dict(hyperparameters)

@@ -11,6 +11,7 @@ from .autograd_guard import first_derivative_only
 from .validation import (
     as_number,
     check_finite_nonzero,
+    check_flag,
     check_label_range,
     check_inplace_target,
     check_positive,
@@ -52,10 +53,14 @@ class TokenConfig:
     softcap: Optional[float] = None
     extras: tuple = ()
     block_v: Optional[int] = None
+    batch_invariant: bool = False
 
     def kernel_kwargs(self):
-        return dict(ignore_index=self.ignore_index, shift=self.shift, temperature=self.temperature,
-                    logit_scale=self.logit_scale, softcap=self.softcap, block_v=self.block_v)
+        kw = dict(ignore_index=self.ignore_index, shift=self.shift, temperature=self.temperature,
+                  logit_scale=self.logit_scale, softcap=self.softcap, block_v=self.block_v)
+        if self.batch_invariant:  # only the token folds take it (not the KL kernels, which refuse it)
+            kw["batch_invariant"] = True
+        return kw
 
 
 def _rows_view(labels):
@@ -164,13 +169,28 @@ def run_token_backward(logits, y2, lse, saved, grad_logp, grad_extras, config: T
     return grad_logits
 
 
-def make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras) -> TokenConfig:
+def make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras,
+                      batch_invariant=False) -> TokenConfig:
     """The :class:`TokenConfig` of a public entry point's keywords (``extras`` may be one name)."""
     extras = tuple(extras) if not isinstance(extras, str) else (extras,)
     return TokenConfig(ignore_index=as_number("ignore_index", ignore_index), shift=bool(shift),
                        temperature=as_number("temperature", temperature),
                        logit_scale=as_number("logit_scale", logit_scale), softcap=as_number("softcap", softcap),
-                       extras=extras)
+                       extras=extras, batch_invariant=check_flag("batch_invariant", batch_invariant))
+
+
+def check_batch_invariant(entry, batch_invariant, *, vocab_parallel=False):
+    """``batch_invariant=True`` where it cannot hold raises before any launch: a vocabulary-parallel
+    row combines per-rank statistics through a collective, and under ``torch.compile`` the token
+    stage is a custom op that does not carry the option."""
+    if not batch_invariant:
+        return
+    if vocab_parallel:
+        raise ValueError(f"{entry}: batch_invariant=True is not available with vocab_parallel_group / "
+                         "vocab_start (the per-rank statistics are combined by a collective)")
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{entry}: batch_invariant=True is not available under torch.compile (the compiled "
+                         "token stage does not carry it); call it eagerly")
 
 
 def pack_results(results, extras):
@@ -226,7 +246,7 @@ def validate_token_inputs(logits, labels, config: TokenConfig, backend: str):
 def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperature=1.0,
                    logit_scale=1.0, softcap=None, extras=(), inplace_backward=False,
                    backend="auto", vocab_parallel_group=None, vocab_start=None, cu_seqlens=None,
-                   position_ids=None):
+                   position_ids=None, batch_invariant=False):
     """Per-token ``log softmax(z)[label]`` of logits ``[..., V]``, fused, without an fp32 copy.
 
     ``z = softcap(logits · logit_scale) / temperature`` with ``softcap(u) = c·tanh(u/c)``
@@ -253,6 +273,11 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
         cu_seqlens, position_ids: a packed stream (``logits`` ``[1, N, V]`` or ``[N, V]``) of
             sequences delimited by ``cu_seqlens`` ``[S + 1]`` or by ``position_ids`` restarting
             at 0; ``shift`` then stays inside each sequence (:mod:`pyfused_po.packed_layout`).
+        batch_invariant: a row's log-prob, extras and gradient row are bitwise the same whatever
+            else is in the batch and wherever the row sits: the Triton kernels reduce each row alone
+            with a split that does not depend on its position (``kernels.token_launch.invariant_layout``),
+            the PyTorch backend in fixed 128-row tiles (:mod:`pyfused_po.torch_backend.invariant_tiles`).
+            Not with ``vocab_parallel_group`` nor under ``torch.compile`` (``ValueError``).
 
     Returns:
         float32 log-probs shaped like ``labels`` (float64 for float64 logits on the torch
@@ -262,15 +287,17 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, temperatur
         return run_packed(lambda y, s: token_logprobs(
             logits, y, ignore_index=ignore_index, shift=s, temperature=temperature, logit_scale=logit_scale,
             softcap=softcap, extras=extras, inplace_backward=inplace_backward, backend=backend,
-            vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start),
+            vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start, batch_invariant=batch_invariant),
             labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift, ignore_index=ignore_index)
+    check_batch_invariant("token_logprobs", batch_invariant,
+                          vocab_parallel=vocab_parallel_group is not None or vocab_start is not None)
     if vocab_parallel_group is not None or vocab_start is not None:
         vocab_parallel_token_logprobs = _dispatch.entry("vocab_parallel_token_logprobs")  # pyfused_po.distributed
         return vocab_parallel_token_logprobs(
             logits, labels, group=vocab_parallel_group, vocab_start=vocab_start, ignore_index=ignore_index,
             shift=shift, temperature=temperature, logit_scale=logit_scale, softcap=softcap, extras=extras,
             inplace_backward=inplace_backward, backend=backend)
-    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras)
+    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, extras, batch_invariant)
     labels = checked_labels("labels", labels, config.ignore_index)
     resolved = validate_token_inputs(logits, labels, config, backend)
     if inplace_backward:

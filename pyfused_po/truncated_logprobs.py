@@ -17,9 +17,10 @@ streaming passes over each row, no sort).  The tiles themselves (the gather of l
 GEMMs of the hidden path) are PyTorch on both.
 
 **Batch invariance** (``batch_invariant=True``).  A token's results are computed in a tile of exactly
-:data:`INVARIANT_TILE_ROWS` rows (the last tile padded with copies of a real row whose results are
-dropped and whose gradient rows are zeroed), every tile by its own GEMM / reduction of the same
-shape.  No reduction ever runs over the token dimension except ``dW`` / ``db`` (which are sums over
+:data:`~pyfused_po.torch_backend.invariant_tiles.INVARIANT_TILE_ROWS` rows (the last tile padded with
+copies of a real row whose results are dropped and whose gradient rows are zeroed), every tile by
+its own GEMM / reduction of the same shape (:mod:`pyfused_po.torch_backend.invariant_tiles`, shared
+with the token stage's own invariant mode).  No reduction ever runs over the token dimension except ``dW`` / ``db`` (which are sums over
 the batch by definition), so a token's ``log p̃``, entropy, logits gradient and ``dH`` row do not
 depend on how many tokens there are, on their values, on the token's position or on
 ``chunk_tokens``.  This rests on one property of the libraries: a GEMM (or row reduction) of a fixed
@@ -39,12 +40,10 @@ from .packed_layout import run_packed
 from .token_logprobs import make_token_config, validate_token_inputs
 from .torch_backend.linear import (_chunk_logits, _mm, chunk_budget, chunk_size, compute_dtype, gemm_into,
                                    labelled_tokens, labels_2d)
+from .torch_backend.invariant_tiles import pad_rows, tiles
 from .truncated_support import SamplerSpec, fold_backward, fold_forward, sampler_spec
 from .validation import checked_labels
 
-# Rows per tile under batch_invariant=True: one GEMM / reduction shape for every token.  128 is a
-# whole cuBLAS / Triton M tile on a GPU; on the CPU it is a few MKL micro-tiles.
-INVARIANT_TILE_ROWS = 128
 TORCH_FOLD_TEMPORARIES = 8
 
 
@@ -60,19 +59,6 @@ class TruncatedLogprobs(NamedTuple):
     logps: torch.Tensor
     entropy: Optional[torch.Tensor]
     outside: torch.Tensor
-
-
-def _tiles(rows, C, invariant):
-    """``(c0, c1, idx)`` per tile of the labelled rows; under ``invariant`` every ``idx`` has exactly
-    :data:`INVARIANT_TILE_ROWS` entries (the tail padded with its last row)."""
-    M = rows.numel()
-    step = INVARIANT_TILE_ROWS if invariant else C
-    for c0 in range(0, M, step):
-        c1 = min(M, c0 + step)
-        idx = rows[c0:c1]
-        if invariant and c1 - c0 < step:
-            idx = torch.cat([idx, idx[-1:].expand(step - (c1 - c0))])
-        yield c0, c1, idx
 
 
 class _Plan:
@@ -94,7 +80,7 @@ class _Plan:
         C = chunk_size(rows.numel(), V, device, self.chunk_tokens)
         if self.chunk_tokens is None:
             C = min(C, max(1, chunk_budget(V, device) // max(V, 1) // self.tile_divisor))
-        return _tiles(rows, C, self.invariant)
+        return tiles(rows, C, self.invariant)
 
     def forward(self, tile_logits, rows, targets, V, cdt):
         """``(logp [M], stats [M, 2], entropy [M] or None)`` over the labelled tokens;
@@ -105,8 +91,7 @@ class _Plan:
         entropy = torch.empty(M, device=dev, dtype=cdt) if self.with_entropy else None
         for c0, c1, idx in self.tiles(rows, V, dev):
             n = c1 - c0
-            y = targets[c0:c1]
-            y = torch.cat([y, y[-1:].expand(idx.numel() - n)]) if idx.numel() > n else y
+            y = pad_rows(targets[c0:c1], idx.numel())
             lp, st, ent = self.fold_forward(tile_logits(idx), y, with_entropy=self.with_entropy,
                                             **self.transform)
             logp[c0:c1], stats[c0:c1] = lp[:n], st[:n]
@@ -118,19 +103,12 @@ class _Plan:
         """Yields ``(c0, c1, idx, G)`` with ``G = ∂L/∂x`` of each tile (``[len(idx), V]``, compute
         dtype, padded rows zero)."""
         for c0, c1, idx in self.tiles(rows, V, rows.device):
-            n, pad = c1 - c0, idx.numel() - (c1 - c0)
+            size = idx.numel()
 
-            def part(t):
-                if t is None:
-                    return None
-                t = t[c0:c1]
-                return torch.cat([t, torch.zeros_like(t[:1]).expand(pad, *t.shape[1:])]) if pad else t
+            def part(t):  # upstream gradients and saved entropy: padded rows get 0
+                return None if t is None else pad_rows(t[c0:c1], size, fill="zero")
 
-            y = targets[c0:c1]
-            y = torch.cat([y, y[-1:].expand(pad)]) if pad else y
-            st = part(stats)
-            if pad:
-                st[n:] = stats[c1 - 1]
+            y, st = pad_rows(targets[c0:c1], size), pad_rows(stats[c0:c1], size)
             G = self.fold_backward(tile_logits(idx), y, st, grad_logp=part(grad_logp),
                                    grad_entropy=part(grad_entropy), entropy=part(entropy), **self.transform)
             yield c0, c1, idx, G
@@ -284,16 +262,16 @@ def truncated_token_logprobs(labels, *, logits=None, hidden=None, weight=None, b
             logit_scale=logit_scale, softcap=softcap, backend=backend, batch_invariant=batch_invariant,
             chunk_tokens=chunk_tokens), labels, cu_seqlens=cu_seqlens, position_ids=position_ids, shift=shift,
             ignore_index=ignore_index)
-    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, ())
+    config = make_token_config(ignore_index, shift, temperature, logit_scale, softcap, (), batch_invariant)
     labels = checked_labels("labels", labels, config.ignore_index)
     check_sources("truncated_token_logprobs", logits, hidden, weight, bias)
     if logits is not None:
         resolved = validate_token_inputs(logits, labels, config, backend)
-        plan = _Plan(spec, config, bool(with_entropy), bool(batch_invariant), chunk_tokens, resolved)
+        plan = _Plan(spec, config, bool(with_entropy), config.batch_invariant, chunk_tokens, resolved)
         logps, entropy = TruncatedLogitsFunction.apply(logits, labels, plan)
     else:
         resolved, _, mm_dtype = validate_linear_inputs(hidden, weight, bias, labels, config, backend, "chunked",
                                                        chunk_tokens)
-        plan = _Plan(spec, config, bool(with_entropy), bool(batch_invariant), chunk_tokens, resolved)
+        plan = _Plan(spec, config, bool(with_entropy), config.batch_invariant, chunk_tokens, resolved)
         logps, entropy = TruncatedLinearFunction.apply(hidden, weight, bias, labels, plan, mm_dtype)
     return TruncatedLogprobs(logps, entropy if with_entropy else None, logps == float("-inf"))

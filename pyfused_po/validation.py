@@ -69,6 +69,14 @@ def check_exclusive(what, **candidates):
                          f"got {' and '.join(given)}")
 
 
+def check_flag(name, value):
+    """``value`` as a bool: ``True`` / ``False`` (or a NumPy bool); anything else is a ``TypeError``
+    (a string such as ``"false"`` would otherwise read as on)."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_positive(name, value, *, allow_none=False):
     if value is None and allow_none:
         return

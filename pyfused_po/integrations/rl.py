@@ -16,7 +16,7 @@ nothing modified in place).
 With ``top_k`` / ``top_p`` / ``min_p`` it scores the tokens under the *truncated* distribution the
 sampler drew from (:mod:`pyfused_po.truncated_support`), so that ``π_train / π_sampler`` compares
 like with like; ``batch_invariant=True`` makes a token's results bitwise independent of the rest of
-the batch (:mod:`pyfused_po.truncated_logprobs`).
+the batch (:mod:`pyfused_po.torch_backend.invariant_tiles`).
 """
 import torch
 
@@ -43,12 +43,13 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     min-p then keeps ``p̃_v ≥ min_p · max p̃`` (Hugging Face's warper order; ``sampler_order="vllm"``
     applies min-p first, as vLLM's v1 sampler does).  A label outside the kept set gives ``−inf``;
     the entropy is ``H(p̃)``; the gradient is ``(onehot − p̃)/T`` on the kept set (held fixed) and 0
-    elsewhere.  ``batch_invariant=True``: each token is computed in a fixed-shape tile, so its
-    log-prob, entropy and gradient row are bitwise the same whatever else is in the batch
-    (:mod:`pyfused_po.truncated_logprobs`).  Both options run tile by tile (PyTorch gathers / GEMMs);
-    each tile is folded by PyTorch or, on the Triton backend, by the radix-select kernels of
-    ``kernels/truncated_select.py``.  ``return_outside=True`` appends a bool mask,
-    shaped like ``labels``, of the labelled tokens outside the kept set.
+    elsewhere.  ``batch_invariant=True``: a token's log-prob, entropy and gradient row are bitwise
+    the same whatever else is in the batch (with truncation: fixed-shape tiles of
+    :mod:`pyfused_po.truncated_logprobs`; without: the token stage's own invariant mode,
+    :func:`pyfused_po.token_logprobs` / :func:`pyfused_po.linear_token_logprobs`).  Truncation runs
+    tile by tile (PyTorch gathers / GEMMs); each tile is folded by PyTorch or, on the Triton
+    backend, by the radix-select kernels of ``kernels/truncated_select.py``.  ``return_outside=True``
+    appends a bool mask, shaped like ``labels``, of the labelled tokens outside the kept set.
 
     Exactly one source: ``logits`` ``[..., T, V]``, or ``hidden`` ``[..., T, D]`` with the LM head
     ``weight`` ``[V, D]`` (and ``bias``), the logits never materialized.  ``z`` is the logits after
@@ -69,7 +70,7 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     """
     spec = sampler_spec(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=sampler_order)
     check_sources("rl_token_logprobs", logits, hidden, weight, bias)
-    if spec.truncates or batch_invariant:
+    if spec.truncates:
         out = truncated_token_logprobs(
             labels, logits=logits, hidden=hidden, weight=weight, bias=bias, temperature=temperature, top_k=top_k,
             top_p=top_p, min_p=min_p, order=sampler_order, with_entropy=with_entropy, shift=shift,
@@ -78,7 +79,7 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
         return (out.logps, out.entropy, out.outside) if return_outside else (out.logps, out.entropy)
     kw = dict(ignore_index=ignore_index, shift=shift, temperature=temperature, logit_scale=logit_scale,
               softcap=softcap, extras=("entropy",) if with_entropy else (), backend=backend,
-              cu_seqlens=cu_seqlens, position_ids=position_ids)
+              cu_seqlens=cu_seqlens, position_ids=position_ids, batch_invariant=batch_invariant)
     if logits is not None:
         out = token_logprobs(logits, labels, **kw)
     else:

@@ -34,6 +34,7 @@ import types
 import torch
 
 from . import token as _torch_fold
+from .invariant_tiles import pad_rows, tile_ranges, tile_rows, tiles
 
 # Elements of one [C, V] logits chunk: 128M on CUDA (256 MB in bf16, about 1k tokens
 # at a 128k vocabulary, large enough for cuBLAS to run near peak); 4M on the CPU.
@@ -147,9 +148,14 @@ def operand_scale(max_abs_upstream, dtype, temperature, logit_scale):
 def _chunk_logits(hidden2d, weight, bias, idx):
     """``H[idx]·Wᵀ (+ b)`` in the input dtype: an O(C·D) gather, then one GEMM."""
     h = hidden2d.index_select(0, idx)
+    return h, _tile_logits(h, weight, bias)
+
+
+def _tile_logits(h, weight, bias, out=None):
+    """``h·Wᵀ (+ b)`` in the input dtype, one GEMM (into ``out`` when given)."""
     if bias is None:
-        return h, torch.matmul(h, weight.t())
-    return h, torch.addmm(bias, h, weight.t())
+        return torch.matmul(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
 
 
 def _mm(a, b, dtype):
@@ -192,7 +198,7 @@ def gemm_into(out, a, b, *, accumulate, alpha=1.0):
 
 def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, temperature,
                    logit_scale, softcap, extras=(), chunk_tokens=None, fold=_torch_fold,
-                   input_grad_rows=False):
+                   input_grad_rows=False, batch_invariant=False):
     """Per labelled token: ``(logp [M], lse [M, 2], {extra: [M]})`` in the compute dtype
     (``lse``: the token stage's LSE pairs).
 
@@ -201,6 +207,10 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
     (W[y_t] − Σ_v softmax_tv·W_v)·dz/dx``: while the chunk's logits are in memory the fold
     turns them into ``∂ log p / ∂X`` (upstream gradient 1) and one more GEMM gives ``J``, so
     the backward is ``dH[rows] = g ⊙ J`` with no GEMM — two GEMMs per step instead of three.
+
+    ``batch_invariant=True``: tiles of exactly ``invariant_tiles.tile_rows()`` tokens (padded) instead
+    of ``C``-token chunks, and the fold in its invariant mode: every GEMM and row reduction has one
+    shape whatever ``M`` and ``chunk_tokens`` are (:mod:`pyfused_po.torch_backend.invariant_tiles`).
     """
     M, V = rows.numel(), weight.shape[0]
     cdt = compute_dtype(hidden2d)
@@ -211,25 +221,35 @@ def linear_forward(hidden2d, weight, bias, rows, targets, *, ignore_index, tempe
     J = torch.empty(M, hidden2d.shape[1], device=dev, dtype=cdt) if input_grad_rows else None
     C = chunk_size(M, V, dev, chunk_tokens)
     kw = dict(ignore_index=ignore_index, shift=False, temperature=temperature,
-              logit_scale=logit_scale, softcap=softcap)
-    for c0 in range(0, M, C):
-        c1 = min(M, c0 + C)
-        _, x = _chunk_logits(hidden2d, weight, bias, rows[c0:c1])
-        y = targets[c0:c1].unsqueeze(0)
+              logit_scale=logit_scale, softcap=softcap, **_invariant_kw(batch_invariant))
+    for c0, c1, idx in tiles(rows, C, batch_invariant):
+        n = c1 - c0  # real rows; an invariant tile has idx.numel() rows, the tail copies of the last
+        _, x = _chunk_logits(hidden2d, weight, bias, idx)
+        y = pad_rows(targets[c0:c1], idx.numel()).unsqueeze(0)
         lp, ls, ex = fold.token_forward(x.unsqueeze(0), y, extras=extras, **kw)
-        logp[c0:c1] = lp[0]
-        lse[c0:c1] = ls[0]
+        logp[c0:c1] = lp[0, :n]
+        lse[c0:c1] = ls[0, :n]
         for name in extras:
-            outs[name][c0:c1] = ex[name][0]
+            outs[name][c0:c1] = ex[name][0, :n]
         if J is not None:
             x3 = x.unsqueeze(0)
             # Upstream s (a power of two, not 1) so that fp16's range holds G; J = (G·W)/s exactly.
             s = operand_scale(1.0, x.dtype, temperature, logit_scale)
             fold.token_backward(x3, y, ls, x3, grad_logp=torch.full_like(lp, s), **kw)
-            gemm_into(J[c0:c1], x, weight, accumulate=False, alpha=1.0 / s)
+            if n == idx.numel():
+                gemm_into(J[c0:c1], x, weight, accumulate=False, alpha=1.0 / s)
+            else:  # the padded tile's GEMM has the fixed shape too
+                J[c0:c1] = gemm_into(J.new_empty(idx.numel(), J.shape[1]), x, weight, accumulate=False,
+                                     alpha=1.0 / s)[:n]
     if J is not None:
         return logp, lse, outs, J
     return logp, lse, outs
+
+
+def _invariant_kw(batch_invariant):
+    """The fold's ``batch_invariant`` keyword, passed only when on (the vocabulary-parallel slice
+    folds do not take it: that combination is refused before any launch)."""
+    return dict(batch_invariant=True) if batch_invariant else {}
 
 
 def _is_plain_fold(fold):
@@ -258,7 +278,8 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
                     entropy=None, grad_entropy=None, log_sum_sq_probs=None,
                     grad_log_sum_sq_probs=None, grad_mean_logit=None, need_hidden=True,
                     need_weight=True, need_bias=True, ignore_index, temperature, logit_scale,
-                    softcap, chunk_tokens=None, fold=_torch_fold, grad_hidden_dtype=None):
+                    softcap, chunk_tokens=None, fold=_torch_fold, grad_hidden_dtype=None,
+                    batch_invariant=False):
     """``(grad_hidden [N, D], grad_weight [V, D] fp32, grad_bias [V] fp32)``.
 
     ``grad_hidden`` is in ``grad_hidden_dtype`` (default: the input dtype; fp32 when the
@@ -266,6 +287,12 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     Per-token upstream gradients and saved values are ``[M]`` aligned with ``rows``;
     a gradient not needed is returned as ``None``.  Every GEMM writes or accumulates
     straight into its fp32 result (:func:`gemm_into`); no ``[V, D]`` product per chunk.
+
+    ``batch_invariant=True``: token-outer over the forward's fixed tiles (never vocabulary-outer,
+    whose slice width and ``dH`` GEMMs depend on ``M``); a padded row's upstream gradients are 0, so
+    its ``G`` row is 0 and adds nothing to ``dW`` / ``db``.  Each token's ``G`` row and ``dH`` row are
+    then bitwise independent of the batch; ``dW`` / ``db`` are sums over the batch and are not (each
+    tile's contribution comes from the same fixed-shape GEMM).
     """
     M, V = rows.numel(), weight.shape[0]
     cdt = compute_dtype(hidden2d)
@@ -275,7 +302,7 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
                     log_sum_sq_probs=log_sum_sq_probs, grad_log_sum_sq_probs=grad_log_sum_sq_probs,
                     grad_mean_logit=grad_mean_logit)
     kw = dict(ignore_index=ignore_index, shift=False, temperature=temperature,
-              logit_scale=logit_scale, softcap=softcap)
+              logit_scale=logit_scale, softcap=softcap, **_invariant_kw(batch_invariant))
     gh = torch.zeros(hidden2d.shape, device=dev, dtype=gh_dtype) if need_hidden else None
     # dW and db are written by the first chunk's GEMM (or each slice's), not zero-filled first.
     alloc = torch.zeros if M == 0 else torch.empty
@@ -290,11 +317,14 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
     # re-read is the smaller one; it needs a slice of ≥ GEMM_TILE entries for all M tokens
     # within the chunk budget, and the lse the forward saved (each slice sees the global one).
     width = vocab_slice_width(M, V, chunk_budget(V, dev, chunk_tokens)) \
-        if need_weight and M < V and _is_plain_fold(fold) else None
+        if need_weight and M < V and _is_plain_fold(fold) and not batch_invariant else None
     if width is not None and M > 0:
         _vocab_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, width, gh, gw, gb, cdt)
         return gh, gw, gb
     C = chunk_size(M, V, dev, chunk_tokens)
+    if batch_invariant:
+        _invariant_token_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, C, gh, gw, gb, cdt)
+        return gh, gw, gb
 
     def part(t, c0, c1):
         return None if t is None else t[c0:c1].unsqueeze(0)
@@ -310,14 +340,45 @@ def linear_backward(hidden2d, weight, bias, rows, targets, lse, *, grad_logp=Non
         G = x
         if gh is not None:  # rows finished inside the chunk: written once
             gh.index_copy_(0, idx, _mm(G, weight, gh_dtype))
-        if gw is not None:
-            gemm_into(gw, G.t(), h, accumulate=c0 > 0)
-        if gb is not None:
-            if c0 > 0:
-                gb += G.sum(0, dtype=cdt)
-            else:
-                torch.sum(G, 0, dtype=cdt, out=gb)
+        _add_weight_grads(gw, gb, G, h, c0 > 0, cdt)
     return gh, gw, gb
+
+
+def _add_weight_grads(gw, gb, G, h, accumulate, cdt):
+    """``dW (+)= Gᵀ·H`` and ``db (+)= Σ G`` of one chunk, in the fp32 (fp64) accumulators."""
+    if gw is not None:
+        gemm_into(gw, G.t(), h, accumulate=accumulate)
+    if gb is not None:
+        if accumulate:
+            gb += G.sum(0, dtype=cdt)
+        else:
+            torch.sum(G, 0, dtype=cdt, out=gb)
+
+
+def _invariant_token_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, C, gh, gw, gb, cdt):
+    """The token-outer backward under ``batch_invariant=True``: chunks of whole fixed tiles (``C``
+    rounded to a multiple of the tile, at least one).  Each tile's logits GEMM, fold and ``dH`` GEMM
+    have the fixed shape, so a token's ``G`` and ``dH`` rows do not depend on the batch; ``dW`` /
+    ``db`` are accumulated once per chunk from the chunk's ``G`` (their traffic is the default
+    token-outer loop's, not once per 128-token tile)."""
+    M, step = rows.numel(), tile_rows()
+    C = max(step, C - C % step)
+    for c0, c1 in tile_ranges(M, C):
+        chunk = list(tiles(rows[c0:c1], None, True))
+        h = hidden2d.index_select(0, torch.cat([idx for _, _, idx in chunk]))
+        G = torch.empty(h.shape[0], weight.shape[0], device=h.device, dtype=h.dtype)
+        for j, (t0, t1, idx) in enumerate(chunk):
+            n, g = t1 - t0, G[j * step:(j + 1) * step]
+            _tile_logits(h[j * step:(j + 1) * step], weight, bias, out=g)
+            a, b = c0 + t0, c0 + t1
+            # In place: the tile's recomputed logits become its G (padded rows: upstream 0, so G rows 0).
+            fold.token_backward(g.unsqueeze(0), pad_rows(targets[a:b], step).unsqueeze(0),
+                                pad_rows(lse[a:b], step).unsqueeze(0), g.unsqueeze(0),
+                                **{k: None if v is None else pad_rows(v[a:b], step, fill="zero").unsqueeze(0)
+                                   for k, v in upstream.items()}, **kw)
+            if gh is not None:
+                gh.index_copy_(0, idx[:n], _mm(g, weight, gh.dtype)[:n])
+        _add_weight_grads(gw, gb, G, h, c0 > 0, cdt)
 
 
 def _vocab_outer(hidden2d, weight, bias, rows, targets, lse, upstream, kw, fold, width, gh, gw, gb, cdt):

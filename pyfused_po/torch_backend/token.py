@@ -7,6 +7,8 @@ Math runs in float32, or float64 for float64 inputs.
 """
 import torch
 
+from .invariant_tiles import pad_rows, tile_ranges, tile_rows
+
 CHUNK_ELEMENTS = 1 << 22  # 4M logits: 16 MB per fp32 temporary
 
 
@@ -56,18 +58,58 @@ def _row_chunks(logits, labels, ignore_index, shift):
             yield b, pos - int(shift), pos, targets
 
 
-def backward_chunks(logits, labels, ignore_index, shift, grad_out):
-    """The labelled row chunks of :func:`_row_chunks`; once they are consumed, the rows
+def backward_chunks(logits, labels, ignore_index, shift, grad_out, chunks=None, rows_of=None):
+    """The labelled row chunks of :func:`_row_chunks` (or the given ``chunks``, whose logits rows
+    are ``rows_of(chunk)``); once they are consumed, the rows
     without a label (ignored, or the last row under shift) are zeroed in ``grad_out``.
     Those rows are disjoint from the labelled ones, so zeroing them last is safe also
     when ``grad_out`` aliases the logits."""
     B, T, _ = logits.shape
     labelled = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
-    chunks = list(_row_chunks(logits, labels, ignore_index, shift))
-    for b, rows, _, _ in chunks:
-        labelled[b, rows] = True
+    if chunks is None:
+        chunks, rows_of = _row_chunks(logits, labels, ignore_index, shift), lambda c: (c[0], c[1])
+    chunks = list(chunks)
+    for chunk in chunks:
+        labelled[rows_of(chunk)] = True
     yield from chunks
     grad_out[(~labelled).nonzero(as_tuple=True)] = 0
+
+
+def _invariant_tiles(logits, labels, ignore_index, shift):
+    """``batch_invariant=True``: the labelled rows of the whole ``[B, T]`` batch in tiles of exactly
+    :func:`~pyfused_po.torch_backend.invariant_tiles.tile_rows` rows (module
+    :mod:`~pyfused_po.torch_backend.invariant_tiles`).  Yields ``(src, rows, dst, targets, n)`` as
+    :func:`_fold_chunks`; a tile of consecutive rows of one sequence is read as a view, any other
+    (a ragged or padded one) through a gather of its rows."""
+    B, T, _ = logits.shape
+    valid = labels != ignore_index
+    if shift:
+        valid = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, 1:]], dim=1)
+    b_all, p_all = valid.nonzero(as_tuple=True)
+    step = tile_rows()
+    for c0, c1 in tile_ranges(b_all.numel(), step):
+        b, pos, n = b_all[c0:c1], p_all[c0:c1], c1 - c0
+        targets = pad_rows(labels[b, pos], step)
+        first, last = int(pos[0]), int(pos[-1])
+        if n == step and int(b[0]) == int(b[-1]) and last - first == n - 1:
+            bb = int(b[0])
+            rows = (bb, slice(first - int(shift), last + 1 - int(shift)))
+            yield rows, rows, (bb, slice(first, last + 1)), targets, n
+        else:
+            src = (pad_rows(b, step), pad_rows(pos, step) - int(shift))
+            yield src, (b, pos - int(shift)), (b, pos), targets, n
+
+
+def _fold_chunks(logits, labels, ignore_index, shift, batch_invariant):
+    """``(src, rows, dst, targets, n)`` per chunk of labelled rows: ``logits[src]`` are the chunk's
+    rows; results of the first ``n`` of them (``None``: all; only invariant tiles are padded) go to
+    ``out[dst]`` (per label position) or ``lse[rows]`` / ``grad[rows]`` (per logits row).
+    Default: :func:`_row_chunks`; ``batch_invariant``: :func:`_invariant_tiles`."""
+    if batch_invariant:
+        yield from _invariant_tiles(logits, labels, ignore_index, shift)
+        return
+    for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
+        yield (b, rows), (b, rows), (b, pos), targets, None
 
 
 def _row_max(x, c):
@@ -153,10 +195,12 @@ def _owned(targets, V, vocab_shard):
 
 
 def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_scale, softcap,
-                  extras=(), block_v=None, vocab_shard=False):
+                  extras=(), block_v=None, vocab_shard=False, batch_invariant=False):
     """Returns ``(logp, lse, {extra: tensor})`` as the Triton launcher does (``lse`` the
     ``[B, T, 2]`` pairs of :func:`lse_pair`; also its ``vocab_shard`` mode: raw target logit in
-    ``logp``, the slice's max in ``is_top1``, +inf where the owned label loses inside the slice)."""
+    ``logp``, the slice's max in ``is_top1``, +inf where the owned label loses inside the slice).
+    ``batch_invariant``: fixed-shape tiles (:func:`_invariant_tiles`), so a row's results do not
+    depend on the batch."""
     del block_v  # Triton-only tuning knob
     B, T, V = logits.shape
     cdt = _compute_dtype(logits)
@@ -165,76 +209,81 @@ def token_forward(logits, labels, *, ignore_index, shift, temperature, logit_sca
     lse = torch.zeros(B, T, 2, device=dev, dtype=cdt)
     outs = {name: torch.zeros(B, T, device=dev, dtype=cdt) for name in extras}
     tkw = dict(logit_scale=logit_scale, temperature=temperature, softcap=softcap)
-    for b, rows, pos, targets in _row_chunks(logits, labels, ignore_index, shift):
-        x = logits[b, rows].to(cdt)
+    for src, rows, dst, targets, n in _fold_chunks(logits, labels, ignore_index, shift, batch_invariant):
+        x = logits[src].to(cdt)
         d, m, log_s, m_err = row_stats(x, **tkw)
-        lse[b, rows] = lse_pair(m, log_s, m_err)  # the contract's LSE pair (for the backward)
+        lse[rows] = lse_pair(m, log_s, m_err)[:n]  # the contract's LSE pair (for the backward)
         mine, index = _owned(targets, V, vocab_shard)
         if vocab_shard:
             z_y = _transform(x.gather(-1, index.unsqueeze(-1)).squeeze(-1), **tkw)
-            logp[b, pos] = torch.where(mine, z_y, torch.zeros_like(z_y))
+            logp[dst] = torch.where(mine, z_y, torch.zeros_like(z_y))[:n]
         else:
-            logp[b, pos] = d.gather(-1, index.unsqueeze(-1)).squeeze(-1) - log_s
+            logp[dst] = (d.gather(-1, index.unsqueeze(-1)).squeeze(-1) - log_s)[:n]
         if "entropy" in outs or "log_sum_sq_probs" in outs:
             logq = d - log_s.unsqueeze(-1)
             p = logq.exp()
             if "entropy" in outs:
                 # p·log p is 0·(−inf) for −inf logits: count those entries as 0 (only those:
                 # a NaN row stays NaN, as on the Triton path, never a plausible 0).
-                outs["entropy"][b, pos] = -torch.where(p == 0, 0.0, p * logq).sum(-1)
+                outs["entropy"][dst] = -torch.where(p == 0, 0.0, p * logq).sum(-1)[:n]
             if "log_sum_sq_probs" in outs:
-                outs["log_sum_sq_probs"][b, pos] = torch.logsumexp(2.0 * logq, dim=-1)
+                outs["log_sum_sq_probs"][dst] = torch.logsumexp(2.0 * logq, dim=-1)[:n]
         if "mean_logit" in outs or "is_top1" in outs:
             z = _transform(x, **tkw)
             if "mean_logit" in outs:
-                outs["mean_logit"][b, pos] = z.mean(-1)
+                outs["mean_logit"][dst] = z.mean(-1)[:n]
             if "is_top1" in outs:
                 top1 = first_max_index(x, **tkw) == index
                 if vocab_shard:  # the slice's max, +inf where our label is beaten inside the slice
                     beaten = mine & ~top1
-                    outs["is_top1"][b, pos] = torch.where(beaten, torch.full_like(z[..., 0], float("inf")),
-                                                          z.max(-1).values)
+                    outs["is_top1"][dst] = torch.where(beaten, torch.full_like(z[..., 0], float("inf")),
+                                                       z.max(-1).values)[:n]
                 else:
-                    outs["is_top1"][b, pos] = top1.to(cdt)
+                    outs["is_top1"][dst] = top1.to(cdt)[:n]
     return logp, lse, outs
 
 
 def token_backward(logits, labels, lse, grad_out, *, ignore_index, shift, temperature,
                    logit_scale, softcap, grad_logp=None, entropy=None, grad_entropy=None,
                    log_sum_sq_probs=None, grad_log_sum_sq_probs=None, grad_mean_logit=None,
-                   block_v=None, vocab_shard=False):
+                   block_v=None, vocab_shard=False, batch_invariant=False):
     """Writes ∂loss/∂logits into ``grad_out`` (may be ``logits`` itself).  Under
-    ``vocab_shard`` the one-hot term is applied only to labels inside ``[0, V)``."""
+    ``vocab_shard`` the one-hot term is applied only to labels inside ``[0, V)``.
+    ``batch_invariant``: the forward's fixed-shape tiles; a padded row's upstream gradients are 0."""
     del block_v
     V = logits.shape[-1]
     cdt = _compute_dtype(logits)
-    for b, rows, pos, targets in backward_chunks(logits, labels, ignore_index, shift, grad_out):
-        x = logits[b, rows].to(cdt)
+    chunks = _fold_chunks(logits, labels, ignore_index, shift, batch_invariant)
+    for src, rows, dst, targets, n in backward_chunks(logits, labels, ignore_index, shift, grad_out, chunks,
+                                                      rows_of=lambda c: c[1]):
+        x = logits[src].to(cdt)
+        size = x.shape[0]
+
+        def at(t):  # a per-position input of this chunk, compute dtype, [size, 1] (padded rows: 0)
+            return pad_rows(t[dst].to(cdt), size, fill="zero").unsqueeze(-1)
+
         # The row's own exact log softmax; a vocabulary slice needs the given global LSE.
-        logq = log_probs(x, lse[b, rows].to(cdt), exact=not vocab_shard, logit_scale=logit_scale,
+        logq = log_probs(x, lse[src].to(cdt), exact=not vocab_shard, logit_scale=logit_scale,
                          temperature=temperature, softcap=softcap)
         p = logq.exp()
         if grad_logp is None:
             dz = torch.zeros_like(logq)
         else:
-            g = grad_logp[b, pos].to(cdt).unsqueeze(-1)
+            g = at(grad_logp)
             dz = p * -g
             mine, index = _owned(targets, V, vocab_shard)
             if mine is not None:
                 g = torch.where(mine.unsqueeze(-1), g, torch.zeros_like(g))
             dz.scatter_add_(-1, index.unsqueeze(-1), g)
         if grad_entropy is not None:
-            h = entropy[b, pos].to(cdt).unsqueeze(-1)
-            g_h = grad_entropy[b, pos].to(cdt).unsqueeze(-1)
-            dz -= g_h * torch.where(p == 0, 0.0, p * (logq + h))
+            dz -= at(grad_entropy) * torch.where(p == 0, 0.0, p * (logq + at(entropy)))
         if grad_log_sum_sq_probs is not None:
-            inv_s2 = torch.exp(-log_sum_sq_probs[b, pos].to(cdt)).unsqueeze(-1)
-            g_q = grad_log_sum_sq_probs[b, pos].to(cdt).unsqueeze(-1)
-            dz += 2.0 * g_q * p * (p * inv_s2 - 1.0)
+            inv_s2 = torch.exp(-at(log_sum_sq_probs))
+            dz += 2.0 * at(grad_log_sum_sq_probs) * p * (p * inv_s2 - 1.0)
         if grad_mean_logit is not None:
-            dz += grad_mean_logit[b, pos].to(cdt).unsqueeze(-1) / V
+            dz += at(grad_mean_logit) / V
         dz_dx = _transform_grad(x, logit_scale, temperature, softcap)
         if not (isinstance(dz_dx, float) and dz_dx == 1.0):
             dz = dz * dz_dx
-        grad_out[b, rows] = dz.to(grad_out.dtype)
+        grad_out[rows] = dz[:n].to(grad_out.dtype)
     return grad_out
