@@ -20,12 +20,18 @@ __all__ = ["policy_step", "switch_to_plan"]
 _NO_PARALLELISM = types.SimpleNamespace(vocab_parallel=False, sequence_parallel=False)
 
 
-def policy_step(source, labels, loss_of, token_kwargs, *, extras=(), linear_impl="auto", per_token=False):
+def policy_step(source, labels, loss_of, token_kwargs, *, extras=(), linear_impl="auto", per_token=False,
+                anchor=False):
     """``(loss, tokens)``.  ``source``: ``(hidden, weight, bias)`` with ``labels`` pre-shifted
     (``token_kwargs["shift"]`` False); ``loss_of(token_logps)``: the scalar loss from per-token
     log-probs shaped like ``labels`` (0 where ignored), separable over rows (``per_token=False``)
     or over tokens (``per_token=True``).  ``tokens``: the policy's per-token values (``logps`` and
-    ``extras``), detached."""
+    ``extras``), detached.
+
+    ``anchor=True`` is for a caller that computes the loss's value itself from ``tokens`` (a
+    trainer's own code, for its metrics): ``loss`` is then a zero that carries the plan's gradient
+    (add it to that value); when the staged path runs instead, ``loss`` is a constant zero and
+    ``tokens`` carry the graph, so the caller's own loss on them has the gradient."""
     hidden, weight, bias = source
     # What plan_may_run reads of a loss module: the plan on, its implementation, no parallelism.
     options = types.SimpleNamespace(fused_gradient=True, linear_impl=linear_impl, parallel=_NO_PARALLELISM)
@@ -43,21 +49,26 @@ def policy_step(source, labels, loss_of, token_kwargs, *, extras=(), linear_impl
     if chunks is None:  # staged: four GEMMs, same numbers
         tokens = linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras, impl=linear_impl,
                                        **token_kwargs)
-        logps = tokens if not extras else tokens.logps
-        return loss_of(logps), (tokens if extras else types.SimpleNamespace(logps=tokens))
+        values = tokens if extras else types.SimpleNamespace(logps=tokens)
+        if anchor:
+            return torch.zeros((), device=hidden.device), values
+        return loss_of(values.logps), values
     head.run(chunks, group, lambda tokens: loss_of(tokens.logps))
     values = head.tokens(extras)
-    with torch.no_grad():
-        loss = loss_of(values.logps)
+    if anchor:
+        loss = torch.zeros((), device=hidden.device)
+    else:
+        with torch.no_grad():
+            loss = loss_of(values.logps)
     return head.attach(loss), values
 
 
-def switch_to_plan(trainer, loss_type, supported, method_name, step, **settings):
+def switch_to_plan(trainer, loss_type, supported, method_name, step, *, refusals=(), **settings):
     """Install ``step`` (bound to ``trainer``) as its ``method_name`` and ``settings`` as
     ``trainer.pyfused_po_settings``; ``ValueError`` naming every reason the plan cannot reproduce the
-    trainer's loss: a ``loss_type`` outside ``supported``, the MoE router aux loss, prompt-learning
-    PEFT (virtual tokens prepended to the hidden states)."""
-    refusals = []
+    trainer's loss: the trainer's own ``refusals``, a ``loss_type`` outside ``supported``, the MoE
+    router aux loss, prompt-learning PEFT (virtual tokens prepended to the hidden states)."""
+    refusals = list(refusals)
     if loss_type not in supported:
         refusals.append(f"loss_type {loss_type!r} is not one of TRL 1.16's {', '.join(map(repr, supported))}")
     if getattr(trainer, "aux_loss_enabled", False):
