@@ -150,17 +150,25 @@ _CASES = [
     ("grpo", "token", {"off_policy_mask_threshold": 0.02}),
     ("bnpo", "sequence", {"old": False, "tool_mask": True}),
     ("dapo", "sequence", {"accumulation": 2, "args.steps_per_generation": 2}),
+    # the entropy bonus: the plan differentiates the entropy too; adaptive, gated off then on
+    ("grpo", "token", {"entropy_coef": 0.05, "accumulation": 2}),
+    ("dr_grpo", "sequence", {"entropy_coef": 0.05, "use_adaptive_entropy": True}),
+    ("bnpo", "token", {"entropy_coef": 0.05, "use_adaptive_entropy": True, "_last_world_entropy": 0.0}),
 ]
 
 
 def _configure(trainer, loss_type, level, settings):
     defaults = {"beta": 0.1, "epsilon_low": 0.2, "epsilon_high": 0.2, "use_vllm": False,
                 "vllm_importance_sampling_correction": False, "off_policy_mask_threshold": None,
-                "args.delta": None, "args.use_bias_correction_kl": False, "args.steps_per_generation": 1}
+                "entropy_coef": 0.0, "use_adaptive_entropy": False, "_last_world_entropy": float("inf"),
+                "top_entropy_quantile": 1.0, "args.delta": None, "args.use_bias_correction_kl": False,
+                "args.steps_per_generation": 1}
     trainer.loss_type, trainer.importance_sampling_level = loss_type, level
     for key, value in {**defaults, **{k: v for k, v in settings.items() if "." in k or hasattr(trainer, k)}}.items():
         target, name = (trainer.args, key[5:]) if key.startswith("args.") else (trainer, key)
         setattr(target, name, value)
+    trainer._entropy_bonus_enabled = trainer.entropy_coef != 0.0 or trainer.use_adaptive_entropy  # as __init__
+    trainer._entropy_window_stats = None
 
 
 @pytest.mark.parametrize("loss_type, level, settings", _CASES,
@@ -187,33 +195,33 @@ def test_grpo_clipping_is_live_in_the_cases(grpo_pair):
     assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0 and metrics["kl"] > 0
 
 
-def test_grpo_non_separable_configs_keep_trl_loss_logged_once(grpo_pair, caplog):
-    """A batch quantile of entropies and the entropy bonus do not separate: TRL's loss runs on the
-    fused forward (4 GEMMs), its numbers unchanged, and apply() says why, once."""
+def test_grpo_entropy_quantile_keeps_trl_loss_logged_once(grpo_pair, caplog):
+    """A batch quantile of entropies (top_entropy_quantile < 1) does not separate: TRL's loss runs on
+    the fused forward (4 GEMMs), its numbers unchanged, and apply() says why, once."""
     base, fused = grpo_pair
-    for setting, value, words in (("top_entropy_quantile", 0.5, "top_entropy_quantile=0.5"),
-                                  ("entropy_coef", 0.01, "entropy bonus")):
-        for trainer in grpo_pair:
-            _configure(trainer, "grpo", "token", {})
-            setattr(trainer, setting, value)
-            trainer._entropy_bonus_enabled = trainer.entropy_coef != 0.0
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="pyfused_po"):
-            pfi.apply(fused, backend="torch")
-            pfi.apply(fused, backend="torch")
-        records = [r for r in caplog.records if words in r.getMessage()]
-        assert len(records) == 1 and "4 LM-head GEMMs" in records[0].getMessage()
-        assert "_compute_loss" not in vars(fused)
-        batch = _batch(base, seed=9)
-        loss, grads, metrics = _step(fused, batch)
-        b_loss, b_grads, b_metrics = _step(base, batch)
-        torch.testing.assert_close(loss, b_loss, rtol=RTOL, atol=ATOL)
-        for name, g in b_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=1e-6, msg=name)
-        assert metrics.keys() == b_metrics.keys()
-        for trainer in grpo_pair:  # back to the separable default for the other tests
-            setattr(trainer, setting, 1.0 if setting == "top_entropy_quantile" else 0.0)
-            trainer._entropy_bonus_enabled = False
+    for trainer in grpo_pair:
+        _configure(trainer, "grpo", "token", {"top_entropy_quantile": 0.5, "entropy_coef": 0.05})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyfused_po"):
+        pfi.apply(fused, backend="torch")
+        pfi.apply(fused, backend="torch")
+    records = [r for r in caplog.records if "top_entropy_quantile=0.5" in r.getMessage()]
+    assert len(records) == 1 and "4 LM-head GEMMs" in records[0].getMessage()
+    assert "_compute_loss" not in vars(fused)
+    batch = _batch(base, seed=9)
+    weight = fused.model.get_output_embeddings().weight
+    counter = _HeadFlops(weight.shape[0])
+    loss, grads, metrics = _step(fused, batch, counter)
+    b_loss, b_grads, b_metrics = _step(base, batch)
+    assert counter.flops > 3 * _labelled(batch) * 2 * weight.shape[0] * weight.shape[1]  # the staged path
+    torch.testing.assert_close(loss, b_loss, rtol=RTOL, atol=ATOL)
+    for name, g in b_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=1e-6, msg=name)
+    assert metrics.keys() == b_metrics.keys()
+    for key in b_metrics:
+        assert math.isclose(metrics[key], b_metrics[key], rel_tol=RTOL, abs_tol=ATOL), key
+    for trainer in grpo_pair:  # back to the separable default for the other tests
+        _configure(trainer, "grpo", "token", {})
 
 
 def test_rloo_matches_trl_on_the_plan(tmp_path, model_dir):

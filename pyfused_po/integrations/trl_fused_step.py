@@ -21,23 +21,27 @@ _NO_PARALLELISM = types.SimpleNamespace(vocab_parallel=False, sequence_parallel=
 
 
 def policy_step(source, labels, loss_of, token_kwargs, *, extras=(), linear_impl="auto", per_token=False,
-                anchor=False):
+                anchor=False, grad_extras=()):
     """``(loss, tokens)``.  ``source``: ``(hidden, weight, bias)`` with ``labels`` pre-shifted
     (``token_kwargs["shift"]`` False); ``loss_of(token_logps)``: the scalar loss from per-token
     log-probs shaped like ``labels`` (0 where ignored), separable over rows (``per_token=False``)
     or over tokens (``per_token=True``).  ``tokens``: the policy's per-token values (``logps`` and
-    ``extras``), detached.
+    ``extras``), detached.  ``grad_extras``: extras the loss differentiates too (``("entropy",)``
+    for an entropy bonus); ``loss_of`` then takes the per-token values (``.logps`` and those
+    extras) instead of the log-probs.
 
     ``anchor=True`` is for a caller that computes the loss's value itself from ``tokens`` (a
     trainer's own code, for its metrics): ``loss`` is then a zero that carries the plan's gradient
     (add it to that value); when the staged path runs instead, ``loss`` is a constant zero and
     ``tokens`` carry the graph, so the caller's own loss on them has the gradient."""
     hidden, weight, bias = source
+    extras = tuple(extras) + tuple(n for n in grad_extras if n not in extras)
     # What plan_may_run reads of a loss module: the plan on, its implementation, no parallelism.
     options = types.SimpleNamespace(fused_gradient=True, linear_impl=linear_impl, parallel=_NO_PARALLELISM)
     head = None
     if plan_may_run(options, source):
-        head = FusedHead.build(source, labels, token_kwargs, extras=extras, linear_impl=linear_impl)
+        head = FusedHead.build(source, labels, token_kwargs, extras=extras, linear_impl=linear_impl,
+                               grad_extras=grad_extras)
     chunks = None
     if head is not None:
         if per_token:  # every token its own group: chunks of any tokens
@@ -46,20 +50,21 @@ def policy_step(source, labels, loss_of, token_kwargs, *, extras=(), linear_impl
             group = torch.div(head.pos, labels.shape[-1], rounding_mode="floor")
             groups = labels.numel() // labels.shape[-1]
         chunks = head.chunks(group, groups)
+    read = (lambda tokens: tokens) if grad_extras else (lambda tokens: tokens.logps)
     if chunks is None:  # staged: four GEMMs, same numbers
         tokens = linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras, impl=linear_impl,
                                        **token_kwargs)
         values = tokens if extras else types.SimpleNamespace(logps=tokens)
         if anchor:
             return torch.zeros((), device=hidden.device), values
-        return loss_of(values.logps), values
-    head.run(chunks, group, lambda tokens: loss_of(tokens.logps))
+        return loss_of(read(values)), values
+    head.run(chunks, group, lambda tokens: loss_of(read(tokens)))
     values = head.tokens(extras)
     if anchor:
         loss = torch.zeros((), device=hidden.device)
     else:
         with torch.no_grad():
-            loss = loss_of(values.logps)
+            loss = loss_of(read(values))
     return head.attach(loss), values
 
 

@@ -5,8 +5,8 @@ losses separate over sequences: given the batch (advantages, masks, old / refere
 log-probs, the accumulation and normalization counts: constants of the step), the gradient of a
 token reads only its own sequence's log-probs.  Each builder here turns a trainer and its batch
 into ``loss(logps)``, ``logps`` the ``[B, K]`` log-probs of the completion tokens, equal as a
-function of ``logps`` to the trainer's ``_compute_loss`` (entropies held fixed).  Only its
-gradient is used: the loss's value and every metric come from the trainer's own code
+function of ``logps`` (and of the entropies ``H``, for GRPO's entropy bonus) to the trainer's
+``_compute_loss``.  Only its gradient is used: the loss's value and every metric come from the trainer's own code
 (:mod:`.trl_rl_plan`).
 
 GRPO (``loss_type`` ``l``, ``r`` the importance ratio, ``A`` the advantage, ``m`` the loss mask):
@@ -26,13 +26,15 @@ GRPO (``loss_type`` ``l``, ``r`` the importance ratio, ``A`` the advantage, ``m`
 * reduced over the masked tokens: per-sequence means averaged (``grpo``, ``sapo``), the batch mean
   (``bnpo``), over ``B·max_completion_length`` (``dr_grpo``), over the generation batch's token count
   per process and accumulation window (``dapo``, ``cispo``, ``vespo``), per-sequence sums averaged
-  (``luspo``); divided by the gradient-accumulation steps in training where TRL divides.
+  (``luspo``); divided by the gradient-accumulation steps in training where TRL divides;
+* minus the entropy bonus ``c·Σ H·m / Σ m`` (divided by the accumulation steps in training), ``c``
+  the coefficient in force at the start of the step (the adaptive controller's gate read then).
 
 RLOO: ``L = −mean_b min(r_b·A_b, clip(r_b, 1−ε_low, 1+ε_high)·A_b)``, ``r_b = exp(Σ_t m·log p − log p_old,b)``.
 """
 import torch
 
-__all__ = ["GRPO_LOSS_TYPES", "grpo_objective", "rloo_objective"]
+__all__ = ["GRPO_LOSS_TYPES", "grpo_objective", "rloo_objective", "reads_entropy"]
 
 _PPO_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 GRPO_LOSS_TYPES = _PPO_CLIPPED + ("cispo", "sapo", "vespo")
@@ -84,10 +86,27 @@ def _grpo_reduce(trainer, masked, mask, inputs):
     return masked.sum() / normalizer
 
 
+def reads_entropy(trainer):
+    """Whether the trainer's loss differentiates the entropy (GRPO's entropy bonus)."""
+    return bool(getattr(trainer, "_entropy_bonus_enabled", False))
+
+
+def _entropy_bonus(trainer, mask):
+    """``H ↦ c·Σ H·m / Σ m / accumulation`` of GRPO's entropy bonus, or None when off; ``c`` read now
+    (the adaptive controller updates it at the end of TRL's step, for the next one)."""
+    if not reads_entropy(trainer):
+        return None
+    coef = trainer.entropy_coef
+    if trainer.use_adaptive_entropy and not trainer._last_world_entropy <= trainer.args.entropy_target:
+        coef = 0.0
+    accumulation = trainer.current_gradient_accumulation_steps if trainer.model.training else 1.0
+    return lambda entropy: coef * ((entropy * mask).sum() / mask.sum().clamp(min=1.0) / accumulation)
+
+
 def grpo_objective(trainer, inputs):
-    """``loss(logps)`` of a ``GRPOTrainer`` on ``inputs`` (its ``_prepare_inputs`` output); the
-    configurations it covers are the ones :mod:`.trl_rl_plan` switches (no entropy quantile mask,
-    no entropy bonus, no MoE aux loss)."""
+    """``loss(logps, entropy)`` of a ``GRPOTrainer`` on ``inputs`` (its ``_prepare_inputs`` output;
+    ``entropy`` read only with the entropy bonus); the configurations it covers are the ones
+    :mod:`.trl_rl_plan` switches (no entropy quantile mask, no MoE aux loss)."""
     mask = inputs["completion_mask"]
     if "tool_mask" in inputs:
         mask = mask * inputs["tool_mask"]
@@ -98,8 +117,9 @@ def grpo_objective(trainer, inputs):
     vllm_weight = None
     if trainer.use_vllm and trainer.vllm_importance_sampling_correction and trainer.loss_type != "vespo":
         vllm_weight = inputs["importance_sampling_ratio"]
+    bonus = _entropy_bonus(trainer, mask)
 
-    def loss(logps):
+    def loss(logps, entropy=None):
         old_logps = logps.detach() if old is None else old
         log_ratio = logps - old_logps
         log_weight = log_ratio
@@ -120,17 +140,19 @@ def grpo_objective(trainer, inputs):
             if trainer.args.use_bias_correction_kl:
                 kl = kl * ratio
             term = term + beta * kl
-        return _grpo_reduce(trainer, term * mask, mask, inputs)
+        total = _grpo_reduce(trainer, term * mask, mask, inputs)
+        return total if bonus is None else total - bonus(entropy)
 
     return loss
 
 
 def rloo_objective(trainer, inputs):
-    """``loss(logps)`` of an ``RLOOTrainer`` on ``inputs``: PPO's clipped surrogate on each
+    """``loss(logps, entropy=None)`` of an ``RLOOTrainer`` on ``inputs``: PPO's clipped surrogate on each
     sequence's summed log-prob ratio, averaged over the batch."""
     mask, old, advantages = inputs["completion_mask"], inputs["old_logps"], inputs["advantages"]
 
-    def loss(logps):
+    def loss(logps, entropy=None):
+        del entropy  # RLOO has no entropy term
         ratio = torch.exp((logps * mask).sum(1) - old)
         return _clipped_surrogate(ratio, advantages, trainer.epsilon_low, trainer.epsilon_high).mean()
 

@@ -16,8 +16,7 @@ plan cannot run for a call (grad mode off, a completion longer than a chunk, ...
 hands TRL the staged path's values with their graph: TRL's loss on pyfused_po's forward.
 
 Refused at ``apply`` (TRL's loss on the fused forward for the run, the reason logged once): a
-``top_entropy_quantile`` below 1 (a quantile of the whole batch's entropies masks each token), an
-entropy bonus (its gradient flows through the entropy, which the plan does not form), a
+``top_entropy_quantile`` below 1 (a quantile of the whole batch's entropies masks each token), a
 ``loss_type`` or ``importance_sampling_level`` TRL 1.16 does not have, a TRL release other than
 1.16 (whose losses the objectives were checked against), the MoE aux loss and prompt-learning PEFT.
 """
@@ -26,7 +25,7 @@ from importlib import metadata
 
 from .trl import _release
 from .trl_fused_step import policy_step, switch_to_plan
-from .trl_rl_objective import GRPO_LOSS_TYPES, IMPORTANCE_LEVELS, grpo_objective, rloo_objective
+from .trl_rl_objective import GRPO_LOSS_TYPES, IMPORTANCE_LEVELS, grpo_objective, reads_entropy, rloo_objective
 
 __all__ = ["switch_grpo_loss", "switch_rloo_loss"]
 
@@ -50,9 +49,6 @@ def switch_grpo_loss(trainer, *, backend="auto", linear_impl="auto"):
     if trainer.top_entropy_quantile < 1.0:
         refusals.append(f"top_entropy_quantile={trainer.top_entropy_quantile} masks tokens by a quantile of the "
                         "whole batch's entropies")
-    if getattr(trainer, "_entropy_bonus_enabled", False):
-        refusals.append("the entropy bonus (entropy_coef / use_adaptive_entropy) differentiates the entropy, "
-                        "whose gradient the plan does not form")
     if trainer.importance_sampling_level not in IMPORTANCE_LEVELS:
         refusals.append(f"importance_sampling_level {trainer.importance_sampling_level!r} is not one of "
                         f"{IMPORTANCE_LEVELS}")
@@ -98,11 +94,18 @@ class _PlanScorer:
                             backend=settings["backend"], **lm_head_transform(head_owner(self.model)))
         captured = {}
 
+        k, bonus = self.completion, reads_entropy(self.trainer)
+
+        def loss_of(values):  # the completion is the last K label columns
+            if bonus:  # the plan differentiates the entropy too
+                return objective(values.logps[:, -k:], values.entropy[:, -k:])
+            return objective(values[:, -k:])
+
         def head_loss(hidden, weight, bias, labels):
-            # The completion is the last K label columns; a row is a sequence (the group of the plan).
-            anchor, tokens = policy_step((hidden, weight, bias), labels, lambda lp: objective(lp[:, -self.completion:]),
-                                         token_kwargs, extras=_EXTRAS, linear_impl=settings["linear_impl"],
-                                         anchor=True)
+            # A row is a sequence: the group of the plan.
+            anchor, tokens = policy_step((hidden, weight, bias), labels, loss_of, token_kwargs, extras=_EXTRAS,
+                                         linear_impl=settings["linear_impl"], anchor=True,
+                                         grad_extras=_EXTRAS if bonus else ())
             captured["tokens"] = tokens
             return anchor
 
