@@ -59,7 +59,7 @@ def grpo_pair(tmp_path_factory, model_dir):
     return base, fused
 
 
-def _batch(trainer, seed, *, tool_mask=False, old=True):
+def _batch(trainer, seed, *, tool_mask=False, old=True, k=K):
     """What GRPOTrainer._prepare_inputs returns, without generation: prompts (one left-padded),
     completions (two cut short by EOS padding), signed advantages, and old / reference / sampler
     log-probs within ±0.55 of the policy's own, so that ratios fall on both sides of the clip."""
@@ -67,30 +67,30 @@ def _batch(trainer, seed, *, tool_mask=False, old=True):
     prompt_ids = torch.randint(3, 61, (B, P), generator=g)
     prompt_mask = torch.ones(B, P, dtype=torch.long)
     prompt_mask[0, 0] = 0
-    completion_ids = torch.randint(3, 61, (B, K), generator=g)
-    completion_mask = torch.ones(B, K, dtype=torch.long)
+    completion_ids = torch.randint(3, 61, (B, k), generator=g)
+    completion_mask = torch.ones(B, k, dtype=torch.long)
     completion_mask[1, 4:] = 0
     completion_mask[3, 2:] = 0
     with torch.no_grad():
         own, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), K)
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), k)
 
     # Offsets from -0.5 to 0.5 in every row (rotated), so both clip sides are reached, plus jitter.
-    spread = torch.tensor([-0.5, -0.25, -0.05, 0.05, 0.3, 0.5])
+    spread = torch.linspace(-0.5, 0.5, k)
     spread = torch.stack([spread.roll(-2 * b) for b in range(B)])
 
     def near():
-        return own + spread[:, torch.randperm(K, generator=g)] + 0.1 * (torch.rand(B, K, generator=g) - 0.5)
+        return own + spread[:, torch.randperm(k, generator=g)] + 0.1 * (torch.rand(B, k, generator=g) - 0.5)
 
     batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                  completion_mask=completion_mask, advantages=torch.tensor([1.0, -0.5, 0.7, -1.2]),
                  num_items_in_batch=completion_mask.sum() * 2, old_logps=(near() * completion_mask).sum(1),
                  ref_per_token_logps=near(), sampling_per_token_logps=near(),
-                 importance_sampling_ratio=torch.rand(B, K, generator=g) + 0.5)
+                 importance_sampling_ratio=torch.rand(B, k, generator=g) + 0.5)
     if old:
         batch["old_per_token_logps"] = near()
     if tool_mask:
-        batch["tool_mask"] = torch.ones(B, K, dtype=torch.long)
+        batch["tool_mask"] = torch.ones(B, k, dtype=torch.long)
         batch["tool_mask"][0, 1:3] = 0
     return batch
 
@@ -222,6 +222,34 @@ def test_grpo_entropy_quantile_keeps_trl_loss_logged_once(grpo_pair, caplog):
         assert math.isclose(metrics[key], b_metrics[key], rel_tol=RTOL, abs_tol=ATOL), key
     for trainer in grpo_pair:  # back to the separable default for the other tests
         _configure(trainer, "grpo", "token", {})
+
+
+def test_grpo_completion_longer_than_a_chunk_falls_back_logged_once(grpo_pair, caplog, monkeypatch):
+    """A completion with more labelled tokens than the plan's chunk (here 24 = D tokens, the staged
+    budget shrunk to 4 tokens): the staged path runs (TRL's numbers), the reason is kept in
+    ``trainer.fallback_reason`` and logged once however many steps."""
+    from pyfused_po.torch_backend import linear
+
+    base, fused = grpo_pair
+    for trainer in grpo_pair:
+        _configure(trainer, "grpo", "token", {})
+    pfi.apply(fused, backend="torch")
+    monkeypatch.setattr(linear, "CPU_CHUNK_ELEMENTS", 4 * fused.model.get_output_embeddings().weight.shape[0])
+    batch = _batch(base, seed=11, k=30)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyfused_po"):
+        for _ in range(2):
+            loss, grads, metrics = _step(fused, batch)
+    assert "longer than the three-GEMM chunk (24 tokens)" in fused.fallback_reason
+    assert [r.getMessage() for r in caplog.records].count(f"GRPOTrainer: {fused.fallback_reason}") == 1
+    b_loss, b_grads, b_metrics = _step(base, batch)
+    torch.testing.assert_close(loss, b_loss, rtol=RTOL, atol=ATOL)
+    for name, g in b_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=1e-6, msg=name)
+    assert metrics.keys() == b_metrics.keys()
+    monkeypatch.undo()
+    _step(fused, _batch(base, seed=11))
+    assert fused.fallback_reason is None  # the plan ran again
 
 
 def test_rloo_matches_trl_on_the_plan(tmp_path, model_dir):

@@ -12,7 +12,7 @@ import types
 
 import torch
 
-from ..fused_gradient import FusedHead, plan_may_run
+from ..fused_gradient import FusedHead, note_fallback, plan_may_run
 from ..linear_token_logprobs import linear_token_logprobs
 
 __all__ = ["policy_step", "switch_to_plan"]
@@ -21,14 +21,16 @@ _NO_PARALLELISM = types.SimpleNamespace(vocab_parallel=False, sequence_parallel=
 
 
 def policy_step(source, labels, loss_of, token_kwargs, *, extras=(), linear_impl="auto", per_token=False,
-                anchor=False, grad_extras=()):
+                anchor=False, grad_extras=(), owner=None):
     """``(loss, tokens)``.  ``source``: ``(hidden, weight, bias)`` with ``labels`` pre-shifted
     (``token_kwargs["shift"]`` False); ``loss_of(token_logps)``: the scalar loss from per-token
     log-probs shaped like ``labels`` (0 where ignored), separable over rows (``per_token=False``)
     or over tokens (``per_token=True``).  ``tokens``: the policy's per-token values (``logps`` and
     ``extras``), detached.  ``grad_extras``: extras the loss differentiates too (``("entropy",)``
     for an entropy bonus); ``loss_of`` then takes the per-token values (``.logps`` and those
-    extras) instead of the log-probs.
+    extras) instead of the log-probs.  ``owner`` (the trainer): when a group is longer than the
+    plan's chunk and the staged path runs, the reason is kept in ``owner.fallback_reason`` and
+    logged once (:func:`~pyfused_po.fused_gradient.note_fallback`).
 
     ``anchor=True`` is for a caller that computes the loss's value itself from ``tokens`` (a
     trainer's own code, for its metrics): ``loss`` is then a zero that carries the plan's gradient
@@ -50,6 +52,8 @@ def policy_step(source, labels, loss_of, token_kwargs, *, extras=(), linear_impl
             group = torch.div(head.pos, labels.shape[-1], rounding_mode="floor")
             groups = labels.numel() // labels.shape[-1]
         chunks = head.chunks(group, groups)
+        if owner is not None:
+            note_fallback(owner, head.fallback_reason)
     read = (lambda tokens: tokens) if grad_extras else (lambda tokens: tokens.logps)
     if chunks is None:  # staged: four GEMMs, same numbers
         tokens = linear_token_logprobs(hidden, weight, labels, bias=bias, extras=extras, impl=linear_impl,

@@ -12,8 +12,9 @@ kl, ...) from those values, as it would from its own; the gradient is the plan's
 value as a zero that carries it.  So values and metrics are TRL's by construction and only the
 gradient is pyfused_po's (:func:`.trl_rl_objective.grpo_objective` /
 :func:`~.trl_rl_objective.rloo_objective`, checked against TRL's autograd in the tests).  When the
-plan cannot run for a call (grad mode off, a completion longer than a chunk, ...), the stand-in
-hands TRL the staged path's values with their graph: TRL's loss on pyfused_po's forward.
+plan cannot run for a call (a completion longer than a chunk: the reason kept in
+``trainer.fallback_reason`` and logged once; grad mode off, ...), the stand-in hands TRL the staged
+path's values with their graph: TRL's loss on pyfused_po's forward.
 
 Refused at ``apply`` (TRL's loss on the fused forward for the run, the reason logged once): a
 ``top_entropy_quantile`` below 1 (a quantile of the whole batch's entropies masks each token), a
@@ -105,7 +106,7 @@ class _PlanScorer:
             # A row is a sequence: the group of the plan.
             anchor, tokens = policy_step((hidden, weight, bias), labels, loss_of, token_kwargs, extras=_EXTRAS,
                                          linear_impl=settings["linear_impl"], anchor=True,
-                                         grad_extras=_EXTRAS if bonus else ())
+                                         grad_extras=_EXTRAS if bonus else (), owner=self.trainer)
             captured["tokens"] = tokens
             return anchor
 
