@@ -252,6 +252,34 @@ def test_grpo_completion_longer_than_a_chunk_falls_back_logged_once(grpo_pair, c
     assert fused.fallback_reason is None  # the plan ran again
 
 
+def test_grpo_eval_step_is_trl_loss_without_a_graph(grpo_pair):
+    """prediction_step's no-grad call: the staged forward (no plan without a graph), TRL's loss and
+    eval metrics (no accumulation divisor in eval)."""
+    base, fused = grpo_pair
+    for trainer in grpo_pair:
+        _configure(trainer, "dr_grpo", "token", {"entropy_coef": 0.05})
+    pfi.apply(fused, backend="torch")
+    batch = _batch(base, seed=13)
+    results = []
+    for trainer in (fused, base):
+        trainer.model.eval()
+        trainer.current_gradient_accumulation_steps = 4  # not read in eval
+        for values in trainer._metrics.values():
+            values.clear()
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, dict(batch))
+        results.append((loss, {k: v[-1] for k, v in trainer._metrics["eval"].items() if v}))
+        trainer.model.train()
+    (loss, metrics), (b_loss, b_metrics) = results
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, b_loss, rtol=RTOL, atol=ATOL)
+    assert metrics.keys() == b_metrics.keys() and "entropy" in metrics
+    for key in b_metrics:
+        assert math.isclose(metrics[key], b_metrics[key], rel_tol=RTOL, abs_tol=ATOL), key
+    for trainer in grpo_pair:
+        _configure(trainer, "grpo", "token", {})
+
+
 def test_rloo_matches_trl_on_the_plan(tmp_path, model_dir):
     base, fused = (_trainer(tmp_path, model_dir, "rloo", name, beta=0.0, epsilon_high=0.25) for name in ("b", "f"))
     pfi.apply(fused, backend="torch")
