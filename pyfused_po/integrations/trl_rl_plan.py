@@ -87,15 +87,14 @@ class _PlanScorer:
         from .trl_head import head_owner, trl_head_settings
 
         if self.anchor is not None or labels.shape[0] != self.rows:
-            raise RuntimeError("pyfused_po's GRPO/RLOO plan scores the whole batch in one model call; "
-                               f"this trainer asked for {labels.shape[0]} of {self.rows} rows (or twice)")
+            raise RuntimeError("pyfused_po's GRPO/RLOO plan scores the whole batch in one model call (its loss's "
+                               f"constants are per row); this trainer asked for {labels.shape[0]} of {self.rows} "
+                               "rows, or called the model twice")
         settings = self.trainer.pyfused_po_settings
         objective = settings["objective"](self.trainer, self.inputs)
         token_kwargs = dict(ignore_index=-100, shift=False, temperature=trl_head_settings(self.model)["temperature"],
                             backend=settings["backend"], **lm_head_transform(head_owner(self.model)))
-        captured = {}
-
-        k, bonus = self.completion, reads_entropy(self.trainer)
+        captured, k, bonus = {}, self.completion, reads_entropy(self.trainer)
 
         def loss_of(values):  # the completion is the last K label columns
             if bonus:  # the plan differentiates the entropy too
