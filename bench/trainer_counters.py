@@ -13,8 +13,9 @@ the peak but not in the GEMMs):
 * **Peak live bytes** of the step, the counter's own method (every storage created in the step).
 
 GRPO runs with β = 0 (no reference pass), RLOO has none in its loss (its KL enters the reward);
-their sampler's GEMMs are not counted (the batch is generated and scored before the counted step).  Each trainer is built once: TRL's own step is
-counted, then ``apply(trainer)`` runs and the same batch is counted again.
+their sampler's GEMMs are not counted (the batch is generated and scored before the counted step).
+Each trainer is built once: TRL's own step is counted, then ``apply(trainer)`` runs and the same
+batch is counted again.
 """
 import os
 import sys

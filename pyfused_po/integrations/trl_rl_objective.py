@@ -30,7 +30,8 @@ GRPO (``loss_type`` ``l``, ``r`` the importance ratio, ``A`` the advantage, ``m`
 * minus the entropy bonus ``c·Σ H·m / Σ m`` (divided by the accumulation steps in training), ``c``
   the coefficient in force at the start of the step (the adaptive controller's gate read then).
 
-RLOO: ``L = −mean_b min(r_b·A_b, clip(r_b, 1−ε_low, 1+ε_high)·A_b)``, ``r_b = exp(Σ_t m·log p − log p_old,b)``.
+RLOO: ``L = −mean_b min(r_b·A_b, clip(r_b, 1−ε_low, 1+ε_high)·A_b)`` with
+``r_b = exp(Σ_t m·log p − log p_old,b)``.
 """
 import torch
 
