@@ -19,13 +19,16 @@ path's values with their graph: TRL's loss on pyfused_po's forward.
 Refused at ``apply`` (TRL's loss on the fused forward for the run, the reason logged once): a
 ``top_entropy_quantile`` below 1 (a quantile of the whole batch's entropies masks each token), a
 ``loss_type`` or ``importance_sampling_level`` TRL 1.16 does not have, a TRL release other than
-1.16 (whose losses the objectives were checked against), the MoE aux loss and prompt-learning PEFT.
+1.16 (whose losses the objectives were checked against), ``apply(..., truncated_support=True)`` (the
+policy scored under its sampler's truncation, staged), the MoE aux loss and prompt-learning PEFT.
 """
 import types
 from importlib import metadata
 
 from .trl import _release
 from .trl_fused_step import policy_step, switch_to_plan
+from .trl_head import head_owner
+from .trl_patch_state import installed_patch
 from .trl_rl_objective import GRPO_LOSS_TYPES, IMPORTANCE_LEVELS, grpo_objective, reads_entropy, rloo_objective
 
 __all__ = ["switch_grpo_loss", "switch_rloo_loss"]
@@ -34,19 +37,25 @@ _EXTRAS = ("entropy",)
 _CHECKED_TRL = (1, 16)  # the release whose GRPO / RLOO losses trl_rl_objective reproduces (tests)
 
 
-def _release_refusal(trainer):
-    """A refusal when the installed TRL is not the release the objectives were checked against."""
+def _common_refusals(trainer):
+    """Refusals shared by both trainers: a TRL release other than the one the objectives were checked
+    against, a policy patched with its sampler's truncation (the plan's fold is the full softmax)."""
+    refusals = []
     version = metadata.version("trl")
     if _release(version) != _CHECKED_TRL:
-        return [f"{type(trainer).__name__}'s loss in trl=={version} is not the one pyfused_po reproduces "
-                f"(TRL {'.'.join(map(str, _CHECKED_TRL))})"]
-    return []
+        refusals.append(f"{type(trainer).__name__}'s loss in trl=={version} is not the one pyfused_po reproduces "
+                        f"(TRL {'.'.join(map(str, _CHECKED_TRL))})")
+    state = installed_patch(head_owner(trainer.model))
+    if state is not None and state.truncation is not None:
+        refusals.append("truncated_support=True: the policy's log-probs come from the sampler's truncated "
+                        "distribution, scored staged")
+    return refusals
 
 
 def switch_grpo_loss(trainer, *, backend="auto", linear_impl="auto"):
     """Run a ``GRPOTrainer``'s loss on the plan (its models already patched); ``ValueError`` naming
     every reason it cannot."""
-    refusals = _release_refusal(trainer)
+    refusals = _common_refusals(trainer)
     if trainer.top_entropy_quantile < 1.0:
         refusals.append(f"top_entropy_quantile={trainer.top_entropy_quantile} masks tokens by a quantile of the "
                         "whole batch's entropies")
@@ -60,7 +69,7 @@ def switch_grpo_loss(trainer, *, backend="auto", linear_impl="auto"):
 def switch_rloo_loss(trainer, *, backend="auto", linear_impl="auto"):
     """Run an ``RLOOTrainer``'s loss on the plan; ``ValueError`` naming every reason it cannot."""
     switch_to_plan(trainer, "rloo", ("rloo",), "_compute_loss", _compute_loss_on_the_plan,
-                   refusals=_release_refusal(trainer), backend=backend, linear_impl=linear_impl,
+                   refusals=_common_refusals(trainer), backend=backend, linear_impl=linear_impl,
                    objective=rloo_objective)
 
 
