@@ -14,6 +14,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 import torch  # noqa: E402
 
+from test_integration_trl_dpo_plan import _HeadFlops  # noqa: E402
 from test_integration_trl_grpo_plan import B, P, _trainer  # noqa: E402
 from test_rl_truncated import _reference  # noqa: E402
 
@@ -76,7 +77,8 @@ def test_policy_log_probs_are_the_samplers_truncated_ones(truncated, caplog):
 
 
 def test_grpo_step_on_the_truncated_forward(truncated):
-    """A training step's loss and LM-head gradient are finite on greedy completions (all kept)."""
+    """A training step's loss and LM-head gradient are finite on greedy completions (all kept); the
+    truncated path runs staged: 4 LM-head GEMMs per labelled token."""
     pfi.apply(truncated, backend="torch", truncated_support=True)
     ids = _greedy_batch(truncated)
     completion_mask = torch.ones(B, K, dtype=torch.long)
@@ -86,9 +88,13 @@ def test_grpo_step_on_the_truncated_forward(truncated):
     truncated.model.train()
     truncated.model.zero_grad(set_to_none=True)
     truncated.current_gradient_accumulation_steps = 1
-    loss = truncated.compute_loss(truncated.model, batch)
-    loss.backward()
-    grad = truncated.model.get_output_embeddings().weight.grad
+    weight = truncated.model.get_output_embeddings().weight
+    counter = _HeadFlops(weight.shape[0])
+    with counter:
+        loss = truncated.compute_loss(truncated.model, batch)
+        loss.backward()
+    assert counter.flops == 4 * B * K * 2 * weight.shape[0] * weight.shape[1], counter.flops
+    grad = weight.grad
     assert math.isfinite(float(loss)) and grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0
     assert math.isfinite(truncated._metrics["train"]["entropy"][-1])
 
