@@ -136,16 +136,16 @@ def test_models_at_the_headline_shape():
 @pytest.mark.slow
 def test_trainer_rows_through_apply():
     """One step of each TRL trainer, TRL's own and through apply(): the plan is at the floor for
-    DPO (trainable and LoRA), KTO and SFT; GRPO keeps 4 GEMMs (1.33x, its plan is not built).
+    DPO (trainable and LoRA), KTO, SFT, GRPO and RLOO.
     TRL's head runs over every position it is handed (prompt and padding too): above the floor."""
     pytest.importorskip("trl")
     from bench.trainer_counters import trainer_rows
 
     rows = trainer_rows()
     by = {(r["section"], r["method"].startswith("TRL")): r for r in rows}
-    assert len(by) == len(rows) == 10
+    assert len(by) == len(rows) == 12
     expected = {"DPOTrainer": 1.0, "DPOTrainer + LoRA": 1.0, "KTOTrainer": 1.0, "SFTTrainer": 1.0,
-                "GRPOTrainer (β = 0)": 4 / 3}
+                "GRPOTrainer (β = 0)": 1.0, "RLOOTrainer": 1.0}
     for label, ratio in expected.items():
         ours, trl = by[(f"apply(): {label}", False)], by[(f"apply(): {label}", True)]
         assert ours["gemm_vs_floor"] == pytest.approx(ratio, abs=1e-12), (label, ours["gemm_vs_floor"])

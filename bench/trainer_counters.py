@@ -12,9 +12,10 @@ the peak but not in the GEMMs):
   forward-only pass (the reference model, KTO's KL completions).
 * **Peak live bytes** of the step, the counter's own method (every storage created in the step).
 
-GRPO runs with β = 0 (no reference pass); its sampler's GEMMs are not counted (the batch is
-generated and scored before the counted step).  Each trainer is built once: TRL's own step is
-counted, then ``apply(trainer)`` runs and the same batch is counted again.
+GRPO runs with β = 0 (no reference pass), RLOO has none in its loss (its KL enters the reward);
+their sampler's GEMMs are not counted (the batch is generated and scored before the counted step).
+Each trainer is built once: TRL's own step is counted, then ``apply(trainer)`` runs and the same
+batch is counted again.
 """
 import os
 import sys
@@ -134,19 +135,22 @@ def _reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def _grpo(tmp):
+def _rl(tmp, kind):
+    """A GRPOTrainer (β = 0) or RLOOTrainer and one prepared batch; the floor is 3 GEMMs per
+    completion token (no reference pass in the loss: β = 0 for GRPO; RLOO's KL is in its reward)."""
     import datasets
     from transformers import set_seed
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+    config, trainer_cls = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
     h = _tiny()
-    path = tmp / "grpo-model"
+    path = tmp / f"{kind}-model"
     h.tiny_model().save_pretrained(path)
-    args = GRPOConfig(output_dir=str(tmp / "grpo"), per_device_train_batch_size=4, num_generations=2,
-                      max_completion_length=8, max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                      seed=0, data_seed=0, beta=0.0, bf16=False)
+    args = config(output_dir=str(tmp / kind), per_device_train_batch_size=4, num_generations=2,
+                  max_completion_length=8, max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                  seed=0, data_seed=0, beta=0.0, bf16=False)
     torch.manual_seed(0)
-    trainer = GRPOTrainer(model=str(path), reward_funcs=_reward, args=args, processing_class=h.tiny_tokenizer(),
+    trainer = trainer_cls(model=str(path), reward_funcs=_reward, args=args, processing_class=h.tiny_tokenizer(),
                           train_dataset=datasets.Dataset.from_list([dict(prompt=r["prompt"])
                                                                     for r in h.preference_rows(4)]))
     set_seed(0)
@@ -163,8 +167,8 @@ TRAINERS = [
     ("DPOTrainer + LoRA", "frozen", lambda tmp: _dpo(tmp, peft=True), ""),
     ("KTOTrainer", "trainable", _kto, ""),
     ("SFTTrainer", "trainable", _sft, ""),
-    ("GRPOTrainer (β = 0)", "trainable", _grpo,
-     "; the plan is not built for GRPO: apply() switches the per-token forward only"),
+    ("GRPOTrainer (β = 0)", "trainable", lambda tmp: _rl(tmp, "grpo"), ""),
+    ("RLOOTrainer", "trainable", lambda tmp: _rl(tmp, "rloo"), ""),
 ]
 
 

@@ -614,8 +614,8 @@ NOTES = """Notes.
   size V), `compute_loss` + backward on one prepared batch. TRL's own step runs its head over every
   position it is handed (prompt and padding included; GRPO: 40 positions for 26 completion tokens),
   so on these short, padded rows its × floor is above the 1.33 of its 4 GEMMs; its peak there is mostly its fixed-size tile buffers, so the peak
-  ratio says little about a real shape. GRPO (β = 0) stays at 4 GEMMs through `apply()`: its plan is
-  not built, `apply()` switches the per-token forward only; the sampler's GEMMs are not counted.
+  ratio says little about a real shape. GRPO (β = 0) and RLOO run their own losses on the plan through
+  `apply()` (`integrations/trl_rl_plan.py`); their samplers' GEMMs are not counted.
 * *groups K=4 / K=8* (issue 25): 2 groups of K rows of 128 tokens, `plackett_luce`,
   `FusedPreferenceLoss(group_size=K)`; TRL's row is its chunked head with the same listwise loss on
   its sums (TRL has no listwise loss); the *naive* row is plain PyTorch: logits `[S, T, V]` in fp32

@@ -11,7 +11,9 @@ for :class:`~pyfused_po.FusedKTOLoss`) and on batch constants, then per chunk of
 2. ``g`` of the chunk's tokens: the module's own sequence stage and objective (``loss_of``) on
    the whole batch, the chunk's log-probs as autograd leaves and placeholders (−1 per token)
    for the other groups' tokens; exact because no group's gradient depends on another group's
-   values (the placeholders never reach it);
+   values (the placeholders never reach it).  A loss that also differentiates the entropy (an
+   entropy bonus: ``grad_extras=("entropy",)``) gets the chunk's entropies as leaves too, and the
+   fold adds ``−g_H·p·(log p + H)`` to the row's gradient;
 3. the fold turns ``X`` in place into ``G = ∂L/∂X``; ``dH[rows] = G·W`` (GEMM 2) and
    ``dW += Gᵀ·H_c`` (GEMM 3, fp32, in place), ``db += Σ G``.
 
@@ -30,6 +32,7 @@ The module-specific parts (which objectives separate, which inputs) live in
 :mod:`pyfused_po.fused_pairs` and :mod:`pyfused_po.fused_kto`.
 """
 import logging
+import math
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -42,6 +45,8 @@ from .torch_backend import linear as _chunked
 from .torch_backend import token as _torch_fold
 
 PLACEHOLDER_LOGP = -1.0
+# Extras whose gradient the plan forms when the loss differentiates them (the fold's backward).
+GRAD_EXTRAS = ("entropy",)
 # On CUDA each chunk's dW GEMM reads and writes the fp32 [V, D] accumulator: with a reduction
 # over C tokens it does 2·C·V·D FLOPs for 8·V·D bytes, C/4 FLOP/byte.  Under ~1024 tokens that is
 # below an H100's bf16 balance (~200–300 FLOP/byte) and the accumulator traffic costs more than
@@ -149,11 +154,17 @@ class FusedHead:
     the flattened labels, :attr:`pos`) to groups for :meth:`chunks`; :meth:`run` does the
     chunk loop."""
 
-    def __init__(self, source, token_labels, token_kwargs, extras, upstream_extras, linear_impl, chunk_tokens):
+    def __init__(self, source, token_labels, token_kwargs, extras, upstream_extras, linear_impl, chunk_tokens,
+                 grad_extras=()):
         hidden, weight, bias = source
         self.source, self.shape = source, tuple(token_labels.shape)
-        self.extras = tuple(extras)
-        self.upstream_extras = tuple(upstream_extras)  # the extras the objective reads
+        self.grad_extras = tuple(grad_extras)  # the extras the objective differentiates
+        unknown = [name for name in self.grad_extras if name not in GRAD_EXTRAS]
+        if unknown:
+            raise ValueError(f"grad_extras must be among {GRAD_EXTRAS}, got {unknown}")
+        self.extras = tuple(extras) + tuple(n for n in self.grad_extras if n not in extras)
+        # the extras the objective reads (their values), the differentiated ones included
+        self.upstream_extras = tuple(upstream_extras) + tuple(n for n in self.grad_extras if n not in upstream_extras)
         config = make_token_config(token_kwargs["ignore_index"], token_kwargs["shift"], token_kwargs["temperature"],
                                    token_kwargs["logit_scale"], token_kwargs["softcap"], self.extras)
         backend, _, self.mm_dtype = validate_linear_inputs(hidden, weight, bias, token_labels, config,
@@ -173,7 +184,7 @@ class FusedHead:
 
     @classmethod
     def build(cls, source, token_labels, token_kwargs, *, extras=(), upstream_extras=(), linear_impl="auto",
-              chunk_tokens=None):
+              chunk_tokens=None, grad_extras=()):
         """The plan for this call, or ``None`` to fall back: no tokens, or on CUDA chunks under
         :data:`MIN_CUDA_CHUNK_TOKENS` tokens when the batch needs more than one.  Chunks hold at
         most ``chunk_tokens`` labelled tokens when given (a module's ``chunk_tokens`` attribute),
@@ -182,7 +193,8 @@ class FusedHead:
         inputs before any kernel."""
         if token_labels.numel() == 0:  # no tokens (T = 0): the staged path defines the empty-batch result
             return None
-        plan = cls(source, token_labels, token_kwargs, extras, upstream_extras, linear_impl, chunk_tokens)
+        plan = cls(source, token_labels, token_kwargs, extras, upstream_extras, linear_impl, chunk_tokens,
+                   grad_extras)
         M = plan.rows.numel()
         if source[0].is_cuda and M > plan.chunk_tokens and plan.chunk_tokens < MIN_CUDA_CHUNK_TOKENS:
             return None  # a small head at a large vocabulary
@@ -217,7 +229,8 @@ class FusedHead:
     def run(self, chunks, group, loss_of):
         """The chunk loop.  ``loss_of(tokens)``: the module's scalar loss from per-token values
         (:class:`~pyfused_po.TokenLogprobs` shaped like the labels, ``upstream_extras`` filled),
-        differentiable in ``tokens.logps``.  Fills the per-token values and the stored gradients."""
+        differentiable in ``tokens.logps`` (and in the ``grad_extras``).  Fills the per-token values
+        and the stored gradients."""
         hidden, weight, bias = self.source
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
@@ -248,18 +261,23 @@ class FusedHead:
                 where = pos.index_select(0, sel)
                 for name in names:
                     self.real[name][where] = (lp if name == "logps" else outs[name])[0]
-                g = self._upstream(loss_of, lp[0], where, placeholder)
+                g, g_extras = self._upstream(loss_of, lp[0], where, placeholder)
                 # G is formed at a power-of-two scale s that fp16 can hold (one host sync per chunk);
                 # the fp32 products are unscaled exactly.  s = 1 for fp32 / fp64 operands.
-                s = _chunked.operand_scale(g.abs().max() if g.numel() else 0.0, x.dtype, self.kw["temperature"],
-                                           self.kw["logit_scale"])
+                s = _chunked.operand_scale(_largest_upstream(g, g_extras, x.shape[-1]), x.dtype,
+                                           self.kw["temperature"], self.kw["logit_scale"])
                 if s != 1.0:
                     g = g * s
+                    g_extras = {k: v * s for k, v in g_extras.items()}
+                entropy_grad = {}
+                if "entropy" in g_extras:  # the fold adds −g_H·p·(log p + H) to the row
+                    entropy_grad = dict(entropy=outs["entropy"], grad_entropy=g_extras["entropy"].unsqueeze(0))
                 # X becomes G in place.  vocab_shard: p = exp(z − lse) from the forward's lse, as the
                 # staged vocabulary-outer backward does, instead of the torch fold's second exact
                 # log-softmax of the row (a max and a logsumexp over [C, V] more); every label is in
                 # [0, V), so the one-hot term is unchanged (the Triton fold always uses the given lse).
-                self.fold.token_backward(x3, y, lse, x3, grad_logp=g.unsqueeze(0), vocab_shard=True, **self.kw)
+                self.fold.token_backward(x3, y, lse, x3, grad_logp=g.unsqueeze(0), vocab_shard=True, **entropy_grad,
+                                         **self.kw)
                 if gh is not None:
                     rows = _chunked._mm(x, w, cdt)  # GEMM 2
                     gh.index_copy_(0, idx, rows if s == 1.0 else rows.mul_(1.0 / s))
@@ -286,23 +304,40 @@ class FusedHead:
         return self._values(self.real, self.extras if names is None else names)
 
     def _upstream(self, loss_of, lp, where, placeholder):
-        """``∂L/∂ log p`` of the chunk's tokens: ``loss_of`` on the whole batch, the chunk's
-        log-probs as leaves, placeholders elsewhere (exact by separability)."""
-        leaf = lp.detach().requires_grad_(True)
+        """``(∂L/∂ log p, {extra: ∂L/∂extra})`` of the chunk's tokens (the second for
+        ``grad_extras``): ``loss_of`` on the whole batch, the chunk's log-probs (and differentiated
+        extras) as leaves, placeholders elsewhere (exact by separability)."""
+        leaves = {"logps": lp.detach().requires_grad_(True)}
+        for k in self.grad_extras:
+            leaves[k] = self.real[k][where].detach().requires_grad_(True)
         with torch.enable_grad():
             tokens = {k: placeholder[k].clone() for k in placeholder}
             for k in self.upstream_extras:
                 tokens[k][where] = self.real[k][where]
-            tokens["logps"] = tokens["logps"].index_put((where,), leaf)
+            for k, leaf in leaves.items():
+                tokens[k] = tokens[k].index_put((where,), leaf)
             loss = loss_of(self._values(tokens, self.upstream_extras))
-            (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
-        return torch.zeros_like(lp) if g is None else g.to(lp.dtype)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(lp) if g is None else g.to(lp.dtype) for k, g in zip(leaves, grads)}
+        return grads.pop("logps"), grads
 
     def attach(self, loss):
         """``loss`` (computed without a graph) connected to ``hidden``/``weight``/``bias`` through
         the gradients :meth:`run` stored."""
         hidden, weight, bias = self.source
         return _StoredGradient.apply(loss, hidden, weight, bias, *self.grads)
+
+
+def _largest_upstream(g, g_extras, vocab):
+    """A bound on ``max |∂L/∂z|`` over the chunk's rows, before the logits' transform: ``|g|`` from
+    the log-prob (``|onehot − p| ≤ 1``) plus, with an entropy gradient, ``|g_H|·(1/e + log V)``
+    (``p·|log p| ≤ 1/e``, ``p·H ≤ H ≤ log V``)."""
+    if not g.numel():
+        return 0.0
+    bound = g.abs().max()
+    if "entropy" in g_extras:
+        bound = bound + g_extras["entropy"].abs().max() * (math.exp(-1.0) + math.log(vocab))
+    return bound
 
 
 class _StoredGradient(torch.autograd.Function):

@@ -26,11 +26,15 @@ import torch
 
 from .. import _dispatch
 from ..linear_token_logprobs import linear_token_logprobs
+from ..token_logprobs import TokenLogprobs
+from ..truncated_support import sampler_spec
 from .hf import backbone, lm_head_transform, with_lm_head
 from .lora_head import lora_head_operands
+from .rl import rl_token_logprobs
 from .trl_head import head_owner, require_causal_lm, trl_head_settings
 from .trl_legacy import is_legacy_trainer, legacy_apply
 from .trl_patch_state import PatchState, install_patch, patch_state, plain_forward
+from .trl_sampler import sampler_truncation
 
 __all__ = ["SUPPORTED_TRL", "apply", "patch_model", "patch_trainer_models", "use_preference_loss",
            "check_trl_version", "trl_head_settings"]
@@ -103,7 +107,7 @@ def _prepared_with_autocast(target):
 
 
 def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=None, backend="auto",
-                linear_impl="auto", autocast=None):
+                linear_impl="auto", autocast=None, truncation=None):
     """Give ``model`` (a Transformers causal LM, or a PEFT model wrapping one, or an FSDP1 / DDP
     wrapper around either) TRL's fused-head call: ``model(..., labels=labels, fused_lm_head=True)``
     returns a ``trl.trainer.utils.FusedCausalLMOutput`` computed by pyfused_po.  Without
@@ -121,6 +125,11 @@ def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=N
     The model config's logit softcap / scale is applied as Transformers applies it.  A PEFT LoRA
     adapter on the LM head is applied (:mod:`.lora_head`; TRL's own head reads the base weight).
 
+    ``truncation``: ``dict(top_k=, top_p=, min_p=, sampler_order=)`` (None: the full softmax): the
+    log-probs and entropy are those of the sampler's truncated distribution
+    (:func:`pyfused_po.integrations.rl.rl_token_logprobs`, staged: 4 LM-head GEMMs in a training
+    step); only ``log_probs`` and ``entropy`` can be asked for.
+
     Extra keyword ``pyfused_po_loss=callable`` (used by :func:`use_preference_loss`) calls
     ``callable(hidden=..., weight=..., bias=..., labels=...)`` on the shifted hidden states
     inside the forward (where ZeRO-3 expects the head to be used) and returns its result.
@@ -137,13 +146,19 @@ def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=N
         raise ValueError(f"outputs must be names from {_ALL_OUTPUTS}, got unknown {unknown}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if truncation is not None:
+        sampler_spec(temperature=temperature, top_k=truncation.get("top_k"), top_p=truncation.get("top_p"),
+                     min_p=truncation.get("min_p"), order=truncation.get("sampler_order", "hf"))
+        beyond = [o for o in outputs if o not in ("log_probs", "entropy")]
+        if beyond:
+            raise ValueError(f"a truncated support gives log_probs and entropy only; outputs also ask for {beyond}")
     if autocast is None and _prepared_with_autocast(target):
         warnings.warn(f"{type(target).__name__}.forward was wrapped by accelerate's mixed-precision autocast, which "
                       "this patch replaces; pass autocast=accelerator.autocast to keep it", stacklevel=2)
     previous, looked_through = plain_forward(target)
     state = PatchState(outputs=outputs, temperature=temperature, cast_lm_head_to_fp32=cast_fp32, backend=backend,
                        linear_impl=linear_impl, autocast=autocast, previous=previous,
-                       previous_context=autocast if looked_through else None)
+                       previous_context=autocast if looked_through else None, truncation=truncation)
     install_patch(target, state, _patched_forward)
     return model
 
@@ -189,6 +204,14 @@ def _fused_forward(self, state, args, labels, shift_labels, num_items_in_batch, 
             head_context = torch.autocast(hidden.device.type, enabled=False)
             weight, bias = weight.float(), None if bias is None else bias.float()
         with head_context:
+            if state.truncation is not None:
+                if pyfused_po_loss is not None:
+                    raise ValueError("a loss on pyfused_po's three-GEMM plan scores the full softmax; this model "
+                                     "was patched with a sampler's truncation (truncated_support=True)")
+                logps, entropy = rl_token_logprobs(labels, hidden=hidden, weight=weight, bias=bias,
+                                                   temperature=state.temperature, with_entropy="entropy" in extras,
+                                                   shift=shift, backend=state.backend, **transform, **state.truncation)
+                return TokenLogprobs(logps, entropy=entropy) if extras else logps
             if pyfused_po_loss is not None:
                 if shift:  # the loss module takes pre-shifted inputs
                     hidden, labels = hidden[:, :-1], labels[:, 1:]
@@ -232,7 +255,7 @@ def _fused_forward(self, state, args, labels, shift_labels, num_items_in_batch, 
 KNOWN_TRAINERS = ("SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer", "RLOOTrainer", "AsyncGRPOTrainer")
 
 
-def apply(trainer_or_model, *, backend="auto", linear_impl="auto"):
+def apply(trainer_or_model, *, backend="auto", linear_impl="auto", truncated_support=False):
     """One-call switch: route a TRL trainer's (or a model's) per-token log-probs through pyfused_po.
 
     ``trainer_or_model``: a TRL trainer whose model TRL gave a fused LM head (``SFTTrainer``,
@@ -245,6 +268,12 @@ def apply(trainer_or_model, *, backend="auto", linear_impl="auto"):
     A ``DPOTrainer`` whose ``DPOConfig`` pyfused_po reproduces exactly also gets its loss as a
     :class:`~pyfused_po.FusedPreferenceLoss` (the three-GEMM plan, :mod:`.trl_dpo_plan`), with TRL's
     loss values and logged metrics; otherwise TRL's loss stays and the reason is logged once.
+    ``truncated_support=True`` (``GRPOTrainer`` / ``RLOOTrainer``; off by default, as TRL scores the
+    full softmax): the policy's log-probs and entropy are those of the distribution its sampler drew
+    from, truncated by the trainer's ``top_k`` / ``top_p`` / ``min_p``
+    (:func:`.trl_sampler.sampler_truncation`; the reference model keeps the full softmax).  They run
+    staged, 4 LM-head GEMMs a step, with TRL's loss (the three-GEMM plan scores the full softmax).
+    A sampled token outside the kept set (only by rounding at a boundary) has log-prob −inf.
     Returns its argument.  Call it after constructing the trainer and before ``train()``.  Raises
     ``RuntimeError`` on TRL releases without the protocol, ``TypeError`` on a trainer that does not
     use TRL's fused head (there is nothing to switch).
@@ -256,15 +285,20 @@ def apply(trainer_or_model, *, backend="auto", linear_impl="auto"):
         return legacy_apply(trainer_or_model, backend=backend, linear_impl=linear_impl)
     check_trl_version()
     if isinstance(trainer_or_model, torch.nn.Module):
+        if truncated_support:
+            raise TypeError("truncated_support=True reads the sampler's settings from a GRPOTrainer / RLOOTrainer; "
+                            "for a model, pass truncation=dict(top_k=, top_p=, min_p=) to patch_model")
         return patch_model(trainer_or_model, backend=backend, linear_impl=linear_impl)
-    patch_trainer_models(trainer_or_model, backend=backend, linear_impl=linear_impl)
+    truncation = sampler_truncation(trainer_or_model) if truncated_support else None
+    patch_trainer_models(trainer_or_model, backend=backend, linear_impl=linear_impl, truncation=truncation)
     _dispatch.entry("plan_trainer")(trainer_or_model, backend=backend, linear_impl=linear_impl)
     return trainer_or_model
 
 
-def patch_trainer_models(trainer, *, backend="auto", linear_impl="auto"):
-    """:func:`patch_model` on the trainer's ``model`` and (when TRL patched it) ``ref_model``, with
-    TRL's settings for each and the trainer's autocast; the trainer's loss is left as it is."""
+def patch_trainer_models(trainer, *, backend="auto", linear_impl="auto", truncation=None):
+    """:func:`patch_model` on the trainer's ``model`` (with ``truncation``) and (when TRL patched it)
+    ``ref_model`` (full softmax), with TRL's settings for each and the trainer's autocast; the
+    trainer's loss is left as it is."""
     kw = dict(backend=backend, linear_impl=linear_impl)
     model = getattr(trainer, "model", None)
     if not isinstance(model, torch.nn.Module) or trl_head_settings(model) is None:
@@ -278,7 +312,7 @@ def patch_trainer_models(trainer, *, backend="auto", linear_impl="auto"):
     accelerator = getattr(trainer, "accelerator", None)
     if accelerator is not None:
         kw["autocast"] = accelerator.autocast
-    patch_model(model, **kw)
+    patch_model(model, **kw, truncation=truncation)
     ref_model = getattr(trainer, "ref_model", None)
     if isinstance(ref_model, torch.nn.Module) and trl_head_settings(ref_model) is not None:
         patch_model(ref_model, **kw)

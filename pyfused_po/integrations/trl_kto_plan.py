@@ -9,8 +9,9 @@ recompute), and TRL's token metrics (``entropy``, ``logits/*``) read from the pl
 The KL pass over the mismatched completions and the reference passes stay forward-only (one GEMM
 each), through TRL's own code on the switched forward.  Losses and logged metrics are TRL's.
 
-When the plan cannot run for a batch (a sequence longer than a chunk, grad mode off, ...), the
-same step runs staged (four GEMMs) with the same numbers.
+When the plan cannot run for a batch (a sequence longer than a chunk: the reason kept in
+``trainer.fallback_reason`` and logged once; grad mode off, ...), the same step runs staged (four
+GEMMs) with the same numbers.
 """
 
 import torch
@@ -91,7 +92,8 @@ def _compute_loss_on_the_plan(self, model, inputs, return_outputs=False):
 
     def head_loss(hidden, weight, bias, labels):
         loss, tokens = policy_step((hidden, weight, bias), labels, lambda lp: objective(lp, labels).loss,
-                                   token_kwargs, extras=_EXTRAS, linear_impl=self.pyfused_po_settings["linear_impl"])
+                                   token_kwargs, extras=_EXTRAS, linear_impl=self.pyfused_po_settings["linear_impl"],
+                                   owner=self)
         with torch.no_grad():
             result = objective(tokens.logps, labels)
         result.loss = loss

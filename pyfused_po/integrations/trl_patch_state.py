@@ -47,6 +47,7 @@ class PatchState:
     autocast: Optional[Callable]  # e.g. accelerator.autocast: shared by copies, like the accelerator
     previous: Callable  # the plain forward (no fused_lm_head), bound to the patched module
     previous_context: Optional[Callable] = None  # autocast of an accelerate wrapper looked through
+    truncation: Optional[dict] = None  # a sampler's top_k / top_p / min_p / sampler_order (truncated_support)
 
     def settings(self):
         return dict(temperature=self.temperature, cast_lm_head_to_fp32=self.cast_lm_head_to_fp32,

@@ -4,7 +4,8 @@ The plan (:mod:`pyfused_po.fused_gradient`) forms the exact gradient of the LM h
 forward, three GEMMs where the trainer's own loss on per-token log-probs costs four, wherever the
 loss separates (each token's gradient depends on its own group's log-probs and constants of the
 batch).  One module per trainer: ``DPOTrainer`` (:mod:`.trl_dpo_plan`), ``KTOTrainer``
-(:mod:`.trl_kto_plan`), ``SFTTrainer`` (:mod:`.trl_sft_plan`).  A configuration that does not
+(:mod:`.trl_kto_plan`), ``SFTTrainer`` (:mod:`.trl_sft_plan`), ``GRPOTrainer`` and ``RLOOTrainer``
+(:mod:`.trl_rl_plan`, one step for both; their losses in :mod:`.trl_rl_objective`).  A configuration that does not
 separate, or that pyfused_po does not reproduce exactly, keeps TRL's loss on pyfused_po's
 per-token forward, and the reason is logged once (logger ``pyfused_po``).
 """
@@ -27,7 +28,7 @@ def _log_once(message):
 def _switch(trainer, backend, linear_impl):
     """Switch ``trainer``'s loss to the plan; ``ValueError`` / ``TypeError`` when it cannot.  Returns
     False for a trainer without a plan."""
-    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RLOOTrainer, SFTTrainer
 
     if isinstance(trainer, DPOTrainer):
         from .trl_dpo_plan import TRL_DPO_METRICS, dpo_loss_from_config
@@ -43,6 +44,14 @@ def _switch(trainer, backend, linear_impl):
         from .trl_sft_plan import switch_sft_loss
 
         switch_sft_loss(trainer, backend=backend, linear_impl=linear_impl)
+    elif isinstance(trainer, GRPOTrainer):
+        from .trl_rl_plan import switch_grpo_loss
+
+        switch_grpo_loss(trainer, backend=backend, linear_impl=linear_impl)
+    elif isinstance(trainer, RLOOTrainer):
+        from .trl_rl_plan import switch_rloo_loss
+
+        switch_rloo_loss(trainer, backend=backend, linear_impl=linear_impl)
     else:
         return False
     return True
