@@ -87,7 +87,7 @@ def _step(trainer, batch):
 
 def _compare(trainer, batch, gemm_rows, backend="torch"):
     """TRL's step against the switched one; the switched one's LM-head FLOPs are ``gemm_rows`` GEMMs
-    of one row each (``2·D·V`` FLOPs per row)."""
+    of one token row each against the ``[V, D]`` head (``2·D·V`` FLOPs per row)."""
     _restore(trainer)
     base = _step(trainer, batch)
     assert base[4] > 0, "TRL's own step should call the LM head"
@@ -296,3 +296,28 @@ def test_kto_matches_trl(kto, loss_type):
     assert (fused[1] is None) == (base[1] is None) == (loss_type != "kto")
     if base[1] is not None:
         torch.testing.assert_close(fused[1], base[1], rtol=RTOL, atol=ATOL)
+
+
+def test_dpo_peft_lora_head_matches_trl(tmp_path):
+    """PEFT without a reference model (the adapter-disabled policy is the reference, through the same
+    head) and a LoRA adapter on the LM head (its delta enters as extra head columns)."""
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                     use_cpu=True, save_strategy="no", bf16=False, seed=0, loss_type=["sigmoid", "sft"])
+    torch.manual_seed(0)
+    made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
+                      train_dataset=datasets.Dataset.from_list(preference_rows(4)),
+                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
+    assert made.ref_model is None
+    with torch.no_grad():  # LoRA's B starts at 0: move it so the adapter changes the scores
+        for name, p in made.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p), alpha=0.3)
+    batch = next(iter(made.get_train_dataloader()))
+    # The policy's three GEMMs run on the head widened by the adapter's r = 4 columns, the reference's one
+    # on the base head: 3·(D + r) + D over the labelled tokens, in units of D.
+    width = made.model.get_output_embeddings().weight.shape[1]
+    metrics = _compare(made, batch, _labelled(batch["completion_mask"]) * (3 * (width + 4) + width) / width)
+    assert abs(metrics["rewards/margins"]) > 1e-3
