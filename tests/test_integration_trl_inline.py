@@ -21,6 +21,7 @@ datasets = pytest.importorskip("datasets")
 import torch  # noqa: E402
 
 from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer  # noqa: E402
+from _trl_switch_checks import HeadFlops, assert_logs_match, train_logs  # noqa: E402
 
 from pyfused_po.integrations.trl import apply  # noqa: E402
 from pyfused_po.integrations.trl_inline_layout import is_inline_trainer  # noqa: E402
@@ -32,24 +33,6 @@ if not is_inline_trainer(trl.DPOTrainer):
 pytestmark = pytest.mark.slow  # builds TRL trainers
 RTOL, ATOL = 1e-5, 1e-6
 _SWITCHED = ("_compute_loss", "compute_ref_log_probs", "_compute_kl_logps")
-
-
-class _HeadFlops(torch.utils._python_dispatch.TorchDispatchMode):
-    """2·m·k·n of every matmul-family op with an operand dimension equal to ``vocab``."""
-
-    OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
-
-    def __init__(self, vocab):
-        super().__init__()
-        self.vocab, self.flops = vocab, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        where = self.OPERANDS.get(func.overloadpacket.__name__)
-        if where is not None:
-            a, b = args[where[0]], args[where[1]]
-            if self.vocab in tuple(a.shape) + tuple(b.shape):
-                self.flops += 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
-        return func(*args, **(kwargs or {}))
 
 
 def _restore(trainer):
@@ -70,7 +53,7 @@ def _step(trainer, batch):
         values.clear()
     trainer._total_train_tokens = 0
     head = trainer.model.get_output_embeddings()
-    counter, calls = _HeadFlops(head.weight.shape[0]), []
+    counter, calls = HeadFlops(head.weight.shape[0]), []
     hooks = [m.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
              for m in (trainer.model, trainer.ref_model) if m is not None]
     try:
@@ -175,7 +158,7 @@ def test_dpo_precomputed_reference_matches_trl(dpo):
     apply(trainer, backend="torch")
     try:
         weight = trainer.model.get_output_embeddings().weight
-        counter = _HeadFlops(weight.shape[0])
+        counter = HeadFlops(weight.shape[0])
         with counter:
             fused = trainer.compute_ref_log_probs(trainer.ref_model, inputs)
     finally:
@@ -245,18 +228,9 @@ def test_dpo_training_logs_match_trl(tmp_path):
         torch.manual_seed(0)
         made = DPOTrainer(model=tiny_model(), ref_model=tiny_model(1), args=args, processing_class=tiny_tokenizer(),
                           train_dataset=datasets.Dataset.from_list(preference_rows(4)))
-        if switch:
-            apply(made, backend="torch")
-        made.train()
-        timing = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
-        return [{k: v for k, v in row.items() if k not in timing} for row in made.state.log_history]
+        return train_logs(apply(made, backend="torch") if switch else made)
 
-    base, fused = run("base", False), run("fused", True)
-    assert len(base) == len(fused) == 3 and "logps/chosen" in base[0]
-    for b, f in zip(base, fused):
-        assert b.keys() == f.keys()
-        for key in b:
-            assert f[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert_logs_match(run("base", False), run("fused", True), 3, "logps/chosen")
 
 
 @pytest.fixture(scope="module")

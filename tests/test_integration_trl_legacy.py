@@ -20,6 +20,7 @@ datasets = pytest.importorskip("datasets")
 import torch  # noqa: E402
 
 from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer  # noqa: E402
+from _trl_switch_checks import assert_logs_match, train_logs  # noqa: E402
 
 from pyfused_po.integrations.trl_legacy import is_legacy_trainer, legacy_apply  # noqa: E402
 from pyfused_po.integrations.trl import apply  # noqa: E402
@@ -164,18 +165,9 @@ def test_training_logs_match_trl(tmp_path):
         torch.manual_seed(0)
         made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
                           train_dataset=datasets.Dataset.from_list(preference_rows(4)))
-        if switch:
-            legacy_apply(made, backend="torch")
-        made.train()
-        timing = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
-        return [{k: v for k, v in row.items() if k not in timing} for row in made.state.log_history]
+        return train_logs(legacy_apply(made, backend="torch") if switch else made)
 
-    base, fused = run("base", False), run("fused", True)
-    assert len(base) == len(fused) == 3 and "nll_loss" in base[0]
-    for b, f in zip(base, fused):
-        assert b.keys() == f.keys()
-        for key in b:
-            assert f[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert_logs_match(run("base", False), run("fused", True), 3, "nll_loss")
 
 
 @pytest.mark.parametrize("setting, match", [(dict(aux_loss_enabled=True), "router auxiliary loss"),
