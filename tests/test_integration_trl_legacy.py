@@ -27,7 +27,8 @@ from pyfused_po.integrations.trl import apply  # noqa: E402
 
 if not is_legacy_trainer(trl.DPOTrainer):
     pytest.skip(f"trl=={trl.__version__}'s DPOTrainer has no concatenated_forward(model, batch, is_ref_model) "
-                "(the TRL 0.24 layout); its switch is pyfused_po.integrations.trl", allow_module_level=True)
+                "(the TRL 0.24 layout); its switch is pyfused_po.integrations.trl (TRL >= 1.15) or .trl_inline "
+                "(TRL 1.9-1.14)", allow_module_level=True)
 
 pytestmark = pytest.mark.slow  # builds TRL trainers; 34 cases, about 50 s in all on 2 cores
 RTOL, ATOL = 1e-5, 1e-6
