@@ -15,7 +15,9 @@ outputs the trainer asked for), so every loss and logged metric of the trainer w
 :class:`~pyfused_po.FusedPreferenceLoss` the ``DPOTrainer``'s loss.
 
 Supported: every TRL release with the fused-LM-head protocol (TRL ``>= 1.15``; checked on the
-protocol itself, :func:`check_trl_version`).  Older releases raise, naming what to use instead.
+protocol itself, :func:`check_trl_version`).  Older releases raise, naming what to use instead,
+except the ``DPOTrainer`` / ``KTOTrainer`` of TRL 0.24 (:mod:`.trl_legacy`) and TRL 1.9–1.14
+(:mod:`.trl_inline`), which :func:`apply` switches by their own layouts.
 """
 import contextlib
 import dataclasses
