@@ -31,10 +31,11 @@ def train_logs(trainer):
     return [{k: v for k, v in row.items() if k not in _TIMING} for row in trainer.state.log_history]
 
 
-def assert_logs_match(base, fused, rows, metric):
-    """Two runs' logs: ``rows`` entries each (``metric`` logged in the first), the same keys, the same values."""
+def assert_logs_match(base, fused, rows, metric, rel=1e-4, abs=1e-5):
+    """Two runs' logs: ``rows`` entries each (``metric`` logged in the first), the same keys, the same
+    values (to ``rel`` / ``abs``)."""
     assert len(base) == len(fused) == rows and metric in base[0]
     for b, f in zip(base, fused):
         assert b.keys() == f.keys()
         for key in b:
-            assert f[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+            assert f[key] == pytest.approx(b[key], rel=rel, abs=abs), (key, b[key], f[key])

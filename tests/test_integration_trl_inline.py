@@ -217,20 +217,25 @@ def test_dpo_refuses_liger_and_other_layouts(dpo):
         apply(object())
 
 
-def test_dpo_training_logs_match_trl(tmp_path):
-    """Two optimizer steps through Trainer.train (accelerate prepares the switched models)."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dpo_training_logs_match_trl(tmp_path, bf16):
+    """Two optimizer steps through Trainer.train (accelerate prepares the switched models).  bf16
+    (DPOConfig's default; accelerate's CPU autocast) is compared more loosely: the first step's
+    gradient norms differ by 2e-4 relative (bf16 head GEMMs in other chunkings), so the second
+    step's values by up to 1.4e-3 relative (mean logits, 2026-12-07)."""
     from trl import DPOConfig, DPOTrainer
 
     def run(name, switch):
         args = DPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=2,
                          learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                         bf16=False, seed=0, data_seed=0, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+                         bf16=bf16, seed=0, data_seed=0, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
         torch.manual_seed(0)
         made = DPOTrainer(model=tiny_model(), ref_model=tiny_model(1), args=args, processing_class=tiny_tokenizer(),
                           train_dataset=datasets.Dataset.from_list(preference_rows(4)))
         return train_logs(apply(made, backend="torch") if switch else made)
 
-    assert_logs_match(run("base", False), run("fused", True), 3, "logps/chosen")
+    tolerance = dict(rel=5e-3, abs=1e-4) if bf16 else {}
+    assert_logs_match(run("base", False), run("fused", True), 3, "logps/chosen", **tolerance)
 
 
 @pytest.fixture(scope="module")
