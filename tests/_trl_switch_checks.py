@@ -39,3 +39,27 @@ def assert_logs_match(base, fused, rows, metric, rel=1e-4, abs=1e-5):
         assert b.keys() == f.keys()
         for key in b:
             assert f[key] == pytest.approx(b[key], rel=rel, abs=abs), (key, b[key], f[key])
+
+
+def peft_dpo_trainer(output_dir, **config):
+    """A ``DPOTrainer`` on the tiny Llama with a LoRA adapter (r = 4) on ``q_proj``, ``v_proj`` and
+    ``lm_head`` and no reference model (the adapter-disabled policy is the reference); the adapter's
+    ``B`` moved off 0 so it changes the scores.  ``config``: ``DPOConfig`` fields of the case."""
+    import datasets
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer
+
+    args = DPOConfig(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                     use_cpu=True, save_strategy="no", bf16=False, seed=0, **config)
+    torch.manual_seed(0)
+    made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
+                      train_dataset=datasets.Dataset.from_list(preference_rows(4)),
+                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
+    assert made.ref_model is None
+    with torch.no_grad():
+        for name, p in made.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p), alpha=0.3)
+    return made

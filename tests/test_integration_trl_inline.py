@@ -21,7 +21,7 @@ datasets = pytest.importorskip("datasets")
 import torch  # noqa: E402
 
 from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer  # noqa: E402
-from _trl_switch_checks import HeadFlops, assert_logs_match, train_logs  # noqa: E402
+from _trl_switch_checks import HeadFlops, assert_logs_match, peft_dpo_trainer, train_logs  # noqa: E402
 
 from pyfused_po.integrations.trl import apply  # noqa: E402
 from pyfused_po.integrations.trl_inline_layout import is_inline_trainer  # noqa: E402
@@ -280,20 +280,7 @@ def test_kto_matches_trl(kto, loss_type):
 def test_dpo_peft_lora_head_matches_trl(tmp_path):
     """PEFT without a reference model (the adapter-disabled policy is the reference, through the same
     head) and a LoRA adapter on the LM head (its delta enters as extra head columns)."""
-    from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer
-
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
-                     use_cpu=True, save_strategy="no", bf16=False, seed=0, loss_type=["sigmoid", "sft"])
-    torch.manual_seed(0)
-    made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
-                      train_dataset=datasets.Dataset.from_list(preference_rows(4)),
-                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
-    assert made.ref_model is None
-    with torch.no_grad():  # LoRA's B starts at 0: move it so the adapter changes the scores
-        for name, p in made.model.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn_like(p), alpha=0.3)
+    made = peft_dpo_trainer(tmp_path, loss_type=["sigmoid", "sft"])
     batch = next(iter(made.get_train_dataloader()))
     # The policy's three GEMMs run on the head widened by the adapter's r = 4 columns, the reference's one
     # on the base head: 3·(D + r) + D over the labelled tokens, in units of D.

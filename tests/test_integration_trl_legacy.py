@@ -20,7 +20,7 @@ datasets = pytest.importorskip("datasets")
 import torch  # noqa: E402
 
 from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer  # noqa: E402
-from _trl_switch_checks import assert_logs_match, train_logs  # noqa: E402
+from _trl_switch_checks import assert_logs_match, peft_dpo_trainer, train_logs  # noqa: E402
 
 from pyfused_po.integrations.trl_legacy import is_legacy_trainer, legacy_apply  # noqa: E402
 from pyfused_po.integrations.trl import apply  # noqa: E402
@@ -251,20 +251,7 @@ def test_kto_matches_trl(kto_trainer, loss_type):
 def test_peft_lora_head_matches_trl(tmp_path):
     """PEFT: no reference model (the adapter-disabled policy is the reference, through the same
     path) and a LoRA adapter on the LM head (its delta enters as extra head columns)."""
-    from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer
-
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
-                     use_cpu=True, save_strategy="no", bf16=False, seed=0, rpo_alpha=0.5)
-    torch.manual_seed(0)
-    made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
-                      train_dataset=datasets.Dataset.from_list(preference_rows(4)),
-                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
-    assert made.ref_model is None
-    with torch.no_grad():  # LoRA's B starts at 0: move it so the adapter changes the scores
-        for name, p in made.model.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn_like(p), alpha=0.3)
+    made = peft_dpo_trainer(tmp_path, rpo_alpha=0.5)
     metrics = _compare(made, next(iter(made.get_train_dataloader())))
     assert abs(metrics["rewards/margins"]) > 1e-3
 
