@@ -180,9 +180,12 @@ def test_dpo_precomputed_reference_matches_trl(dpo):
     (dict(loss_types=["sigmoid", "robust"], loss_weights=[1.0, 1.0], label_smoothing=0.1), "label_smoothing"),
 ])
 def test_dpo_refuses_what_it_cannot_reproduce(dpo, setting, match):
-    """A named ValueError before anything changes: the trainer keeps its own step."""
+    """A named ValueError, and the trainer runs its own step, also after an earlier switch (each
+    apply decides from the settings in force)."""
     trainer, _ = dpo
     _configure(trainer, ["sigmoid"])
+    apply(trainer)
+    assert all(name in vars(trainer) for name in _SWITCHED[:2])
     saved = {k: getattr(trainer, k) for k in setting}
     vars(trainer).update(setting)
     try:

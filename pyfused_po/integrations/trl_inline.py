@@ -19,7 +19,7 @@ is the same as on 1.16, with the fused head given by pyfused_po instead of TRL:
   forward-only through the same head (:mod:`.trl_inline_passes`).
 
 The trainer's own per-token path is not kept as a fallback: it forms the logits.  A setting the
-switch cannot reproduce is refused with a ``ValueError`` naming it, the trainer left as it was.
+switch cannot reproduce is refused with a ``ValueError`` naming it, the trainer running TRL's own step.
 Refused: ``use_liger_kernel`` (TRL's own logit-free loss runs instead of ``_compute_loss``), the MoE
 router auxiliary loss, vision batches, prompt-learning PEFT, a ``DPOConfig`` no
 ``FusedPreferenceLoss`` reproduces, and ``f_divergence_type`` other than ``reverse_kl``: TRL 1.9 drops
@@ -96,25 +96,24 @@ def inline_apply(trainer, *, backend="auto", linear_impl="auto"):
     to the fused-linear path (module docstring): its policy, its reference model (or the PEFT
     policy with the adapter disabled) and every later ``_compute_loss`` / ``compute_ref_log_probs``
     (/ ``_compute_kl_logps``).  ``backend`` / ``linear_impl``: as :func:`pyfused_po.linear_token_logprobs`.
-    Returns the trainer.  Raises ``TypeError`` for another layout, ``ValueError`` (nothing changed)
-    for a setting it cannot reproduce."""
-    from .trl_plan import clear_plan
-
+    Returns the trainer.  Raises ``TypeError`` for another layout, ``ValueError`` for a setting it
+    cannot reproduce (the trainer then runs TRL's own step, also when an earlier call had switched it:
+    each call decides from the settings in force)."""
     kind = _checked_kind(trainer)
     refused = _refusals(trainer, kind)
     try:
         install = _plan(trainer, kind, backend, linear_impl) if not refused else None
     except (ValueError, TypeError) as error:
         refused.append(str(error))
+    _unswitch(trainer)
     if refused:
         raise ValueError(f"pyfused_po cannot reproduce {type(trainer).__name__}'s step with "
-                         f"{'; '.join(refused)}; leave this trainer unswitched")
+                         f"{'; '.join(refused)}; the trainer runs TRL's own step")
     accelerator = getattr(trainer, "accelerator", None)
     autocast = accelerator.autocast if accelerator is not None else None
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if isinstance(model, torch.nn.Module):  # TRL 1.15's head settings: every output, temperature 1, own dtype
             install_fused_head(model, autocast=autocast, backend=backend, linear_impl=linear_impl)
-    clear_plan(trainer)
     install()
     if kind == "KTOTrainer":
         trainer._compute_kl_logps = types.MethodType(kto_kl_logps, trainer)
@@ -122,3 +121,15 @@ def inline_apply(trainer, *, backend="auto", linear_impl="auto"):
     else:
         trainer.compute_ref_log_probs = types.MethodType(dpo_compute_ref_log_probs, trainer)
     return trainer
+
+
+def _unswitch(trainer):
+    """Remove what an earlier :func:`inline_apply` put on ``trainer`` (its models keep the fused head,
+    which answers plain calls with their own forward)."""
+    from .trl_plan import clear_plan
+
+    clear_plan(trainer)
+    for name in ("compute_ref_log_probs", "_compute_kl_logps"):
+        method = vars(trainer).get(name)
+        if getattr(getattr(method, "__func__", None), "__module__", "").startswith("pyfused_po.integrations."):
+            del vars(trainer)[name]
