@@ -14,27 +14,10 @@ import pytest
 pytest.importorskip("trl")
 import torch  # noqa: E402
 
+from _trl_switch_checks import HeadFlops as _HeadFlops  # noqa: E402  (test_integration_trl_kto_plan imports it here)
 from test_integration_trl import ATOL, RTOL, _dpo, _one_step  # noqa: E402
 
 pfi = pytest.importorskip("pyfused_po.integrations.trl")
-
-
-class _HeadFlops(torch.utils._python_dispatch.TorchDispatchMode):
-    """2·m·k·n of every mm / addmm / addmm_ / bmm / baddbmm with an operand dimension equal to ``vocab``."""
-
-    OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
-
-    def __init__(self, vocab):
-        super().__init__()
-        self.vocab, self.flops = vocab, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        where = self.OPERANDS.get(func.overloadpacket.__name__)
-        if where is not None:
-            a, b = args[where[0]], args[where[1]]
-            if self.vocab in tuple(a.shape) + tuple(b.shape):
-                self.flops += 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
-        return func(*args, **(kwargs or {}))
 
 
 def _head_flops_of_one_step(trainer, batch):

@@ -20,13 +20,15 @@ datasets = pytest.importorskip("datasets")
 import torch  # noqa: E402
 
 from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer  # noqa: E402
+from _trl_switch_checks import assert_logs_match, peft_dpo_trainer, train_logs  # noqa: E402
 
 from pyfused_po.integrations.trl_legacy import is_legacy_trainer, legacy_apply  # noqa: E402
 from pyfused_po.integrations.trl import apply  # noqa: E402
 
 if not is_legacy_trainer(trl.DPOTrainer):
     pytest.skip(f"trl=={trl.__version__}'s DPOTrainer has no concatenated_forward(model, batch, is_ref_model) "
-                "(the TRL 0.24 layout); its switch is pyfused_po.integrations.trl", allow_module_level=True)
+                "(the TRL 0.24 layout); its switch is pyfused_po.integrations.trl (TRL >= 1.15) or .trl_inline "
+                "(TRL 1.9-1.14)", allow_module_level=True)
 
 pytestmark = pytest.mark.slow  # builds TRL trainers; 34 cases, about 50 s in all on 2 cores
 RTOL, ATOL = 1e-5, 1e-6
@@ -164,18 +166,9 @@ def test_training_logs_match_trl(tmp_path):
         torch.manual_seed(0)
         made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
                           train_dataset=datasets.Dataset.from_list(preference_rows(4)))
-        if switch:
-            legacy_apply(made, backend="torch")
-        made.train()
-        timing = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
-        return [{k: v for k, v in row.items() if k not in timing} for row in made.state.log_history]
+        return train_logs(legacy_apply(made, backend="torch") if switch else made)
 
-    base, fused = run("base", False), run("fused", True)
-    assert len(base) == len(fused) == 3 and "nll_loss" in base[0]
-    for b, f in zip(base, fused):
-        assert b.keys() == f.keys()
-        for key in b:
-            assert f[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert_logs_match(run("base", False), run("fused", True), 3, "nll_loss")
 
 
 @pytest.mark.parametrize("setting, match", [(dict(aux_loss_enabled=True), "router auxiliary loss"),
@@ -258,20 +251,7 @@ def test_kto_matches_trl(kto_trainer, loss_type):
 def test_peft_lora_head_matches_trl(tmp_path):
     """PEFT: no reference model (the adapter-disabled policy is the reference, through the same
     path) and a LoRA adapter on the LM head (its delta enters as extra head columns)."""
-    from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer
-
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
-                     use_cpu=True, save_strategy="no", bf16=False, seed=0, rpo_alpha=0.5)
-    torch.manual_seed(0)
-    made = DPOTrainer(model=tiny_model(), args=args, processing_class=tiny_tokenizer(),
-                      train_dataset=datasets.Dataset.from_list(preference_rows(4)),
-                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
-    assert made.ref_model is None
-    with torch.no_grad():  # LoRA's B starts at 0: move it so the adapter changes the scores
-        for name, p in made.model.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn_like(p), alpha=0.3)
+    made = peft_dpo_trainer(tmp_path, rpo_alpha=0.5)
     metrics = _compare(made, next(iter(made.get_train_dataloader())))
     assert abs(metrics["rewards/margins"]) > 1e-3
 

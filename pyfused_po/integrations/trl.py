@@ -15,12 +15,16 @@ outputs the trainer asked for), so every loss and logged metric of the trainer w
 :class:`~pyfused_po.FusedPreferenceLoss` the ``DPOTrainer``'s loss.
 
 Supported: every TRL release with the fused-LM-head protocol (TRL ``>= 1.15``; checked on the
-protocol itself, :func:`check_trl_version`).  Older releases raise, naming what to use instead.
+protocol itself, :func:`check_trl_version`).  Older releases raise, naming what to use instead,
+except the ``DPOTrainer`` / ``KTOTrainer`` of TRL 0.24 (:mod:`.trl_legacy`) and TRL 1.9–1.14
+(:mod:`.trl_inline`), which :func:`apply` switches by their own layouts.
 """
 import contextlib
+import dataclasses
 import inspect
 import warnings
 from importlib import metadata
+from typing import Optional
 
 import torch
 
@@ -32,6 +36,7 @@ from .hf import backbone, lm_head_transform, with_lm_head
 from .lora_head import lora_head_operands
 from .rl import rl_token_logprobs
 from .trl_head import head_owner, require_causal_lm, trl_head_settings
+from .trl_inline_layout import is_inline_trainer
 from .trl_legacy import is_legacy_trainer, legacy_apply
 from .trl_patch_state import PatchState, install_patch, patch_state, plain_forward
 from .trl_sampler import sampler_truncation
@@ -49,8 +54,9 @@ _PROTOCOL_FIELDS = {"loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_lo
                     "aux_loss"}
 _PROTOCOL_ARGS = {"temperature", "cast_lm_head_to_fp32", "outputs"}
 _OLD_TRL_ROUTE = (
-    "upgrade to 'trl>=1.15' (TRL 0.24's DPOTrainer / KTOTrainer: apply() switches them through "
-    "pyfused_po.integrations.trl_legacy.legacy_apply), or leave the trainer's loss alone and compute the preference loss yourself with "
+    "upgrade to 'trl>=1.15' (the DPOTrainer / KTOTrainer of TRL 0.24 and of TRL 1.9-1.14: apply() switches them "
+    "through pyfused_po.integrations.trl_legacy.legacy_apply and pyfused_po.integrations.trl_inline.inline_apply), "
+    "or leave the trainer's loss alone and compute the preference loss yourself with "
     "pyfused_po.integrations.hf.model_preference_loss(model, FusedPreferenceLoss(...), input_ids, labels, "
     "attention_mask, ref_model=...) (e.g. in an overridden compute_loss), or per-token log-probs with "
     "pyfused_po.linear_token_logprobs on pyfused_po.integrations.hf.last_hidden_states(model, ...) and the LM head "
@@ -135,6 +141,17 @@ def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=N
     inside the forward (where ZeRO-3 expects the head to be used) and returns its result.
     """
     check_trl_version()
+    return install_fused_head(model, outputs=outputs, temperature=temperature,
+                              cast_lm_head_to_fp32=cast_lm_head_to_fp32, backend=backend, linear_impl=linear_impl,
+                              autocast=autocast)
+
+
+def install_fused_head(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=None, backend="auto",
+                       linear_impl="auto", autocast=None):
+    """:func:`patch_model` without the check that the installed TRL has the fused-LM-head protocol:
+    also for TRL releases whose trainers form the logits themselves (:mod:`.trl_inline` gives their
+    steps this call).  Where TRL lacks ``FusedCausalLMOutput`` the result is a :class:`FusedHeadOutput`
+    with the same fields."""
     target = head_owner(model)
     require_causal_lm(target, "pyfused_po.integrations.trl.patch_model")
     found = trl_head_settings(target) or dict(temperature=1.0, cast_lm_head_to_fp32=False, outputs=_ALL_OUTPUTS)
@@ -163,6 +180,29 @@ def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=N
     return model
 
 
+@dataclasses.dataclass
+class FusedHeadOutput:
+    """The fields of TRL 1.15's ``FusedCausalLMOutput``, for TRL releases that lack the class (their
+    trainers never call the fused head; pyfused_po's steps for them do, :mod:`.trl_inline`)."""
+    loss: Optional[torch.Tensor] = None
+    log_probs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+    label_mask: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+
+
+def _output_class():
+    """TRL's ``FusedCausalLMOutput`` where the installed TRL has it, else :class:`FusedHeadOutput`."""
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput
+    except ImportError:
+        return FusedHeadOutput
+    return FusedCausalLMOutput
+
+
 def _patched_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                      pyfused_po_loss=None, **kwargs):
     """The forward :func:`patch_model` installs.  Everything it needs is read from ``self`` (the
@@ -178,8 +218,7 @@ def _patched_forward(self, *args, fused_lm_head=False, labels=None, shift_labels
 
 
 def _fused_forward(self, state, args, labels, shift_labels, num_items_in_batch, pyfused_po_loss, kwargs):
-    from trl.trainer.utils import FusedCausalLMOutput
-
+    output_class = _output_class()
     extras = tuple(_EXTRAS[o] for o in _ALL_OUTPUTS[1:] if o in state.outputs)
     cast_fp32, transform = state.cast_lm_head_to_fp32, lm_head_transform(self)
     text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
@@ -247,7 +286,7 @@ def _fused_forward(self, state, args, labels, shift_labels, num_items_in_batch, 
         n_tok = getattr(text_config, "num_experts_per_tok", None) or getattr(self, "num_experts_per_tok", None)
         aux_loss = load_balancing_loss_func(out.router_logits, n_exp, n_tok, kwargs.get("attention_mask"))
         loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
-    return FusedCausalLMOutput(loss=loss, aux_loss=aux_loss, **fields)
+    return output_class(loss=loss, aux_loss=aux_loss, **fields)
 
 
 # The trainers of TRL 1.15 / 1.16 that call model(..., fused_lm_head=True); any other trainer
@@ -277,12 +316,16 @@ def apply(trainer_or_model, *, backend="auto", linear_impl="auto", truncated_sup
     Returns its argument.  Call it after constructing the trainer and before ``train()``.  Raises
     ``RuntimeError`` on TRL releases without the protocol, ``TypeError`` on a trainer that does not
     use TRL's fused head (there is nothing to switch).
-    On TRL releases whose ``DPOTrainer`` / ``KTOTrainer`` compute their own log-probs
-    (``concatenated_forward``, TRL 0.24), the trainer goes to :func:`.trl_legacy.legacy_apply`
-    (decided by what the trainer class looks like, not by its version).
+    On TRL releases whose ``DPOTrainer`` / ``KTOTrainer`` compute their own log-probs, the trainer goes
+    to :func:`.trl_legacy.legacy_apply` (``concatenated_forward``, TRL 0.24) or to
+    :func:`.trl_inline.inline_apply` (logits formed in ``_compute_loss``, TRL 1.9–1.14), decided by what
+    the trainer class looks like, not by its version.
     """
     if not isinstance(trainer_or_model, torch.nn.Module) and is_legacy_trainer(trainer_or_model):
         return legacy_apply(trainer_or_model, backend=backend, linear_impl=linear_impl)
+    if not isinstance(trainer_or_model, torch.nn.Module) and is_inline_trainer(trainer_or_model):
+        inline_apply = _dispatch.entry("inline_apply")  # .trl_inline builds on this module
+        return inline_apply(trainer_or_model, backend=backend, linear_impl=linear_impl)
     check_trl_version()
     if isinstance(trainer_or_model, torch.nn.Module):
         if truncated_support:

@@ -115,7 +115,8 @@ def _log_metrics(self, mode, batch, flags, kl, result, captured):
     entropy = gather((tokens.entropy * mask).sum()).sum()
     metrics["entropy"].append((entropy / n_tokens).item() if n_tokens > 0 else 0.0)
     if mode == "train":
-        self._total_train_tokens += gather(batch["attention_mask"].sum()).sum().item() // self._tp_size
+        tp_size = getattr(self, "_tp_size", 1)  # TRL 1.9-1.14's trainers (.trl_inline) have no tensor-parallel count
+        self._total_train_tokens += gather(batch["attention_mask"].sum()).sum().item() // tp_size
     metrics["num_tokens"] = [self._total_train_tokens]
     for name, rows in (("chosen", flags), ("rejected", ~flags)):
         row_mask = mask & rows[:, None]

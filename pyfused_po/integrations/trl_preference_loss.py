@@ -255,7 +255,8 @@ def _log_token_metrics(trainer, mode, tokens, labels, inputs):
     n_chosen = gather(chosen_mask.sum()).sum()
     trainer._metrics[mode]["mean_token_accuracy"].append((correct / n_chosen).item() if n_chosen > 0 else 0.0)
     if mode == "train":
-        trainer._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // trainer._tp_size
+        tp_size = getattr(trainer, "_tp_size", 1)  # TRL 1.9-1.14's trainers (.trl_inline) have no tensor-parallel count
+        trainer._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // tp_size
     trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
 
 
