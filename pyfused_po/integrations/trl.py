@@ -143,11 +143,11 @@ def patch_model(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=N
     check_trl_version()
     return install_fused_head(model, outputs=outputs, temperature=temperature,
                               cast_lm_head_to_fp32=cast_lm_head_to_fp32, backend=backend, linear_impl=linear_impl,
-                              autocast=autocast)
+                              autocast=autocast, truncation=truncation)
 
 
 def install_fused_head(model, *, outputs=None, temperature=None, cast_lm_head_to_fp32=None, backend="auto",
-                       linear_impl="auto", autocast=None):
+                       linear_impl="auto", autocast=None, truncation=None):
     """:func:`patch_model` without the check that the installed TRL has the fused-LM-head protocol:
     also for TRL releases whose trainers form the logits themselves (:mod:`.trl_inline` gives their
     steps this call).  Where TRL lacks ``FusedCausalLMOutput`` the result is a :class:`FusedHeadOutput`
