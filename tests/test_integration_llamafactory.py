@@ -4,7 +4,8 @@
 Runs where LLaMA-Factory's trainer modules import: next to TRL 0.24 (its pin is
 ``trl>=0.18,<=0.24``, so TRL 0.24's environment, README "Older TRL (0.24)") with the
 ``llamafactory`` wheel and ``omegaconf`` installed ``--no-deps`` on ``PYTHONPATH`` (.ci/run does
-this); elsewhere the module skips.  Two stand-ins, both outside what is compared: the version check
+this, with ``PYFUSED_PO_REQUIRE_LLAMAFACTORY=1`` so that a failed import fails); elsewhere the
+module skips.  Two stand-ins, both outside what is compared: the version check
 is off (``DISABLE_VERSION_CHECK=1``: LLaMA-Factory asks for ``datasets<=4``, TRL 0.24's
 environment has 5.0.1), and where ``torchaudio`` is absent (no wheel exists for torch 2.13) an empty
 module takes its name (LLaMA-Factory imports it at module level, for audio inputs only).
@@ -32,6 +33,8 @@ try:
     from llamafactory.train.dpo.trainer import CustomDPOTrainer
     from llamafactory.train.kto.trainer import CustomKTOTrainer
 except ImportError as exc:  # absent, or TRL too new for it
+    if os.environ.get("PYFUSED_PO_REQUIRE_LLAMAFACTORY"):  # CI's LLaMA-Factory step: a skip would hide a failure
+        raise
     pytest.skip(f"LLaMA-Factory's trainers do not import here ({exc})", allow_module_level=True)
 import torch  # noqa: E402
 
