@@ -4,9 +4,10 @@ Where axolotl's ``axolotl.integrations.base`` imports (axolotl 0.19's wheel ``--
 ``addict`` on ``PYTHONPATH``, as .ci/run installs them), the plugin is loaded by its dotted name
 through axolotl's own ``PluginManager`` and must subclass its ``BasePlugin``; elsewhere it is the
 duck-typed class and its hooks are called directly.  The trainers are the installed TRL's own
-``DPOTrainer`` / ``KTOTrainer`` (axolotl's ``AxolotlDPOTrainer`` / ``AxolotlKTOTrainer`` subclass
-them without touching how they score tokens; axolotl's trainer modules need numba and more, so
-they are not imported here).  TRL >= 1.15 or 0.24: whatever routing ``integrations.trl.apply``
+``DPOTrainer`` / ``KTOTrainer`` / ``CPOTrainer`` (axolotl's ``AxolotlDPOTrainer`` /
+``AxolotlKTOTrainer`` / ``AxolotlCPOTrainer`` subclass them without touching how they score tokens;
+axolotl's trainer modules need numba and more, so they are not imported here; ORPO's parity is in
+tests/test_integration_trl_orpo_cpo.py).  TRL >= 1.15 or 0.24: whatever routing ``integrations.trl.apply``
 has for the installed TRL is what the plugin gets; TRL 1.9 (axolotl 0.19's pin) is not installed here.
 Each run compares one step's loss and gradients with the plain trainer's.
 """
@@ -21,6 +22,7 @@ datasets = pytest.importorskip("datasets")
 import torch  # noqa: E402
 
 from _hf_tiny import preference_rows, tiny_model, tiny_tokenizer  # noqa: E402
+from _trl_odds_ratio import odds_ratio_trainer  # noqa: E402
 
 from pyfused_po.integrations.axolotl import PyfusedPOPlugin  # noqa: E402
 
@@ -72,13 +74,12 @@ class _RLType(str):
         return str(self)
 
 
-@pytest.mark.parametrize("rl, match", [("orpo", "ORPOTrainer"), ("simpo", "CPOTrainer"), (None, "SFT trainer"),
-                                       ("grpo", "does not compute")])
+@pytest.mark.parametrize("rl, match", [(None, "SFT trainer"), ("grpo", "does not compute")])
 def test_refuses_runs_it_cannot_switch(plugin, rl, match):
     with pytest.raises(ValueError, match=match) as info:
         plugin.pre_model_load(DictDefault(rl=rl))
     assert "Remove the plugin" in str(info.value)
-    for accepted in ("dpo", "ipo", "kto", _RLType("dpo")):
+    for accepted in ("dpo", "ipo", "kto", "orpo", "simpo", _RLType("dpo")):
         plugin.pre_model_load(DictDefault(rl=accepted))
 
 
@@ -102,6 +103,11 @@ def _kto(tmp_path, name):
                       train_dataset=datasets.Dataset.from_list(rows))
 
 
+def _simpo(tmp_path, name):
+    """axolotl's rl: simpo builds a CPOTrainer subclass with loss_type="simpo"."""
+    return odds_ratio_trainer(tmp_path / name, "CPO", loss_type="simpo", cpo_alpha=0.5)
+
+
 def _loss_and_grads(trainer):
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.zero_grad(set_to_none=True)
@@ -116,11 +122,12 @@ def _is_switched(trainer):
     from pyfused_po.integrations.trl_head import head_owner
     from pyfused_po.integrations.trl_patch_state import PATCH_MARK
 
-    return bool({"concatenated_forward", "forward"} & set(vars(trainer))) or PATCH_MARK in vars(head_owner(trainer.model))
+    replaced = {"concatenated_forward", "forward"} & set(vars(trainer))
+    return bool(replaced) or PATCH_MARK in vars(head_owner(trainer.model))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rl, build", [("ipo", _dpo), ("kto", _kto)])
+@pytest.mark.parametrize("rl, build", [("ipo", _dpo), ("kto", _kto), ("simpo", _simpo)])
 def test_run_is_switched(tmp_path, plugin, rl, build):
     cfg = DictDefault(rl=rl)
     plugin.pre_model_load(cfg)

@@ -105,7 +105,8 @@ def _step(trainer, batch):
     trainer.model.zero_grad(set_to_none=True)
     loss, metrics = trainer.get_batch_loss_metrics(trainer.model, dict(batch))
     loss.backward()
-    return loss.detach(), metrics, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), metrics, grads
 
 
 def _compare(trainer, batch, backend="torch"):

@@ -2,7 +2,7 @@
 
 In an axolotl YAML::
 
-    rl: dpo            # or ipo, kto
+    rl: dpo            # or ipo, kto, orpo, simpo
     plugins:
       - pyfused_po.integrations.axolotl.PyfusedPOPlugin
 
@@ -11,20 +11,21 @@ axolotl loads the plugin by that dotted name and calls its hooks (``axolotl.inte
 
 * ``pre_model_load(cfg)``, before the model is loaded: a run this plugin cannot switch is
   refused there, by name, rather than after the model has loaded;
-* ``post_trainer_create(cfg, trainer)``, on the built trainer: :func:`pyfused_po.integrations.trl.apply`,
-  which picks the switch from what the trainer class looks like (TRL >= 1.15's fused-LM-head
-  protocol; TRL 0.24's ``concatenated_forward``; TRL 1.9 to 1.14, axolotl 0.19's pin, as far as
-  that routing covers them) and raises a named error for a layout it does not know.
+* ``post_trainer_create(cfg, trainer)``, on the built trainer: for ``rl: dpo | ipo | kto``
+  :func:`pyfused_po.integrations.trl.apply`, which picks the switch from what the trainer class
+  looks like (TRL >= 1.15's fused-LM-head protocol; TRL 0.24's ``concatenated_forward``; TRL 1.9 to
+  1.14, axolotl 0.19's pin, as far as that routing covers them) and raises a named error for a
+  layout it does not know; for ``rl: orpo | simpo`` :func:`.trl_orpo_cpo.switch`.
 
 axolotl's ``rl: dpo`` and ``rl: ipo`` build ``AxolotlDPOTrainer`` (a ``trl.DPOTrainer``), ``rl: kto``
-``AxolotlKTOTrainer`` (a ``trl.KTOTrainer``).  ``rl: orpo`` and ``rl: simpo`` build TRL's
-experimental ``ORPOTrainer`` / ``CPOTrainer``, which form logits in a ``concatenated_forward`` of
-their own that pyfused_po does not replace: refused.  So are runs without ``rl`` (axolotl's SFT
-trainer is a Transformers ``Trainer``, not TRL's) and the online ones (``grpo``, ...).
+``AxolotlKTOTrainer`` (a ``trl.KTOTrainer``), ``rl: orpo`` / ``rl: simpo`` subclasses of TRL's
+experimental ``ORPOTrainer`` / ``CPOTrainer``.  Runs without ``rl`` (axolotl's SFT trainer is a
+Transformers ``Trainer``, not TRL's) and the online ones (``grpo``, ...) are refused.
 
 axolotl is not a dependency: without it the plugin is a plain class with the same hooks.
 """
 from .trl import apply
+from .trl_orpo_cpo import is_orpo_cpo_trainer, switch
 
 __all__ = ["PyfusedPOPlugin", "SWITCHED_RL"]
 
@@ -34,11 +35,7 @@ except ImportError:
     _Base = object
 
 # axolotl's `rl:` values whose trainer pyfused_po switches (axolotl 0.19, utils/schemas/enums.RLType).
-SWITCHED_RL = ("dpo", "ipo", "kto")
-_NOT_SWITCHED = {
-    "orpo": "TRL's experimental ORPOTrainer, which forms logits in its own concatenated_forward",
-    "simpo": "TRL's experimental CPOTrainer, which forms logits in its own concatenated_forward",
-}
+SWITCHED_RL = ("dpo", "ipo", "kto", "orpo", "simpo")
 
 
 def _rl(cfg):
@@ -48,19 +45,21 @@ def _rl(cfg):
 
 
 class PyfusedPOPlugin(_Base):
-    """axolotl plugin: ``post_trainer_create`` switches the trainer of an ``rl: dpo | ipo | kto``
-    run with :func:`pyfused_po.integrations.trl.apply`; ``pre_model_load`` refuses other runs."""
+    """axolotl plugin: ``post_trainer_create`` switches the trainer of an ``rl: dpo | ipo | kto | orpo |
+    simpo`` run; ``pre_model_load`` refuses other runs."""
 
     def pre_model_load(self, cfg):
         rl = _rl(cfg)
         if rl in SWITCHED_RL:
             return
-        what = _NOT_SWITCHED.get(rl, "a run without rl: (axolotl's SFT trainer)" if rl is None
-                                 else f"a trainer whose log-probs pyfused_po does not compute")
+        what = "axolotl's SFT trainer" if rl is None else "a trainer whose log-probs pyfused_po does not compute"
         raise ValueError(f"pyfused_po.integrations.axolotl.PyfusedPOPlugin switches axolotl runs with rl: "
                          f"{' | '.join(SWITCHED_RL)}; this config has rl: {rl} ({what}). Remove the plugin "
                          f"from `plugins:` for this run")
 
     def post_trainer_create(self, cfg, trainer):
         self.pre_model_load(cfg)  # a config changed after loading, or a caller skipping that hook
-        apply(trainer)
+        if is_orpo_cpo_trainer(trainer):
+            switch(trainer)
+        else:
+            apply(trainer)

@@ -80,7 +80,8 @@ def _checked_stage(trainer):
                         f"log-prob method); {name} is neither")
     missing = [a for a in _STATE[stage] if not hasattr(trainer, a)]
     if missing:
-        raise TypeError(f"{name} lacks {missing}, which LLaMA-Factory 0.9's trainer sets; its layout is unknown to {_WHO}")
+        raise TypeError(f"{name} lacks {missing}, which LLaMA-Factory 0.9's trainer sets; its layout is unknown "
+                        f"to {_WHO}")
     if trainer.is_encoder_decoder:
         raise ValueError(f"{_WHO} cannot reproduce {name}'s step on an encoder-decoder model "
                          "(is_encoder_decoder=True); leave this trainer unswitched")

@@ -30,9 +30,7 @@ Everything downstream (``pref_loss`` sigmoid / hinge / ipo / kto_pair / orpo / s
 """
 import torch
 
-from ..linear_token_logprobs import linear_token_logprobs
-from .logit_sums import vocab_logit_sums
-from .trl_legacy_head import run_head
+from .logit_sums import scored_rows
 
 __all__ = ["IGNORE_INDEX", "dpo_concatenated_forward", "kto_forward"]
 
@@ -53,23 +51,6 @@ def _check_inputs(batch, allowed):
     other = sorted(set(batch) - set(allowed))
     if other:
         raise ValueError(f"{_WHO} scores text-only batches of a causal LM; this batch also has {other}")
-
-
-def _scores(model, inputs, labels, backend, impl, metric):
-    """``(per-token log-probs [R, T], per-position logit stats [R, T])`` of one padded batch:
-    the log-prob of label ``t`` from hidden row ``t - 1`` (0 where ``labels`` is -100 and at
-    ``t = 0``), and each position's Σ_v logits (``metric="sum"``) or mean (``"mean"``)."""
-
-    def stage(hidden, targets, weight, bias, transform):
-        logps = linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, shift=True,
-                                      backend=backend, impl=impl, **transform)
-        sums = vocab_logit_sums(hidden, weight, bias, transform, _WHO)
-        return logps, sums / weight.shape[0] if metric == "mean" else sums
-
-    def head(causal_lm, hidden):
-        return run_head(causal_lm, hidden, labels, stage)
-
-    return model(**inputs, use_cache=False, pyfused_po_head=head)
 
 
 def _sums(per_token, labels, ld_alpha=None):
@@ -93,7 +74,7 @@ def dpo_concatenated_forward(self, model, batch, is_ref_model=False, *, backend,
     labels = batch.pop("labels")
     _check_inputs(batch, _TEXT_INPUTS)
     inputs = {k: batch[k] for k in _TEXT_INPUTS if k in batch}
-    per_token, means = _scores(model, inputs, labels, backend, impl, "mean")
+    per_token, means = scored_rows(model, inputs, labels, backend=backend, impl=impl, metric="mean", who=_WHO)
     all_logps, valid_length = _sums(per_token, labels, None if is_ref_model else self.ld_alpha)
     if self.loss_type in _AVERAGED:
         all_logps = all_logps / valid_length
@@ -109,6 +90,6 @@ def kto_forward(self, model, batch, prefix="", *, backend, impl):
     _check_inputs(batch, _KTO_KEYS)
     labels = batch[f"{prefix}labels"]
     inputs = {k: batch[prefix + k] for k in _KTO_INPUTS if prefix + k in batch}
-    per_token, sums = _scores(model, inputs, labels, backend, impl, "sum")
+    per_token, sums = scored_rows(model, inputs, labels, backend=backend, impl=impl, metric="sum", who=_WHO)
     logps, valid_length = _sums(per_token, labels)
     return sums, logps, logps / valid_length
