@@ -24,14 +24,10 @@ Two ways to switch it on:
 Refused by name: encoder-decoder models, vision-language batches, a logit softcap (the
 ``logits/*`` metrics use a linear head's column sums), a subclass that redefines the method.
 """
-import functools
 import importlib
-import types
-
-import torch
 
 from .llamafactory_forward import dpo_concatenated_forward, kto_forward
-from .trl_legacy_head import install_forward
+from .trl_legacy_head import replace_method
 
 __all__ = ["TRAINERS", "apply", "enable", "is_llamafactory_trainer"]
 
@@ -96,14 +92,7 @@ def apply(trainer, *, backend="auto", linear_impl="auto"):
     Raises ``TypeError`` for another trainer, ``ValueError`` for a model it cannot reproduce."""
     stage = _checked_stage(trainer)
     _, _, method, replacement = TRAINERS[stage]
-    accelerator = getattr(trainer, "accelerator", None)
-    autocast = accelerator.autocast if accelerator is not None else None
-    for model in (trainer.model, getattr(trainer, "ref_model", None)):
-        if isinstance(model, torch.nn.Module):
-            install_forward(model, autocast)
-    setattr(trainer, method, types.MethodType(functools.partial(replacement, backend=backend, impl=linear_impl),
-                                              trainer))
-    return trainer
+    return replace_method(trainer, method, replacement, backend=backend, impl=linear_impl)
 
 
 def enable(*, backend="auto", linear_impl="auto"):

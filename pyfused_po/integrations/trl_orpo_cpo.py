@@ -20,12 +20,11 @@ the logits' place it returns each position's mean logit (:mod:`.logit_sums`).  R
 encoder-decoder models, the MoE router loss, a chosen position whose two labels differ.
 """
 import functools
-import types
 
 import torch
 
 from .logit_sums import scored_rows
-from .trl_legacy_head import install_forward
+from .trl_legacy_head import replace_method
 
 __all__ = ["is_orpo_cpo_trainer", "switch"]
 
@@ -86,7 +85,7 @@ def _concatenated_forward(self, model, batch, *, kind, backend, impl):
 
 def switch(trainer, *, backend="auto", linear_impl="auto"):
     """Replace ``trainer.concatenated_forward`` (TRL's ``ORPOTrainer`` / ``CPOTrainer``) by the fused one,
-    and let its model answer the fused call (:func:`.trl_legacy_head.install_forward`).  Returns the
+    and let its model answer the fused call (:func:`.trl_legacy_head.replace_method`).  Returns the
     trainer; ``TypeError`` for another trainer, ``ValueError`` for settings it cannot reproduce."""
     kind = _kind(trainer)
     if kind is None:
@@ -96,8 +95,5 @@ def switch(trainer, *, backend="auto", linear_impl="auto"):
                                      ("the MoE router auxiliary loss", trainer.aux_loss_enabled)) if on]
     if refused:
         raise ValueError(f"{_WHO} cannot reproduce {type(trainer).__name__}'s step with {'; '.join(refused)}")
-    accelerator = getattr(trainer, "accelerator", None)
-    install_forward(trainer.model, accelerator.autocast if accelerator is not None else None)
-    replacement = functools.partial(_concatenated_forward, kind=kind, backend=backend, impl=linear_impl)
-    trainer.concatenated_forward = types.MethodType(replacement, trainer)
-    return trainer
+    return replace_method(trainer, "concatenated_forward", functools.partial(_concatenated_forward, kind=kind),
+                          backend=backend, impl=linear_impl)
