@@ -64,6 +64,14 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="router"):
         switch(trainer)
     assert "concatenated_forward" not in vars(trainer)
+    trainer.aux_loss_enabled = False
+    switch(trainer, backend="torch")
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["chosen_labels"].clone()
+    scored = labels != -100
+    labels[scored] = (labels[scored] + 1) % trainer.model.config.vocab_size  # no longer the input tokens
+    with pytest.raises(ValueError, match="two scorings"):
+        trainer.concatenated_forward(trainer.model, dict(batch, chosen_labels=labels))
     with pytest.raises(TypeError, match="ORPOTrainer"):
         switch(object())
     trainer_cls, _ = trainer_classes("CPO")

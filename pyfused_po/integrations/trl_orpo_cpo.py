@@ -58,14 +58,13 @@ def _concatenated_forward(self, model, batch, *, kind, backend, impl):
     n = batch["chosen_labels"].shape[0]
     input_ids, attention_mask = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
     labels = cat["concatenated_labels"]
-    if kind == "ORPOTrainer":  # ORPO's NLL: every attended token of the chosen rows
-        nll_labels = torch.where(attention_mask[:n] == 1, input_ids[:n], -100)
-    else:
-        nll_labels = labels[:n]
     chosen = labels[:n]
-    if bool(((chosen != -100) & (nll_labels != -100) & (chosen != nll_labels)).any()):
-        raise ValueError(f"{_WHO}: a chosen position has a label other than its input token; the NLL and the "
-                         "log-probs would need two scorings")
+    nll_labels = chosen
+    if kind == "ORPOTrainer":  # ORPO's NLL: every attended token of the chosen rows (CPO's: `chosen`)
+        nll_labels = torch.where(attention_mask[:n] == 1, input_ids[:n], -100)
+        if bool(((chosen != -100) & (nll_labels != -100) & (chosen != nll_labels)).any()):
+            raise ValueError(f"{_WHO}: a chosen position has a label other than its input token; ORPO's NLL and "
+                             "its log-probs would need two scorings")
     targets = torch.cat((torch.where(chosen != -100, chosen, nll_labels), labels[n:]))
     per_token, means = scored_rows(model, dict(input_ids=input_ids, attention_mask=attention_mask), targets,
                                    backend=backend, impl=impl, metric="mean", who=_WHO)
