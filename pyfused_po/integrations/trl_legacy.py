@@ -35,14 +35,12 @@ Refused, with a named error: encoder-decoder models, vision inputs (``pixel_valu
 router auxiliary loss, ``use_liger_loss`` (Liger's own fused loss, which never calls
 ``concatenated_forward``), ``use_weighting`` with ``padding_free`` (TRL 0.24 fails on it).
 """
-import functools
 import inspect
-import types
 
 import torch
 
 from ..linear_token_logprobs import linear_token_logprobs
-from .trl_legacy_head import common_refusals, install_forward, method_layout, run_head
+from .trl_legacy_head import common_refusals, method_layout, replace_method, run_head
 from .trl_legacy_kto import KTO_STATE, kto_forward, kto_layout, kto_refusals
 
 __all__ = ["is_legacy_trainer", "legacy_apply"]
@@ -239,11 +237,4 @@ def legacy_apply(trainer, *, backend="auto", linear_impl="auto"):
     the trainer and before ``train()``.  Raises ``TypeError`` for another layout, ``ValueError``
     for settings it cannot reproduce."""
     method, replacement = _checked_layout(trainer)
-    accelerator = getattr(trainer, "accelerator", None)
-    autocast = accelerator.autocast if accelerator is not None else None
-    for model in (trainer.model, getattr(trainer, "ref_model", None)):
-        if isinstance(model, torch.nn.Module):
-            install_forward(model, autocast)
-    setattr(trainer, method, types.MethodType(functools.partial(replacement, backend=backend, impl=linear_impl),
-                                              trainer))
-    return trainer
+    return replace_method(trainer, method, replacement, backend=backend, impl=linear_impl)

@@ -18,7 +18,7 @@ from .hf import backbone, lm_head_transform, with_lm_head
 from .lora_head import lora_head_operands
 from .trl_head import head_owner, require_causal_lm
 
-__all__ = ["LEGACY_MARK", "install_forward", "run_head", "common_refusals", "method_layout"]
+__all__ = ["LEGACY_MARK", "install_forward", "replace_method", "run_head", "common_refusals", "method_layout"]
 
 # Marks a causal LM whose forward answers ``pyfused_po_head=``; holds the forward it wrapped.
 LEGACY_MARK = "_pyfused_po_legacy_forward"
@@ -49,6 +49,20 @@ def install_forward(model, autocast):
 
     target.forward = types.MethodType(forward, target)
     setattr(target, LEGACY_MARK, previous)
+
+
+def replace_method(trainer, method, replacement, *, backend, impl):
+    """Switch ``trainer``: :func:`install_forward` on its ``model`` and ``ref_model`` (when it has one;
+    with the trainer's ``accelerator.autocast``), then ``trainer.<method>`` becomes ``replacement``
+    bound to it with ``backend=``, ``impl=``.  Returns the trainer."""
+    accelerator = getattr(trainer, "accelerator", None)
+    autocast = accelerator.autocast if accelerator is not None else None
+    for model in (trainer.model, getattr(trainer, "ref_model", None)):
+        if isinstance(model, torch.nn.Module):
+            install_forward(model, autocast)
+    bound = types.MethodType(functools.partial(replacement, backend=backend, impl=impl), trainer)
+    setattr(trainer, method, bound)
+    return trainer
 
 
 def run_head(causal_lm, hidden, labels, stage):

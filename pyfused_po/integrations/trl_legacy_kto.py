@@ -11,12 +11,13 @@ those rows, prompt and padding positions included.
 :func:`kto_forward` returns the same log-probs from :func:`pyfused_po.linear_token_logprobs`
 (logits formed one chunk of completion tokens at a time) and, in the logits' place, each
 position's sum over the vocabulary, ``Σ_v (h·W_v + b_v) · scale = h · (Σ_v W_v) · scale + Σ b · scale``:
-one ``[D]`` vector per step instead of ``[rows, seq, vocab]`` logits, with the same ``nansum``.
-That identity needs a linear head, so a model with a logit softcap (Gemma 2/3) is refused.
+one ``[D]`` vector per step instead of ``[rows, seq, vocab]`` logits, with the same ``nansum``
+(:mod:`.logit_sums`).  That identity needs a linear head, so a model with a logit softcap (Gemma 2/3) is refused.
 """
 import torch
 
 from ..linear_token_logprobs import linear_token_logprobs
+from .logit_sums import vocab_logit_sums
 from .trl_legacy_head import common_refusals, method_layout, run_head
 
 __all__ = ["KTO_STATE", "kto_layout", "kto_refusals", "kto_forward"]
@@ -42,17 +43,9 @@ def _completion_scores(trainer, model, input_ids, attention_mask, labels, backen
     ignore = trainer.label_pad_token_id
 
     def stage(hidden, targets, weight, bias, transform):
-        if transform["softcap"] is not None:
-            raise ValueError("pyfused_po.integrations.trl_legacy reproduces KTOTrainer's logits/*_sum metrics "
-                             "through a linear head; this model's config has a final logit softcap")
+        sums = vocab_logit_sums(hidden, weight, bias, transform, "pyfused_po.integrations.trl_legacy")
         logps = linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore, shift=True,
                                       backend=backend, impl=impl, **transform)
-        with torch.no_grad():  # Σ_v logits at each position, in float64 then float32 (a metric only)
-            column = weight.detach().double().sum(0)
-            sums = hidden.detach().double() @ column
-            if bias is not None:
-                sums = sums + bias.detach().double().sum()
-            sums = (sums * transform["logit_scale"]).float()
         return logps, sums
 
     def head(causal_lm, hidden):
