@@ -30,13 +30,10 @@ JSON and saves a plot under ``--out``.
 """
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+
+from pyfused_po.testing import example_runs
 
 RUNS = {
     "plackett_luce": "Plackett–Luce (listwise)",
@@ -45,16 +42,7 @@ RUNS = {
 }
 DEFAULT_RUNS = ("plackett_luce", "sigmoid")
 K = 4  # responses per prompt in the shipped file
-
-
-def _peak_rss_mb():
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
-
-
-def _cpu_s():
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+STEM = "listwise_smollm2"  # of the JSON and PNG written under --out
 
 
 def group_loss(model, ref_model, batch, *, loss_type, beta, backend="auto"):
@@ -122,28 +110,15 @@ def train_one(loss_type, args):
     ref_model.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     records = []
-    cpu_start, start = _cpu_s(), time.perf_counter()
+    cpu_start, start = example_runs.cpu_s(), time.perf_counter()
     for step, groups in enumerate(batches(ranked.ranked_groups(), args.steps, args.groups), start=1):
         batch = ranked.group_batch(tokenizer, groups)
         out = train_step(model, ref_model, optimizer, batch, loss_type=loss_type, beta=args.beta)
         records.append(dict(step_record(step, out), tokens=int(batch[2].sum())))
         print(f"  [{loss_type}] step {step}: loss {records[-1]['loss']:.6f}", flush=True)
-    wall, cpu = time.perf_counter() - start, _cpu_s() - cpu_start
+    wall, cpu = time.perf_counter() - start, example_runs.cpu_s() - cpu_start
     return dict(loss_type=loss_type, label=RUNS[loss_type], steps=records, train_s=wall, train_cpu_s=cpu,
-                peak_rss_mb=_peak_rss_mb(), threads=torch.get_num_threads())
-
-
-def run_in_subprocess(loss_type, args):
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        # On a CPU the Triton interpreter is a debugging tool, far too slow to train with:
-        # pyfused_po's "auto" backend then picks its chunked PyTorch backend.
-        env.pop("TRITON_INTERPRET", None)
-        cmd = [sys.executable, __file__, "--worker", loss_type, "--result", str(result), "--steps", str(args.steps),
-               "--groups", str(args.groups), "--lr", str(args.lr), "--beta", str(args.beta)]
-        subprocess.run(cmd, env=env, check=True)
-        return json.loads(result.read_text())
+                peak_rss_mb=example_runs.peak_rss_mb(), threads=torch.get_num_threads())
 
 
 def print_table(results):
@@ -209,11 +184,7 @@ def main(argv=None):
     parser.add_argument("--groups", type=int, default=2, help=f"groups of {K} responses per step (default 2)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--out", default=str(Path(__file__).with_name("output")),
-                        help="folder for listwise_smollm2.json and listwise_smollm2.png (default examples/output)")
-    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
-    parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    example_runs.add_run_arguments(parser, __file__, RUNS, DEFAULT_RUNS, STEM)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.groups < 1:
         parser.error(f"--steps and --groups must be ≥ 1, got {args.steps} and {args.groups}")
@@ -221,25 +192,11 @@ def main(argv=None):
         Path(args.result).write_text(json.dumps(train_one(args.worker, args)))
         return
 
-    names = [m.strip() for m in args.runs.split(",") if m.strip()]
-    unknown = sorted(set(names) - set(RUNS))
-    if unknown or not names:
-        parser.error(f"--runs: unknown {unknown or names}; choose from {list(RUNS)}")
-    from pyfused_po.testing import smollm2
-
-    reason = smollm2.unavailable_reason()
-    if reason is not None:
-        sys.exit(f"error: {reason}")
-    results = []
-    for loss_type in names:
-        print(f"[{loss_type}] {RUNS[loss_type]} ...", flush=True)
-        results.append(run_in_subprocess(loss_type, args))
+    names = example_runs.selected_runs(parser, args, RUNS)
+    results = example_runs.run_each(__file__, names, RUNS, ["--steps", args.steps, "--groups", args.groups,
+                                                            "--lr", args.lr, "--beta", args.beta])
     print_table(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "listwise_smollm2.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "listwise_smollm2.png", args)
-    print(f"\nwrote {out / 'listwise_smollm2.json'} and {out / 'listwise_smollm2.png'}")
+    example_runs.save(results, args.out, STEM, lambda path: plot(results, path, args))
 
 
 if __name__ == "__main__":

@@ -230,3 +230,32 @@ def test_real_step_matches_float64_full_logits(example, real_model):
         expected = _reference_loss(policy, model, batch, "plackett_luce", beta)
     assert abs(float(expected) - math.log(24)) > 1e-3  # the step moved the policy
     assert float(second.loss) == pytest.approx(float(expected), abs=2e-5)
+
+
+def _results(example):
+    def steps(offset):
+        return [{"step": i + 1, "loss": 3.17 - 0.05 * i + offset, "accuracy": 0.25 * i, "margin": 0.01 * i,
+                 "rank_rewards": [0.03 * i, 0.01 * i, -0.01 * i, -0.03 * i], "tokens": 400} for i in range(3)]
+    return [dict(loss_type=name, label=example.RUNS[name], steps=steps(offset), train_s=60.0, train_cpu_s=50.0,
+                 peak_rss_mb=3000.0, threads=2) for name, offset in (("plackett_luce", 0.0), ("sigmoid", -2.4))]
+
+
+def test_report_and_plot(example, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    results = _results(example)
+    example.print_table(results)
+    out = capsys.readouterr().out
+    assert "plackett_luce" in out and "sigmoid" in out and "rank 3" in out
+    assert f"{0.5:>16.6f}" in out and f"{-0.06:>12.5f}" in out  # step 3: accuracy 0.25 · 2, rank 3 reward
+
+    class Args:
+        steps, groups, lr, beta = 3, 2, 2e-5, 0.1
+
+    path = tmp_path / "plot.png"
+    fig = example.plot(results, path, Args)
+    assert path.stat().st_size > 10_000
+    ax_loss, ax_acc, ax_rank = fig.axes
+    assert len(ax_rank.patches) == 2 * 4  # one bar per run and rank
+    for ax in (ax_loss, ax_acc):  # steps are whole numbers: no 1.25, 1.50, ... ticks
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
