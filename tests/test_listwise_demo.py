@@ -260,3 +260,31 @@ def test_report_and_plot(example, tmp_path, capsys):
     for ax in (ax_loss, ax_acc):  # steps are whole numbers: no 1.25, 1.50, ... ticks
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_builder_redraws_tied_samples_and_scores_by_the_rule(monkeypatch):
+    """examples/build_ranked_data.py with the model's answers stubbed: a sample whose score ties the
+    greedy answer's is redrawn with the next seed; a prompt tied on every attempt is left out."""
+    spec = importlib.util.spec_from_file_location("build_ranked_data", EXAMPLE.with_name("build_ranked_data.py"))
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    pairs = [dict(prompt="p0", chosen="red is a color", rejected="no"),
+             dict(prompt="p1", chosen="two plus two is four", rejected="five"),
+             dict(prompt="p2", chosen="blue", rejected="green")]
+    answers = {None: {"p0": "red", "p1": "four", "p2": "blue sky"},
+               builder.SEED: {"p0": "red", "p1": "it is four", "p2": "sky blue"},  # p0, p2 tie the greedy score
+               builder.SEED + 1: {"p0": "a red color", "p2": "sky blue"}}  # p2 ties again
+
+    def fake_generate(model, tokenizer, prompts, *, seed=None):
+        return [(answers[seed][p], seed is not None) for p in prompts]
+
+    monkeypatch.setattr(builder, "generate", fake_generate)
+    groups = builder.build(None, None, pairs, attempts=2)
+    assert [g["prompt"] for g in groups] == ["p0", "p1"]
+    for group, pair in zip(groups, pairs):
+        by_source = {r["source"]: r for r in group["responses"]}
+        assert by_source["chosen"]["score"] == 3.0 and by_source["rejected"]["score"] == 0.0
+        for source in ("greedy", "sampled"):
+            assert by_source[source]["score"] == pytest.approx(_rule_score(by_source[source]["text"], pair["chosen"]))
+    assert [r["text"] for r in groups[0]["responses"]] == ["red is a color", "red", "a red color", "no"]
+    assert groups[0]["responses"][2]["seed"] == builder.SEED + 1 and groups[1]["responses"][2]["seed"] == builder.SEED
