@@ -288,3 +288,14 @@ def test_builder_redraws_tied_samples_and_scores_by_the_rule(monkeypatch):
             assert by_source[source]["score"] == pytest.approx(_rule_score(by_source[source]["text"], pair["chosen"]))
     assert [r["text"] for r in groups[0]["responses"]] == ["red is a color", "red", "a red color", "no"]
     assert groups[0]["responses"][2]["seed"] == builder.SEED + 1 and groups[1]["responses"][2]["seed"] == builder.SEED
+
+
+def test_example_runs_lipo_lambda(example):
+    """``--runs lipo_lambda`` (LiPO-λ's formula is checked in the listwise loss tests): the example's
+    path accepts it, gives a finite positive loss and sends gradient into the backbone."""
+    policy = _tiny_llama(0)
+    out = example.group_loss(policy, _tiny_llama(1), _tiny_batch(), loss_type="lipo_lambda", beta=2.0,
+                             backend="torch")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and float(out.loss.detach()) > 0
+    assert float(policy.model.layers[0].mlp.up_proj.weight.grad.abs().sum()) > 0
