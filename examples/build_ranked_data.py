@@ -10,7 +10,8 @@ up to ``--attempts`` times; a prompt still tied after that is left out (none was
 shipped file).
 
 All prompts generate as one left-padded batch (per attempt), so the file is deterministic on
-the same torch / transformers versions.  About 5 minutes on two busy cores.
+the same torch / transformers versions.  It took 19 minutes on a shared 2-core machine
+(load average about 12).
 
     python examples/build_ranked_data.py            # rewrites the shipped file
     python examples/build_ranked_data.py --out /tmp/ranked.jsonl

@@ -16,8 +16,9 @@ u = β·(ℓ − ℓʳ) is a response's implicit reward (ℓ its summed log-prob
 under the frozen reference model).  Each step runs the policy's backbone (the reference's
 without gradient) and hands the last hidden states and the tied LM head's weight to
 ``pyfused_po.listwise_stages.listwise_loss_from_hidden``: the ``[tokens, vocabulary]`` logits
-are never formed, for the policy or the reference.  AdamW, constant learning rate, gradient
-norm clipped at 1 (TRL's defaults); the groups are visited in a seeded shuffled order.
+are never formed, for the policy or the reference.  AdamW without weight decay and the gradient
+norm clipped at 1 (TRL's defaults), at a constant learning rate; the groups are visited in a
+seeded shuffled order.
 
 Each run is its own subprocess (its peak resident memory is its own).  The script prints per
 step the loss, the fraction of correctly ordered pairs (``rewards/accuracies``: the ordered
