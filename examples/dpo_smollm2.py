@@ -20,19 +20,18 @@ as JSON and saves a plot (loss and margin curves, memory bars) under ``--out``.
 """
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pyfused_po.testing import example_runs
 
 RUNS = {
     "trl": "TRL DPOTrainer (sigmoid)",
     "trl+pyfused_po": "TRL + pyfused_po.integrations.trl.apply",
     "hdpo": "H-DPO via use_preference_loss (α=0.9)",
 }
+STEM = "dpo_smollm2"  # of the JSON and PNG written under --out
 METRICS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
 
 
@@ -45,18 +44,6 @@ def _rss_mb():
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
-
-
-def _peak_rss_mb():
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
-
-
-def _cpu_s():
-    """CPU seconds this process has used, all threads (on a shared machine a steadier
-    measure of work than wall time)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _dataset(pairs):
@@ -97,26 +84,13 @@ def train_one(mode, args):
         loss_fn = FusedPreferenceLoss("hdpo", beta=args.beta, hdpo_alpha=0.9, **lm_head_transform(model))
         pyfused_trl.use_preference_loss(trainer, loss_fn)
     rss_before = _rss_mb()
-    cpu_start, start = _cpu_s(), time.perf_counter()
+    cpu_start, start = example_runs.cpu_s(), time.perf_counter()
     trainer.train()
-    wall, cpu = time.perf_counter() - start, _cpu_s() - cpu_start
+    wall, cpu = time.perf_counter() - start, example_runs.cpu_s() - cpu_start
     steps = [{k: row[k] for k in ("step", *METRICS) if k in row}
              for row in trainer.state.log_history if "loss" in row]
     return dict(mode=mode, label=RUNS[mode], steps=steps, train_s=wall, train_cpu_s=cpu, rss_before_train_mb=rss_before,
-                peak_rss_mb=_peak_rss_mb(), threads=torch.get_num_threads())
-
-
-def run_in_subprocess(mode, args):
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        # On a CPU the Triton interpreter is a debugging tool, far too slow to train with:
-        # pyfused_po's "auto" backend then picks its chunked PyTorch backend.
-        env.pop("TRITON_INTERPRET", None)
-        cmd = [sys.executable, __file__, "--worker", mode, "--result", str(result), "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--beta", str(args.beta)]
-        subprocess.run(cmd, env=env, check=True)
-        return json.loads(result.read_text())
+                peak_rss_mb=example_runs.peak_rss_mb(), threads=torch.get_num_threads())
 
 
 def print_table(results):
@@ -184,11 +158,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=4, help="preference pairs per step (default 4)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--out", default=str(Path(__file__).with_name("output")),
-                        help="folder for dpo_smollm2.json and dpo_smollm2.png (default examples/output)")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
-    parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    example_runs.add_run_arguments(parser, __file__, RUNS, RUNS, STEM)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         parser.error(f"--steps and --batch-size must be ≥ 1, got {args.steps} and {args.batch_size}")
@@ -196,25 +166,11 @@ def main(argv=None):
         Path(args.result).write_text(json.dumps(train_one(args.worker, args)))
         return
 
-    modes = [m.strip() for m in args.runs.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(RUNS))
-    if unknown or not modes:
-        parser.error(f"--runs: unknown {unknown or modes}; choose from {list(RUNS)}")
-    from pyfused_po.testing import smollm2
-
-    reason = smollm2.unavailable_reason()
-    if reason is not None:
-        sys.exit(f"error: {reason}")
-    results = []
-    for mode in modes:
-        print(f"[{mode}] {RUNS[mode]} ...", flush=True)
-        results.append(run_in_subprocess(mode, args))
+    modes = example_runs.selected_runs(parser, args, RUNS)
+    results = example_runs.run_each(__file__, modes, RUNS, ["--steps", args.steps, "--batch-size", args.batch_size,
+                                                            "--lr", args.lr, "--beta", args.beta])
     print_table(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dpo_smollm2.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "dpo_smollm2.png", args)
-    print(f"\nwrote {out / 'dpo_smollm2.json'} and {out / 'dpo_smollm2.png'}")
+    example_runs.save(results, args.out, STEM, lambda path: plot(results, path, args))
 
 
 if __name__ == "__main__":

@@ -140,17 +140,21 @@ def pair_batch(tokenizer, pairs, ignore_index=-100):
     right padding (unshifted: use ``shift=True`` downstream, as a causal LM predicts token
     t + 1 from row t).
     """
-    rows = []
-    for side in ("chosen", "rejected"):
-        for pair in pairs:
-            prompt = list(prompt_ids(tokenizer, pair["prompt"]))
-            answer = tokenizer(pair[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            rows.append((prompt, answer))
-    T = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), ignore_index, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (prompt, answer) in enumerate(rows):
+    rows = [(list(prompt_ids(tokenizer, pair["prompt"])), pair[side])
+            for side in ("chosen", "rejected") for pair in pairs]
+    return response_rows(tokenizer, rows, ignore_index)
+
+
+def response_rows(tokenizer, rows, ignore_index=-100):
+    """``(input_ids, labels, attention_mask)``, each ``[len(rows), T]``, of ``rows``: a list of
+    ``(prompt token ids, response text)``; see :func:`pair_batch` for the row format."""
+    encoded = [(prompt, tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+               for prompt, text in rows]
+    T = max(len(p) + len(a) for p, a in encoded)
+    input_ids = torch.full((len(encoded), T), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), T), ignore_index, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), T), dtype=torch.long)
+    for i, (prompt, answer) in enumerate(encoded):
         ids = torch.tensor(prompt + answer)
         input_ids[i, : len(ids)] = ids
         labels[i, len(prompt): len(ids)] = ids[len(prompt):]
