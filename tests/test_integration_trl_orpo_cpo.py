@@ -77,3 +77,13 @@ def test_refusals(tmp_path):
     trainer_cls, _ = trainer_classes("CPO")
     redefines = type("Redefines", (trainer_cls,), {"concatenated_forward": lambda self, model, batch: None})
     assert is_orpo_cpo_trainer(type("Keeps", (trainer_cls,), {})) and not is_orpo_cpo_trainer(redefines)
+
+
+def test_apply_routes_orpo_and_cpo_to_their_switch(tmp_path):
+    """The one-line switch takes ORPO / CPO trainers too (it used to raise TypeError for them)."""
+    from pyfused_po.integrations.trl import apply
+
+    trainer = odds_ratio_trainer(tmp_path, "ORPO")
+    assert "concatenated_forward" not in vars(trainer)
+    assert apply(trainer, backend="torch") is trainer
+    assert "concatenated_forward" in vars(trainer)  # the switch's replacement, on the instance

@@ -38,6 +38,7 @@ from .rl import rl_token_logprobs
 from .trl_head import head_owner, require_causal_lm, trl_head_settings
 from .trl_inline_layout import is_inline_trainer
 from .trl_legacy import is_legacy_trainer, legacy_apply
+from .trl_orpo_cpo import is_orpo_cpo_trainer, switch as switch_orpo_cpo
 from .trl_patch_state import PatchState, install_patch, patch_state, plain_forward
 from .trl_sampler import sampler_truncation
 
@@ -316,11 +317,15 @@ def apply(trainer_or_model, *, backend="auto", linear_impl="auto", truncated_sup
     Returns its argument.  Call it after constructing the trainer and before ``train()``.  Raises
     ``RuntimeError`` on TRL releases without the protocol, ``TypeError`` on a trainer that does not
     use TRL's fused head (there is nothing to switch).
+    TRL's ``ORPOTrainer`` / ``CPOTrainer`` (which form ``[2B, T, V]`` logits themselves, in every
+    release) go to :func:`.trl_orpo_cpo.switch`.
     On TRL releases whose ``DPOTrainer`` / ``KTOTrainer`` compute their own log-probs, the trainer goes
     to :func:`.trl_legacy.legacy_apply` (``concatenated_forward``, TRL 0.24) or to
     :func:`.trl_inline.inline_apply` (logits formed in ``_compute_loss``, TRL 1.9–1.14), decided by what
     the trainer class looks like, not by its version.
     """
+    if not isinstance(trainer_or_model, torch.nn.Module) and is_orpo_cpo_trainer(trainer_or_model):
+        return switch_orpo_cpo(trainer_or_model, backend=backend, linear_impl=linear_impl)
     if not isinstance(trainer_or_model, torch.nn.Module) and is_legacy_trainer(trainer_or_model):
         return legacy_apply(trainer_or_model, backend=backend, linear_impl=linear_impl)
     if not isinstance(trainer_or_model, torch.nn.Module) and is_inline_trainer(trainer_or_model):
