@@ -19,6 +19,7 @@ import triton.language as tl
 from .tl_utils import transform
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e):  e^z = 2^(z·log2 e)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2):  2^t = e^(t·ln 2)
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     @triton.jit

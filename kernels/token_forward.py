@@ -40,43 +40,60 @@ logit exactly as ``transform`` computes it, as before.
 import triton
 import triton.language as tl
 
-from .fast_math import exp2_ftz, key_logit, key_scales, logit_key, max_logit
-
-FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
+from .fast_math import LN2, exp2_ftz, key_logit, key_scales, logit_key, max_logit
 from .lse_pair import lse_pair
+from .row_frame import FLT_MAX, combine_lanes, lane_frame, unshift
 from .row_split import edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
 from .top1 import body_first_max, first_max_index, first_max_merge
 
 
 @triton.jit
-def _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr):
+def _fold_block(key, k_l, mk_l, s_l, a_l, q_l, ku, WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr,
+                GUARD: tl.constexpr):
     """Folds a ``[R, LANE]`` block of logit keys (``fast_math.logit_key``; −inf where absent)
-    into the per-lane-row running max key ``k_l`` and sums ``s_l`` (Σ e^{z−m}), ``a_l``
-    (Σ e^{z−m}·(key − k_l): key units, relative to the running max) and ``q_l`` (Σ e^{2(z−m)}),
-    all ``[R]``.
+    into the per-lane-row running max key ``k_l`` and, in the frame ``mk_l = fl(k_l·ku)`` of
+    :mod:`kernels.row_frame`, the sums ``s_l`` (Σ e), ``a_l`` (Σ e·t) and ``q_l`` (Σ e²), all ``[R]``,
+    with ``t = fma(key, ku, −mk_l)`` and ``e = 2^t``.
 
-    Exponents are taken from key differences, e^{z − m} = 2^{(key − k_max)·ku}: ``key − k_max``
-    is exact wherever the term is not negligible (Sterbenz), so the one rounding is of a small
-    number.  Rounding ``u = key·ku`` first would cost half an ulp of |u| per term (4e-3 at
-    |z| = 1e5).  Same instruction count: one FADD and one FMUL before the MUFU.EX2."""
+    One FFMA and one MUFU.EX2 per element: the product ``key·ku`` is exact inside the FMA, so
+    ``t`` is ``(key − k_l)·ku`` plus the lane row's rounding error of ``mk_l``, a common shift that
+    ``row_frame`` removes once per row.  When the max grows, the old sums move to the new frame by
+    ``δ = mk_old − mk_new``: ``s ← 2^δ·s``, ``a ← 2^δ·(a + δ·s)``, ``q ← 2^{2δ}·q``.
+
+    Without ``GUARD`` (the unmasked body) a −inf logit makes ``e·t = 0·(−inf)`` NaN in ``a_l``; the
+    kernel re-sums such rows (:func:`_entropy_sum`).  With ``GUARD`` (the masked edge, whose absent
+    entries are −inf) ``t`` is floored at −FLT_MAX, which changes no finite ``t``."""
     k_new = tl.maximum(k_l, tl.max(key, axis=1))
-    # A lane row with nothing finite yet keeps −inf; exponentiate against 0 then so that
-    # −inf − (−inf) never produces NaN.
-    k_ref = tl.where(k_new == -float("inf"), 0.0, k_new)
-    alpha = exp2_ftz((k_l - k_ref) * ku)
-    d = key - k_ref[:, None]
-    e = exp2_ftz(d * ku)
+    mk_new = lane_frame(k_new, ku)
+    delta = mk_l - mk_new
+    alpha = exp2_ftz(delta)
+    t = tl.fma(key, ku, -mk_new[:, None])
+    e = exp2_ftz(t)
     if WANT_ENTROPY:
-        # Re-base the old sum on the new max: Σ e·(key − k_new) = α·(a + s·(k_old − k_new)).
-        # At a −inf logit e·d would be 0·(−inf): d is floored at −FLT_MAX, which changes no finite
-        # d, so such entries count as 0 (one FMNMX per element, where a compare and select were two).
-        shift = tl.where(k_l == -float("inf"), 0.0, k_l - k_ref)
-        a_l = (a_l + s_l * shift) * alpha + tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)
+        if GUARD:
+            t = tl.maximum(t, -FLT_MAX)
+        a_l = (a_l + s_l * delta) * alpha + tl.sum(e * t, axis=1)
     s_l = s_l * alpha + tl.sum(e, axis=1)
     if WANT_LSQ:
         q_l = q_l * (alpha * alpha) + tl.sum(e * e, axis=1)
-    return k_new, s_l, a_l, q_l
+    return k_new, mk_new, s_l, a_l, q_l
+
+
+@triton.jit
+def _entropy_sum(x_ptr, stride_xv, V, mk, ku, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr,
+                 FLIP: tl.constexpr, BLOCK_V: tl.constexpr, LANE: tl.constexpr, ALIGN: tl.constexpr):
+    """Σ e·t over the whole row in the row's final frame ``mk`` (−inf logits count 0): the second
+    pass of a row whose guard-free sum came out NaN (a −inf logit in the body)."""
+    k = lane_offsets(BLOCK_V, LANE)
+    acc = tl.zeros([BLOCK_V // LANE], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        inside = v0 + k < V
+        x = tl.load(x_ptr + vocab_offset(v0 + k, ALIGN) * stride_xv, mask=inside, other=0.0)
+        key = tl.where(inside, logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP), -float("inf"))
+        t = tl.fma(key, ku, -mk)
+        acc += tl.sum(exp2_ftz(t) * tl.maximum(t, -FLT_MAX), axis=1)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -106,6 +123,7 @@ def token_forward_kernel(
         k = lane_offsets(BLOCK_V, LANE)
         kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
         k_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
+        mk_l = tl.full([BLOCK_V // LANE], -FLT_MAX, tl.float32)  # row_frame.lane_frame(−inf)
         s_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         a_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         q_l = tl.zeros([BLOCK_V // LANE], tl.float32)
@@ -116,7 +134,8 @@ def token_forward_kernel(
             x = tl.load(x_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_xv)
             key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
             k_old = k_l
-            k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
+            k_l, mk_l, s_l, a_l, q_l = _fold_block(key, k_l, mk_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ,
+                                                   False)
             if WANT_TOP1:
                 # Only a strict rise moves it: the trip where the lane row's final max first appears.
                 trip_l = tl.where(k_l > k_old, i, trip_l)
@@ -137,14 +156,17 @@ def token_forward_kernel(
             key = tl.where(inside, key, -float("inf"))
             if WANT_TOP1:
                 edge_k, edge_first = first_max_merge(key, idx, inside, edge_k, edge_first, V)
-            k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
-        # One combine of the lane rows: weights w_l = e^{m_l − m}.  The row's largest logit
-        # m = z at the max key, computed as transform computes it, and the max's own term
-        # 2⁰ = 1: a one-entry row gives log s = 0, lse = z exactly.
-        k_max = tl.max(k_l, axis=0)
+            k_l, mk_l, s_l, a_l, q_l = _fold_block(key, k_l, mk_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ,
+                                                   True)
+        # One combine of the lane rows, then the exact frame of the row's max key (kernels/row_frame.py):
+        # the max's own term is 1, so a one-entry row gives log s = 0, lse = z exactly.
+        k_max, mk, s_c, a_c, q_c = combine_lanes(k_l, mk_l, s_l, a_l, q_l)
+        if WANT_ENTROPY:
+            if a_c != a_c:  # a −inf logit in the body (0·(−inf)): re-sum this row with the guard
+                a_c = _entropy_sum(x_row, stride_xv, V, mk, ku, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP,
+                                   BLOCK_V, LANE, ALIGN)
+        s, a, q = unshift(k_max, mk, s_c, a_c, q_c, ku)
         k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
-        w = exp2_ftz((k_l - k_ref) * ku)
-        s = tl.sum(s_l * w, axis=0)
         m, m_err = max_logit(k_max, kz, HAS_SOFTCAP)
         log_s = tl.log(s)
         hi, lo = lse_pair(m, log_s, m_err)  # kernels/lse_pair.py
@@ -163,11 +185,10 @@ def token_forward_kernel(
         tl.store(lse_ptr + 2 * row, hi)
         tl.store(lse_ptr + 2 * row + 1, lo)
         if WANT_ENTROPY:
-            # H = log s − Σ p·(z − m), with z − m = (key − k_max)·kz: no cancellation at large |m|.
-            shift = tl.where(k_l == -float("inf"), 0.0, k_l - k_ref)
-            tl.store(ent_ptr + out, log_s - kz * (tl.sum((a_l + s_l * shift) * w, axis=0) / s))
+            # H = log s − Σ p·(z − m), with z − m = t·ln 2 (t = (key − k_max)·ku): no cancellation at large |m|.
+            tl.store(ent_ptr + out, log_s - LN2 * (a / s))
         if WANT_LSQ:
-            tl.store(lsq_ptr + out, tl.log(tl.sum(q_l * (w * w), axis=0)) - 2.0 * tl.log(s))
+            tl.store(lsq_ptr + out, tl.log(q) - 2.0 * log_s)
         if WANT_MEAN:
             tl.store(mean_ptr + out, kz * tl.sum(zs_l, axis=0) / V)  # mean z = kz · Σ key / V
         if WANT_TOP1:
