@@ -62,7 +62,7 @@ def _fold_block(key, k_l, mk_l, s_l, a_l, q_l, ku, WANT_ENTROPY: tl.constexpr, W
     ``δ = mk_old − mk_new``: ``s ← 2^δ·s``, ``a ← 2^δ·(a + δ·s)``, ``q ← 2^{2δ}·q``.
 
     Without ``GUARD`` (the unmasked body) a −inf logit makes ``e·t = 0·(−inf)`` NaN in ``a_l``; the
-    kernel re-sums such rows (:func:`_entropy_sum`).  With ``GUARD`` (the masked edge, whose absent
+    kernel re-sums such rows (:func:`_exact_sums`).  With ``GUARD`` (the masked edge, whose absent
     entries are −inf) ``t`` is floored at −FLT_MAX, which changes no finite ``t``."""
     k_new = tl.maximum(k_l, tl.max(key, axis=1))
     mk_new = lane_frame(k_new, ku)
@@ -81,19 +81,27 @@ def _fold_block(key, k_l, mk_l, s_l, a_l, q_l, ku, WANT_ENTROPY: tl.constexpr, W
 
 
 @triton.jit
-def _entropy_sum(x_ptr, stride_xv, V, mk, ku, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr,
-                 FLIP: tl.constexpr, BLOCK_V: tl.constexpr, LANE: tl.constexpr, ALIGN: tl.constexpr):
-    """Σ e·t over the whole row in the row's final frame ``mk`` (−inf logits count 0): the second
-    pass of a row whose guard-free sum came out NaN (a −inf logit in the body)."""
+def _exact_sums(x_ptr, stride_xv, V, k_max, ku, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr,
+                FLIP: tl.constexpr, BLOCK_V: tl.constexpr, LANE: tl.constexpr, ALIGN: tl.constexpr):
+    """``(s, a, q)`` of the whole row in the exact frame of its max key, from key differences
+    (``t = (key − k_max)·ku``, −inf logits counting 0): a second pass, only for the rows the
+    one-pass frame cannot take — a −inf logit in the body (``e·t`` is 0·(−inf) there, the entropy
+    sum NaN) or a max key too large for ``fl(k·ku)`` (|z| > FLT_MAX/log2 e: a row of ``finfo.min``)."""
     k = lane_offsets(BLOCK_V, LANE)
-    acc = tl.zeros([BLOCK_V // LANE], tl.float32)
+    k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
+    s = tl.zeros([BLOCK_V // LANE], tl.float32)
+    a = tl.zeros([BLOCK_V // LANE], tl.float32)
+    q = tl.zeros([BLOCK_V // LANE], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         inside = v0 + k < V
         x = tl.load(x_ptr + vocab_offset(v0 + k, ALIGN) * stride_xv, mask=inside, other=0.0)
         key = tl.where(inside, logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP), -float("inf"))
-        t = tl.fma(key, ku, -mk)
-        acc += tl.sum(exp2_ftz(t) * tl.maximum(t, -FLT_MAX), axis=1)
-    return tl.sum(acc, axis=0)
+        t = (key - k_ref) * ku
+        e = exp2_ftz(t)
+        s += tl.sum(e, axis=1)
+        a += tl.sum(e * tl.maximum(t, -FLT_MAX), axis=1)
+        q += tl.sum(e * e, axis=1)
+    return tl.sum(s, axis=0), tl.sum(a, axis=0), tl.sum(q, axis=0)
 
 
 @triton.jit
@@ -161,11 +169,15 @@ def token_forward_kernel(
         # One combine of the lane rows, then the exact frame of the row's max key (kernels/row_frame.py):
         # the max's own term is 1, so a one-entry row gives log s = 0, lse = z exactly.
         k_max, mk, s_c, a_c, q_c = combine_lanes(k_l, mk_l, s_l, a_l, q_l)
-        if WANT_ENTROPY:
-            if a_c != a_c:  # a −inf logit in the body (0·(−inf)): re-sum this row with the guard
-                a_c = _entropy_sum(x_row, stride_xv, V, mk, ku, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP,
-                                   BLOCK_V, LANE, ALIGN)
         s, a, q = unshift(k_max, mk, s_c, a_c, q_c, ku)
+        # The max's own term is ≈ 1 in any frame, so s_c < 1/2 (or NaN) means the frame failed; a NaN
+        # entropy sum means a −inf logit in the guard-free body.  Such rows take a second pass.
+        redo = ~(s_c >= 0.5) & (k_max > -float("inf"))
+        if WANT_ENTROPY:
+            redo = redo | (a_c != a_c)
+        if redo:
+            s, a, q = _exact_sums(x_row, stride_xv, V, k_max, ku, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP,
+                                  BLOCK_V, LANE, ALIGN)
         k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
         m, m_err = max_logit(k_max, kz, HAS_SOFTCAP)
         log_s = tl.log(s)
