@@ -28,20 +28,22 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
 
 
 @triton.jit
-def lane_frame(k, ku):
-    """``mk = fl(k·ku)``, rounded once (never fused into a later add), floored at −FLT_MAX so that a
-    lane row with nothing finite yet (``k = −inf``) has a finite frame and ``fma(−inf, ku, −mk)``
-    is −inf, not NaN."""
-    return tl.maximum(mul_rn(k, ku), -FLT_MAX)
+def lane_frame(k, nku):
+    """``nmk = −fl(k·ku)`` from ``nku = −ku`` (the kernels carry the frame negated: it is the FFMA's
+    addend, and a separate negation would cost an instruction where the compiler emits ``0 − x``),
+    rounded once (never fused into a later add), capped at FLT_MAX so that a lane row with nothing
+    finite yet (``k = −inf``) has a finite frame and ``fma(−inf, ku, nmk)`` is −inf, not NaN."""
+    return tl.minimum(mul_rn(k, nku), FLT_MAX)
 
 
 @triton.jit
-def combine_lanes(k_l, mk_l, s_l, a_l, q_l):
-    """``(k_max, mk, s_c, a_c, q_c)`` of the row from its lane rows' ``[R]`` statistics, in the frame
-    ``mk`` of the row's max key (the largest lane frame: ``lane_frame`` is monotone)."""
+def combine_lanes(k_l, nmk_l, s_l, a_l, q_l):
+    """``(k_max, mk, s_c, a_c, q_c)`` of the row from its lane rows' ``[R]`` statistics (frames
+    negated, ``nmk_l = −mk_l``), in the frame ``mk`` of the row's max key (the largest lane frame:
+    ``lane_frame`` is monotone)."""
     k_max = tl.max(k_l, axis=0)
-    mk = tl.max(mk_l, axis=0)
-    delta = mk_l - mk
+    mk = -tl.min(nmk_l, axis=0)
+    delta = -(nmk_l + mk)  # mk_l − mk: exactly 0 for the lane rows at the max
     w = exp2_ftz(delta)
     s_c = tl.sum(s_l * w, axis=0)
     a_c = tl.sum((a_l + s_l * delta) * w, axis=0)
@@ -65,3 +67,29 @@ def unshift(k_max, mk, s_c, a_c, q_c, ku):
     a = g * ((a_c - mul_rn(e0, r)) - r * rest)
     q = 1.0 + (q_c - mul_rn(e0, e0)) * (g * g)
     return s, a, q
+
+
+@triton.jit
+def _cols(x):
+    """The even and odd columns of an ``[R, L]`` block (``L`` even), each ``[R, L/2]``: the same
+    registers, no data movement (a thread owns whole rows)."""
+    return tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+
+
+@triton.jit
+def fma_sum(acc, a, b):
+    """``acc + Σ_j a[:, j]·b[:, j]`` over an ``[R, L]`` block (``L`` ∈ {1, 2, 4, 8}), one FFMA per
+    element in a chain: ``tl.sum`` of the products is a tree (an FMUL and an FADD more per pair)."""
+    L: tl.constexpr = a.shape[1]
+    if L == 1:
+        acc = tl.fma(tl.reshape(a, [a.shape[0]]), tl.reshape(b, [b.shape[0]]), acc)
+    elif L == 2:
+        a0, a1 = _cols(a)
+        b0, b1 = _cols(b)
+        acc = tl.fma(tl.reshape(a1, [a.shape[0]]), tl.reshape(b1, [a.shape[0]]),
+                     tl.fma(tl.reshape(a0, [a.shape[0]]), tl.reshape(b0, [a.shape[0]]), acc))
+    else:
+        a0, a1 = _cols(a)
+        b0, b1 = _cols(b)
+        acc = fma_sum(fma_sum(acc, a0, b0), a1, b1)
+    return acc

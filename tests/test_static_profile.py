@@ -67,6 +67,24 @@ def test_main_loop_is_the_unmasked_one():
     assert (loop.start, loop.size) == (0x0, 3)
 
 
+def test_main_loop_is_the_first_of_several_unmasked_ones():
+    """The token forward's second pass (rows its one-pass frame cannot take) walks the body again,
+    after the first pass: of two loops with as many unpredicated loads, the first is the main loop,
+    even when the later one is larger."""
+    sass = """
+        /*0000*/                   LDG.E.128 R4, desc[UR6][R24.64] ;
+        /*0010*/                   FFMA R1, R2, R3, R4 ;
+        /*0020*/              @P0 BRA 0x0 ;
+        /*0030*/                   LDG.E.128 R4, desc[UR6][R24.64] ;
+        /*0040*/                   FADD R1, R2, R3 ;
+        /*0050*/                   FMUL R1, R2, R3 ;
+        /*0060*/                   FADD R1, R2, R3 ;
+        /*0070*/              @P0 BRA 0x30 ;
+    """
+    loop = sass_stats.main_loop(sass_stats.parse_sass(sass))
+    assert (loop.start, loop.size) == (0x0, 3)
+
+
 def test_committed_profiles_meet_the_issue_targets():
     """Issue 15: main loops at ≤ 8 (forward), ≤ 12 (backward), ≤ 20 (KL forward) instructions
     per element on Triton 3.6 and 3.9, and 128-bit loads in every token kernel's main loop
