@@ -33,6 +33,9 @@ ON_CUDA = {
     # the three-GEMM plan: the tokens per pair, on the host, to cut chunks of whole pairs (and to
     # see whether one pair is longer than a chunk)
     ("fused_gradient.py", "chunks"),
+    # the three-GEMM plan with fp16 / bf16 operands: the power-of-two scale of G (issue 26) from the
+    # chunk's max |g|, one per chunk (not reached by these fp32 steps; removable: bench/NOTES.md)
+    ("linear.py", "operand_scale"),
 }
 # Removed (2026-12-07): the plan's per-chunk ``nonzero`` of its tokens (``run`` now slices the tokens
 # sorted by group at the counts ``chunks`` read) and its backward's ``bool(grad != 1)`` (the upstream
