@@ -62,9 +62,10 @@ def logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, FLIP: tl.c
 
 
 @triton.jit
-def reads_words(x_ptr, HAS_SOFTCAP: tl.constexpr, ALIGN: tl.constexpr):
-    """Whether :func:`body_keys` reads the row as 32-bit words (constexpr)."""
-    return (x_ptr.dtype.element_ty == tl.bfloat16) and (ALIGN == 8) and (not HAS_SOFTCAP)
+def reads_words(x_ptr, HAS_SOFTCAP: tl.constexpr, LANE: tl.constexpr, ALIGN: tl.constexpr):
+    """Whether :func:`body_keys` reads the row as 32-bit words (constexpr): bf16, a contiguous
+    vocabulary, no softcap, lane rows of an even number of elements (a tiny vocabulary's may be 1)."""
+    return (x_ptr.dtype.element_ty == tl.bfloat16) and (ALIGN == 8) and (not HAS_SOFTCAP) and (LANE % 2 == 0)
 
 
 @triton.jit
@@ -83,7 +84,7 @@ def body_keys(x_body, stride_xv, scale, inv_temp, softcap, HAS_SOFTCAP: tl.const
     by bit operations: the low element is ``w << 16`` and the high one ``w & 0xFFFF0000`` (one
     instruction each), where converting a bf16 high half costs two (a byte permute and a shift).
     ``tl.join`` puts each word's two elements back in row order."""
-    if reads_words(x_body, HAS_SOFTCAP, ALIGN):
+    if reads_words(x_body, HAS_SOFTCAP, LANE, ALIGN):
         words = tl.load(x_body.to(tl.pointer_type(tl.int32)) + lane_offsets(BLOCK_V // 2, LANE // 2))
         lo = (words << 16).to(tl.float32, bitcast=True)
         hi = (words & -65536).to(tl.float32, bitcast=True)

@@ -103,7 +103,7 @@ def _edge_keys(x_row, e0, k, head, tail_start, n_edge, stride_xv, scale, inv_tem
     (``fast_math.reads_words``) the edge is read as its even and odd elements and joined the same
     way, so that the lane rows' statistics keep the body's register layout through the edge loop
     (else the compiler moves them to the masked load's layout, many lane rows per thread: spills)."""
-    if reads_words(x_row, HAS_SOFTCAP, ALIGN):
+    if reads_words(x_row, HAS_SOFTCAP, LANE, ALIGN):
         pos = e0 + 2 * lane_offsets(BLOCK_V // 2, LANE // 2)
         key0, in0, idx0 = _edge_load(x_row, pos, head, tail_start, n_edge, stride_xv, scale, inv_temp, softcap,
                                      HAS_SOFTCAP, FLIP, ALIGN)
