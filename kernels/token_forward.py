@@ -43,7 +43,7 @@ import triton.language as tl
 from .fast_math import LN2, body_keys, exp2_ftz, key_logit, key_scales, logit_key, max_logit, reads_words, word_block
 from .lse_pair import lse_pair
 from .row_frame import FLT_MAX, combine_lanes, fma_sum, lane_frame, unshift
-from .row_split import edge_index, lane_offsets, row_split, vocab_offset
+from .row_split import block_step, edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
 from .top1 import body_first_max, first_max_index, first_max_merge
 
@@ -139,7 +139,7 @@ def _exact_sums(x_row, x_body, k, head, tail_start, n_edge, stride_xv, k_max, ku
     x_block = x_body
     for v0 in range(head, tail_start, BLOCK_V):  # the body (bounds not the first pass's: no predicate kept alive)
         key = body_keys(x_block, stride_xv, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
-        x_block += vocab_offset(BLOCK_V, ALIGN) * stride_xv
+        x_block += block_step(stride_xv, BLOCK_V, ALIGN)
         s, a, q = _exact_terms(key, k_ref, ku, s, a, q)
     for e0 in range(0, n_edge, BLOCK_V):
         key, inside, idx = _edge_keys(x_row, e0, k, head, tail_start, n_edge, stride_xv, scale, inv_temp, softcap,
@@ -186,7 +186,7 @@ def token_forward_kernel(
         x_block = x_body
         for i in range(0, n_full):
             key = body_keys(x_block, stride_xv, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
-            x_block += vocab_offset(BLOCK_V, ALIGN) * stride_xv
+            x_block += block_step(stride_xv, BLOCK_V, ALIGN)
             k_l, nmk_l, s_l, a_l, q_l, rise = _fold_block(key, k_l, nmk_l, s_l, a_l, q_l, ku, nku, WANT_ENTROPY,
                                                          WANT_LSQ, False)
             if WANT_TOP1:
