@@ -67,8 +67,10 @@ def main_loop(instrs):
     """The vocabulary loop of a token kernel, or None when there is no loop.
 
     With an unmasked body and a masked edge loop, the body is the loop whose loads are
-    unpredicated (most such LDGs); kernels whose every load is masked have no such
-    loop, and then the largest loop body is taken."""
+    unpredicated (most such LDGs); of several such loops (the token forward's second pass over
+    the rows its one-pass frame cannot take walks the body again), the first in program order,
+    which is the first pass.  Kernels whose every load is masked have no such loop, and then the
+    largest loop body is taken."""
     found = loops(instrs)
     if not found:
         return None
@@ -76,7 +78,10 @@ def main_loop(instrs):
     def unmasked_loads(lp):
         return sum(1 for x in lp.body if x.opcode.startswith("LDG") and not x.predicated)
 
-    return max(found, key=lambda lp: (unmasked_loads(lp), lp.size))
+    most = max(unmasked_loads(lp) for lp in found)
+    if most == 0:
+        return max(found, key=lambda lp: lp.size)
+    return min((lp for lp in found if unmasked_loads(lp) == most), key=lambda lp: lp.start)
 
 
 def _count(instrs, pattern):

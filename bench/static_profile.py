@@ -52,9 +52,10 @@ DTYPE = torch.bfloat16
 # set is its own machine code).  ``static_guards.VARIANTS`` says who launches which and its budget.
 KERNELS = ("token_forward", "token_forward_mean", "token_forward_rl", "token_forward_sft",
            "token_forward_kto", "token_forward_dpo", "token_forward_extras", "token_backward",
-           "fold_forward", "fold_backward", "token_kl_forward", "token_kl_backward", "linear_forward",
-           "linear_backward")
+           "fold_forward", "fold_backward", "token_kl_forward", "token_kl_backward", "truncated_forward",
+           "truncated_backward", "linear_forward", "linear_backward")
 FOLD_TOKENS = 4096  # the three-GEMM plan's chunk at D = 4096 (torch_backend.linear.gradient_chunk_size)
+TILE_ROWS = 128  # a truncated-support tile (truncated_logprobs.INVARIANT_TILE_ROWS; any count compiles the same)
 
 
 def _meta(*shape, dtype=DTYPE):
@@ -74,6 +75,8 @@ def launch_of(name, V):
     from pyfused_po.kernels.token_forward import token_forward_kernel
     from pyfused_po.kernels.token_kl_backward import token_kl_backward_kernel
     from pyfused_po.kernels.token_kl_forward import token_kl_forward_kernel
+    from pyfused_po.kernels import truncated_launch
+    from pyfused_po.kernels.truncated_select import truncated_backward_kernel, truncated_forward_kernel
 
     B, T = TOKENS_B, TOKENS_T
     x, r = _meta(B, T, V), _meta(B, T, V)
@@ -91,6 +94,9 @@ def launch_of(name, V):
     # [1, C, V] chunk of logits, labels already shifted, backward in place with the forward's lse.
     xc, yc = _meta(1, FOLD_TOKENS, V), _meta(1, FOLD_TOKENS, dtype=torch.int64)
     fold = dict(common, shift=False)
+    # A truncated-support tile: [TILE_ROWS, V] raw logits rows gathered by truncated_logprobs.
+    xt, yt = _meta(TILE_ROWS, V), _meta(TILE_ROWS, dtype=torch.int64)
+    trunc = dict(logit_scale=1.0, temperature=1.0, softcap=None)
 
     def forward(extras):
         return token_forward_kernel, lambda: token_launch.token_forward(x, y, extras=extras, **common)
@@ -113,6 +119,11 @@ def launch_of(name, V):
                               lambda: token_kl_launch.token_kl_backward(
                                   x, r, y, pairs, pairs, torch.empty_like(x), grad_kl=f32,
                                   grad_logp=f32, **common)),
+        "truncated_forward": (truncated_forward_kernel, lambda: truncated_launch.fold_forward(
+            xt, yt, top_k=50, top_p=0.9, min_p=None, minp_first=False, with_entropy=False, **trunc)),
+        "truncated_backward": (truncated_backward_kernel, lambda: truncated_launch.fold_backward(
+            xt, yt, _meta(TILE_ROWS, 2, dtype=torch.float32), grad_logp=_meta(TILE_ROWS, dtype=torch.float32),
+            **trunc)),
         "linear_forward": (linear_forward_kernel,
                            lambda: linear_launch.linear_forward(h, w, None, rows, rows, **lin)),
         "linear_backward": (linear_backward_kernel,
@@ -167,6 +178,7 @@ def profile_kernel(name, V, sass_dir=None):
         "triton": triton.__version__,
         "shape": (f"{TOKENS_B}x{TOKENS_T}x{V} bf16" if name.startswith("token")
                   else f"1x{FOLD_TOKENS}x{V} bf16" if name.startswith("fold")
+                  else f"{TILE_ROWS}x{V} bf16 tile" if name.startswith("truncated")
                   else f"N{TOKENS_B * TOKENS_T} V{V} D{HIDDEN} bf16"),
         "launched_by": variant["launched_by"],
         "budget": variant["budget"],
@@ -185,7 +197,12 @@ def profile_kernel(name, V, sass_dir=None):
     loop = sass_stats.main_loop(instrs)
     if loop is not None:
         rec.update(sass_stats.loop_counts(loop))
-    if name in ROWS_READ and loop is not None:
+    if "passes" in variant:  # a multi-pass kernel: instructions per element summed over its passes
+        row_loops = [lp for lp in sass_stats.loops(instrs) if sass_stats.loop_counts(lp)["loop_ldg_bytes"]]
+        rec["row_loops"] = len(row_loops)
+        rec["instr_per_elem"] = round(sum(lp.size / (sass_stats.loop_counts(lp)["loop_ldg_bytes"] / 2)
+                                          for lp in row_loops), 3)
+    elif name in ROWS_READ and loop is not None:
         elt = 2  # bf16
         elems = rec["loop_ldg_bytes"] / (elt * ROWS_READ[name])
         block_v = int(const["BLOCK_V"].split("=")[1])

@@ -16,9 +16,11 @@ import os
 import triton
 import triton.language as tl
 
+from .row_split import lane_offsets, vocab_offset
 from .tl_utils import transform
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e):  e^z = 2^(z·log2 e)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2):  2^t = e^(t·ln 2)
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     @triton.jit
@@ -56,6 +58,42 @@ def logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, FLIP: tl.c
         key = x.to(tl.float32)
         if FLIP:
             key = -key
+    return key
+
+
+@triton.jit
+def reads_words(x_ptr, HAS_SOFTCAP: tl.constexpr, LANE: tl.constexpr, ALIGN: tl.constexpr):
+    """Whether :func:`body_keys` reads the row as 32-bit words (constexpr): bf16, a contiguous
+    vocabulary, no softcap, lane rows of an even number of elements (a tiny vocabulary's may be 1)."""
+    return (x_ptr.dtype.element_ty == tl.bfloat16) and (ALIGN == 8) and (not HAS_SOFTCAP) and (LANE % 2 == 0)
+
+
+@triton.jit
+def word_block(lo, hi):
+    """The ``[R, 2·W]`` block whose columns alternate ``lo`` and ``hi`` (``[R, W]`` each): a word's two
+    elements back in row order, in the register layout of :func:`body_keys`' word blocks."""
+    return tl.reshape(tl.join(lo, hi), [lo.shape[0], 2 * lo.shape[1]])
+
+
+@triton.jit
+def body_keys(x_body, stride_xv, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, FLIP: tl.constexpr,
+              BLOCK_V: tl.constexpr, LANE: tl.constexpr, ALIGN: tl.constexpr):
+    """:func:`logit_key` of the body block of ``BLOCK_V`` elements at ``x_body``, as an ``[BLOCK_V // LANE, LANE]`` block (``kernels/row_split.py``).
+
+    bf16 rows with a contiguous vocabulary are read as 32-bit words, two elements each, and widened
+    by bit operations: the low element is ``w << 16`` and the high one ``w & 0xFFFF0000`` (one
+    instruction each), where converting a bf16 high half costs two (a byte permute and a shift).
+    ``tl.join`` puts each word's two elements back in row order."""
+    if reads_words(x_body, HAS_SOFTCAP, LANE, ALIGN):
+        words = tl.load(x_body.to(tl.pointer_type(tl.int32)) + lane_offsets(BLOCK_V // 2, LANE // 2))
+        lo = (words << 16).to(tl.float32, bitcast=True)
+        hi = (words & -65536).to(tl.float32, bitcast=True)
+        key = word_block(lo, hi)
+        if FLIP:
+            key = -key
+    else:
+        x = tl.load(x_body + vocab_offset(lane_offsets(BLOCK_V, LANE), ALIGN) * stride_xv)
+        key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
     return key
 
 

@@ -62,6 +62,13 @@ def vocab_offset(j, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def block_step(stride_v, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):
+    """Storage distance between consecutive body blocks, ``BLOCK_V · stride_v`` (int64 when the
+    vocabulary axis is strided, as :func:`vocab_offset`)."""
+    return vocab_offset(tl.zeros([], tl.int32) + BLOCK_V, ALIGN) * stride_v
+
+
+@triton.jit
 def zero_row(dx_ptr, off_d, V, stride_dv, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr, LANE: tl.constexpr):
     """Zeros one row's ``V`` gradient entries (a row with no label), split as the backward
     kernels' loops split a row: an aligned unmasked body, a masked head and tail."""

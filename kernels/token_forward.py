@@ -40,43 +40,112 @@ logit exactly as ``transform`` computes it, as before.
 import triton
 import triton.language as tl
 
-from .fast_math import exp2_ftz, key_logit, key_scales, logit_key, max_logit
-
-FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
+from .fast_math import LN2, body_keys, exp2_ftz, key_logit, key_scales, logit_key, max_logit, reads_words, word_block
 from .lse_pair import lse_pair
-from .row_split import edge_index, lane_offsets, row_split, vocab_offset
+from .row_frame import FLT_MAX, combine_lanes, fma_sum, lane_frame, unshift
+from .row_split import block_step, edge_index, lane_offsets, row_split, vocab_offset
 from .tl_utils import row_target, transform
 from .top1 import body_first_max, first_max_index, first_max_merge
 
 
 @triton.jit
-def _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr):
+def _fold_block(key, k_l, nmk_l, s_l, a_l, q_l, ku, nku, WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr,
+                GUARD: tl.constexpr):
     """Folds a ``[R, LANE]`` block of logit keys (``fast_math.logit_key``; −inf where absent)
-    into the per-lane-row running max key ``k_l`` and sums ``s_l`` (Σ e^{z−m}), ``a_l``
-    (Σ e^{z−m}·(key − k_l): key units, relative to the running max) and ``q_l`` (Σ e^{2(z−m)}),
-    all ``[R]``.
+    into the per-lane-row running max key ``k_l`` and, in the frame ``mk_l = fl(k_l·ku)`` of
+    :mod:`kernels.row_frame` (carried negated, ``nmk_l``; ``nku = −ku``), the sums ``s_l`` (Σ e),
+    ``a_l`` (Σ e·t) and ``q_l`` (Σ e²), all ``[R]``, with ``t = fma(key, ku, −mk_l)`` and ``e = 2^t``.
 
-    Exponents are taken from key differences, e^{z − m} = 2^{(key − k_max)·ku}: ``key − k_max``
-    is exact wherever the term is not negligible (Sterbenz), so the one rounding is of a small
-    number.  Rounding ``u = key·ku`` first would cost half an ulp of |u| per term (4e-3 at
-    |z| = 1e5).  Same instruction count: one FADD and one FMUL before the MUFU.EX2."""
-    k_new = tl.maximum(k_l, tl.max(key, axis=1))
-    # A lane row with nothing finite yet keeps −inf; exponentiate against 0 then so that
-    # −inf − (−inf) never produces NaN.
-    k_ref = tl.where(k_new == -float("inf"), 0.0, k_new)
-    alpha = exp2_ftz((k_l - k_ref) * ku)
-    d = key - k_ref[:, None]
-    e = exp2_ftz(d * ku)
+    One FFMA and one MUFU.EX2 per element: the product ``key·ku`` is exact inside the FMA, so
+    ``t`` is ``(key − k_l)·ku`` plus the lane row's rounding error of ``mk_l``, a common shift that
+    ``row_frame`` removes once per row.  When the max grows, the old sums move to the new frame by
+    ``δ = mk_old − mk_new``: ``s ← 2^δ·s``, ``a ← 2^δ·(a + δ·s)``, ``q ← 2^{2δ}·q``.  The products
+    ``e·t`` and ``e²`` are summed in FFMA chains (``row_frame.fma_sum``).
+
+    Without ``GUARD`` (the unmasked body) a −inf logit makes ``e·t = 0·(−inf)`` NaN in ``a_l``; the
+    kernel re-sums such rows (:func:`_exact_sums`).  With ``GUARD`` (the masked edge, whose absent
+    entries are −inf) ``t`` is floored at −FLT_MAX, which changes no finite ``t``.  Also returns
+    whether each lane row's max rose strictly (``is_top1``'s trip)."""
+    block_k = tl.max(key, axis=1)
+    rise = block_k > k_l  # the lane row's max rises strictly in this block (is_top1's trip)
+    k_new = tl.maximum(k_l, block_k)
+    nmk_new = lane_frame(k_new, nku)
+    delta = nmk_new - nmk_l
+    alpha = exp2_ftz(delta)
+    t = tl.fma(key, ku, nmk_new[:, None])
+    e = exp2_ftz(t)
     if WANT_ENTROPY:
-        # Re-base the old sum on the new max: Σ e·(key − k_new) = α·(a + s·(k_old − k_new)).
-        # At a −inf logit e·d would be 0·(−inf): d is floored at −FLT_MAX, which changes no finite
-        # d, so such entries count as 0 (one FMNMX per element, where a compare and select were two).
-        shift = tl.where(k_l == -float("inf"), 0.0, k_l - k_ref)
-        a_l = (a_l + s_l * shift) * alpha + tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)
+        if GUARD:
+            t = tl.maximum(t, -FLT_MAX)
+        a_l = fma_sum((a_l + s_l * delta) * alpha, e, t)
     s_l = s_l * alpha + tl.sum(e, axis=1)
     if WANT_LSQ:
-        q_l = q_l * (alpha * alpha) + tl.sum(e * e, axis=1)
-    return k_new, s_l, a_l, q_l
+        q_l = fma_sum(q_l * (alpha * alpha), e, e)
+    return k_new, nmk_new, s_l, a_l, q_l, rise
+
+
+@triton.jit
+def _edge_load(x_row, pos, head, tail_start, n_edge, stride_xv, scale, inv_temp, softcap,
+               HAS_SOFTCAP: tl.constexpr, FLIP: tl.constexpr, ALIGN: tl.constexpr):
+    inside = pos < n_edge
+    idx = edge_index(pos, head, tail_start)
+    x = tl.load(x_row + vocab_offset(idx, ALIGN) * stride_xv, mask=inside, other=0.0)
+    key = tl.where(inside, logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP), -float("inf"))
+    return key, inside, idx
+
+
+@triton.jit
+def _edge_keys(x_row, e0, k, head, tail_start, n_edge, stride_xv, scale, inv_temp, softcap,
+               HAS_SOFTCAP: tl.constexpr, FLIP: tl.constexpr, BLOCK_V: tl.constexpr, LANE: tl.constexpr,
+               ALIGN: tl.constexpr):
+    """``(key, inside, idx)`` of the edge block at edge position ``e0`` (``kernels/row_split.py``):
+    the keys, −inf where the block runs past the edge.  When the body is read as words
+    (``fast_math.reads_words``) the edge is read as its even and odd elements and joined the same
+    way, so that the lane rows' statistics keep the body's register layout through the edge loop
+    (else the compiler moves them to the masked load's layout, many lane rows per thread: spills)."""
+    if reads_words(x_row, HAS_SOFTCAP, LANE, ALIGN):
+        pos = e0 + 2 * lane_offsets(BLOCK_V // 2, LANE // 2)
+        key0, in0, idx0 = _edge_load(x_row, pos, head, tail_start, n_edge, stride_xv, scale, inv_temp, softcap,
+                                     HAS_SOFTCAP, FLIP, ALIGN)
+        key1, in1, idx1 = _edge_load(x_row, pos + 1, head, tail_start, n_edge, stride_xv, scale, inv_temp, softcap,
+                                     HAS_SOFTCAP, FLIP, ALIGN)
+        key, inside, idx = word_block(key0, key1), word_block(in0, in1), word_block(idx0, idx1)
+    else:
+        key, inside, idx = _edge_load(x_row, e0 + k, head, tail_start, n_edge, stride_xv, scale, inv_temp, softcap,
+                                      HAS_SOFTCAP, FLIP, ALIGN)
+    return key, inside, idx
+
+
+@triton.jit
+def _exact_terms(key, k_ref, ku, s, a, q):
+    t = (key - k_ref) * ku
+    e = exp2_ftz(t)
+    return s + tl.sum(e, axis=1), a + tl.sum(e * tl.maximum(t, -FLT_MAX), axis=1), q + tl.sum(e * e, axis=1)
+
+
+@triton.jit
+def _exact_sums(x_row, x_body, k, head, tail_start, n_edge, stride_xv, k_max, ku, scale, inv_temp, softcap,
+                HAS_SOFTCAP: tl.constexpr, FLIP: tl.constexpr, BLOCK_V: tl.constexpr, LANE: tl.constexpr,
+                ALIGN: tl.constexpr):
+    """``(s, a, q)`` of the whole row in the exact frame of its max key, from key differences
+    (``t = (key − k_max)·ku``, −inf logits counting 0): a second pass, only for the rows the
+    one-pass frame cannot take — a −inf logit in the body (``e·t`` is 0·(−inf) there, the entropy
+    sum NaN) or a max key too large for ``fl(k·ku)`` (|z| > FLT_MAX/log2 e: a row of ``finfo.min``).
+    It walks the row as the first pass does (same loads, same layouts)."""
+    k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
+    s = tl.zeros([BLOCK_V // LANE], tl.float32)
+    a = tl.zeros([BLOCK_V // LANE], tl.float32)
+    q = tl.zeros([BLOCK_V // LANE], tl.float32)
+    x_block = x_body
+    for v0 in range(head, tail_start, BLOCK_V):  # the body (bounds not the first pass's: no predicate kept alive)
+        key = body_keys(x_block, stride_xv, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
+        x_block += block_step(stride_xv, BLOCK_V, ALIGN)
+        s, a, q = _exact_terms(key, k_ref, ku, s, a, q)
+    for e0 in range(0, n_edge, BLOCK_V):
+        key, inside, idx = _edge_keys(x_row, e0, k, head, tail_start, n_edge, stride_xv, scale, inv_temp, softcap,
+                                      HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
+        s, a, q = _exact_terms(key, k_ref, ku, s, a, q)
+    return tl.sum(s, axis=0), tl.sum(a, axis=0), tl.sum(q, axis=0)
 
 
 @triton.jit
@@ -106,20 +175,23 @@ def token_forward_kernel(
         k = lane_offsets(BLOCK_V, LANE)
         kz, ku = key_scales(scale, inv_temp, HAS_SOFTCAP, FLIP)
         k_l = tl.full([BLOCK_V // LANE], -float("inf"), tl.float32)
+        nku = -ku
+        nmk_l = tl.full([BLOCK_V // LANE], FLT_MAX, tl.float32)  # row_frame.lane_frame(−inf)
         s_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         a_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         q_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         zs_l = tl.zeros([BLOCK_V // LANE], tl.float32)
         x_body = x_ptr + body_off
         trip_l = tl.zeros([BLOCK_V // LANE], tl.int32)  # WANT_TOP1: trip of each lane row's max
+        x_block = x_body
         for i in range(0, n_full):
-            x = tl.load(x_body + vocab_offset(i * BLOCK_V + k, ALIGN) * stride_xv)
-            key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
-            k_old = k_l
-            k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
+            key = body_keys(x_block, stride_xv, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
+            x_block += block_step(stride_xv, BLOCK_V, ALIGN)
+            k_l, nmk_l, s_l, a_l, q_l, rise = _fold_block(key, k_l, nmk_l, s_l, a_l, q_l, ku, nku, WANT_ENTROPY,
+                                                         WANT_LSQ, False)
             if WANT_TOP1:
                 # Only a strict rise moves it: the trip where the lane row's final max first appears.
-                trip_l = tl.where(k_l > k_old, i, trip_l)
+                trip_l = tl.where(rise, i, trip_l)
             if WANT_MEAN:
                 zs_l += tl.sum(key, axis=1)  # Σ key; z = key·kz is applied once after the loop
         if WANT_TOP1:  # the body's max and its first id, before the edge joins the lane rows
@@ -128,23 +200,27 @@ def token_forward_kernel(
         edge_k = tl.full([], -float("inf"), tl.float32)  # WANT_TOP1: the edge's max key, first id
         edge_first = tl.zeros([], tl.int32) + V
         for e0 in range(0, n_edge, BLOCK_V):
-            inside = e0 + k < n_edge
-            idx = edge_index(e0 + k, head, tail_start)
-            x = tl.load(x_row + vocab_offset(idx, ALIGN) * stride_xv, mask=inside, other=0.0)
-            key = logit_key(x, scale, inv_temp, softcap, HAS_SOFTCAP, FLIP)
+            key, inside, idx = _edge_keys(x_row, e0, k, head, tail_start, n_edge, stride_xv, scale, inv_temp, softcap,
+                                          HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
             if WANT_MEAN:
                 zs_l += tl.sum(tl.where(inside, key, 0.0), axis=1)
-            key = tl.where(inside, key, -float("inf"))
             if WANT_TOP1:
                 edge_k, edge_first = first_max_merge(key, idx, inside, edge_k, edge_first, V)
-            k_l, s_l, a_l, q_l = _fold_block(key, k_l, s_l, a_l, q_l, ku, WANT_ENTROPY, WANT_LSQ)
-        # One combine of the lane rows: weights w_l = e^{m_l − m}.  The row's largest logit
-        # m = z at the max key, computed as transform computes it, and the max's own term
-        # 2⁰ = 1: a one-entry row gives log s = 0, lse = z exactly.
-        k_max = tl.max(k_l, axis=0)
+            k_l, nmk_l, s_l, a_l, q_l, rise = _fold_block(key, k_l, nmk_l, s_l, a_l, q_l, ku, nku, WANT_ENTROPY,
+                                                         WANT_LSQ, True)
+        # One combine of the lane rows, then the exact frame of the row's max key (kernels/row_frame.py):
+        # the max's own term is 1, so a one-entry row gives log s = 0, lse = z exactly.
+        k_max, mk, s_c, a_c, q_c = combine_lanes(k_l, nmk_l, s_l, a_l, q_l)
+        s, a, q = unshift(k_max, mk, s_c, a_c, q_c, ku)
+        # The max's own term is ≈ 1 in any frame, so s_c < 1/2 (or NaN) means the frame failed; a NaN
+        # entropy sum means a −inf logit in the guard-free body.  Such rows take a second pass.
+        redo = ~(s_c >= 0.5) & (k_max > -float("inf"))
+        if WANT_ENTROPY:
+            redo = redo | (a_c != a_c)
+        if redo:
+            s, a, q = _exact_sums(x_row, x_body, k, head, tail_start, n_edge, stride_xv, k_max, ku, scale,
+                                  inv_temp, softcap, HAS_SOFTCAP, FLIP, BLOCK_V, LANE, ALIGN)
         k_ref = tl.where(k_max == -float("inf"), 0.0, k_max)
-        w = exp2_ftz((k_l - k_ref) * ku)
-        s = tl.sum(s_l * w, axis=0)
         m, m_err = max_logit(k_max, kz, HAS_SOFTCAP)
         log_s = tl.log(s)
         hi, lo = lse_pair(m, log_s, m_err)  # kernels/lse_pair.py
@@ -163,11 +239,10 @@ def token_forward_kernel(
         tl.store(lse_ptr + 2 * row, hi)
         tl.store(lse_ptr + 2 * row + 1, lo)
         if WANT_ENTROPY:
-            # H = log s − Σ p·(z − m), with z − m = (key − k_max)·kz: no cancellation at large |m|.
-            shift = tl.where(k_l == -float("inf"), 0.0, k_l - k_ref)
-            tl.store(ent_ptr + out, log_s - kz * (tl.sum((a_l + s_l * shift) * w, axis=0) / s))
+            # H = log s − Σ p·(z − m), with z − m = t·ln 2 (t = (key − k_max)·ku): no cancellation at large |m|.
+            tl.store(ent_ptr + out, log_s - LN2 * (a / s))
         if WANT_LSQ:
-            tl.store(lsq_ptr + out, tl.log(tl.sum(q_l * (w * w), axis=0)) - 2.0 * tl.log(s))
+            tl.store(lsq_ptr + out, tl.log(q) - 2.0 * log_s)
         if WANT_MEAN:
             tl.store(mean_ptr + out, kz * tl.sum(zs_l, axis=0) / V)  # mean z = kz · Σ key / V
         if WANT_TOP1:

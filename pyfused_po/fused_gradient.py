@@ -31,6 +31,7 @@ dtype, and ``G`` itself is formed at a power-of-two scale fp16 can hold
 The module-specific parts (which objectives separate, which inputs) live in
 :mod:`pyfused_po.fused_pairs` and :mod:`pyfused_po.fused_kto`.
 """
+import itertools
 import logging
 import math
 
@@ -210,8 +211,10 @@ class FusedHead:
         self.fallback_reason = None
         if not self.pos.numel():
             return None
-        # the one host read of the plan's layout: each group's labelled tokens, for the chunk cuts
+        # the one host read of the plan's layout: each group's labelled tokens, for the chunk cuts (and,
+        # in run, each chunk's slice of the tokens sorted by group)
         counts = torch.bincount(group, minlength=groups).tolist()
+        self.group_starts = [0, *itertools.accumulate(counts)]
         longest = max(counts, default=0)
         if longest > self.chunk_tokens:
             if long_groups == "staged":
@@ -251,9 +254,12 @@ class FusedHead:
         # dW/db: written by the first chunk's GEMM, accumulated in place by the others.
         gw = torch.empty(weight.shape, device=dev, dtype=cdt) if need_w else None
         gb = torch.empty(weight.shape[0], device=dev, dtype=cdt) if need_b else None
+        # The tokens sorted by group once (stable: position order within a group, no host read): a
+        # chunk of groups [g0, g1) is then a slice, cut at the counts chunks() read.
+        by_group = torch.argsort(group, stable=True)
         with autocast_off(hidden.device.type):
             for k, (g0, g1) in enumerate(chunks):
-                sel = ((group >= g0) & (group < g1)).nonzero().squeeze(1)
+                sel = by_group[self.group_starts[g0]:self.group_starts[g1]]
                 idx, y = self.rows.index_select(0, sel), self.targets.index_select(0, sel).unsqueeze(0)
                 h_c, x = _chunked._chunk_logits(h2, w, b, idx)  # GEMM 1
                 x3 = x.unsqueeze(0)
@@ -359,11 +365,15 @@ class _StoredGradient(torch.autograd.Function):
                                "backpropagated once (its gradients were formed in the forward); set "
                                "module.fused_gradient = False for retain_graph=True")
         grads, ctx.grads = ctx.grads, None  # hand the buffers over
-        scale = bool(grad != 1)
         out = []
         for i, dtype in enumerate(ctx.dtypes):
             t, grads[i] = grads[i], None  # each fp32 buffer is freed once its rounded copy exists
-            if t is not None and scale:
-                t.mul_(grad.to(t.dtype))  # e.g. GradScaler's 65536, applied before any rounding
-            out.append(t if t is None or t.dtype == dtype else t.to(dtype))
+            if t is not None:
+                # The upstream gradient (e.g. GradScaler's 65536) scales before any rounding, always: testing
+                # it for 1 would be a host read.  In the inputs' dtype the scale rides on the rounding pass
+                # (one kernel: multiply in fp32, round on store); in the accumulator's dtype it is one
+                # in-place pass over the buffer.
+                g = grad.to(t.dtype)
+                t = t.mul_(g) if t.dtype == dtype else torch.mul(t, g, out=torch.empty_like(t, dtype=dtype))
+            out.append(t)
         return (None, *out, None, None, None)

@@ -120,6 +120,15 @@ def test_vocab_sizes_around_the_block(backend, V):
     check_against_reference(logits, labels, backend=backend)
 
 
+@pytest.mark.parametrize("V", [1, 2, 3, 9, 300])
+def test_bf16_rows_of_any_width(V):
+    """bf16 rows are read as 32-bit words in the aligned body (``fast_math.body_keys``) when their
+    lane rows hold an even number of elements: tiny vocabularies have lane rows of 1, 2 or 4, and
+    V = 300 with T = 7 puts rows at every offset mod 8 (heads of 0–7 elements)."""
+    logits, labels = make_batch(T=7, V=V, dtype=torch.bfloat16)
+    check_against_reference(logits, labels, backend="triton")
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_more_leading_dims_and_single_sequence(backend):
     logits = torch.randn(2, 2, 5, 70)
