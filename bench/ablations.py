@@ -4,7 +4,7 @@ Four questions, each answered by timing variants of the same step on the same in
 
 * ``impl``: one DPO step (sigmoid, β = 0.1) from hidden states and the LM head through
   ``linear_token_logprobs(impl="chunked")``, ``impl="fused"`` and the module
-  ``FusedPreferenceLoss(hidden=, weight=)``: its three-GEMM plan (:mod:`pyfused_po.fused_pairs`)
+  ``FusedPreferenceLoss(hidden=, weight=)``: its three-GEMM plan (:mod:`pyfused_po.plans.fused_pairs`)
   and, forced with ``module.fused_gradient = False``, its staged four-GEMM path (chunked and
   fused).  Which plan actually ran is read off the loss's autograd node, not assumed.
 * ``accumulate``: the chunked backward alone (fixed upstream gradients): the library as it
@@ -111,7 +111,7 @@ def _plan_of(loss):
 
 def _impl_variants(device, case):
     import pyfused_po
-    from pyfused_po.linear_token_logprobs import linear_token_logprobs
+    from pyfused_po.token.linear_token_logprobs import linear_token_logprobs
 
     def direct(impl):
         backend = _backend(device, impl)
@@ -196,7 +196,7 @@ def backward_with_temporaries(hidden2d, weight, rows, targets, lse, grad_logp, f
     """The chunked backward as it was before in-place accumulation (reference implementation,
     kept here for this comparison only): token-outer, and per chunk ``dW += (Gᵀ·H_c)`` through a
     ``[V, D]`` fp32 product that is allocated, written, read and freed each chunk."""
-    from pyfused_po.torch_backend import linear as chunked
+    from pyfused_po.token.torch_backend import linear as chunked
 
     M = rows.numel()
     gh = torch.zeros(hidden2d.shape, device=hidden2d.device, dtype=hidden2d.dtype)
@@ -218,7 +218,7 @@ def _fold(device):
         from pyfused_po import kernels
 
         return kernels
-    from pyfused_po.torch_backend import token
+    from pyfused_po.token.torch_backend import token
 
     return token
 
@@ -226,7 +226,7 @@ def _fold(device):
 def ablate_accumulate(device, sizes, warmup, reps, chunk_tokens=None):
     """``chunk_tokens``: the library's chunk option (tiny runs pass a small one so that the
     accumulation over several chunks is what runs); ``None``: the library's default."""
-    from pyfused_po.torch_backend import linear as chunked
+    from pyfused_po.token.torch_backend import linear as chunked
 
     case = Case(path="linear", kind="realistic", **sizes)
     inp = make_inputs(case, device)[0]
@@ -345,7 +345,7 @@ def _reference_grads(h, w, labels):
 
 
 def ablate_grad_filter(device, tiny, warmup, reps, activations=None):
-    from pyfused_po.linear_token_logprobs import linear_token_logprobs
+    from pyfused_po.token.linear_token_logprobs import linear_token_logprobs
 
     loaded = load_activations(activations, pairs=2 if tiny else None)
     if loaded[0] is None:

@@ -69,8 +69,8 @@ def test_headline_ratios_from_records():
 
 def test_old_algorithm_with_temporaries_matches_fp64_autograd():
     """The ablation's reference implementation of the old backward is a correct backward."""
-    from pyfused_po.torch_backend import linear as chunked
-    from pyfused_po.torch_backend import token
+    from pyfused_po.token.torch_backend import linear as chunked
+    from pyfused_po.token.torch_backend import token
 
     g = torch.Generator().manual_seed(3)
     M, V, D = 29, 53, 12

@@ -219,7 +219,7 @@ def _module_chunk_tokens(batch, budget, fused, trainable):
     """A module's ``chunk_tokens`` at this budget: the staged plan's chunk fills the budget; the
     three-GEMM plan's is the library's rule (torch_backend.linear.gradient_chunk_size) at that
     budget for a trainable head (a frozen head keeps the staged chunk)."""
-    from pyfused_po.torch_backend.linear import gradient_chunk_size
+    from pyfused_po.token.torch_backend.linear import gradient_chunk_size
 
     V, D = batch["weight"].shape
     staged = max(1, budget // V)
@@ -501,7 +501,7 @@ def _plans(M, V, D, budget, trl_tokens):
     """Chunking of each plan under the counters' rules: TRL's token tile and vocabulary tile, the
     staged path's token chunk and vocabulary slice, the three-GEMM plan's token chunk
     (``torch_backend.linear.gradient_chunk_size``: at least ``min(M, 4096, D)`` tokens)."""
-    from pyfused_po.torch_backend.linear import gradient_chunk_size
+    from pyfused_po.token.torch_backend.linear import gradient_chunk_size
 
     trl_t = min(M, trl_tokens)
     trl_v = min(V, max(1, budget // trl_t))

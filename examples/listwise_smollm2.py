@@ -15,7 +15,7 @@ answers and two of the model's own answers, scored by the rule in
 u = β·(ℓ − ℓʳ) is a response's implicit reward (ℓ its summed log-prob under the policy, ℓʳ
 under the frozen reference model).  Each step runs the policy's backbone (the reference's
 without gradient) and hands the last hidden states and the tied LM head's weight to
-``pyfused_po.listwise_stages.listwise_loss_from_hidden``: the ``[tokens, vocabulary]`` logits
+``pyfused_po.plans.listwise_stages.listwise_loss_from_hidden``: the ``[tokens, vocabulary]`` logits
 are never formed, for the policy or the reference.  AdamW without weight decay and the gradient
 norm clipped at 1 (TRL's defaults), at a constant learning rate; the groups are visited in a
 seeded shuffled order.
@@ -52,7 +52,7 @@ def group_loss(model, ref_model, batch, *, loss_type, beta, backend="auto"):
     import torch
 
     from pyfused_po.integrations.hf import last_hidden_states, lm_head_transform
-    from pyfused_po.listwise_stages import listwise_loss_from_hidden
+    from pyfused_po.plans.listwise_stages import listwise_loss_from_hidden
 
     if lm_head_transform(model) != dict(logit_scale=1.0, softcap=None):
         raise ValueError(f"this example passes hidden @ weight.T as the logits; {type(model).__name__}'s head "

@@ -1,7 +1,7 @@
 """Launchers of ``truncated_select.py``: a tile of raw logits rows ``[C, V]`` in, fp32 out, no autograd.
 
-The contract is :func:`pyfused_po.truncated_support.fold_forward` / ``fold_backward``'s (the PyTorch
-fold), so ``pyfused_po.truncated_logprobs`` runs either on the same tiles.
+The contract is :func:`pyfused_po.token.truncated_support.fold_forward` / ``fold_backward``'s (the PyTorch
+fold), so ``pyfused_po.token.truncated_logprobs`` runs either on the same tiles.
 """
 import os
 
@@ -21,7 +21,7 @@ def _block(V):
 
 def _transform_args(logit_scale, temperature, softcap):
     """``(scale, 1/T, softcap value, c = scale/T, HAS_SOFTCAP, RAW_DIFF)``: ``RAW_DIFF`` as
-    :func:`pyfused_po.torch_backend.token.row_stats` chooses ``(x − x_max)·c`` over ``z − m``."""
+    :func:`pyfused_po.token.torch_backend.token.row_stats` chooses ``(x − x_max)·c`` over ``z − m``."""
     c = float(logit_scale) / float(temperature)
     has_cap = softcap is not None
     return (float(logit_scale), 1.0 / float(temperature), 0.0 if softcap is None else float(softcap), c,

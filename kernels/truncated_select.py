@@ -2,7 +2,7 @@
 
 One program handles one row ``x [V]`` of raw logits (a tile row: the caller gathers the labelled
 rows).  With ``d = z − max z`` (``z`` the transformed logits, ``/ T`` included) the kept set of
-top-k → top-p → min-p is ``{d ≥ τ}`` (see ``pyfused_po/truncated_support.py`` for the rules).
+top-k → top-p → min-p is ``{d ≥ τ}`` (see ``pyfused_po/token/truncated_support.py`` for the rules).
 Each threshold is found by streaming over the row, never by sorting it:
 
 * every ``d`` maps to an order-preserving integer key (:func:`_key`, 32 bits);
@@ -52,7 +52,7 @@ def _value(key):
 
 @triton.jit
 def _row_d(x, ref, c, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, RAW_DIFF: tl.constexpr):
-    """``d = z − max z`` as :func:`pyfused_po.torch_backend.token.row_stats` forms it: with
+    """``d = z − max z`` as :func:`pyfused_po.token.torch_backend.token.row_stats` forms it: with
     ``RAW_DIFF`` (no softcap, scale/T ≠ 1) ``(x − x_ref)·c`` with ``x_ref`` the raw logit of the
     max, else ``transform(x) − m``."""
     if RAW_DIFF:

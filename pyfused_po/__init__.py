@@ -5,25 +5,21 @@ Three stages (see docs/architecture.md in the repository): the token stage
 the objective stage (:func:`preference_loss` over a registry of losses), chained by
 the drop-in :class:`FusedPreferenceLoss`.
 """
-from . import ops  # noqa: F401  (registers the torch.library custom ops used under torch.compile)
-from . import packing  # noqa: F401  (registers the packed form of sequence_sums)
-from .batch_layout import BatchLayout
-from .distributed import (
-    sequence_parallel_sums,
-    vocab_parallel_linear_token_logprobs,
-    vocab_parallel_token_logprobs,
-)
-from .kto import FusedKTOLoss, KTOLossOutput, kto_loss
-from .linear_token_logprobs import linear_token_logprobs
-from .listwise_loss import ListwiseLossOutput, listwise_preference_loss
-from .listwise_stages import listwise_loss_from_hidden, listwise_loss_from_logits
-from .module import FusedPreferenceLoss
+from .token import ops  # noqa: F401  (registers the torch.library custom ops used under torch.compile)
+from .sequence import packing  # noqa: F401  (registers the packed form of sequence_sums)
+from .sequence.batch_layout import BatchLayout
+from .distributed import sequence_parallel_sums, vocab_parallel_linear_token_logprobs, vocab_parallel_token_logprobs
+from .modules.kto import FusedKTOLoss, KTOLossOutput, kto_loss
+from .token.linear_token_logprobs import linear_token_logprobs
+from .objectives.listwise_loss import ListwiseLossOutput, listwise_preference_loss
+from .plans.listwise_stages import listwise_loss_from_hidden, listwise_loss_from_logits
+from .modules.preference import FusedPreferenceLoss
 from .objectives import F_DIVERGENCE_TYPES, ObjectiveOutput, PairBatch, loss_types, register_objective
-from .expo import expo_from_logits, expo_loss
-from .preference_loss import PreferenceLossOutput, preference_loss
-from .sequence import SequenceSums, sequence_sums
-from .token_kl import TokenKL, token_kl
-from .token_logprobs import TokenLogprobs, token_logprobs
+from .modules.expo import expo_from_logits, expo_loss
+from .objectives.preference_loss import PreferenceLossOutput, preference_loss
+from .sequence.sums import SequenceSums, sequence_sums
+from .token.token_kl import TokenKL, token_kl
+from .token.token_logprobs import TokenLogprobs, token_logprobs
 
 __version__ = "0.1.0"
 

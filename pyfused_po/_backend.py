@@ -50,6 +50,6 @@ def token_ops(name: str):
     """The module providing ``token_forward`` / ``token_backward`` for a resolved backend."""
     if name == "triton":
         return triton_kernels()
-    from . import torch_backend
+    from .token import torch_backend
 
     return torch_backend

@@ -37,7 +37,7 @@ def nonnegative(x, name):
 @torch.library.custom_op("pyfused_po::check_labels_agree", mutates_args=())
 def check_labels_agree(labels: Tensor, extra_labels: Tensor, ignore_index: int, name: str) -> Tensor:
     """``labels`` (a copy) after checking that ``extra_labels`` equals it wherever both are set
-    (:func:`pyfused_po.sequence.merge_labels`; CPU tensors, CUDA with ``PYFUSED_PO_DEBUG=1``)."""
+    (:func:`pyfused_po.sequence.sums.merge_labels`; CPU tensors, CUDA with ``PYFUSED_PO_DEBUG=1``)."""
     if not labels.is_cuda or debug_checks_enabled():
         both = (labels != ignore_index) & (extra_labels != ignore_index)
         if bool((both & (labels != extra_labels)).any()):

@@ -219,8 +219,8 @@ def _kto_inputs(logits, g):
 
 
 def check_vp_losses(rank, world, backend):
-    from pyfused_po.kto import FusedKTOLoss
-    from pyfused_po.module import FusedPreferenceLoss
+    from pyfused_po.modules.kto import FusedKTOLoss
+    from pyfused_po.modules.preference import FusedPreferenceLoss
 
     logits, labels, _, _, g = paired_batch()
     V = logits.shape[-1]
@@ -279,8 +279,8 @@ def check_vp_losses(rank, world, backend):
 # ----------------------------------------------------------------------------- sequence parallel
 
 def check_sp_losses(rank, world, backend):
-    from pyfused_po.kto import FusedKTOLoss
-    from pyfused_po.module import FusedPreferenceLoss
+    from pyfused_po.modules.kto import FusedKTOLoss
+    from pyfused_po.modules.preference import FusedPreferenceLoss
 
     logits, labels, tokens, ref_logits, g = paired_batch()
     T = labels.shape[1]
@@ -357,7 +357,7 @@ def check_mesh_losses(rank, world, backend):
     """A 2 × 2 mesh: ranks {0, 1} and {2, 3} split the vocabulary, {0, 2} and {1, 3} the
     sequence.  Each rank holds a [tokens slice, vocabulary slice] block of the logits (or
     its hidden slice and head shard); loss, metrics and gradients equal the unsplit ones."""
-    from pyfused_po.module import FusedPreferenceLoss
+    from pyfused_po.modules.preference import FusedPreferenceLoss
 
     assert world == 4, world
     # Every rank creates every group, in the same order.
@@ -419,7 +419,7 @@ def _packed_grad(full_grad, rows):
 def check_packed_vp(rank, world, backend):
     """Vocabulary parallel on a packed stream: the same rows on every rank, this rank's
     vocabulary slice (logits, or the head's rows)."""
-    from pyfused_po.module import FusedPreferenceLoss
+    from pyfused_po.modules.preference import FusedPreferenceLoss
 
     b, rows, cu = _packed_twin(seed=7, D=6)
     s0, s1 = my_range(b.V, world, rank)
@@ -455,7 +455,7 @@ def check_packed_vp(rank, world, backend):
 
 
 def _position_ids(cu):
-    from pyfused_po.packed_layout import cu_seqlens_to_position_ids
+    from pyfused_po.token.packed_layout import cu_seqlens_to_position_ids
 
     return cu_seqlens_to_position_ids(cu, int(cu[-1]))
 
@@ -464,9 +464,9 @@ def check_packed_sp(rank, world, backend):
     """Sequence parallel on a packed stream: each rank holds a contiguous slice of the N
     tokens (sequences cut anywhere), labels shifted per sequence before splitting; the
     segment sums are all-reduced once."""
-    from pyfused_po.kto import FusedKTOLoss
-    from pyfused_po.module import FusedPreferenceLoss
-    from pyfused_po.packed_layout import packed_shift
+    from pyfused_po.modules.kto import FusedKTOLoss
+    from pyfused_po.modules.preference import FusedPreferenceLoss
+    from pyfused_po.token.packed_layout import packed_shift
 
     b, rows, cu = _packed_twin(seed=8)
     n = rows.numel()
@@ -516,7 +516,7 @@ PACKED_CHECKS = {"packed_vp": check_packed_vp, "packed_sp": check_packed_sp}
 def check_groups(rank, world, backend):
     """Groups of K = 2 and 3 responses (issue 25): this rank's vocabulary slice of the logits, then
     this rank's token slice of every row (the per-sequence sums all-reduced once, as for pairs)."""
-    from pyfused_po.module import FusedPreferenceLoss
+    from pyfused_po.modules.preference import FusedPreferenceLoss
 
     logits, labels, _, ref_logits, g = paired_batch(P=3)  # 6 sequences: groups (0, 1, 2), (3, 4, 5)
     scores = torch.tensor([0.0, 2.0, 1.0, 5.0, 3.0, 4.0])

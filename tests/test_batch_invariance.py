@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from pyfused_po import FusedKTOLoss, FusedPreferenceLoss, linear_token_logprobs, token_logprobs
-from pyfused_po.fused_gradient import INVARIANT_PLAN_REASON
+from pyfused_po.plans.fused_gradient import INVARIANT_PLAN_REASON
 from pyfused_po.integrations import rl
-from pyfused_po.torch_backend import invariant_tiles
-from pyfused_po.truncated_logprobs import truncated_token_logprobs
+from pyfused_po.token.torch_backend import invariant_tiles
+from pyfused_po.token.truncated_logprobs import truncated_token_logprobs
 
 TILE = invariant_tiles.INVARIANT_TILE_ROWS
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pyfused_po
-from pyfused_po.expo import expo_from_logits, expo_loss
+from pyfused_po.modules.expo import expo_from_logits, expo_loss
 
 
 def log_sigmoid64(x):

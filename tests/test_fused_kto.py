@@ -1,5 +1,5 @@
 """FusedKTOLoss on hidden states with the gradient formed in the forward (three GEMMs,
-:mod:`pyfused_po.fused_kto`): loss, metrics and gradients equal the staged plan
+:mod:`pyfused_po.plans.fused_kto`): loss, metrics and gradients equal the staged plan
 (``fused_gradient=False``) and an independent float64 KTO written out here from the formula."""
 import pytest
 import torch

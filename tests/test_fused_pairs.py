@@ -1,5 +1,5 @@
 """FusedPreferenceLoss on hidden states with the gradient formed in the forward (three GEMMs,
-:mod:`pyfused_po.fused_pairs`): loss, metrics and gradients equal the staged path in float64."""
+:mod:`pyfused_po.plans.fused_pairs`): loss, metrics and gradients equal the staged path in float64."""
 import pytest
 import torch
 

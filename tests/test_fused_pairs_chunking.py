@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyfused_po import FusedPreferenceLoss
-from pyfused_po.torch_backend import linear as chunked
+from pyfused_po.token.torch_backend import linear as chunked
 
 MM = {"mm", "addmm", "addmm_"}
 

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import pyfused_po
 from _fuzz_report import print_uncaptured
-from pyfused_po.sequence import merge_labels
+from pyfused_po.sequence.sums import merge_labels
 
 
 

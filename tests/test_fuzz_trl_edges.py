@@ -183,7 +183,7 @@ def test_use_preference_loss_options_against_trl_loss():
     """Whatever dpo_config_mismatches accepts computes TRL's loss (1e-9 in float64); every
     difference from TRL's loss is refused.  Both outcomes occur many times."""
     from pyfused_po.integrations.trl_preference_loss import dpo_config_mismatches
-    from pyfused_po.preference_loss import preference_loss
+    from pyfused_po.objectives.preference_loss import preference_loss
 
     rng = random.Random(7)
     gen = torch.Generator().manual_seed(7)

@@ -17,40 +17,22 @@ PACKAGE = "pyfused_po"
 # Stage ranks (docs/architecture.md, "Import order"): an edge may only go to an equal or
 # lower rank.  Modules not listed here are only checked for cycles.
 RANKS = {
+    # shared infrastructure, importable by every stage
     "pyfused_po.kernels": 0,
     "pyfused_po.validation": 0,
     "pyfused_po._dispatch": 0,
+    "pyfused_po.compiled_checks": 0,
     "pyfused_po._backend": 1,
-    "pyfused_po.torch_backend": 1,
-    "pyfused_po.mixed_precision": 1,
-    "pyfused_po.token_logprobs": 1,
-    "pyfused_po.linear_token_logprobs": 1,
-    "pyfused_po.token_kl": 1,
-    "pyfused_po.packed_layout": 1,
-    "pyfused_po.truncated_support": 1,
-    "pyfused_po.truncated_logprobs": 1,
+    # the stages, one folder each (a module's stage is its folder)
+    "pyfused_po.token": 1,
     "pyfused_po.sequence": 2,
-    "pyfused_po.ops": 2,
-    "pyfused_po.packing": 2,
-    "pyfused_po.groups": 2,
-    "pyfused_po.packed_columns": 3,
-    "pyfused_po.batch_layout": 2,
-    "pyfused_po.preference_batch": 3,
-    "pyfused_po.kto_batch": 3,
-    "pyfused_po.autograd_guard": 0,
-    "pyfused_po.grad_filter": 1,
+    "pyfused_po.sequence.packed_columns": 3,  # the token stage's view of a packed batch, for the modules
+    "pyfused_po.sequence.preference_batch": 3,
+    "pyfused_po.sequence.kto_batch": 3,
     "pyfused_po.distributed": 3,
     "pyfused_po.objectives": 3,
-    "pyfused_po.preference_loss": 3,
-    "pyfused_po.listwise_loss": 3,
-    "pyfused_po.listwise_stages": 4,
-    "pyfused_po.fused_gradient": 4,
-    "pyfused_po.fused_pairs": 4,
-    "pyfused_po.module": 4,
-    "pyfused_po.preference_groups": 4,
-    "pyfused_po.fused_kto": 5,
-    "pyfused_po.expo": 5,
-    "pyfused_po.kto": 5,
+    "pyfused_po.plans": 4,
+    "pyfused_po.modules": 5,
     "pyfused_po.integrations": 6,
     "pyfused_po.testing": 7,
 }
@@ -142,8 +124,8 @@ def _rank(module):
 
 def test_graph_sees_the_package():
     graph = import_graph()
-    assert "pyfused_po.token_logprobs" in graph and "pyfused_po.kernels.token_launch" in graph
-    assert "pyfused_po.token_logprobs" in graph["pyfused_po.linear_token_logprobs"]
+    assert "pyfused_po.token.token_logprobs" in graph and "pyfused_po.kernels.token_launch" in graph
+    assert "pyfused_po.token.token_logprobs" in graph["pyfused_po.token.linear_token_logprobs"]
     assert "pyfused_po.distributed.vocab_parallel" in graph["pyfused_po.distributed"]
 
 

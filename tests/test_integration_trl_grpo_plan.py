@@ -228,7 +228,7 @@ def test_grpo_completion_longer_than_a_chunk_falls_back_logged_once(grpo_pair, c
     """A completion with more labelled tokens than the plan's chunk (here 24 = D tokens, the staged
     budget shrunk to 4 tokens): the staged path runs (TRL's numbers), the reason is kept in
     ``trainer.fallback_reason`` and logged once however many steps."""
-    from pyfused_po.torch_backend import linear
+    from pyfused_po.token.torch_backend import linear
 
     base, fused = grpo_pair
     for trainer in grpo_pair:

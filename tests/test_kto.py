@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pyfused_po.kto import FusedKTOLoss, kto_loss
+from pyfused_po.modules.kto import FusedKTOLoss, kto_loss
 from reference import max_rel_err, token_logprobs_ref
 
 TOL = 1e-11

@@ -194,7 +194,7 @@ def _bad_cases():
 
 @pytest.mark.parametrize("case", range(16))
 def test_bad_inputs_are_named_before_any_kernel(case, monkeypatch):
-    import pyfused_po.head_source as hs
+    import pyfused_po.plans.head_source as hs
 
     kwargs, match = _bad_cases()[case]
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pyfused_po import linear_token_logprobs
-from pyfused_po.torch_backend import linear as chunked
+from pyfused_po.token.torch_backend import linear as chunked
 
 
 def _reference(hidden, weight, bias, labels, *, shift=False, temperature=1.0, logit_scale=1.0, softcap=None):

@@ -10,9 +10,9 @@ fp32 on the CPU (the interpreter's bf16 dot is wrong); bf16 on a GPU (``gpu`` ma
 import pytest
 import torch
 
-from pyfused_po.grad_filter import resolve_grad_filter
+from pyfused_po.token.grad_filter import resolve_grad_filter
 from pyfused_po.kernels.linear_launch import linear_config
-from pyfused_po.linear_token_logprobs import linear_token_logprobs
+from pyfused_po.token.linear_token_logprobs import linear_token_logprobs
 
 B, T, D, V = 3, 17, 19, 150
 

@@ -6,8 +6,8 @@ of ``tests/reference.py``; its gradients come from torch autograd in float64.
 import pytest
 import torch
 
-from pyfused_po.linear_token_logprobs import linear_token_logprobs
-from pyfused_po.token_logprobs import TokenLogprobs
+from pyfused_po.token.linear_token_logprobs import linear_token_logprobs
+from pyfused_po.token.token_logprobs import TokenLogprobs
 from reference import max_rel_err, token_logprobs_ref
 
 EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pyfused_po.linear_token_logprobs import linear_token_logprobs
+from pyfused_po.token.linear_token_logprobs import linear_token_logprobs
 
 
 def inputs(T=5, D=8, V=20):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import pyfused_po
-from pyfused_po.groups import group_layout
-from pyfused_po.listwise_loss import NOT_ON_GROUPS, listwise_plan, listwise_preference_loss
+from pyfused_po.sequence.groups import group_layout
+from pyfused_po.objectives.listwise_loss import NOT_ON_GROUPS, listwise_plan, listwise_preference_loss
 from pyfused_po.objectives.listwise import listwise_types
 
 from _listwise_reference import (groups, log_sigmoid, ref_adpo, ref_lipo_lambda, ref_pairwise, ref_plackett_luce,

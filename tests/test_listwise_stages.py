@@ -5,7 +5,7 @@ gradient."""
 import pytest
 import torch
 
-from pyfused_po.listwise_stages import listwise_loss_from_hidden, listwise_loss_from_logits
+from pyfused_po.plans.listwise_stages import listwise_loss_from_hidden, listwise_loss_from_logits
 
 from _listwise_reference import groups, ref_pairwise, ref_plackett_luce, reference
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyfused_po import BatchLayout, FusedPreferenceLoss
-from pyfused_po.listwise_stages import listwise_loss_from_hidden
+from pyfused_po.plans.listwise_stages import listwise_loss_from_hidden
 
 from _listwise_reference import log_sigmoid, ref_pairwise, ref_plackett_luce, reference
 
@@ -269,7 +269,7 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("kw, message", BAD_CALLS, ids=[m for _, m in BAD_CALLS])
 def test_bad_groups_get_a_named_error_before_any_kernel(kw, message, monkeypatch):
-    import pyfused_po.module as module_file
+    import pyfused_po.modules.preference as module_file
 
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran before the check")

@@ -140,7 +140,7 @@ def test_hf_per_token_inputs_must_match_labels(tiny, name, shape):
 
 
 def test_merge_labels_refuses_extra_labels_broadcast():
-    from pyfused_po.sequence import merge_labels
+    from pyfused_po.sequence.sums import merge_labels
 
     labels = torch.full((4, 5), -100)
     with pytest.raises(ValueError, match=r"nll_labels must have the shape of labels \(4, 5\)"):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pyfused_po.token_kl import TokenKL, token_kl
+from pyfused_po.token.token_kl import TokenKL, token_kl
 from reference import max_rel_err, token_logprobs_ref, transformed_logits
 
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}

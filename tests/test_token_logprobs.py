@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pyfused_po
-from pyfused_po.token_logprobs import TokenLogprobs
+from pyfused_po.token.token_logprobs import TokenLogprobs
 from reference import max_rel_err, token_logprobs_ref
 
 EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
@@ -211,7 +211,7 @@ def test_is_top1_is_not_differentiable_and_marks_the_argmax():
 
 def test_torch_backend_is_chunked(monkeypatch):
     """Tiny chunks give the same result: the chunk loop covers every row exactly once."""
-    from pyfused_po.torch_backend import token as torch_token
+    from pyfused_po.token.torch_backend import token as torch_token
 
     logits, labels = make_batch(B=3, T=9, V=100)
     monkeypatch.setattr(torch_token, "CHUNK_ELEMENTS", 250)  # 2 rows per chunk

@@ -37,7 +37,7 @@ def _linear_fn():
     fn = getattr(pyfused_po, "linear_token_logprobs", None)
     if not callable(fn):  # absent, or the submodule of the same name (not yet exported)
         try:
-            from pyfused_po.linear_token_logprobs import linear_token_logprobs as fn
+            from pyfused_po.token.linear_token_logprobs import linear_token_logprobs as fn
         except ImportError:
             return None
     return fn

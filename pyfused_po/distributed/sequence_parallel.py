@@ -20,7 +20,7 @@ slice would drop the token at each slice boundary.
 import torch
 import torch.distributed as dist
 
-from ..sequence import SequenceSums, sequence_sums
+from ..sequence.sums import SequenceSums, sequence_sums
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -60,7 +60,7 @@ def all_reduce_columns(columns, group):
 
 
 def sequence_parallel_sums(token_values, labels, *, group, ignore_index=-100, token_weights=None):
-    """:func:`pyfused_po.sequence.sequence_sums` of sequences split across ``group``.
+    """:func:`pyfused_po.sequence.sums.sequence_sums` of sequences split across ``group``.
 
     ``token_values`` / ``labels``: ``[B, T_r]`` this rank's slice of every sequence (labels
     already shifted).  Returns the full-sequence sums and lengths (one all-reduce), equal on

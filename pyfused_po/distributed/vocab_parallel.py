@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from .. import _backend, _dispatch
 from .. import _backend
-from ..autograd_guard import first_derivative_only
-from ..linear_token_logprobs import validate_linear_inputs
-from ..mixed_precision import autocast_off, cast_operands
-from ..token_logprobs import (
+from ..token.autograd_guard import first_derivative_only
+from ..token.linear_token_logprobs import validate_linear_inputs
+from ..token.mixed_precision import autocast_off, cast_operands
+from ..token.token_logprobs import (
     TokenConfig,
     _rows_view,
     logits_view,
@@ -32,7 +32,7 @@ from ..token_logprobs import (
     run_token_backward,
     validate_token_config,
 )
-from ..torch_backend import linear as _chunked
+from ..token.torch_backend import linear as _chunked
 from ..validation import check_inplace_target, check_same_device, check_tensor, checked_labels
 from .vocab_stats import (
     SLICE_IGNORE,
@@ -192,7 +192,7 @@ def vocab_parallel_token_logprobs(logits_shard, labels, *, group, vocab_start, i
 class VocabParallelLinearFunction(torch.autograd.Function):
     """``forward(hidden, weight_shard, bias_shard, labels, config, backend, chunk_tokens, group,
     vocab_start, reduce_grad_hidden, mm_dtype)`` → ``(logps, *extras)`` shaped like ``labels``
-    (``mm_dtype``: :mod:`pyfused_po.mixed_precision`)."""
+    (``mm_dtype``: :mod:`pyfused_po.token.mixed_precision`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, config, backend, chunk_tokens, group, vocab_start,

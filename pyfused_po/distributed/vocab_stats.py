@@ -29,7 +29,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from ..torch_backend.token import lse_pair
+from ..token.torch_backend.token import lse_pair
 from ..validation import check_label_range
 
 # Order of the per-extra statistic rows after the LSE-pair (hi, lo) and target-logit rows.
@@ -56,7 +56,7 @@ def slice_labels(labels, vocab_start, vocab_local, ignore_index):
 
 
 def slice_config(config):
-    """``config`` (a :class:`~pyfused_po.token_logprobs.TokenConfig`) for kernels reading
+    """``config`` (a :class:`~pyfused_po.token.token_logprobs.TokenConfig`) for kernels reading
     :func:`slice_labels` output: the same transform and extras, ``ignore_index=SLICE_IGNORE``."""
     return dataclasses.replace(config, ignore_index=SLICE_IGNORE)
 

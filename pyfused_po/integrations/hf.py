@@ -283,6 +283,6 @@ def _reference_tokens(loss_fn, ref_hidden, weight, bias, labels):
 
     Per-sequence sums split as ``[chosen; rejected]`` here would ignore a ``pair_layout`` /
     ``chosen_index`` and the ``token_weights`` the loss applies to its own reference sums."""
-    from ..linear_token_logprobs import linear_token_logprobs
+    from ..token.linear_token_logprobs import linear_token_logprobs
     return linear_token_logprobs(ref_hidden, weight, labels, bias=bias, impl=loss_fn.linear_impl,
                                  **loss_fn.token_kwargs)

@@ -11,8 +11,8 @@ no padding rows anywhere — with the labels shifted inside each sequence.
 import torch
 
 from .. import _dispatch
-from ..linear_token_logprobs import linear_token_logprobs
-from ..packed_layout import cu_seqlens_to_position_ids, packed_shift, resolve_cu_seqlens
+from ..token.linear_token_logprobs import linear_token_logprobs
+from ..token.packed_layout import cu_seqlens_to_position_ids, packed_shift, resolve_cu_seqlens
 from . import hf
 from .lora_head import lora_head_operands
 

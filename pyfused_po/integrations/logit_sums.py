@@ -13,7 +13,7 @@ identity needs a linear head: a final logit softcap (Gemma 2/3) is refused by na
 """
 import torch
 
-from ..linear_token_logprobs import linear_token_logprobs
+from ..token.linear_token_logprobs import linear_token_logprobs
 from .trl_legacy_head import run_head
 
 __all__ = ["scored_rows", "vocab_logit_sums"]

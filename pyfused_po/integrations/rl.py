@@ -14,16 +14,16 @@ frameworks' signatures and semantics (labels aligned with the logits rows, every
 nothing modified in place).
 
 With ``top_k`` / ``top_p`` / ``min_p`` it scores the tokens under the *truncated* distribution the
-sampler drew from (:mod:`pyfused_po.truncated_support`), so that ``π_train / π_sampler`` compares
+sampler drew from (:mod:`pyfused_po.token.truncated_support`), so that ``π_train / π_sampler`` compares
 like with like; ``batch_invariant=True`` makes a token's results bitwise independent of the rest of
-the batch (:mod:`pyfused_po.torch_backend.invariant_tiles`).
+the batch (:mod:`pyfused_po.token.torch_backend.invariant_tiles`).
 """
 import torch
 
-from ..linear_token_logprobs import linear_token_logprobs
-from ..token_logprobs import token_logprobs
-from ..truncated_logprobs import check_sources, truncated_token_logprobs
-from ..truncated_support import sampler_spec
+from ..token.linear_token_logprobs import linear_token_logprobs
+from ..token.token_logprobs import token_logprobs
+from ..token.truncated_logprobs import check_sources, truncated_token_logprobs
+from ..token.truncated_support import sampler_spec
 from .rl_ratio import ImportanceRatio, importance_ratio
 
 __all__ = ["rl_token_logprobs", "log_probs_from_logits", "logprobs_from_logits", "entropy_from_logits",
@@ -45,7 +45,7 @@ def rl_token_logprobs(labels, *, logits=None, hidden=None, weight=None, bias=Non
     the entropy is ``H(p̃)``; the gradient is ``(onehot − p̃)/T`` on the kept set (held fixed) and 0
     elsewhere.  ``batch_invariant=True``: a token's log-prob, entropy and gradient row are bitwise
     the same whatever else is in the batch (with truncation: fixed-shape tiles of
-    :mod:`pyfused_po.truncated_logprobs`; without: the token stage's own invariant mode,
+    :mod:`pyfused_po.token.truncated_logprobs`; without: the token stage's own invariant mode,
     :func:`pyfused_po.token_logprobs` / :func:`pyfused_po.linear_token_logprobs`).  Truncation runs
     tile by tile (PyTorch gathers / GEMMs); each tile is folded by PyTorch or, on the Triton
     backend, by the radix-select kernels of ``kernels/truncated_select.py``.  ``return_outside=True``

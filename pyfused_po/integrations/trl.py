@@ -29,9 +29,9 @@ from typing import Optional
 import torch
 
 from .. import _dispatch
-from ..linear_token_logprobs import linear_token_logprobs
-from ..token_logprobs import TokenLogprobs
-from ..truncated_support import sampler_spec
+from ..token.linear_token_logprobs import linear_token_logprobs
+from ..token.token_logprobs import TokenLogprobs
+from ..token.truncated_support import sampler_spec
 from .hf import backbone, lm_head_transform, with_lm_head
 from .lora_head import lora_head_operands
 from .rl import rl_token_logprobs

@@ -3,7 +3,7 @@
 TRL's DPOTrainer scores the policy's tokens through its fused head and sums them in Python: the LM
 head costs four GEMMs per step (logits, the backward's recompute, dH, dW).  The same loss as a
 :class:`~pyfused_po.FusedPreferenceLoss` built from the trainer's own ``DPOConfig`` forms its exact
-gradient in the forward (:mod:`pyfused_po.fused_gradient`): three GEMMs, and the reference pass one.
+gradient in the forward (:mod:`pyfused_po.plans.fused_gradient`): three GEMMs, and the reference pass one.
 :func:`~pyfused_po.integrations.trl_plan.plan_trainer` builds that loss, checks it against the
 DPOConfig with the same rules as :func:`~pyfused_po.integrations.trl.use_preference_loss` (every
 hyper-parameter, every option) and switches the trainer's loss to it silently when they agree.
@@ -24,7 +24,7 @@ def dpo_loss_from_config(trainer, *, backend="auto", linear_impl="auto"):
     loss types and weights, beta, LD-DPO, WPO weighting, f-divergence, label smoothing for the
     types TRL smooths, DiscoPOP's tau; TRL's labels and the model config's logit transform).
     Raises ``ValueError`` / ``TypeError`` when pyfused_po cannot build it."""
-    from ..module import FusedPreferenceLoss
+    from ..modules.preference import FusedPreferenceLoss
     from ..objectives import get_objective
     from .hf import lm_head_transform
     from .trl_head import head_owner

@@ -3,7 +3,7 @@
 A loss separates when, given constants of the batch fixed before the step, each token's gradient
 ``∂L/∂log p_t`` depends only on the log-probs of the group it belongs to: a sequence (KTO), or the
 token alone (SFT's NLL and DFT).  :func:`policy_step` then runs the policy's LM head as
-:class:`~pyfused_po.fused_gradient.FusedHead`: logits per chunk of whole groups, the loss's
+:class:`~pyfused_po.plans.fused_gradient.FusedHead`: logits per chunk of whole groups, the loss's
 gradient, dH and dW in the forward — three GEMMs, no recompute — and returns the per-token values
 the trainer's metrics read from the same fold.  When the plan cannot run for the call (grad mode
 off, a group longer than a chunk, ...) the same loss runs staged (four GEMMs), same numbers.
@@ -12,8 +12,8 @@ import types
 
 import torch
 
-from ..fused_gradient import FusedHead, note_fallback, plan_may_run
-from ..linear_token_logprobs import linear_token_logprobs
+from ..plans.fused_gradient import FusedHead, note_fallback, plan_may_run
+from ..token.linear_token_logprobs import linear_token_logprobs
 
 __all__ = ["policy_step", "switch_to_plan"]
 
@@ -30,7 +30,7 @@ def policy_step(source, labels, loss_of, token_kwargs, *, extras=(), linear_impl
     for an entropy bonus); ``loss_of`` then takes the per-token values (``.logps`` and those
     extras) instead of the log-probs.  ``owner`` (the trainer): when a group is longer than the
     plan's chunk and the staged path runs, the reason is kept in ``owner.fallback_reason`` and
-    logged once (:func:`~pyfused_po.fused_gradient.note_fallback`).
+    logged once (:func:`~pyfused_po.plans.fused_gradient.note_fallback`).
 
     ``anchor=True`` is for a caller that computes the loss's value itself from ``tokens`` (a
     trainer's own code, for its metrics): ``loss`` is then a zero that carries the plan's gradient

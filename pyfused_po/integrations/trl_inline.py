@@ -12,7 +12,7 @@ is the same as on 1.16, with the fused head given by pyfused_po instead of TRL:
   labelled rows only; other calls run the model's own forward);
 * ``_compute_loss`` becomes the three-GEMM plan of 1.16 (DPO: a
   :class:`~pyfused_po.FusedPreferenceLoss` built from the ``DPOConfig``, :mod:`.trl_dpo_plan`; KTO:
-  TRL's formula on :class:`~pyfused_po.fused_gradient.FusedHead`, :mod:`.trl_kto_plan`), logging
+  TRL's formula on :class:`~pyfused_po.plans.fused_gradient.FusedHead`, :mod:`.trl_kto_plan`), logging
   TRL's metric names and values (``entropy``, ``mean_token_accuracy``, ``logits/*`` from the same fold);
 * ``compute_ref_log_probs`` (reference sums precomputed for an eval set; the train set's are
   precomputed by TRL's ``__init__``, before ``apply`` can run) and KTO's ``_compute_kl_logps`` run

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from ..sequence import ld_token_weights
+from ..sequence.sums import ld_token_weights
 
 __all__ = ["reference_context", "fused_token_logps", "dpo_compute_ref_log_probs", "kto_kl_logps",
            "kto_compute_ref_log_probs"]

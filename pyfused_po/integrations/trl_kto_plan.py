@@ -1,10 +1,10 @@
 """``apply(KTOTrainer)``: TRL's KTO loss on the three-GEMM plan.
 
-KTO separates over sequences (:mod:`pyfused_po.fused_kto`): given the batch constants — the
+KTO separates over sequences (:mod:`pyfused_po.plans.fused_kto`): given the batch constants — the
 reference sums, the KL reference point z₀ (detached in TRL as in pyfused_po), the flags and the
 weights — each sequence's loss depends on its own summed log-prob only.  The trainer's step here
 is TRL 1.16's ``KTOTrainer._compute_loss`` with the policy's LM head run as the plan
-(:class:`~pyfused_po.fused_gradient.FusedHead`: logits, then dH and dW in the forward; no
+(:class:`~pyfused_po.plans.fused_gradient.FusedHead`: logits, then dH and dW in the forward; no
 recompute), and TRL's token metrics (``entropy``, ``logits/*``) read from the plan's own fold.
 The KL pass over the mismatched completions and the reference passes stay forward-only (one GEMM
 each), through TRL's own code on the switched forward.  Losses and logged metrics are TRL's.
@@ -16,8 +16,8 @@ GEMMs) with the same numbers.
 
 import torch
 
-from ..kto import kto_loss
-from ..sequence import sequence_sums
+from ..modules.kto import kto_loss
+from ..sequence.sums import sequence_sums
 from .trl_fused_step import policy_step, switch_to_plan
 
 __all__ = ["switch_kto_loss"]

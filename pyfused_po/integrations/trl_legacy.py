@@ -39,7 +39,7 @@ import inspect
 
 import torch
 
-from ..linear_token_logprobs import linear_token_logprobs
+from ..token.linear_token_logprobs import linear_token_logprobs
 from .trl_legacy_head import common_refusals, method_layout, replace_method, run_head
 from .trl_legacy_kto import KTO_STATE, kto_forward, kto_layout, kto_refusals
 

@@ -16,7 +16,7 @@ one ``[D]`` vector per step instead of ``[rows, seq, vocab]`` logits, with the s
 """
 import torch
 
-from ..linear_token_logprobs import linear_token_logprobs
+from ..token.linear_token_logprobs import linear_token_logprobs
 from .logit_sums import vocab_logit_sums
 from .trl_legacy_head import common_refusals, method_layout, run_head
 

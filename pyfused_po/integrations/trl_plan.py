@@ -1,6 +1,6 @@
 """Which TRL trainers' losses :func:`~pyfused_po.integrations.trl.apply` runs on the three-GEMM plan.
 
-The plan (:mod:`pyfused_po.fused_gradient`) forms the exact gradient of the LM head in the
+The plan (:mod:`pyfused_po.plans.fused_gradient`) forms the exact gradient of the LM head in the
 forward, three GEMMs where the trainer's own loss on per-token log-probs costs four, wherever the
 loss separates (each token's gradient depends on its own group's log-probs and constants of the
 batch).  One module per trainer: ``DPOTrainer`` (:mod:`.trl_dpo_plan`), ``KTOTrainer``

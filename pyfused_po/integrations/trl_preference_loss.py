@@ -16,7 +16,7 @@ import types
 import torch
 
 from .. import _dispatch
-from ..fused_gradient import TokenCapture
+from ..plans.fused_gradient import TokenCapture
 from .hf import lm_head_transform
 from .trl_head import head_owner
 
@@ -44,7 +44,7 @@ def dpo_config_mismatches(trainer, loss_fn):
     ``loss_type='sigmoid'`` (one loss, no ``loss_weights``), the only value it can replace without
     contradicting an explicit choice.
     """
-    from ..preference_loss import resolve_loss_weights
+    from ..objectives.preference_loss import resolve_loss_weights
 
     args, out = trainer.args, []
     fused_types = [loss_fn.loss_type] if isinstance(loss_fn.loss_type, str) else list(loss_fn.loss_type)
@@ -216,7 +216,7 @@ def _reference_token_logps(trainer, model_kwargs, labels):
 def _policy_token_extras(loss_fn, extras, captured):
     """While active, ``loss_fn``'s policy token values also include ``extras`` (for TRL's token
     metrics, from the same fold) and land in ``captured["policy"]``: from the three-GEMM plan
-    (:class:`~pyfused_po.fused_gradient.TokenCapture`, detached values) or, when the staged plan
+    (:class:`~pyfused_po.plans.fused_gradient.TokenCapture`, detached values) or, when the staged plan
     runs, from its first token-stage call (the policy's)."""
     capture = TokenCapture(extras)
     had_own = "_token_stage" in vars(loss_fn)

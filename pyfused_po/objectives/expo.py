@@ -3,7 +3,7 @@ Reward Model", ICML 2025, arXiv:2506.07492): the composite objective.
 
 Per pair, with ℓ_w, ℓ_l the summed policy log-probs and KL_w, KL_l the per-sequence sums
 of the token-level full-vocabulary KL(π_ref ‖ π_θ) along each response's tokens
-(:func:`pyfused_po.token_kl.token_kl`, summed by the sequence stage):
+(:func:`pyfused_po.token.token_kl.token_kl`, summed by the sequence stage):
 
     loss = −log σ(ℓ_w − ℓ_l)  +  λ · ½ (KL_w + KL_l)
 
@@ -19,7 +19,7 @@ How the KL reaches the objective: the registered ``expo`` reads ``batch.chosen_k
 ``batch.rejected_kl`` (``[P]`` each), which ``preference_loss`` takes as ``chosen_kl=`` /
 ``rejected_kl=`` and ``FusedPreferenceLoss("expo")`` computes with the KL kernel in the
 same pass as the policy log-probs.  The user-facing ``expo_loss`` and ``expo_from_logits``
-are in :mod:`pyfused_po.expo` (they call the higher stages: this file is the objective only).
+are in :mod:`pyfused_po.modules.expo` (they call the higher stages: this file is the objective only).
 """
 import torch.nn.functional as F
 

@@ -4,7 +4,7 @@ Notation.  A group holds K responses; ``scores`` ψ rank them (higher is preferr
 each row of a :class:`GroupBatch` lists its members by descending score (position 0 is
 the best).  u = β·(ℓ − ℓʳ) is a response's implicit reward (ℓ, ℓʳ: summed policy and
 reference log-probs).  Every loss is a pure function of one group's per-sequence sums, so
-the loss of a batch is a sum over groups (see :mod:`pyfused_po.listwise_loss`).
+the loss of a batch is a sum over groups (see :mod:`pyfused_po.objectives.listwise_loss`).
 
 * ``plackett_luce`` (DPO paper, App. A.3), ``top_m`` = m (default all):
   L = −Σ_{k<m} [u_(k) − log Σ_{j≥k} exp u_(j)].
