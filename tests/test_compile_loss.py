@@ -60,7 +60,7 @@ def test_compiled_fused_preference_loss_matches_eager(backend):
 
 def test_token_custom_ops_pass_opcheck():
     """The registered ops' schemas, fake tensors and autograd agree with their real implementation."""
-    from pyfused_po import ops
+    from pyfused_po.token import ops
 
     logits, labels, _, _ = _inputs()
     args = (logits.requires_grad_(), labels, -100, False, 1.0, 1.0, None, "entropy,mean_logit", "torch")
@@ -122,7 +122,7 @@ def test_compiled_token_logprobs_extras_gradients_match_eager():
 
 
 def test_linear_custom_ops_pass_opcheck():
-    from pyfused_po import ops
+    from pyfused_po.token import ops
 
     torch.manual_seed(0)
     hidden, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)

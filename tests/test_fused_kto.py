@@ -145,7 +145,7 @@ def test_falls_back_for_a_vector_loss_a_long_sequence_and_no_grad():
     assert out.loss.shape == (B,) and "StoredGradient" not in type(out.loss.grad_fn).__name__
     with torch.no_grad():
         assert _module("kto")(hidden=hidden, weight=weight, bias=bias, **kw).loss.grad_fn is None
-    from pyfused_po import fused_kto
+    from pyfused_po.plans import fused_kto
 
     source = (hidden, weight, bias)
     assert fused_kto.applies(_module("kto"), source)

@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from .. import _backend, _dispatch
-from .. import _backend
 from ..token.autograd_guard import first_derivative_only
 from ..token.linear_token_logprobs import validate_linear_inputs
 from ..token.mixed_precision import autocast_off, cast_operands
