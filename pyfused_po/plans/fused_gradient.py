@@ -220,11 +220,12 @@ class FusedHead:
             if long_groups == "staged":
                 # the staged plan's GEMMs: logits, recompute, dH, dW; with a frozen head its forward
                 # forms ∂log p/∂h, so 2 (the same count as the plan, whose chunk only is longer)
-                staged = "4 GEMMs" if self.source[1].requires_grad else "2 GEMMs with this frozen head"
+                trainable = self.source[1].requires_grad
+                staged = "4 GEMMs" if trainable else "2 GEMMs with this frozen head"
                 self.fallback_reason = (f"a group of {longest} labelled tokens is longer than the three-GEMM chunk "
                                         f"({self.chunk_tokens} tokens): the staged plan ({staged}) runs; "
-                                        "long_group_plan='three_gemm' keeps 3 GEMMs with a chunk of the longest "
-                                        "group (more peak memory)")
+                                        f"long_group_plan='three_gemm' keeps the plan ({3 if trainable else 2} "
+                                        "GEMMs) with a chunk of the longest group (more peak memory)")
                 return None
             self.chunk_tokens = longest
         return group_chunks(counts, self.chunk_tokens)
