@@ -62,8 +62,9 @@ def test_vocab_outer_backward_with_a_nonnegative_ignore_index(backend, ignore_in
 
 _VOCAB_PARALLEL_WORKER = r'''
 import json, sys, torch, torch.distributed as dist
-rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+rank, out = int(sys.argv[1]), sys.argv[2]
+# A file store, not TCP: no store server thread in rank 0 for the other rank's exit to race with.
+dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
 from pyfused_po import linear_token_logprobs, token_logprobs
 g = torch.Generator().manual_seed(0)
 V, D, ii = 10, 3, 0
@@ -83,6 +84,9 @@ lin = linear_token_logprobs(h, w, labels, ignore_index=ii, backend="torch", voca
 lin.sum().backward()
 json.dump(dict(logps=lp.tolist(), grad=shard.grad.tolist(), lin=lin.tolist(), grad_h=h.grad.tolist(),
                grad_w=w.grad.tolist()), open(f"{out}/rank{rank}.json", "w"))
+# Both ranks reach this point before either tears gloo down: a rank that exits first closes the pair's
+# connection under the other's background thread ("terminate called without an active exception").
+dist.barrier()
 dist.destroy_process_group()
 '''
 
@@ -96,13 +100,10 @@ def test_vocab_parallel_with_a_nonnegative_ignore_index(tmp_path):
     import subprocess
     import sys
 
-    from _dist_spawn import free_port
-
     script = tmp_path / "worker.py"
     script.write_text(_VOCAB_PARALLEL_WORKER)
-    port = str(free_port())
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path)], env=env,
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     logs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
