@@ -63,8 +63,7 @@ class PackedSequences:
         stream = packed_batch(module, labels, layout.cu_seqlens, layout.position_ids, layout.token_offset)
         self.num_sequences = stream.layout.num_sequences
         check_desirable_flags(is_desirable, self.num_sequences)
-        self.sources = (stream.source(source, "hidden" if isinstance(source, tuple) else "logits"),
-                        stream.source(ref_source, "ref_hidden" if isinstance(ref_source, tuple) else "ref_logits"))
+        self.sources = stream.sources(source, ref_source)
         self.token_labels = stream.labels
         self.token_kwargs = dict(module.token_kwargs, shift=False)  # labels shifted within each sequence
         self._stream, self._mask = stream, stream.labels != stream.ignore_index
@@ -74,8 +73,7 @@ class PackedSequences:
         return SequenceGroups.singles(self.num_sequences, self.token_labels.device)
 
     def sequence_of(self, pos):
-        """Sequence of the labelled tokens at flat positions ``pos`` of the stream."""
-        return self._stream.layout.segments.reshape(-1).index_select(0, pos)
+        return self._stream.sequence_of(pos)
 
     def sums(self, token_logps):
         zero = token_logps.new_zeros(())

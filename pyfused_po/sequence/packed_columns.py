@@ -39,6 +39,18 @@ class PackedBatch:
         x = x.reshape(self.shape)
         return self.layout.shift(x, fill) if self.shift else x
 
+    def sources(self, policy, ref):
+        """The policy and reference inputs checked against the stream (:meth:`source`), each named
+        by its kind (``hidden`` for an ``(hidden, weight, bias)`` triple, else ``logits``)."""
+        def kind(x):
+            return "hidden" if isinstance(x, tuple) else "logits"
+
+        return self.source(policy, kind(policy)), self.source(ref, "ref_" + kind(ref))
+
+    def sequence_of(self, pos):
+        """Sequence of the labelled tokens at flat positions ``pos`` of the stream."""
+        return self.layout.segments.reshape(-1).index_select(0, pos)
+
     def source(self, x, name):
         """Checks that logits / hidden states hold one row per token, shaped ``labels.shape + (·,)``."""
         if x is None:

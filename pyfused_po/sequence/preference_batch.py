@@ -165,6 +165,7 @@ class PackedPairs:
                  ref_rejected_logps, ref_token_logps, token_weights, nll_labels, scores=None, ref_logps=None):
         batch = packed_batch(module, labels, layout.cu_seqlens, layout.position_ids, layout.token_offset)
         self.config, self.layout, ii = module, batch.layout, batch.ignore_index
+        self._stream = batch
         self.group_layout = None
         if layout.grouped:  # groups of K: the sequence → group map and each group's order by score
             check_same_device(scores=scores, labels=labels)
@@ -192,8 +193,7 @@ class PackedPairs:
         self.token_weights = batch.tokens(token_weights, 0, "token_weights")
         self.ref_token_logps = batch.tokens(ref_token_logps, 0, "ref_token_logps")
         nll = batch.tokens(nll_labels, ii, "nll_labels")
-        self.sources = (batch.source(policy_source, "hidden" if isinstance(policy_source, tuple) else "logits"),
-                        batch.source(ref_source, "ref_hidden" if isinstance(ref_source, tuple) else "ref_logits"))
+        self.sources = batch.sources(policy_source, ref_source)
         self.mask = y != ii
         if nll is not None:
             # nll_labels count on chosen sequences only, as the padded path uses the chosen rows
@@ -214,8 +214,7 @@ class PackedPairs:
         return SequenceGroups.pairs(self.pairs.chosen, self.pairs.rejected, self.layout.num_sequences)
 
     def sequence_of(self, pos):
-        """Sequence of the labelled tokens at flat positions ``pos`` of the stream."""
-        return self.layout.segments.reshape(-1).index_select(0, pos)
+        return self._stream.sequence_of(pos)
 
     def _sums(self, values, weights=None, where=None):
         values = values if weights is None else values * weights
